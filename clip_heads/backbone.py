@@ -1,0 +1,210 @@
+"""Loading a frozen Hugging Face CLIP and turning images and texts into its embeddings.
+
+Any CLIP id (``openai/clip-vit-base-patch32``, the papers' model) or a local directory saved
+with ``save_pretrained`` is loaded the same way. The model's own preprocessor config decides
+resize, crop and normalisation; :class:`Preprocess` re-implements it with PIL + numpy so it can
+run in DataLoader workers, and the tests hold it to ``CLIPImageProcessor`` on real JPEGs.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC, 4: Image.BOX, 5: Image.HAMMING}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The image processor's recipe: shortest-edge resize, centre crop, rescale, normalise.
+
+    Picklable and light, so DataLoader workers can apply it next to decoding.
+    """
+
+    shortest_edge: int = 224
+    crop_height: int = 224
+    crop_width: int = 224
+    resample: int = 3  # PIL bicubic, as CLIP
+    do_resize: bool = True
+    do_center_crop: bool = True
+    rescale_factor: float = 1 / 255
+    do_rescale: bool = True
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def from_processor(cls, proc) -> "Preprocess":
+        size = dict(proc.size or {})
+        crop = dict(getattr(proc, "crop_size", None) or {})
+        if "shortest_edge" not in size:
+            if not {"height", "width"} <= size.keys():
+                raise ValueError(f"unsupported image processor size {size}: expected shortest_edge or height/width")
+            # A fixed (h, w) resize: treat as resize-to-square with a crop of the same size.
+            if size["height"] != size["width"]:
+                raise ValueError(f"unsupported non-square resize {size}")
+            size = {"shortest_edge": size["height"]}
+            crop = crop or {"height": size["shortest_edge"], "width": size["shortest_edge"]}
+        return cls(
+            shortest_edge=int(size["shortest_edge"]),
+            crop_height=int(crop.get("height", size["shortest_edge"])),
+            crop_width=int(crop.get("width", size["shortest_edge"])),
+            resample=int(getattr(proc, "resample", 3)),
+            do_resize=bool(getattr(proc, "do_resize", True)),
+            do_center_crop=bool(getattr(proc, "do_center_crop", True)),
+            rescale_factor=float(getattr(proc, "rescale_factor", 1 / 255)),
+            do_rescale=bool(getattr(proc, "do_rescale", True)),
+            do_normalize=bool(getattr(proc, "do_normalize", True)),
+            image_mean=tuple(float(v) for v in proc.image_mean),
+            image_std=tuple(float(v) for v in proc.image_std),
+        )
+
+    def config(self) -> dict:
+        return asdict(self)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        # Shortest edge to `shortest_edge`, the long edge truncated, as transformers does.
+        s = self.shortest_edge
+        if width <= height:
+            return s, int(s * height / width)
+        return int(s * width / height), s
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 array ``(3, crop_height, crop_width)``."""
+        if self.do_resize:
+            img = img.resize(self.resized_size(*img.size), resample=_RESAMPLE.get(self.resample, Image.BICUBIC))
+        if self.do_center_crop:
+            w, h = img.size
+            top, left = int((h - self.crop_height) / 2.0), int((w - self.crop_width) / 2.0)
+            if top < 0 or left < 0:
+                # Smaller than the crop: pad with zeros like the reference centre crop.
+                canvas = Image.new("RGB", (max(w, self.crop_width), max(h, self.crop_height)))
+                canvas.paste(img, (max(0, -left), max(0, -top)))
+                img, top, left = canvas, max(top, 0), max(left, 0)
+            img = img.crop((left, top, left + self.crop_width, top + self.crop_height))
+        x = np.asarray(img, dtype=np.float32)
+        if self.do_rescale:
+            x = x * np.float32(self.rescale_factor)
+        if self.do_normalize:
+            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} asked for, but no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """fp16/bf16 autocast on GPU; full precision on CPU unless asked otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def weights_hash(model_id: str, model) -> str:
+    """A content hash of a local model's weights, or the hub revision it was loaded at."""
+    if os.path.isdir(model_id):
+        files = sorted(p for p in Path(model_id).iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        h = hashlib.sha256()
+        for p in files:
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        return "sha256:" + h.hexdigest()
+    rev = getattr(model.config, "_commit_hash", None)
+    return f"revision:{rev}" if rev else ""
+
+
+def _not_found(model_id: str, err: Exception) -> ValueError:
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    why = "offline mode (HF_HUB_OFFLINE) and not in the local cache" if offline else "not a local directory and not loadable from the hub"
+    return ValueError(f"cannot load CLIP model {model_id!r}: {why}; pass --model PATH to a directory saved with save_pretrained ({type(err).__name__})")
+
+
+class Backbone:
+    """A frozen CLIP: image and text towers, tokenizer and preprocessing, in eval mode.
+
+    Parameters
+    ----------
+    model_id : hub id or local directory.
+    device : "auto", "cpu", "cuda", "cuda:N", "mps".
+    precision : "auto" (fp16 autocast on GPU, fp32 on CPU), "fp32", "fp16", "bf16".
+    """
+
+    def __init__(self, model_id: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto"):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        self.model_id = str(model_id)
+        self.device = resolve_device(device)
+        self.precision = precision
+        autocast_for(self.device, precision)  # validates the name early
+        try:
+            self.model = CLIPModel.from_pretrained(self.model_id).eval().to(self.device)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+            processor = AutoImageProcessor.from_pretrained(self.model_id)
+        except (OSError, ValueError) as e:
+            raise _not_found(self.model_id, e) from e
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.preprocess = Preprocess.from_processor(processor)
+        self.model_hash = weights_hash(self.model_id, self.model)
+        self.dim = int(self.model.config.projection_dim)
+
+    def provenance(self) -> dict:
+        return {"model_id": self.model_id, "model_hash": self.model_hash, "preprocess": self.preprocess.config()}
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels ``(B, 3, H, W)`` -> image embeddings ``(B, dim)`` float32 (not normalised)."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        with autocast_for(self.device, self.precision):
+            out = self.model.get_image_features(pixel_values=pixels)
+        return _features(out).float()
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> image embeddings ``(B, dim)``."""
+        return self.encode_pixels(torch.from_numpy(np.stack([self.preprocess(im) for im in images])))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts -> text embeddings ``(len(texts), dim)`` float32 (not normalised)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, return_tensors="pt")
+            tok = {k: v.to(self.device) for k, v in tok.items()}
+            with autocast_for(self.device, self.precision):
+                feats = self.model.get_text_features(**tok)
+            out.append(_features(feats).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+def _features(out) -> torch.Tensor:
+    # transformers 5 returns a BaseModelOutputWithPooling whose pooler_output is the projected
+    # embedding; 4.x returned the tensor itself.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output

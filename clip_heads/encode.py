@@ -1,0 +1,216 @@
+"""One pass of a frozen CLIP over a dataset's images and its prompts, into a feature store.
+
+Images are decoded and preprocessed in DataLoader worker processes a whole batch at a time
+(order preserved), embedded under ``inference_mode`` and appended to the store as they come,
+so memory stays constant in the number of images. After every batch the store is flushed and
+its resume cursor moved; rerunning the same command after any interruption continues from the
+cursor and ends with the same store an uninterrupted run writes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .backbone import DEFAULT_MODEL, Backbone, Preprocess
+from .datasets import open_source
+from .prompts import default_template_sets, encode_prompt_set
+from .store import FeatureStore, StoreError, StoreWriter, extras_spec, library_versions, l2_normalize
+
+logger = logging.getLogger(__name__)
+
+# Attributes that must agree between a partial or complete store and the run asked for.
+_IDENTITY = ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype")
+
+
+@dataclass
+class EncodeResult:
+    path: Path
+    n_images: int
+    n_skipped: int
+    status: str  # "encoded", "resumed", "up-to-date"
+
+
+class _Batches(Dataset):
+    """Batch ``b`` is items ``positions[b*size:(b+1)*size]`` of the source, decoded and preprocessed."""
+
+    def __init__(self, source, positions: np.ndarray, batch_size: int, preprocess: Preprocess):
+        self.source, self.positions, self.batch_size, self.preprocess = source, positions, batch_size, preprocess
+
+    def __len__(self) -> int:
+        return (len(self.positions) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        chunk = self.positions[b * self.batch_size : (b + 1) * self.batch_size]
+        good, pixels, bad = [], [], []
+        for i in chunk:
+            try:
+                pixels.append(self.preprocess(self.source.load(int(i))))
+                good.append(int(i))
+            except Exception as e:  # any unreadable image is skipped and recorded, never fatal
+                bad.append((int(i), _reason(e)))
+        x = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0)
+        return {"n": len(chunk), "good": good, "pixels": x, "bad": bad}
+
+
+def _reason(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def sample_positions(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """All item positions, or a seeded sample of ``limit`` of them kept in source order."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit <= 0:
+        raise ValueError(f"--limit must be a positive number of images; got {limit}")
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def default_workers() -> int:
+    # Leave the model most of the cores: decoding a batch costs a fraction of its forward pass.
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _check_matches(found: dict, wanted: dict, path: Path) -> None:
+    for k in _IDENTITY:
+        if str(found.get(k)) != str(wanted.get(k)):
+            raise StoreError(
+                f"{path} was encoded with {k}={found.get(k)!r}, but this run has {k}={wanted.get(k)!r}; "
+                "use another --out, or --overwrite to start over"
+            )
+
+
+def encode(
+    source: str,
+    out: str | os.PathLike,
+    model: str = DEFAULT_MODEL,
+    format: str = "auto",
+    templates: Sequence[str] | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    dtype: str = "float16",
+    normalize: bool = True,
+    overwrite: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    source_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    backbone: Backbone | None = None,
+) -> EncodeResult:
+    """Encode every image of ``source`` and its prompt sets into the store ``out``.
+
+    Parameters
+    ----------
+    source : image folder, CSV/TSV manifest, Emotion6 / FI / WEBEmo folder, or CIFAR-100 python tarball/folder.
+    out : store path (``.h5``). An unfinished ``<out>.partial`` from an interrupted run is resumed.
+    templates : template sets (names or files) for the prompt side; default: the set for the
+        dataset's kind (emotion captions for emotion datasets, photo captions otherwise).
+    limit, seed : encode a seeded sample of ``limit`` images (kept in source order).
+    dtype : "float16" (default) or "float32" for the stored image vectors.
+    normalize : store L2-normalised vectors (the default; the attribute records it).
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"unknown dtype {dtype!r}; valid: float16, float32")
+    out = Path(out)
+    part = StoreWriter.partial_path(out)
+    src = open_source(source, format=format, **(source_options or {}))
+    positions = sample_positions(len(src), limit, seed)
+    desc = dict(src.describe(), limit=limit, seed=seed if limit else None)
+    fingerprint = src.fingerprint() + (f":limit={limit}:seed={seed}" if limit and limit < len(src) else "")
+    template_sets = list(templates) if templates else list(default_template_sets(src.format))
+
+    if overwrite:
+        for p in (out, part):
+            p.unlink(missing_ok=True)
+    wanted_light = {"model_id": model, "source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype}
+
+    if out.exists():
+        with FeatureStore(out) as s:
+            found = s.attrs
+            _check_matches(found, dict(wanted_light, model_hash=found.get("model_hash")), out)
+            missing = [t for t in template_sets if Path(t).stem not in s.prompt_sets() and t not in s.prompt_sets()]
+            n, n_skipped = len(s), s.progress["skipped"]
+        if missing and templates:
+            from .prompts import add_prompts
+
+            add_prompts(str(out), missing, device=device)
+        logger.info("%s is complete and up to date (%d images); nothing to do", out, n)
+        return EncodeResult(out, n, n_skipped, "up-to-date")
+
+    backbone = backbone or Backbone(model, device=device, precision=precision)
+    wanted = dict(wanted_light, model_hash=backbone.model_hash)
+    if part.exists():
+        _check_matches(StoreWriter.read_partial_attrs(out), wanted, part)
+        writer, status = StoreWriter.resume(out), "resumed"
+    else:
+        attrs = dict(
+            backbone.provenance(),
+            normalized=normalize,
+            versions=library_versions(),
+            source=desc,
+            source_fingerprint=fingerprint,
+            precision=precision,
+            batch_size=batch_size,
+        )
+        extras = {k: v[:1] for k, v in src.extras.items()}
+        writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype,
+                                    extras=extras_spec(extras, getattr(src, "extras_meta", None)), attrs=attrs)
+        status = "encoded"
+
+    try:
+        _stream(src, positions, writer, backbone, batch_size, workers, normalize, progress)
+        sets = [encode_prompt_set(backbone, t, src.classes) for t in template_sets]
+    except BaseException:
+        writer.close()  # the committed prefix stays in <out>.partial for the next run
+        raise
+    n_images, n_skipped = writer.progress[1], writer.progress[2]
+    writer.finish(sets, default_prompts=sets[0].name if sets else None)
+    logger.info("wrote %s: %d images, %d skipped", out, n_images, n_skipped)
+    return EncodeResult(out, n_images, n_skipped, status)
+
+
+def _stream(src, positions, writer: StoreWriter, backbone: Backbone, batch_size, workers, normalize, progress) -> None:
+    from tqdm.auto import tqdm
+
+    done = writer.progress[0]
+    if done % batch_size:
+        raise StoreError(f"cannot resume: {done} items done is not a multiple of --batch-size {batch_size}; rerun with the original batch size")
+    todo = positions[done:]
+    if not len(todo):
+        return
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(
+        _Batches(src, todo, batch_size, backbone.preprocess),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=backbone.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    extras = src.extras
+    bar = tqdm(total=len(positions), initial=done, unit="img", desc="encode", disable=not progress, smoothing=0.1)
+    for batch in loader:
+        good = batch["good"]
+        if good:
+            emb = backbone.encode_pixels(batch["pixels"]).cpu().numpy()
+            emb = l2_normalize(emb) if normalize else emb
+            writer.append(emb, [src.keys[i] for i in good], src.labels[good], {k: v[good] for k, v in extras.items()})
+        for i, reason in batch["bad"]:
+            logger.warning("skipped %s: %s", src.keys[i], reason)
+            writer.skip(src.keys[i], reason)
+        done += batch["n"]
+        writer.commit(done)
+        bar.update(batch["n"])
+        bar.set_postfix(skipped=writer.progress[2], refresh=False)
+    bar.close()

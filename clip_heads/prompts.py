@@ -1,0 +1,165 @@
+"""Prompt template sets, label sets and synonyms, and encoding them into a store's prompt side.
+
+Template sets are data: ``clip_heads/templates/<name>.txt``, one template per line with ``{}``
+where the class name goes. Built in:
+
+- ``bp-emotion``: Bondielli & Passaro's emotion caption, "an image that evokes the emotion of {}".
+- ``bp-emotion-variants``: the captions they report as 3-5 points worse.
+- ``bp-photo``: their CIFAR-100 caption, "a photo of a {}".
+- ``clip-e``: CLIP-E's "a photo that evokes {}".
+- ``clip-cifar100``: the 18-template CIFAR-100 ensemble published with CLIP.
+
+Any other value is read as a user template file. Synonyms (``{"joy": ["joy", "happiness"]}``)
+expand each class into several prompts per template, all with that class's id.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .store import PromptSet, add_prompt_sets, open_store
+
+logger = logging.getLogger(__name__)
+
+EMOTION_DEFAULTS = ("bp-emotion", "bp-emotion-variants", "clip-e")
+OBJECT_DEFAULTS = ("bp-photo", "clip-cifar100")
+EMOTION_FORMATS = ("emotion6", "fi", "webemo")
+
+# Built-in label sets, for querying a store with classes other than its own (text-side heads).
+LABEL_SETS: dict[str, list[str]] = {
+    "fi": ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"],
+    "emotion6": ["anger", "disgust", "fear", "joy", "sadness", "surprise"],
+    "emotion6-neutral": ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"],
+    "sentiment": ["negative", "positive"],
+}
+
+
+def list_template_sets() -> list[str]:
+    return sorted(p.name[:-4] for p in (resources.files("clip_heads") / "templates").iterdir() if p.name.endswith(".txt"))
+
+
+def parse_templates(text: str, origin: str) -> list[str]:
+    """One template per non-empty line, each with exactly one ``{}``."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.count("{}") != 1:
+            raise ValueError(f"{origin} line {n}: template {line!r} must contain exactly one '{{}}' for the class name")
+        out.append(line)
+    if not out:
+        raise ValueError(f"{origin} has no templates (one per line, each with '{{}}')")
+    return out
+
+
+def load_templates(name_or_path: str) -> tuple[str, list[str]]:
+    """A built-in template set by name, or a user file. Returns ``(set name, templates)``."""
+    if name_or_path in list_template_sets():
+        text = (resources.files("clip_heads") / "templates" / f"{name_or_path}.txt").read_text()
+        return name_or_path, parse_templates(text, f"template set {name_or_path!r}")
+    p = Path(name_or_path)
+    if not p.is_file():
+        raise ValueError(f"unknown template set {name_or_path!r}: not a built-in ({', '.join(list_template_sets())}) nor a file")
+    return p.stem, parse_templates(p.read_text(encoding="utf-8"), str(p))
+
+
+def load_classes(spec: str | Sequence[str]) -> list[str]:
+    """Class names: a built-in label set name, a file (one per line), or a comma-separated list."""
+    if not isinstance(spec, str):
+        return list(spec)
+    if spec in LABEL_SETS:
+        return list(LABEL_SETS[spec])
+    p = Path(spec)
+    if p.is_file():
+        return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if "," in spec:
+        return [c.strip() for c in spec.split(",") if c.strip()]
+    raise ValueError(f"unknown label set {spec!r}: use one of {', '.join(LABEL_SETS)}, a file with one class per line, or a comma-separated list")
+
+
+def load_synonyms(path: str | None, classes: Sequence[str]) -> dict[str, list[str]]:
+    """``{class: [phrases]}`` from a JSON file; classes not in it keep their own name."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read synonyms file {path!r}: {e}") from e
+    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+        raise ValueError(f"synonyms file {path!r} must be a JSON object {{class: [phrase, ...]}} with non-empty lists")
+    unknown = sorted(set(data) - set(classes))
+    if unknown:
+        raise ValueError(f"synonyms file {path!r} names classes {unknown} that are not among {list(classes)}")
+    return {k: [str(s) for s in v] for k, v in data.items()}
+
+
+def class_phrase(name: str) -> str:
+    """How a class name reads inside a caption: CIFAR's ``aquarium_fish`` -> ``aquarium fish``."""
+    return name.replace("_", " ")
+
+
+def build_texts(templates: Sequence[str], classes: Sequence[str], synonyms: Mapping[str, list[str]] | None = None):
+    """Every template x every class (x every synonym): texts, template ids, class ids."""
+    texts, tid, cid = [], [], []
+    for t, tpl in enumerate(templates):
+        for c, cls in enumerate(classes):
+            for phrase in (synonyms or {}).get(cls, [class_phrase(cls)]):
+                texts.append(tpl.format(phrase))
+                tid.append(t)
+                cid.append(c)
+    return texts, np.asarray(tid, np.int64), np.asarray(cid, np.int64)
+
+
+def encode_prompt_set(backbone, templates: str, classes: Sequence[str], synonyms: str | None = None, name: str | None = None) -> PromptSet:
+    """Encode one template set for ``classes`` with the backbone's text tower."""
+    set_name, tpls = load_templates(templates)
+    syn = load_synonyms(synonyms, classes)
+    texts, tid, cid = build_texts(tpls, classes, syn)
+    embeds = backbone.encode_texts(texts).numpy()
+    attrs = {"source": templates, "synonyms": json.dumps(syn) if syn else ""}
+    return PromptSet(name or set_name, list(classes), tpls, texts, embeds, tid, cid, attrs)
+
+
+def default_template_sets(source_format: str) -> tuple[str, ...]:
+    return EMOTION_DEFAULTS if source_format in EMOTION_FORMATS else OBJECT_DEFAULTS
+
+
+def add_prompts(
+    store_path: str,
+    templates: Sequence[str],
+    classes: str | Sequence[str] | None = None,
+    synonyms: str | None = None,
+    name: str | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> list[str]:
+    """Encode template sets with the store's own model and add them to the store.
+
+    Images are not touched. ``classes`` defaults to the store's classes; another label set
+    (e.g. ``"fi"`` on an Emotion6 store) gives prompts for querying with other classes.
+    Returns the names of the sets added.
+    """
+    from .backbone import Backbone
+
+    with open_store(store_path) as s:
+        model_id, model_hash, existing = s.model_id, s.model_hash, s.prompt_sets()
+        classes = s.classes if classes is None else load_classes(classes)
+    if name and len(templates) > 1:
+        raise ValueError("--name names a single prompt set; give one --templates with it")
+    names = [name or load_templates(t)[0] for t in templates]  # validate all before loading a model
+    clash = [n for n in names if n in existing] if not overwrite else []
+    if clash:
+        raise ValueError(f"prompt sets {clash} already exist in {store_path}; use --name or --overwrite")
+    backbone = Backbone(model_id, device=device)
+    if model_hash and backbone.model_hash and backbone.model_hash != model_hash:
+        raise ValueError(f"model {model_id!r} now has weights {backbone.model_hash[:19]}..., but the store was encoded with {model_hash[:19]}...: re-encode the store")
+    sets = [encode_prompt_set(backbone, t, classes, synonyms, n) for t, n in zip(templates, names)]
+    add_prompt_sets(store_path, sets, overwrite=overwrite)
+    logger.info("added prompt sets %s to %s", names, store_path)
+    return names
