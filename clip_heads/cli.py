@@ -73,10 +73,11 @@ def _formats() -> list[str]:
 @click.option("--seed", default=0, help="Seed of the --limit sample.")
 @click.option("--split", default=None, help="CIFAR-100: test, train or all. [default: test]")
 @click.option("--label-level", default=None, help="CIFAR-100: fine or coarse; WEBEmo: 2, 7 or 25.")
+@click.option("--shard", default=None, metavar="I/N", help="Encode only slice I of N (one process per GPU or machine); join with `clip-heads merge`.")
 @click.option("--overwrite", is_flag=True, help="Start over, discarding an existing or unfinished store at --out.")
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, overwrite):
+def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, shard, overwrite):
     """Encode every image of SOURCE and its prompts with a frozen CLIP into the store --out.
 
     An interrupted run resumes when rerun with the same arguments; a complete store is left as is.
@@ -90,8 +91,32 @@ def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device,
         options["level" if fmt == "webemo" else "label_level"] = int(label_level) if label_level.isdigit() else label_level
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
             device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
-            limit=limit, seed=seed, source_options=options, progress=ctx.obj["progress"])
+            limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"])
     click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped)")
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not I/N, e.g. 0/4", param_hint="--shard") from None
+    return i, n
+
+
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@friendly
+def merge(out, shards, overwrite):
+    """Join the shard stores of one `encode --shard I/N` run into the store OUT, in source order."""
+    from .store import merge_stores, open_store
+
+    merge_stores(out, shards, overwrite=overwrite)
+    with open_store(out) as s:
+        click.echo(f"merged {len(shards)} shards into {out} ({len(s)} images)")
 
 
 @main.command()

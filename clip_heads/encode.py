@@ -26,7 +26,7 @@ from .store import FeatureStore, StoreError, StoreWriter, extras_spec, library_v
 logger = logging.getLogger(__name__)
 
 # Attributes that must agree between a partial or complete store and the run asked for.
-_IDENTITY = ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype")
+_IDENTITY = ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "shard_index", "shard_count")
 
 
 @dataclass
@@ -103,6 +103,7 @@ def encode(
     limit: int | None = None,
     seed: int = 0,
     source_options: dict[str, Any] | None = None,
+    shard: tuple[int, int] | None = None,
     progress: bool = True,
     backbone: Backbone | None = None,
 ) -> EncodeResult:
@@ -117,6 +118,8 @@ def encode(
     limit, seed : encode a seeded sample of ``limit`` images (kept in source order).
     dtype : "float16" (default) or "float32" for the stored image vectors.
     normalize : store L2-normalised vectors (the default; the attribute records it).
+    shard : ``(i, n)``: encode only the i-th of n contiguous slices of the images, so n
+        processes (one per GPU or machine) share the work; join them with :func:`merge_stores`.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
@@ -126,6 +129,11 @@ def encode(
     part = StoreWriter.partial_path(out)
     src = open_source(source, format=format, **(source_options or {}))
     positions = sample_positions(len(src), limit, seed)
+    if shard is not None:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"--shard {i}/{n} is invalid: use I/N with 0 <= I < N")
+        positions = np.array_split(positions, n)[i]
     desc = dict(src.describe(), limit=limit, seed=seed if limit else None)
     fingerprint = src.fingerprint() + (f":limit={limit}:seed={seed}" if limit and limit < len(src) else "")
     template_sets = list(templates) if templates else list(default_template_sets(src.format))
@@ -133,7 +141,8 @@ def encode(
     if overwrite:
         for p in (out, part):
             p.unlink(missing_ok=True)
-    wanted_light = {"model_id": model, "source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype}
+    wanted_light = {"model_id": model, "source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype,
+                    "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None}
 
     if out.exists():
         with FeatureStore(out) as s:
@@ -163,6 +172,8 @@ def encode(
             precision=precision,
             batch_size=batch_size,
         )
+        if shard is not None:
+            attrs.update(shard_index=shard[0], shard_count=shard[1])
         extras = {k: v[:1] for k, v in src.extras.items()}
         writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype,
                                     extras=extras_spec(extras, getattr(src, "extras_meta", None)), attrs=attrs)

@@ -583,3 +583,57 @@ def write_store(
         f.attrs["completed"] = now()
     os.replace(tmp, path)
     return path
+
+
+def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], overwrite: bool = False) -> Path:
+    """Concatenate the shard stores of one encode (``encode --shard I/N``) into one store.
+
+    Shards must come from the same model, source and settings, and be ``0/N .. N-1/N`` each once;
+    rows are copied in shard order, a chunk at a time, so the result lists images in source order.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    stores = [FeatureStore(p) for p in shards]
+    try:
+        first = stores[0].attrs if stores else {}
+        n_total = first.get("shard_count")
+        found = sorted(int(s.attrs.get("shard_index", -1)) for s in stores)
+        if not stores or n_total is None or found != list(range(int(n_total))):
+            raise StoreError(f"need every shard 0..N-1 of one encode exactly once; got shard indices {found} of {n_total}")
+        for s in stores[1:]:
+            for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count"):
+                if str(s.attrs.get(k)) != str(first.get(k)):
+                    raise StoreError(f"{s.path} has {k}={s.attrs.get(k)!r} but {stores[0].path} has {first.get(k)!r}")
+        stores.sort(key=lambda s: int(s.attrs["shard_index"]))
+        attrs = {k: v for k, v in stores[0].attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed", "schema_version", "dim", "dtype")}
+        extras = {name: (stores[0]._f[f"images/extras/{name}"].shape[1:], stores[0]._f[f"images/extras/{name}"].dtype,
+                         stores[0].extra_columns(name)) for name in stores[0].extra_names()}
+        tmp = Path(f"{out}.tmp")
+        with h5py.File(tmp, "w", locking=False) as f:
+            _create_layout(f, dim=stores[0].dim, classes=stores[0].classes, dtype=str(first["dtype"]), extras=extras, attrs=attrs)
+            rows = skipped = 0
+            for s in stores:
+                n = len(s)
+                for a in range(0, n, 8192):
+                    b = min(n, a + 8192)
+                    _append(f["images/embeds"], s._f["images/embeds"][a:b])
+                    _append(f["images/keys"], s._f["images/keys"].asstr()[a:b])
+                    _append(f["images/labels"], s._f["images/labels"][a:b])
+                    for name in extras:
+                        _append(f[f"images/extras/{name}"], s._f[f"images/extras/{name}"][a:b])
+                for key, reason in s.skipped():
+                    _append(f["skipped/keys"], [key])
+                    _append(f["skipped/reasons"], [reason])
+                rows, skipped = rows + n, skipped + s.progress["skipped"]
+            f["progress"][:] = [rows + skipped, rows, skipped]
+            for name in stores[0].prompt_sets():
+                _write_prompt_set(f, stores[0].prompt_set(name))
+            f.attrs["merged_from"] = json.dumps([str(s.path) for s in stores])
+            f.attrs["complete"] = True
+            f.attrs["completed"] = now()
+        os.replace(tmp, out)
+        return out
+    finally:
+        for s in stores:
+            s.close()

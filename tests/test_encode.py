@@ -284,3 +284,28 @@ def test_cli_errors_are_one_line(tiny_clip, tmp_path, argv, code, needle):
     assert needle in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "o.h5").exists()
+
+
+# -- sharding past one GPU ------------------------------------------------------------------------
+def test_shards_merge_into_the_unsharded_store(tiny_clip, tmp_path):
+    root = make_folder(tmp_path / "imgs", n_per_class=5)
+    (root / "eel" / "bad.jpg").write_bytes(b"")
+    common = [str(root), "--model", tiny_clip, "--workers", "0", "--dtype", "float32", "--batch-size", "4"]
+    runner = CliRunner()
+    assert runner.invoke(main, ["-q", "encode", *common, "--out", str(tmp_path / "full.h5")]).exit_code == 0
+    for i in range(3):
+        res = runner.invoke(main, ["-q", "encode", *common, "--shard", f"{i}/3", "--out", str(tmp_path / f"s{i}.h5")])
+        assert res.exit_code == 0, res.output
+    shards = [str(tmp_path / f"s{i}.h5") for i in (2, 0, 1)]  # any order on the command line
+    res = runner.invoke(main, ["merge", str(tmp_path / "merged.h5"), *shards[:2]])
+    assert res.exit_code == 1 and "shard indices [0, 2] of 3" in res.output
+    res = runner.invoke(main, ["merge", str(tmp_path / "merged.h5"), *shards])
+    assert res.exit_code == 0, res.output
+    k1, x1, y1, s1, p1 = _store_content(tmp_path / "full.h5")
+    k2, x2, y2, s2, p2 = _store_content(tmp_path / "merged.h5")
+    assert k1 == k2 and len(k1) == 15 and s1 == s2
+    np.testing.assert_allclose(x1, x2, atol=1e-6)
+    np.testing.assert_array_equal(y1, y2)
+    assert p1.keys() == p2.keys()
+    res = runner.invoke(main, ["encode", *common, "--shard", "3/3", "--out", str(tmp_path / "x.h5")])
+    assert res.exit_code == 1 and "3/3" in res.output
