@@ -1,0 +1,708 @@
+"""Evaluation on feature stores: zero-shot, stratified CV, cross-dataset scoring, prompt ablation, top-k.
+
+Four entry points, one per CLI command; each is one call that returns a :class:`Report` (its
+``text`` is the printed table) and, given ``out_dir``, writes ``metrics.json``, CSVs and
+``report.txt`` there:
+
+* :func:`run_zero_shot` - ``clip-heads zero-shot STORE``
+* :func:`train_head` - ``clip-heads train-head HEAD STORE --out DIR [--cv K] [--eval-store B]``
+* :func:`evaluate_head` - ``clip-heads evaluate HEAD_DIR STORE``
+* :func:`ablate_prompts` - ``clip-heads ablate-prompts STORE``
+
+Folds are defined in one place, :func:`stratified_folds`, so any other run (a full CLIP
+fine-tune, say) can use the identical split; ``train_head(cv=K)`` also saves them per key.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
+
+from clip_heads.label_maps import LabelMapSpec, align_labels, norm
+from clip_heads.metrics import (
+    classification_report,
+    confusion_matrices,
+    format_soft_labels,
+    format_table,
+    json_default,
+    metrics_from_confusion,
+    soft_label_report,
+    summarize_folds,
+    write_report,
+)
+from clip_heads.store import PromptSet, l2_normalize, open_store
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+LOGIT_SCALE = 100.0  # CLIP's learned temperature: turns zero-shot cosines into probabilities
+SOFT_LABELS = "emotion_distribution"
+# Emotion6's distribution columns, for stores written before columns were recorded.
+EMOTION6_DISTRIBUTION = ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"]
+
+
+@dataclass
+class Report:
+    """What an entry point returns: ``text`` is what it prints, ``metrics`` what metrics.json holds."""
+
+    kind: str
+    text: str
+    metrics: dict[str, Any]
+    out_dir: Path | None = None
+    cv: "CVResult | None" = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def rows(self) -> list[dict]:
+        """The ranked rows of an ablation (empty for other reports)."""
+        return list(self.metrics.get("rows", []))
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers: accuracy, macro-/weighted-F1 (``*_std`` too for CV) per section."""
+        def head(r: dict) -> dict[str, float]:
+            return {"accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"], "weighted_f1": r["weighted"]["f1"]}
+
+        m = self.metrics
+        if self.kind == "ablation":
+            return dict(m["rows"][0]) if m.get("rows") else {}
+        if self.kind != "train":
+            return head(m)
+        out: dict[str, Any] = {}
+        if "cv" in m:
+            out["cv"] = dict(head(m["cv"]["mean"]), **{f"{k}_std": v for k, v in head(m["cv"]["std"]).items()})
+        for sec in ("eval", "train"):
+            if sec in m:
+                out[sec] = head(m[sec])
+        return out
+
+
+@dataclass
+class CVResult:
+    """Stratified k-fold cross-validation: folds, out-of-fold predictions, per-fold and summary metrics."""
+
+    k: int
+    seed: int
+    classes: list[str]
+    folds: np.ndarray  # (n_samples,) fold id per sample
+    y_true: np.ndarray  # (n_samples,) class indices
+    y_pred: np.ndarray  # (n_samples,) out-of-fold predicted class indices
+    y_score: np.ndarray | None  # (n_samples, n_classes) out-of-fold probabilities
+    fold_reports: list[dict] = field(default_factory=list)
+    report: dict = field(default_factory=dict)  # metrics.summarize_folds: mean, std, folds, pooled
+
+
+# ---------------------------------------------------------------------------------------
+# Folds and cross-validation
+# ---------------------------------------------------------------------------------------
+def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray:
+    """THE fold assignment: fold id ``0..k-1`` per sample, stratified by label, seeded.
+
+    Every class is dealt out so that its count in each fold is within one of ``n_c / k``
+    (scikit-learn's ``StratifiedKFold(shuffle=True, random_state=seed)``). Renaming the labels
+    does not change the folds (classes are taken in order of first appearance).
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D; got shape {y.shape}")
+    if not 2 <= int(k) <= len(y):
+        raise ValueError(f"k must be between 2 and the number of samples ({len(y)}); got {k}")
+    names, counts = np.unique(y, return_counts=True)
+    small = [f"{c} ({n})" for c, n in zip(names.tolist(), counts.tolist()) if n < k]
+    if small:
+        logger.warning("classes with fewer than k=%d samples are missing from some test folds: %s", k, ", ".join(small))
+    folds = np.empty(len(y), np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the same warning, logged above
+        splits = StratifiedKFold(n_splits=int(k), shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+        for f, (_, test) in enumerate(splits):
+            folds[test] = f
+    return folds
+
+
+def write_folds(path: PathLike, keys: Sequence[str], labels: Sequence[str], folds: np.ndarray) -> Path:
+    """Save the fold of every sample as ``key,label,fold`` CSV."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "label", "fold"])
+        w.writerows(zip(keys, labels, np.asarray(folds).tolist()))
+    return path
+
+
+def read_folds(path: PathLike, keys: Sequence[str] | None = None) -> np.ndarray:
+    """Fold ids from a ``folds.csv``, in file order or in the order of ``keys``."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fold = {r["key"]: int(r["fold"]) for r in rows}
+    if keys is None:
+        return np.array([int(r["fold"]) for r in rows], np.int64)
+    missing = [k for k in keys if k not in fold]
+    if missing:
+        raise ValueError(f"{path} has no fold for {len(missing)} keys, e.g. {missing[:3]}: "
+                         f"it was written for another store")
+    return np.array([fold[k] for k in keys], np.int64)
+
+
+def cross_validate(
+    estimator: Any,
+    X: np.ndarray,
+    y: Sequence[Any],
+    k: int = 10,
+    seed: int = 0,
+    classes: Sequence[Any] | None = None,
+    folds: np.ndarray | None = None,
+    progress: bool = False,
+) -> CVResult:
+    """Stratified k-fold CV of an estimator (a head or any scikit-learn classifier).
+
+    Parameters
+    ----------
+    estimator : an unfitted estimator (cloned per fold) or a zero-argument factory returning one.
+        Each fold's estimator sees only that fold's training rows; a head that selects
+        hyper-parameters carves its validation split from them, never from the test fold.
+    X : (n_samples, dim) vectors. y : (n_samples,) labels (ints or names), passed to ``fit`` as is.
+    classes : every label in report order (default: sorted unique ``y``).
+    folds : (n_samples,) fold ids to reuse; default :func:`stratified_folds(y, k, seed)`.
+    progress : show a progress bar over folds.
+    """
+    X, y = np.asarray(X), np.asarray(y)
+    classes = list(np.unique(y)) if classes is None else list(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(v) for v in y if v not in index})
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in classes {classes}")
+    y_idx = np.array([index[v] for v in y], np.int64)
+    folds = stratified_folds(y, k, seed) if folds is None else np.asarray(folds, np.int64)
+    if folds.shape != y.shape:
+        raise ValueError(f"folds has shape {folds.shape}; expected {y.shape}, one fold id per sample")
+    k = int(folds.max()) + 1
+    make = estimator if callable(estimator) and (isinstance(estimator, type) or not hasattr(estimator, "fit")) \
+        else (lambda: clone(estimator))
+    y_pred = np.empty(len(y), np.int64)
+    y_score = np.zeros((len(y), len(classes)))
+    has_proba, reports = True, []
+    from tqdm.auto import tqdm
+
+    for f in tqdm(range(k), desc=f"{k}-fold CV", unit="fold", disable=not progress):
+        train, test = folds != f, folds == f
+        est = make().fit(X[train], y[train])
+        y_pred[test] = [index[v] for v in est.predict(X[test])]
+        if has_proba and hasattr(est, "predict_proba"):
+            y_score[np.ix_(test, [index[c] for c in est.classes_])] = est.predict_proba(X[test])
+        else:
+            has_proba = False
+        reports.append(classification_report(y_idx[test], y_pred[test], [str(c) for c in classes],
+                                             y_score[test] if has_proba else None))
+        logger.info("fold %d/%d: accuracy %.4f", f + 1, k, reports[-1]["accuracy"])
+    names = [str(c) for c in classes]
+    pooled = classification_report(y_idx, y_pred, names)
+    summary = summarize_folds(reports, pooled)
+    summary["seed"] = seed
+    return CVResult(k, seed, names, folds, y_idx, y_pred, y_score if has_proba else None, reports, summary)
+
+
+# ---------------------------------------------------------------------------------------
+# Zero-shot: prompt vectors against image vectors
+# ---------------------------------------------------------------------------------------
+def resolve_templates(ps: PromptSet, templates: Any) -> list[int] | None:
+    """Template ids from ids, id strings (``"0,3"``), or exact template texts; None = all."""
+    if templates is None or (isinstance(templates, (list, tuple)) and not templates):
+        return None
+    items = [templates] if isinstance(templates, (str, int)) else list(templates)
+    if len(items) == 1 and isinstance(items[0], str) and items[0] not in ps.templates \
+            and all(p.strip().isdigit() for p in items[0].split(",")):
+        items = items[0].split(",")
+    ids = []
+    for t in items:
+        i = ps.templates.index(t) if t in ps.templates else int(t) if str(t).strip().isdigit() else -1
+        if not 0 <= i < len(ps.templates):
+            listing = "; ".join(f"{j}: {tpl}" for j, tpl in enumerate(ps.templates))
+            raise ValueError(f"prompt set {ps.name!r} has no template {t!r}; its templates are {listing}")
+        ids.append(i)
+    return ids
+
+
+def prompt_columns(ps: PromptSet, classes: Sequence[str]) -> list[int]:
+    """Index in ``ps.classes`` of every class, matched by name; names any class without a prompt."""
+    idx = {norm(c): i for i, c in enumerate(ps.classes)}
+    missing = [c for c in classes if norm(c) not in idx]
+    if missing:
+        raise ValueError(f"prompt set {ps.name!r} has no prompt for store classes {missing}; its classes are "
+                         f"{ps.classes} (add prompts for them, or pass a label map)")
+    return [idx[norm(c)] for c in classes]
+
+
+def _softmax(S: np.ndarray) -> np.ndarray:
+    Z = np.exp(S - S.max(1, keepdims=True))
+    return Z / Z.sum(1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring predictions against a store's labels (through a label map when the sets differ)
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _Data:
+    path: Path
+    X: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+    keys: list[str]
+    backbone: dict
+    soft: tuple[np.ndarray, list[str]] | None  # (emotion distributions, their column names)
+    prompts: PromptSet | None  # the chosen (or default) prompt set
+
+
+def _load(path: PathLike, prompt_set: str | None = None) -> _Data:
+    path = Path(path)
+    with open_store(path) as s:
+        X, y, classes = s.arrays()
+        soft = None
+        if SOFT_LABELS in s.extra_names():
+            soft = (s.extra(SOFT_LABELS).astype(np.float64), s.extra_columns(SOFT_LABELS) or EMOTION6_DISTRIBUTION)
+        prompts = s.prompt_set(prompt_set) if s.prompt_sets() or prompt_set else None
+        keys = s.keys
+        backbone = s.backbone()
+    labelled = y >= 0
+    if not labelled.all():  # write_store marks unlabelled rows -1: nothing to score them against
+        logger.info("%s: leaving out %d unlabelled samples", path.name, int((~labelled).sum()))
+        X, y, keys = X[labelled], y[labelled], [k for k, m in zip(keys, labelled) if m]
+        soft = (soft[0][labelled], soft[1]) if soft is not None else None
+    if not len(y):
+        raise ValueError(f"store {path} has no labelled samples to evaluate")
+    return _Data(path, X, y, classes, keys, backbone, soft, prompts)
+
+
+def _prompts(d: _Data) -> PromptSet:
+    if d.prompts is None:
+        raise ValueError(f"store {d.path} has no prompt set (add one with `clip-heads prompts`)")
+    return d.prompts
+
+
+def _score(pred: np.ndarray, proba: np.ndarray | None, head_classes: Sequence[str], d: _Data,
+           label_map: LabelMapSpec | None, head_desc: str) -> dict[str, Any]:
+    """Report for predictions ``pred`` (indices into ``head_classes``) on store ``d``."""
+    align = align_labels(head_classes, d.classes, label_map, head_desc=head_desc, store_desc=f"store {d.path.name}")
+    y, keep = align.map_truth(d.y)
+    if not keep.any():
+        raise ValueError(f"no sample of {d.path} is left after mapping: every class was mapped to null")
+    p = align.pred[pred][keep]
+    P = align.map_proba(proba)[keep] if proba is not None else None
+    out: dict[str, Any] = classification_report(y, p, align.classes, P)
+    out["alignment"] = {"mode": align.mode, "label_map": align.map_name, "head_classes": list(head_classes),
+                        "store_classes": d.classes, "dropped_classes": align.dropped, "n_dropped": int((~keep).sum())}
+    if d.soft is not None and P is not None:
+        try:
+            out["soft_labels"] = soft_label_report(d.soft[0][keep], P, d.soft[1], align.classes)
+        except ValueError as e:
+            logger.info("soft-label metrics skipped: %s", e)
+    names = np.asarray(align.classes, dtype=object)
+    out["_predictions"] = (np.asarray(d.keys, dtype=object)[keep], names[y], names[p])
+    return out
+
+
+def _section_text(sec: dict, title: str, digits: int = 2) -> str:
+    text = format_table(sec, title, digits)
+    a = sec.get("alignment", {})
+    if a.get("mode") == "native":
+        text += f"Scored over the store's own classes via its prompt set {a['prompt_set']!r} (no label map)\n"
+    if a.get("mode") in ("labels", "common"):
+        text += (f"Labels mapped with {a['label_map']} ({a['mode']} mode); dropped classes "
+                 f"{a['dropped_classes'] or 'none'} ({a['n_dropped']} samples)\n")
+    if "soft_labels" in sec:
+        text += "\n" + format_soft_labels(sec["soft_labels"])
+    return text
+
+
+def _info_text(info: dict) -> str:
+    def show(v: Any) -> str:
+        return f"{len(v)} items: {v[0]!r}, {v[1]!r}, ..." if isinstance(v, list) and len(v) > 3 else str(v)
+
+    return "".join(f"{k}: {show(v)}\n" for k, v in info.items())
+
+
+def _write_section(sec: dict, out: Path | None, title: str, info: dict, digits: int = 2) -> tuple[dict, str]:
+    """Write one evaluation (report + predictions.csv) to ``out``; return its metrics and text."""
+    keys, true, pred = sec.pop("_predictions")
+    text = _info_text(info) + "\n" + _section_text(sec, title, digits)
+    metrics = dict(sec, info=info)
+    if out is not None:
+        write_report(metrics, out, text=text)
+        with open(out / "predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["key", "label", "prediction"])
+            w.writerows(zip(keys, true, pred))
+    return metrics, text
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------
+def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, templates: Any = None,
+                  out_dir: PathLike | None = None, label_map: LabelMapSpec | None = None, top_k: int = 0) -> Report:
+    """Zero-shot CLIP: each image gets the class whose prompt vector is nearest in cosine.
+
+    Parameters
+    ----------
+    prompt_set : name of a prompt set in the store (default: the store's default set).
+    templates : template ids, ``"0,3"`` or template texts; default all (their ensemble).
+    label_map : when the prompt set's classes differ from the store's (FI prompts on an
+        Emotion6 store): built-in name, JSON path or dict (see :mod:`clip_heads.label_maps`).
+        Without one, prompts are matched to the store's classes by name.
+    top_k : also write the ``top_k`` images nearest each class prompt (:func:`top_k_images`).
+
+    Writes ``metrics.json, per_class.csv, confusion_matrix.csv, predictions.csv, report.txt``.
+    """
+    d = _load(store_path, prompt_set)
+    ps = _prompts(d)
+    tids = resolve_templates(ps, templates)
+    V = ps.class_vectors(tids)
+    head_classes = ps.classes
+    if label_map is None:  # score the store's own label set only, whatever else the set has
+        cols = prompt_columns(ps, d.classes)
+        V, head_classes = V[cols], d.classes
+    S = l2_normalize(d.X) @ V.T
+    sec = _score(S.argmax(1), _softmax(LOGIT_SCALE * S), head_classes, d, label_map, f"prompt set {ps.name!r}")
+    used = ps.templates if tids is None else [ps.templates[i] for i in tids]
+    info = {"store": str(d.path), "model_id": d.backbone["model_id"], "prompt_set": ps.name, "templates": used}
+    out = Path(out_dir) if out_dir is not None else None
+    metrics, text = _write_section(sec, out, "Zero-shot classification", info)
+    if out is not None and top_k:
+        top_k_images(store_path, k=top_k, prompt_set=ps.name, templates=tids, out_dir=out)
+    return Report("zero-shot", text, metrics, out)
+
+
+def _head_factory(head_cls: type, params: dict | None, seed: int, prompts: PromptSet | None,
+                  classes: list[str]) -> Callable[[], Any]:
+    params = dict(params or {})
+    sig = inspect.signature(head_cls.__init__).parameters
+    if "random_state" in sig:
+        params.setdefault("random_state", seed)
+    if "prompt_embeds" in sig and params.get("prompt_embeds") is None:
+        if prompts is None:
+            raise ValueError(f"head {getattr(head_cls, 'name', head_cls.__name__)!r} needs class prompts, "
+                             f"but the store has no prompt set (add one with `clip-heads prompts`)")
+        V = prompts.class_vectors()[prompt_columns(prompts, classes)]
+        params["prompt_embeds"] = {c: v for c, v in zip(classes, V)}  # by name: no row-order ambiguity
+    return lambda: head_cls(**params)
+
+
+def _predict(head: Any, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(predicted indices into the head's classes, probabilities or None, class names)."""
+    names = [str(c) for c in head.classes_]
+    if hasattr(head, "predict_proba"):
+        P = np.asarray(head.predict_proba(X))
+        return P.argmax(1), P, names
+    index = {c: i for i, c in enumerate(head.classes_)}
+    return np.array([index[v] for v in head.predict(X)]), None, names
+
+
+def _score_head(head: Any, d: _Data, label_map: LabelMapSpec | None, desc: str) -> dict:
+    """Score a fitted head on store ``d``: same classes, through a label map, or natively via
+    the store's own prompts for a text-side head (one with ``with_prompts``)."""
+    head_names = {norm(c) for c in head.classes_}
+    native = None
+    if label_map is None and not all(norm(c) in head_names for c in d.classes) and hasattr(head, "with_prompts"):
+        native = _prompts(d)
+        V = native.class_vectors()[prompt_columns(native, d.classes)]
+        head = head.with_prompts({c: v for c, v in zip(d.classes, V)}, classes=d.classes)
+        logger.info("no label map: scoring %s over the classes of %s via its prompt set %r",
+                    desc, d.path.name, native.name)
+    pred, P, names = _predict(head, d.X)
+    sec = _score(pred, P, names, d, label_map, desc)
+    if native is not None:
+        sec["alignment"].update(mode="native", prompt_set=native.name)
+    return sec
+
+
+def _check_backbone(head: Any, d: _Data, what: str) -> None:
+    try:
+        head.check_backbone(**d.backbone)
+    except ValueError as e:
+        raise ValueError(f"{what} cannot score store {d.path}: {e}") from e
+
+
+def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int | None = None, seed: int = 0,
+               eval_store: PathLike | None = None, label_map: LabelMapSpec | None = None,
+               head_params: dict | None = None, prompt_set: str | None = None, progress: bool = True) -> Report:
+    """Train a head on a store; optionally cross-validate it and score it on another store.
+
+    With ``cv=K``, stratified K-fold CV (:func:`cross_validate`, folds from
+    :func:`stratified_folds(labels, K, seed)`) runs first; then a final head is fitted on all
+    of the store and saved with ``save_pretrained(out_dir)`` after ``set_backbone``. With
+    ``eval_store``, the final head is scored there: same class names directly, else through
+    ``label_map``, else (zero-shot/contrastive heads) natively over the other store's prompts.
+    Without either, the report is on the training data itself (resubstitution, optimistic).
+
+    Writes to ``out_dir``: the head (``config.json``, ``model.safetensors``), ``report.txt``
+    and ``metrics.json`` (all sections), and one folder per section: ``cv/`` (+ ``folds.csv``,
+    out-of-fold ``predictions.csv``), ``eval/`` or ``train/``, each with the files of
+    :func:`metrics.write_report`.
+    """
+    from clip_heads.heads import get_head
+
+    if label_map is not None and eval_store is None:
+        raise ValueError("a label map applies to an eval store: pass eval_store too "
+                         "(the training store's own labels need none)")
+    head_cls = get_head(head_name)
+    d = _load(store_path, prompt_set)
+    names = np.asarray(d.classes)[d.y]
+    make = _head_factory(head_cls, head_params, seed, d.prompts, d.classes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"head": head_name, "store": str(d.path), "model_id": d.backbone["model_id"], "seed": seed,
+            "head_params": {k: v for k, v in (head_params or {}).items() if k != "prompt_embeds"}}
+    texts, metrics, result = [], {"info": info}, None
+    if cv:
+        result = cross_validate(make, d.X, names, k=cv, seed=seed, classes=d.classes, progress=progress)
+        title = f"{result.k}-fold cross-validation of the {head_name} head on {d.path.name}"
+        text = format_table(result.report, title)
+        write_report(result.report, out / "cv", text=text)
+        write_folds(out / "cv" / "folds.csv", d.keys, names, result.folds)
+        with open(out / "cv" / "predictions.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("key", "label", "prediction", "fold"),
+                                     *zip(d.keys, names, np.asarray(d.classes)[result.y_pred], result.folds.tolist())])
+        metrics["cv"], texts = result.report, [text]
+    head = make().fit(d.X, names)
+    head.set_backbone(**d.backbone)
+    head.save_pretrained(out)
+    if eval_store is not None:
+        e = _load(eval_store)
+        _check_backbone(head, e, f"the {head_name} head trained on {d.path}")
+        sec = _score_head(head, e, label_map, f"{head_name} head trained on {d.path.name}")
+        m, text = _write_section(sec, out / "eval", f"The {head_name} head trained on {d.path.name}, "
+                                 f"evaluated on {e.path.name}", {"eval_store": str(e.path), "trained_on": str(d.path)})
+        metrics["eval"] = m
+        texts.append(text)
+    elif not cv:
+        sec = _score_head(head, d, None, f"{head_name} head")
+        m, text = _write_section(sec, out / "train", f"The {head_name} head on its own training data "
+                                 f"(resubstitution: optimistic)", {"store": str(d.path)})
+        metrics["train"] = m
+        texts.append(text)
+    text = _info_text(dict(info, saved_to=str(out))) + "\n" + "\n".join(texts)
+    (out / "report.txt").write_text(text)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
+    return Report("train", text, metrics, out, result)
+
+
+def evaluate_head(head_dir: PathLike, store_path: PathLike, out_dir: PathLike | None = None,
+                  label_map: LabelMapSpec | None = None, prompt_set: str | None = None) -> Report:
+    """Score a saved head on a store, after checking both come from the same CLIP.
+
+    Class sets are met as in :func:`train_head`'s ``eval_store``. Emotion6-style stores with an
+    ``emotion_distribution`` extra also get soft-label metrics. Writes ``metrics.json,
+    per_class.csv, confusion_matrix.csv, predictions.csv, report.txt``.
+    """
+    from clip_heads.heads.base import Head
+
+    head = Head.from_pretrained(head_dir)
+    d = _load(store_path, prompt_set)
+    _check_backbone(head, d, f"head {head_dir}")
+    sec = _score_head(head, d, label_map, f"head {Path(head_dir).name!r}")
+    info = {"head_dir": str(head_dir), "head": getattr(head, "name", type(head).__name__), "store": str(d.path),
+            "model_id": d.backbone["model_id"]}
+    out = Path(out_dir) if out_dir is not None else None
+    metrics, text = _write_section(sec, out, f"Head {Path(head_dir).name} on {d.path.name}", info)
+    return Report("evaluate", text, metrics, out)
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt ablation: every template of every prompt set, in one matmul
+# ---------------------------------------------------------------------------------------
+def ablate(X: np.ndarray, y: np.ndarray, classes: Sequence[str], prompt_sets: Sequence[PromptSet],
+           chunk: int | None = None) -> list[dict[str, Any]]:
+    """Zero-shot accuracy, macro- and weighted-F1 of each template alone and of each set's ensemble.
+
+    All per-template class vectors are stacked into one ``(dim, M * C)`` matrix, scored in one
+    matmul per chunk of rows (``chunk`` rows; by default as many as keep the score block near
+    64 MB), and metrics come from the stacked confusion matrices
+    (:func:`metrics.metrics_from_confusion`). Rows are ranked by accuracy, then macro-F1.
+    """
+    C = len(classes)
+    blocks, meta = [], []
+    for ps in prompt_sets:
+        cols = prompt_columns(ps, classes)
+        E = l2_normalize(ps.embeds).astype(np.float64)
+        T, Cp = len(ps.templates), len(ps.classes)
+        sums = np.zeros((T, Cp, E.shape[1]))
+        np.add.at(sums, (ps.template_id, ps.class_id), E)
+        counts = np.bincount(ps.template_id * Cp + ps.class_id, minlength=T * Cp).reshape(T, Cp)
+        sums, full = sums[:, cols], (counts[:, cols] > 0).all(1)
+        for t in np.flatnonzero(~full):
+            logger.warning("prompt set %r template %d lacks some classes; left out of the ablation", ps.name, t)
+        for t in np.flatnonzero(full):
+            blocks.append(sums[t])
+            meta.append({"prompt_set": ps.name, "template_id": int(t), "template": ps.templates[t], "n_templates": 1})
+        blocks.append(ps.class_vectors()[cols])
+        meta.append({"prompt_set": ps.name, "template_id": None,
+                     "template": f"(ensemble of {len(ps.templates)} templates)", "n_templates": len(ps.templates)})
+    W = l2_normalize(np.stack(blocks)).reshape(-1, X.shape[1]).T.astype(np.float32)  # (D, M*C)
+    M = len(blocks)
+    y = np.asarray(y, np.int64)
+    chunk = chunk or max(64, 2**24 // (M * C))
+    cm = np.zeros((M, C, C), np.int64)
+    for i in range(0, len(X), chunk):
+        S = l2_normalize(X[i:i + chunk]) @ W
+        cm += confusion_matrices(y[i:i + chunk], S.reshape(len(S), M, C).argmax(-1), C)
+    m = metrics_from_confusion(cm)
+    rows = [dict(meta[j], **{k: float(v[j]) for k, v in m.items()}) for j in range(M)]
+    rows.sort(key=lambda r: (-r["accuracy"], -r["macro_f1"]))
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+    return rows
+
+
+def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = None,
+                   out_dir: PathLike | None = None, digits: int = 3) -> Report:
+    """Rank every template (alone) and every set's ensemble of a store's prompt sets by zero-shot.
+
+    ``prompt_sets`` default: all sets of the store that have a prompt for each store class
+    (others are skipped with a note). Writes ``ablation.csv``, ``metrics.json``, ``report.txt``.
+    """
+    path = Path(store_path)
+    with open_store(path) as s:
+        X, y, classes = s.arrays()
+        names = list(prompt_sets) if prompt_sets else s.prompt_sets()
+        sets = [s.prompt_set(n) for n in names]
+    if (y < 0).any():
+        X, y = X[y >= 0], y[y >= 0]
+    if not sets:
+        raise ValueError(f"store {path} has no prompt set to ablate (add one with `clip-heads prompts`)")
+    usable, skipped = [], []
+    for ps in sets:
+        try:
+            prompt_columns(ps, classes)
+            usable.append(ps)
+        except ValueError as e:
+            if prompt_sets:
+                raise
+            skipped.append(ps.name)
+            logger.info("skipping %s", e)
+    rows = ablate(X, y, classes, usable)
+    w = max(len("Template"), *(len(r["template"]) for r in rows))
+    ws = max(len("Prompt set"), *(len(r["prompt_set"]) for r in rows))
+    lines = [f"Prompt ablation, zero-shot on {path.name} ({len(y)} images, {len(classes)} classes), ranked by accuracy",
+             f"{'Rank':>4}  {'Prompt set':<{ws}}  {'Template':<{w}}  "
+             f"{'Accuracy':>8}  {'Macro-F1':>8}  {'Weighted-F1':>11}"]
+    for r in rows:
+        lines.append(f"{r['rank']:>4}  {r['prompt_set']:<{ws}}  {r['template']:<{w}}  {r['accuracy']:>8.{digits}f}  "
+                     f"{r['macro_f1']:>8.{digits}f}  {r['weighted_f1']:>11.{digits}f}")
+    if skipped:
+        lines.append(f"skipped prompt sets without a prompt for every store class: {skipped}")
+    text = "\n".join(lines) + "\n"
+    metrics = {"info": {"store": str(path), "n_samples": int(len(y)), "classes": classes,
+                        "prompt_sets": [ps.name for ps in usable], "skipped": skipped}, "rows": rows}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
+        (out / "report.txt").write_text(text)
+        fields = ["rank", "prompt_set", "template_id", "template", "n_templates", "accuracy", "macro_f1",
+                  "weighted_f1", "macro_precision", "macro_recall", "weighted_precision", "weighted_recall"]
+        with open(out / "ablation.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=fields)
+            wr.writeheader()
+            wr.writerows({k: r[k] for k in fields} for r in rows)
+    return Report("ablation", text, metrics, out)
+
+
+# ---------------------------------------------------------------------------------------
+# Top-k retrieval (B&P Fig. 1)
+# ---------------------------------------------------------------------------------------
+def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None, templates: Any = None,
+                 out_dir: PathLike | None = None, thumb: int = 96) -> dict[str, list[tuple[str, float]]]:
+    """The ``k`` images most similar (cosine) to each class prompt: ``{class: [(key, score), ...]}``.
+
+    Classes are the prompt set's; within a class, best first (ties by store order). With
+    ``out_dir``, writes ``top_k.json`` and, when the images can be found again from the store's
+    recorded source, ``top_k.png`` (one row per class, its name at the left).
+    """
+    with open_store(store_path) as s:
+        X, keys, source = s.embeddings(), s.keys, s.attrs.get("source") or {}
+        ps = s.prompt_set(prompt_set)
+    S = l2_normalize(X) @ ps.class_vectors(resolve_templates(ps, templates)).T
+    k = max(1, min(int(k), len(keys)))
+    result = {}
+    for c, name in enumerate(ps.classes):
+        col = S[:, c]
+        idx = np.argpartition(-col, k - 1)[:k] if k < len(col) else np.arange(len(col))
+        idx = idx[np.lexsort((idx, -col[idx]))]
+        result[name] = [(keys[i], float(col[i])) for i in idx]
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {"prompt_set": ps.name, "k": k, "top_k": result}
+        (out / "top_k.json").write_text(json.dumps(doc, indent=2, default=json_default))
+        _write_grid(result, source, out / "top_k.png", thumb)
+    return result
+
+
+def _image_loader(source: dict) -> Callable[[str], Any] | None:
+    """key -> PIL image, by reopening the recorded source, else as a file under its root."""
+    from PIL import Image
+
+    root = source.get("root")
+    if not root or not os.path.exists(root):
+        return None
+    try:
+        from clip_heads.datasets import open_source
+
+        src = open_source(root, format=source.get("format", "auto"), **(source.get("options") or {}))
+        pos = {key: i for i, key in enumerate(src.keys)}
+        return lambda key: src.load(pos[key]) if key in pos else None
+    except Exception as e:  # an arrays-only store, a moved dataset...: fall back to root/key
+        logger.debug("reopening source %s failed (%s); looking for files under it", root, e)
+
+    def load(key: str):
+        p = Path(root) / key
+        return Image.open(p).convert("RGB") if p.is_file() else None
+
+    return load
+
+
+def _write_grid(result: dict[str, list[tuple[str, float]]], source: dict, path: Path, thumb: int) -> Path | None:
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    load = _image_loader(source)
+    images = {}
+    if load is not None:
+        for key in {key for row in result.values() for key, _ in row}:
+            try:
+                images[key] = load(key)
+            except Exception as e:
+                logger.debug("cannot read %s: %s", key, e)
+    found = sum(v is not None for v in images.values())
+    if not found:
+        logger.info("top-k grid skipped: the images of source %r are not reachable (only top_k.json written)",
+                    source.get("root"))
+        return None
+    font = ImageFont.load_default()
+    draw0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 12 + max(int(draw0.textlength(c, font=font)) for c in result)
+    k = max(len(r) for r in result.values())
+    pad = 4
+    grid = Image.new("RGB", (label_w + k * (thumb + pad), len(result) * (thumb + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (cls, row) in enumerate(result.items()):
+        top = pad + r * (thumb + pad)
+        draw.text((6, top + thumb // 2 - 6), cls, fill="black", font=font)
+        for j, (key, _) in enumerate(row):
+            img = images.get(key)
+            tile = Image.new("RGB", (thumb, thumb), "lightgray") if img is None else ImageOps.fit(img, (thumb, thumb))
+            grid.paste(tile, (label_w + j * (thumb + pad), top))
+    grid.save(path)
+    if found < len(images):
+        logger.info("top-k grid: %d of %d images not found, drawn grey", len(images) - found, len(images))
+    return path
