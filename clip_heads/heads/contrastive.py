@@ -1,0 +1,171 @@
+"""CLIP-E Contrastive: project image vectors onto frozen class prompt vectors with a CLIP-style loss.
+
+Because prediction is a cosine to prompt vectors, a trained head can classify over a label set
+it never saw: give it new prompts with :meth:`ContrastiveHead.with_prompts`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from clip_heads.heads.base import Head, auto_batch_size, sized_threads, l2_normalize, seed_from, seeded, validation_split
+from clip_heads.heads.mlp import accuracy
+from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors, sorted_class_vectors
+from clip_heads.train import TensorBatches, Trainer
+
+
+def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """Symmetric CLIP loss where every same-class pair in the batch is a positive.
+
+    A batch holds several samples of a class, so column j is as right an answer for row i as
+    the diagonal whenever they share a label: the target of row i is uniform over those columns.
+    With exactly one frozen vector per class (this head's default) duplicate rows make this equal
+    to the diagonal loss; it differs, and the diagonal one is wrong, as soon as a class's texts
+    differ (several templates or captions), where the diagonal target would ask an image to
+    prefer one phrasing of its own class over another.
+
+    Parameters
+    ----------
+    image, text : (batch, dim) tensors, L2-normalised inside.
+    labels : (batch,) class indices.
+    """
+    logits = l2_normalize(text) @ l2_normalize(image).T / temperature
+    same = (labels[:, None] == labels[None, :]).float()
+    # `same` is symmetric, so these soft targets serve both directions.
+    targets = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+class ContrastiveHead(Head):
+    """``Linear(dim, hidden) -> ReLU -> Linear(hidden, text_dim)`` aligned to class prompt vectors.
+
+    Parameters
+    ----------
+    prompt_embeds : array or dict
+        Class prompt vectors from the text tower; see
+        :func:`~clip_heads.heads.zero_shot.class_prompt_vectors`. Array rows follow the sorted
+        labels of ``y``.
+    hidden : int, default=512
+    temperature : float, default=0.075
+        Divides the cosines in the loss and in ``predict_proba``.
+    lr : float, default=1e-3
+    weight_decay : float, default=1e-2
+    batch_size : int or "auto", default="auto"
+        "auto" is 512, or fewer on small data so that an epoch still has ~32 steps; larger
+        batches hold more negatives per step.
+    epochs : int, default=10
+    patience : int, default=2
+    validation_fraction : float or None, default=0.1
+        Stratified share for early stopping; None trains all epochs on everything.
+    normalize : bool, default=True
+        L2-normalise the image vectors first.
+    random_state : int, RandomState or None, default=0
+    device : str, default="cpu"
+
+    Attributes
+    ----------
+    classes_, n_features_in_, loss_curve_, val_scores_, best_epoch_
+    class_embeds_ : torch.Tensor (n_classes, text_dim)
+        Unit prompt vectors predicted against, rows in ``classes_`` order.
+    """
+
+    name = "contrastive"
+    _tensor_params = ("prompt_embeds",)
+
+    def __init__(self, prompt_embeds: PromptEmbeds | None = None, hidden: int = 512, temperature: float = 0.075,
+                 lr: float = 1e-3, weight_decay: float = 1e-2, batch_size: int | str = "auto", epochs: int = 10,
+                 patience: int = 2, validation_fraction: float | None = 0.1, normalize: bool = True,
+                 random_state: Any = 0, device: str = "cpu") -> None:
+        self.prompt_embeds = prompt_embeds
+        self.hidden = hidden
+        self.temperature = temperature
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.normalize = normalize
+        self.random_state = random_state
+        self.device = device
+
+    def _build(self, dim: int, text_dim: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, text_dim)).to(self.device)
+
+    def _prepare(self, X: torch.Tensor) -> torch.Tensor:
+        X = X.to(self.device)
+        return l2_normalize(X) if self.normalize else X
+
+    @sized_threads
+    def fit(self, X: Any, y: Any) -> "ContrastiveHead":
+        """Fit on ``X`` of shape (n_samples, dim) and labels ``y``; returns self."""
+        if self.prompt_embeds is None:
+            raise ValueError("ContrastiveHead needs prompt_embeds (class prompt vectors from the text tower)")
+        X_np, y_np = self._validate_fit(X, y)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        seed = seed_from(self.random_state)
+        self.class_embeds_ = torch.from_numpy(class_prompt_vectors(self.prompt_embeds, self.classes_.tolist()))
+        text = self.class_embeds_.to(self.device)
+        X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
+        eval_fn = None
+        if self.validation_fraction:
+            tr, va = (torch.from_numpy(i).to(self.device) for i in validation_split(y_np, self.validation_fraction, seed))
+            X, y, X_val, y_val = X[tr], y[tr], X[va], y[va]
+            eval_fn = lambda: accuracy(l2_normalize(self.model_(X_val)) @ text.T, y_val)  # noqa: E731
+        with seeded(seed, self.device):
+            self.model_ = self._build(X.shape[1], text.shape[1])
+        model, tau = self.model_, self.temperature
+        trainer = Trainer(
+            model, lambda b: multi_positive_clip_loss(model(b[0]), text[b[1]], b[1], tau),
+            TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed), epochs=self.epochs, lr=self.lr,
+            weight_decay=self.weight_decay, eval_fn=eval_fn, patience=self.patience, device=self.device,
+            seed=seed).fit()
+        model.eval()
+        self.loss_curve_, self.val_scores_ = trainer.loss_curve, trainer.val_scores
+        self.best_epoch_ = trainer.best_epoch if eval_fn is not None else trainer.epoch
+        return self
+
+    def with_prompts(self, prompt_embeds: PromptEmbeds, classes: Sequence[Any] | None = None) -> "ContrastiveHead":
+        """A copy of this fitted head that predicts over a new label set.
+
+        Parameters
+        ----------
+        prompt_embeds : array or dict
+            Prompt vectors of the new classes (same text tower as in training).
+        classes : sequence, optional
+            Labels of the array rows; not needed for a dict.
+        """
+        check_is_fitted(self)
+        classes_, vectors = sorted_class_vectors(prompt_embeds, classes)
+        if vectors.shape[1] != self.class_embeds_.shape[1]:
+            raise ValueError(f"new prompt vectors have dim {vectors.shape[1]}, the head projects to "
+                             f"{self.class_embeds_.shape[1]} (a different text tower?)")
+        head = copy.deepcopy(self)
+        head.prompt_embeds, head.classes_, head.class_embeds_ = vectors, classes_, torch.from_numpy(vectors)
+        return head
+
+    def _logits(self, X: torch.Tensor) -> torch.Tensor:
+        image = l2_normalize(self.model_(self._prepare(X)))
+        return image @ self.class_embeds_.to(image.device).T / self.temperature
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"loss_curve_": self.loss_curve_, "val_scores_": self.val_scores_, "best_epoch_": self.best_epoch_}
+
+    def _get_tensors(self) -> dict[str, torch.Tensor]:
+        return {"class_embeds": self.class_embeds_, **{f"model.{k}": v for k, v in self.model_.state_dict().items()}}
+
+    def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        self.class_embeds_ = tensors.pop("class_embeds")
+        self.prompt_embeds = self.class_embeds_.numpy()
+        with seeded(0, self.device):  # the init is overwritten; just leave the caller's RNG alone
+            self.model_ = self._build(self.n_features_in_, self.class_embeds_.shape[1])
+        self.model_.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
+        self.model_.eval()
+        self.loss_curve_, self.val_scores_, self.best_epoch_ = extra["loss_curve_"], extra["val_scores_"], extra["best_epoch_"]

@@ -1,0 +1,152 @@
+"""Zero-shot CLIP: cosine of image vectors to class prompt vectors, no training."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_array
+
+from clip_heads.heads.base import Head, sized_threads, l2_normalize
+
+# One (n_classes, dim) array with rows in class order, an (n_classes, n_templates, dim) array,
+# or {class_name: (n_templates, dim) or (dim,) array}.
+PromptEmbeds = Union[np.ndarray, Mapping[Any, Any]]
+
+
+def class_prompt_vectors(prompt_embeds: PromptEmbeds, classes: Sequence[Any]) -> np.ndarray:
+    """One unit vector per class from its prompt embeddings (template ensemble).
+
+    Each prompt vector is L2-normalised, the prompts of a class are averaged, and the mean is
+    normalised again, as in CLIP's prompt ensembling.
+
+    Parameters
+    ----------
+    prompt_embeds : array or dict
+        ``(n_classes, dim)`` or ``(n_classes, n_templates, dim)`` with rows in the order of
+        ``classes``; or a dict ``{class_name: (n_templates, dim) array}`` (a ``(dim,)`` vector
+        counts as one template). Dict keys may be the labels or their ``str()``.
+    classes : sequence
+        Class labels, in the order the returned rows should follow.
+
+    Returns
+    -------
+    np.ndarray of shape (n_classes, dim), float32, unit rows.
+    """
+    if isinstance(prompt_embeds, Mapping):
+        missing = [c for c in classes if c not in prompt_embeds and str(c) not in prompt_embeds]
+        if missing:
+            raise ValueError(f"prompt_embeds has no prompts for classes {missing}; it has {sorted(map(str, prompt_embeds))}")
+        per_class = [np.asarray(prompt_embeds[c] if c in prompt_embeds else prompt_embeds[str(c)], dtype=np.float32)
+                     for c in classes]
+        per_class = [p.reshape(-1, p.shape[-1]) for p in per_class]
+        dims = {p.shape[-1] for p in per_class}
+        if len(dims) != 1:
+            raise ValueError(f"prompt vectors of different classes have different dimensions {sorted(dims)}")
+    else:
+        arr = np.asarray(prompt_embeds, dtype=np.float32)
+        if arr.ndim not in (2, 3) or len(arr) != len(classes):
+            raise ValueError(f"prompt_embeds must be (n_classes={len(classes)}, dim) or (n_classes, n_templates, dim) "
+                             f"with rows in class order, got shape {arr.shape}")
+        per_class = list(arr.reshape(len(arr), -1, arr.shape[-1]))
+    out = np.empty((len(classes), per_class[0].shape[-1]), dtype=np.float32)
+    for i, p in enumerate(per_class):  # a loop over classes, not samples
+        check_array(p, dtype=np.float32)  # rejects NaN/inf prompt vectors with a clear message
+        p = torch.from_numpy(p)
+        out[i] = l2_normalize(l2_normalize(p).mean(0)).numpy()
+    return out
+
+
+def sorted_class_vectors(prompt_embeds: PromptEmbeds, classes: Sequence[Any] | None = None,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes_, vectors)``: labels sorted as scikit-learn orders ``classes_``, and their unit
+    prompt vectors in that order. Array rows follow ``classes``; without it, ``prompt_embeds``
+    must be a dict and its keys are the classes.
+    """
+    if classes is None:
+        if not isinstance(prompt_embeds, Mapping):
+            raise ValueError("prompt_embeds given as an array needs the list of classes its rows stand for")
+        classes = sorted(prompt_embeds)
+    order = list(classes)
+    classes_ = np.unique(np.asarray(order))
+    if len(classes_) != len(order):
+        raise ValueError(f"classes has duplicates: {order}")
+    vectors = class_prompt_vectors(prompt_embeds, order)
+    return classes_, vectors[[order.index(c) for c in classes_.tolist()]]
+
+
+class ZeroShotHead(Head):
+    """CLIP zero-shot classifier: ``softmax(logit_scale * cos(image, class prompt))``.
+
+    Parameters
+    ----------
+    prompt_embeds : array or dict
+        Class prompt vectors, see :func:`class_prompt_vectors`. Array rows follow ``classes``
+        when given, otherwise the sorted labels seen in ``fit``.
+    classes : sequence, optional
+        Class labels; lets ``fit()`` run without any data.
+    logit_scale : float, default=100.0
+        CLIP's learned temperature; changes probabilities, never the predicted class.
+    random_state : any, default=0
+        Unused (nothing is random here); kept so that every head takes the same arguments.
+    device : str, default="cpu"
+        Where predictions are computed.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    class_embeds_ : torch.Tensor of shape (n_classes, dim)
+        Unit prompt vectors, rows in ``classes_`` order.
+    n_features_in_ : int
+    """
+
+    name = "zero-shot"
+    _tensor_params = ("prompt_embeds",)
+
+    def __init__(self, prompt_embeds: PromptEmbeds | None = None, classes: Sequence[Any] | None = None,
+                 logit_scale: float = 100.0, random_state: Any = 0, device: str = "cpu") -> None:
+        self.prompt_embeds = prompt_embeds
+        self.classes = classes
+        self.logit_scale = logit_scale
+        self.random_state = random_state
+        self.device = device
+
+    @sized_threads
+    def fit(self, X: Any = None, y: Any = None) -> "ZeroShotHead":
+        """Fix ``classes_`` (from ``y``, the ``classes`` parameter or the prompt dict's keys).
+
+        No weights are learned; ``X``, when given, only has its dimension checked.
+        """
+        if self.prompt_embeds is None:
+            raise ValueError("ZeroShotHead needs prompt_embeds (class prompt vectors from the text tower)")
+        if self.classes is not None:
+            order = self.classes
+        elif y is not None:
+            order = np.unique(np.asarray(y)).tolist()
+        else:
+            order = None  # the keys of a prompt dict
+        self.classes_, vectors = sorted_class_vectors(self.prompt_embeds, order)
+        if y is not None and not np.isin(np.asarray(y), self.classes_).all():
+            raise ValueError(f"y has labels outside classes {self.classes_.tolist()}: "
+                             f"{np.setdiff1d(np.asarray(y), self.classes_).tolist()}")
+        self.n_features_in_ = vectors.shape[1]
+        if X is not None:
+            self._validate_X(X)  # dimension check against the prompt vectors
+        self.class_embeds_ = torch.from_numpy(vectors)
+        return self
+
+    def with_prompts(self, prompt_embeds: PromptEmbeds, classes: Sequence[Any] | None = None) -> "ZeroShotHead":
+        """A fitted copy that classifies over a new label set given by its prompt vectors."""
+        return type(self)(prompt_embeds, classes, self.logit_scale, self.random_state, self.device).fit()
+
+    def _logits(self, X: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * l2_normalize(X) @ self.class_embeds_.to(X.device).T
+
+    def _get_tensors(self) -> dict[str, torch.Tensor]:
+        return {"class_embeds": self.class_embeds_}
+
+    def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        self.class_embeds_ = tensors["class_embeds"]
+        # The saved vectors become the parameter, so clone() + fit() of a loaded head still works.
+        self.prompt_embeds = self.class_embeds_.numpy()
+        self.classes = self.classes_.tolist()
