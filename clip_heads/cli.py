@@ -170,5 +170,135 @@ def info(store, as_json):
     click.echo(f"created    {d['created']}  completed {d['completed']}")
 
 
+def _heads() -> list[str]:
+    from .heads import list_heads
+
+    return [h for h in list_heads() if h != "zero-shot"]
+
+
+def _params(pairs: tuple[str, ...]) -> dict:
+    """``--param key=value`` pairs; values parsed as JSON when they are (numbers, true, lists)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--param")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _templates(text: str | None):
+    # "0,3" -> template ids; anything else is passed on as given (a name or a template text).
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    return [int(p) for p in parts] if all(p.isdigit() for p in parts) else text
+
+
+@main.command("zero-shot")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompts", "prompt_set", default=None, help="Prompt set of the store. [default: the store's default set]")
+@click.option("--templates", default=None, help="Template ids of the set, e.g. 0 or 0,3. [default: the ensemble of all]")
+@click.option("--label-map", default=None, help="Built-in label map name or JSON file mapping the store's classes.")
+@click.option("--top-k", default=0, type=click.IntRange(min=0), help="Also write the top-k images per class (JSON, and a PNG grid when images are reachable).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Folder for report.txt, metrics.json and CSVs. [default: cache/zero-shot/<store name>]")
+@friendly
+def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir):
+    """Zero-shot classification of STORE by cosine to its prompt embeddings."""
+    from pathlib import Path
+
+    from .evaluate import run_zero_shot
+
+    out_dir = out_dir or str(Path("cache") / "zero-shot" / Path(store).stem)
+    rep = run_zero_shot(store, prompt_set=prompt_set, templates=_templates(templates), out_dir=out_dir, label_map=label_map, top_k=top_k)
+    click.echo(rep.text)
+    click.echo(f"written to {out_dir}")
+
+
+@main.command("train-head")
+@click.argument("head", type=click.Choice(_heads()))
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the head (config.json + model.safetensors) and its reports.")
+@click.option("--cv", default=None, type=click.IntRange(min=2), help="Stratified K-fold cross-validation before the final fit (the papers use 10).")
+@click.option("--eval-store", default=None, type=click.Path(exists=True, dir_okay=False), help="Evaluate the final head on another store (cross-dataset).")
+@click.option("--label-map", default=None, help="Built-in label map name or JSON file from --eval-store's classes to STORE's.")
+@click.option("--prompts", "prompt_set", default=None, help="Prompt set for text-side heads (contrastive, tip-adapter). [default: the store's default set]")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Head parameter, e.g. --param hidden=256 --param dropout=0.2 (repeatable).")
+@click.option("--seed", default=0, help="Seed of the folds and of training.")
+@click.pass_context
+@friendly
+def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_set, params, seed):
+    """Train HEAD on the cached vectors of STORE and save it to --out."""
+    from .evaluate import train_head
+
+    rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
+                     head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
+    click.echo(rep.text)
+    click.echo(f"head and reports written to {out_dir}")
+
+
+@main.command()
+@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--label-map", default=None, help="Built-in label map name or JSON file from STORE's classes to the head's.")
+@click.option("--prompts", "prompt_set", default=None, help="Prompt set of STORE for text-side heads queried with its classes.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Folder for the reports. [default: HEAD_DIR/eval-<store name>]")
+@friendly
+def evaluate(head_dir, store, label_map, prompt_set, out_dir):
+    """Evaluate a saved head (HEAD_DIR) on STORE."""
+    from pathlib import Path
+
+    from .evaluate import evaluate_head
+
+    out_dir = out_dir or str(Path(head_dir) / f"eval-{Path(store).stem}")
+    rep = evaluate_head(head_dir, store, out_dir=out_dir, label_map=label_map, prompt_set=prompt_set)
+    click.echo(rep.text)
+    click.echo(f"written to {out_dir}")
+
+
+@main.command("ablate-prompts")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompts", "prompt_sets", multiple=True, help="Prompt sets to ablate (repeatable). [default: all in the store]")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Folder for ablation.csv and report.txt. [default: cache/ablation/<store name>]")
+@friendly
+def ablate_prompts_cmd(store, prompt_sets, out_dir):
+    """Rank every template (alone) and every prompt set (ensemble) of STORE by zero-shot accuracy."""
+    from pathlib import Path
+
+    from .evaluate import ablate_prompts
+
+    out_dir = out_dir or str(Path("cache") / "ablation" / Path(store).stem)
+    rep = ablate_prompts(store, prompt_sets=list(prompt_sets) or None, out_dir=out_dir)
+    click.echo(rep.text)
+    click.echo(f"written to {out_dir}")
+
+
+@main.command()
+@click.option("--source", default=None, type=click.Path(exists=True), help="Local cifar-100-python tarball or extracted folder (skips the download).")
+@click.option("--model", "-m", default=DEFAULT_MODEL, help="Hugging Face CLIP id or local directory.")
+@click.option("--limit", default=1000, type=click.IntRange(min=1), help="Seeded sample of test images to encode.")
+@click.option("--cv", default=10, type=click.IntRange(min=2), help="Folds of the heads' cross-validation.")
+@click.option("--seed", default=0, help="Seed of the sample, the folds and training.")
+@click.option("--out", "out_dir", default="cache/demo", type=click.Path(file_okay=False), help="Folder for the store and every report.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
+@click.option("--url", default=None, hidden=True, help="Download URL of the tarball (tests).")
+@click.option("--md5", default=None, hidden=True, help="Expected MD5 of the tarball (tests).")
+@click.pass_context
+@friendly
+def demo(ctx, source, model, limit, cv, seed, out_dir, device, batch_size, workers, url, md5):
+    """The whole tool on real data: CIFAR-100 (downloaded, MD5-checked), encode, zero-shot, prompt ablation, 10-fold CV of heads."""
+    from .demo import CIFAR100_MD5, CIFAR100_URL, run_demo
+
+    summary = run_demo(out_dir, source=source, model=model, limit=limit, cv=cv, seed=seed, device=device, batch_size=batch_size,
+                       workers=workers, url=url or CIFAR100_URL, md5=md5 or CIFAR100_MD5, progress=ctx.obj["progress"])
+    click.echo(summary["report"])
+    click.echo(f"report written to {out_dir}/report.txt")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
