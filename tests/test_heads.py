@@ -12,10 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from clip_heads import __version__
-from clip_heads.heads import HEADS, ContrastiveHead, Head, LinearHead, TipAdapterHead, ZeroShotHead, get_head, list_heads
-from clip_heads.heads import class_prompt_vectors
+from clip_heads.heads import (HEADS, ContrastiveHead, Head, LinearHead, TipAdapterHead, ZeroShotHead,
+                              class_prompt_vectors, get_head, list_heads, tip_adapter)
 from clip_heads.heads.contrastive import multi_positive_clip_loss
-from clip_heads.heads import tip_adapter
 from conftest import make_blobs
 
 N_CLASSES, DIM, N_TRAIN = 4, 16, 600
@@ -216,8 +215,8 @@ def test_multi_positive_loss_treats_same_class_columns_alike():
 
     assert abs(diagonal(swapped).item() - diagonal(image).item()) > 1e-2
     # Without duplicate labels it is the ordinary symmetric CLIP loss.
-    assert multi_positive_clip_loss(image, text, torch.arange(4), 0.1).item() == pytest.approx(diagonal(image).item(),
-                                                                                             rel=1e-6)
+    distinct = multi_positive_clip_loss(image, text, torch.arange(4), 0.1)
+    assert distinct.item() == pytest.approx(diagonal(image).item(), rel=1e-6)
     # One text per class, aligned images: the minimum, the entropy of the targets.
     labels = torch.tensor([0, 0, 0, 1, 1])
     onehot = torch.eye(2)[labels]
@@ -240,9 +239,10 @@ def test_contrastive_head_classifies_over_a_new_label_set():
     seen_prompts, new_prompts = to_text(unit), to_text(new_means)
     X_new = np.concatenate([rng.normal(size=(n, dim)) + sep * m for m in new_means]).astype(np.float32)
     y_new = np.repeat(["mix01", "mix23"], n)
-    Xte, yte = X[800:], np.array(list("abcd"))[y[800:]]
+    names = np.array(list("abcd"))
+    Xte, yte = X[800:], names[y[800:]]
 
-    head = ContrastiveHead(prompt_embeds=dict(zip("abcd", seen_prompts))).fit(X[:800], np.array(list("abcd"))[y[:800]])
+    head = ContrastiveHead(prompt_embeds=dict(zip("abcd", seen_prompts))).fit(X[:800], names[y[:800]])
     assert head.class_embeds_.shape == (4, text_dim)
     bayes = (np.argmax(Xte @ means.T, axis=1) == y[800:]).mean()
     assert head.score(Xte, yte) >= bayes - 0.05
@@ -278,7 +278,8 @@ def test_tip_adapter_alpha_zero_is_zero_shot_and_blocks_change_nothing(data, mon
 
 
 def test_tip_adapter_f_trains_the_keys(data):
-    head = TipAdapterHead(prompt_embeds=data["prompts"], finetune_keys=True, epochs=5).fit(data["Xtr"], data["ytr"])
+    head = TipAdapterHead(prompt_embeds=data["prompts"], finetune_keys=True, epochs=5)
+    head.fit(data["Xtr"], data["ytr"])
     unit = data["Xtr"] / np.linalg.norm(data["Xtr"], axis=1, keepdims=True)
     assert not np.allclose(head.keys_.numpy(), unit, atol=1e-4)
     assert 1 <= head.best_epoch_ <= 5

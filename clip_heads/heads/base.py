@@ -238,3 +238,62 @@ def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """Unit rows (a zero row stays zero)."""
     return torch.nn.functional.normalize(x, dim=-1)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+class TrainedHead(Head):
+    """A head whose ``model_`` is a torch module trained with the package's :class:`Trainer`.
+
+    Subclasses have the parameters ``epochs, lr, weight_decay, batch_size, patience,
+    validation_fraction, device`` and build, train and score their module through
+    :meth:`_train`, :meth:`_build` and :meth:`_logits`.
+    """
+
+    def _build(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _train(self, X: torch.Tensor, y: torch.Tensor, seed: int,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Seeded init, an optional stratified early-stopping split, then the training loop.
+
+        ``loss_fn(model(X_batch), y_batch)``; the kept weights are those of the best
+        validation accuracy. Sets ``model_``, ``loss_curve_``, ``val_scores_``, ``best_epoch_``.
+        """
+        from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
+
+        eval_fn = None
+        if self.validation_fraction:
+            split = validation_split(y.cpu().numpy(), self.validation_fraction, seed)
+            tr, va = (torch.from_numpy(i).to(X.device) for i in split)
+            X, y, X_val, y_val = X[tr], y[tr], X[va], y[va]
+            eval_fn = lambda: accuracy(self._module_logits(X_val), y_val)  # noqa: E731
+        with seeded(seed, self.device):
+            self.model_ = model = self._build().to(self.device)
+        batches = TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed)
+        trainer = Trainer(model, lambda b: loss_fn(model(b[0]), b[1]), batches, epochs=self.epochs, lr=self.lr,
+                          weight_decay=self.weight_decay, eval_fn=eval_fn, patience=self.patience,
+                          device=self.device, seed=seed).fit()
+        model.eval()
+        self.loss_curve_, self.val_scores_ = trainer.loss_curve, trainer.val_scores
+        self.best_epoch_ = trainer.best_epoch if eval_fn is not None else trainer.epoch
+
+    def _module_logits(self, X: torch.Tensor) -> torch.Tensor:
+        """Logits of already prepared rows (the early-stopping score)."""
+        raise NotImplementedError
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"loss_curve_": self.loss_curve_, "val_scores_": self.val_scores_, "best_epoch_": self.best_epoch_}
+
+    def _get_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+
+    def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        with seeded(0, self.device):  # the init is overwritten; just leave the caller's RNG alone
+            self.model_ = self._build().to(self.device)
+        self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.model_.eval()
+        self.loss_curve_, self.val_scores_ = extra["loss_curve_"], extra["val_scores_"]
+        self.best_epoch_ = extra["best_epoch_"]

@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from clip_heads.heads.base import Head, auto_batch_size, sized_threads, l2_normalize, seed_from, seeded, validation_split
-from clip_heads.heads.mlp import accuracy
+from clip_heads.heads.base import TrainedHead, l2_normalize, seed_from, sized_threads
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors, sorted_class_vectors
-from clip_heads.train import TensorBatches, Trainer
 
 
 def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
@@ -42,7 +40,7 @@ def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, labels: to
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
-class ContrastiveHead(Head):
+class ContrastiveHead(TrainedHead):
     """``Linear(dim, hidden) -> ReLU -> Linear(hidden, text_dim)`` aligned to class prompt vectors.
 
     Parameters
@@ -70,7 +68,7 @@ class ContrastiveHead(Head):
 
     Attributes
     ----------
-    classes_, n_features_in_, loss_curve_, val_scores_, best_epoch_
+    classes_, n_features_in_, model_, loss_curve_, val_scores_, best_epoch_
     class_embeds_ : torch.Tensor (n_classes, text_dim)
         Unit prompt vectors predicted against, rows in ``classes_`` order.
     """
@@ -95,8 +93,10 @@ class ContrastiveHead(Head):
         self.random_state = random_state
         self.device = device
 
-    def _build(self, dim: int, text_dim: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, text_dim)).to(self.device)
+    def _build(self) -> nn.Module:
+        text_dim = self.class_embeds_.shape[1]
+        return nn.Sequential(nn.Linear(self.n_features_in_, self.hidden), nn.ReLU(),
+                             nn.Linear(self.hidden, text_dim))
 
     def _prepare(self, X: torch.Tensor) -> torch.Tensor:
         X = X.to(self.device)
@@ -107,29 +107,15 @@ class ContrastiveHead(Head):
         """Fit on ``X`` of shape (n_samples, dim) and labels ``y``; returns self."""
         if self.prompt_embeds is None:
             raise ValueError("ContrastiveHead needs prompt_embeds (class prompt vectors from the text tower)")
-        X_np, y_np = self._validate_fit(X, y)
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        seed = seed_from(self.random_state)
+        X_np, y_np = self._validate_fit(X, y)
         self.class_embeds_ = torch.from_numpy(class_prompt_vectors(self.prompt_embeds, self.classes_.tolist()))
         text = self.class_embeds_.to(self.device)
         X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
-        eval_fn = None
-        if self.validation_fraction:
-            tr, va = (torch.from_numpy(i).to(self.device) for i in validation_split(y_np, self.validation_fraction, seed))
-            X, y, X_val, y_val = X[tr], y[tr], X[va], y[va]
-            eval_fn = lambda: accuracy(l2_normalize(self.model_(X_val)) @ text.T, y_val)  # noqa: E731
-        with seeded(seed, self.device):
-            self.model_ = self._build(X.shape[1], text.shape[1])
-        model, tau = self.model_, self.temperature
-        trainer = Trainer(
-            model, lambda b: multi_positive_clip_loss(model(b[0]), text[b[1]], b[1], tau),
-            TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed), epochs=self.epochs, lr=self.lr,
-            weight_decay=self.weight_decay, eval_fn=eval_fn, patience=self.patience, device=self.device,
-            seed=seed).fit()
-        model.eval()
-        self.loss_curve_, self.val_scores_ = trainer.loss_curve, trainer.val_scores
-        self.best_epoch_ = trainer.best_epoch if eval_fn is not None else trainer.epoch
+        # The text of a sample is its class's prompt vector, frozen.
+        self._train(X, y, seed_from(self.random_state),
+                    lambda image, labels: multi_positive_clip_loss(image, text[labels], labels, self.temperature))
         return self
 
     def with_prompts(self, prompt_embeds: PromptEmbeds, classes: Sequence[Any] | None = None) -> "ContrastiveHead":
@@ -151,21 +137,17 @@ class ContrastiveHead(Head):
         head.prompt_embeds, head.classes_, head.class_embeds_ = vectors, classes_, torch.from_numpy(vectors)
         return head
 
-    def _logits(self, X: torch.Tensor) -> torch.Tensor:
-        image = l2_normalize(self.model_(self._prepare(X)))
+    def _module_logits(self, X: torch.Tensor) -> torch.Tensor:
+        image = l2_normalize(self.model_(X))
         return image @ self.class_embeds_.to(image.device).T / self.temperature
 
-    def _extra_config(self) -> dict[str, Any]:
-        return {"loss_curve_": self.loss_curve_, "val_scores_": self.val_scores_, "best_epoch_": self.best_epoch_}
+    def _logits(self, X: torch.Tensor) -> torch.Tensor:
+        return self._module_logits(self._prepare(X))
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds_, **{f"model.{k}": v for k, v in self.model_.state_dict().items()}}
+        return {"class_embeds": self.class_embeds_, **super()._get_tensors()}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        self.class_embeds_ = tensors.pop("class_embeds")
-        self.prompt_embeds = self.class_embeds_.numpy()
-        with seeded(0, self.device):  # the init is overwritten; just leave the caller's RNG alone
-            self.model_ = self._build(self.n_features_in_, self.class_embeds_.shape[1])
-        self.model_.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
-        self.model_.eval()
-        self.loss_curve_, self.val_scores_, self.best_epoch_ = extra["loss_curve_"], extra["val_scores_"], extra["best_epoch_"]
+        self.class_embeds_ = tensors["class_embeds"]
+        self.prompt_embeds = self.class_embeds_.numpy()  # so that clone() + fit() of a loaded head works
+        super()._set_tensors(tensors, extra)

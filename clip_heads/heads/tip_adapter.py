@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_heads.heads.base import Head, auto_batch_size, sized_threads, l2_normalize, seed_from, validation_split
-from clip_heads.heads.mlp import accuracy
+from clip_heads.heads.base import (Head, accuracy, auto_batch_size, l2_normalize, seed_from, sized_threads,
+                                   validation_split)
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors
 from clip_heads.train import TensorBatches, Trainer
 
@@ -95,7 +95,8 @@ class TipAdapterHead(Head):
                  beta: float | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
                  betas: Sequence[float] = DEFAULT_BETAS, logit_scale: float = 100.0,
                  validation_fraction: float = 0.2, finetune_keys: bool = False, epochs: int = 20,
-                 lr: float = 1e-3, batch_size: int | str = "auto", random_state: Any = 0, device: str = "cpu") -> None:
+                 lr: float = 1e-3, batch_size: int | str = "auto", random_state: Any = 0,
+                 device: str = "cpu") -> None:
         self.prompt_embeds = prompt_embeds
         self.alpha = alpha
         self.beta = beta
@@ -133,7 +134,8 @@ class TipAdapterHead(Head):
         self.search_scores_, self.best_epoch_ = None, None
         scale = 1.0
         if search or self.finetune_keys:
-            tr, va = (torch.from_numpy(i).to(self.device) for i in validation_split(y_np, self.validation_fraction, seed))
+            split = validation_split(y_np, self.validation_fraction, seed)
+            tr, va = (torch.from_numpy(i).to(self.device) for i in split)
             val = (X[va], zs[va], y[va])
             if search:
                 alpha, beta = self._search(X[tr], values[tr], *val)
@@ -183,7 +185,8 @@ class TipAdapterHead(Head):
         eval_fn = None if val is None else (lambda: accuracy(logits(val[0], val[1]), val[2]))
         own = torch.arange(len(keys), device=keys.device)
         trainer = Trainer(adapter, lambda b: F.cross_entropy(logits(b[0], b[1], b[3]), b[2]),
-                          TensorBatches(keys, zs, y, own, batch_size=auto_batch_size(self.batch_size, len(keys), 256), seed=seed),
+                          TensorBatches(keys, zs, y, own, seed=seed,
+                                        batch_size=auto_batch_size(self.batch_size, len(keys), cap=256)),
                           epochs=epochs or self.epochs, lr=self.lr, eval_fn=eval_fn, device=self.device,
                           seed=seed).fit()
         best = trainer.best_epoch if val is not None else trainer.epoch

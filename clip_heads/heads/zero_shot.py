@@ -36,8 +36,9 @@ def class_prompt_vectors(prompt_embeds: PromptEmbeds, classes: Sequence[Any]) ->
     if isinstance(prompt_embeds, Mapping):
         missing = [c for c in classes if c not in prompt_embeds and str(c) not in prompt_embeds]
         if missing:
-            raise ValueError(f"prompt_embeds has no prompts for classes {missing}; it has {sorted(map(str, prompt_embeds))}")
-        per_class = [np.asarray(prompt_embeds[c] if c in prompt_embeds else prompt_embeds[str(c)], dtype=np.float32)
+            raise ValueError(f"prompt_embeds has no prompts for classes {missing}; "
+                             f"it has {sorted(map(str, prompt_embeds))}")
+        per_class = [np.asarray(prompt_embeds[c if c in prompt_embeds else str(c)], dtype=np.float32)
                      for c in classes]
         per_class = [p.reshape(-1, p.shape[-1]) for p in per_class]
         dims = {p.shape[-1] for p in per_class}
@@ -46,7 +47,8 @@ def class_prompt_vectors(prompt_embeds: PromptEmbeds, classes: Sequence[Any]) ->
     else:
         arr = np.asarray(prompt_embeds, dtype=np.float32)
         if arr.ndim not in (2, 3) or len(arr) != len(classes):
-            raise ValueError(f"prompt_embeds must be (n_classes={len(classes)}, dim) or (n_classes, n_templates, dim) "
+            raise ValueError(f"prompt_embeds must be (n_classes={len(classes)}, dim) or "
+                             f"(n_classes, n_templates, dim) "
                              f"with rows in class order, got shape {arr.shape}")
         per_class = list(arr.reshape(len(arr), -1, arr.shape[-1]))
     out = np.empty((len(classes), per_class[0].shape[-1]), dtype=np.float32)
