@@ -1,0 +1,314 @@
+"""Full CLIP fine-tuning on the tiny random CLIP: it learns, saves a loadable model, resumes a
+killed run to the same weights, cross-validates on the heads' folds, and WiSE-FT blends exactly."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from clip_heads.backbone import weights_hash
+from clip_heads.datasets import open_source
+from clip_heads.encode import encode
+from clip_heads.evaluate import stratified_folds
+from clip_heads.finetune import (
+    _CaptionLoss, contrastive_loss, cross_validate_finetune, evaluate_zero_shot, finetune, generalisation,
+    interpolate, interpolate_sweep,
+)
+from clip_heads.store import open_store
+from conftest import build_tiny_clip
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+# 48 training images, batch 16: 3 steps per epoch, 18 steps in all.
+RECIPE = dict(templates="bp-photo", epochs=6, batch_size=16, lr=1e-3, warmup=0.1, workers=0, seed=0, progress=False)
+
+
+def make_colours(root: Path, colours=COLOURS, n=16, seed=0, broken=True) -> Path:
+    """Solid-colour 30x30 images with a little noise, as an image folder; one unreadable file."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in colours.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = np.clip(np.array(rgb)[None, None] + rng.normal(0, 20, (30, 30, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / (f"{i:02d}.png" if i % 2 else f"{i:02d}.jpg"), quality=95)
+    if broken:
+        (root / "red" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return root
+
+
+def split(src, k=4, seed=0):
+    folds = stratified_folds(src.labels, k, seed)
+    return np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model gains nothing from two threads, and on a shared machine their spin-waits cost.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_clip, tmp_path_factory):
+    """One fine-tune on folds 1-3 of the colours, zero-shot scored on fold 0 before and after."""
+    root = tmp_path_factory.mktemp("ft")
+    src = open_source(make_colours(root / "colours"))
+    train, test = split(src)
+    before = evaluate_zero_shot(tiny_clip, src, indices=test, templates="bp-photo", workers=0)
+    res = finetune(src, root / "out", tiny_clip, train_indices=train, **RECIPE)
+    after = evaluate_zero_shot(str(root / "out"), src, indices=test, templates="bp-photo", workers=0)
+    return dict(root=root, src=src, train=train, test=test, res=res, out=root / "out", before=before, after=after)
+
+
+# -- the loss ----------------------------------------------------------------------------------
+def test_duplicate_labels_are_positives_hand_computed():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])  # pairs 0 and 1: class 0 under two templates
+    labels = torch.tensor([0, 0, 1])
+    got = contrastive_loss(img, txt, labels, torch.tensor(math.log(2.0))).item()  # temperature 2
+    lse = lambda *v: math.log(sum(math.exp(x) for x in v))  # noqa: E731
+    # logits = 2 * img @ txt.T = [[2, 1.6, 0], [0, 1.2, 2], [1.2, 1.92, 1.6]]
+    # image rows: rows 0 and 1 put 1/2 on columns 0 and 1, row 2 all on column 2
+    image_side = [lse(2, 1.6, 0) - (2 + 1.6) / 2, lse(0, 1.2, 2) - (0 + 1.2) / 2, lse(1.2, 1.92, 1.6) - 1.6]
+    # text rows (the columns): both class-0 captions have images 0 and 1 as positives
+    text_side = [lse(2, 0, 1.2) - (2 + 0) / 2, lse(1.6, 1.2, 1.92) - (1.6 + 1.2) / 2, lse(0, 2, 1.6) - 1.6]
+    assert got == pytest.approx((np.mean(image_side) + np.mean(text_side)) / 2, abs=1e-6)
+    # Plain CLIP targets (the duplicate as a negative) give another value: 0.8/3 lower here.
+    logits = 2 * img @ txt.T
+    plain = (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.T, torch.arange(3))) / 2
+    assert plain.item() == pytest.approx(got - 0.8 / 3, abs=1e-6)
+
+
+def test_distinct_labels_give_clips_loss_with_temperature_capped_at_100():
+    g = torch.Generator().manual_seed(0)
+    img, txt = F.normalize(torch.randn(5, 8, generator=g), dim=1), F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    for log_scale, scale in ((2.0, math.exp(2.0)), (7.0, 100.0)):
+        logits = scale * img @ txt.T
+        clip = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))) / 2
+        got = contrastive_loss(img, txt, torch.arange(5), torch.tensor(log_scale))
+        assert got.item() == pytest.approx(clip.item(), rel=1e-5)
+
+
+def test_distinct_captions_encoded_once_and_loss_equals_per_pair_captions(tiny_clip):
+    from transformers import AutoTokenizer, CLIPModel
+
+    model, tok = CLIPModel.from_pretrained(tiny_clip), AutoTokenizer.from_pretrained(tiny_clip)
+    classes, tpls = ["red", "green", "blue"], ["a photo of a {}", "a {} thing"]
+    texts = [t.format(c) for c in classes for t in tpls]
+    tokens = dict(tok(texts, padding=True, return_tensors="pt"))
+    tokens.pop("token_type_ids", None)
+    labels, templates = torch.tensor([0, 2, 0, 0, 1, 2]), torch.tensor([1, 0, 1, 0, 0, 0])
+    pixels = torch.randn(6, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    seen = []
+    text_features = model.get_text_features
+    model.get_text_features = lambda **kw: seen.append(len(kw["input_ids"])) or text_features(**kw)
+    loss = _CaptionLoss(model, tokens, len(tpls))({"pixels": pixels, "labels": labels, "templates": templates})
+    assert seen == [4]  # (red, t1), (red, t0), (green, t0), (blue, t0): 4 texts, not 6
+    ids = (labels * 2 + templates).tolist()
+    per_pair = F.normalize(text_features(**{k: v[ids] for k, v in tokens.items()}).pooler_output, dim=1)
+    img = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=1)
+    ref = contrastive_loss(img, per_pair, labels, model.logit_scale)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+# -- fine-tuning -----------------------------------------------------------------------------
+def test_finetune_learns_the_colours_and_skips_the_broken_image(tuned):
+    res, log = tuned["res"], tuned["res"].log
+    assert res.status == "trained" and res.steps == 18 and res.n_train == len(tuned["train"])
+    assert [s["step"] for s in log["steps"]] == list(range(1, 19))
+    epochs = [e["loss"] for e in log["epochs"]]
+    assert len(epochs) == 6 and epochs[-1] < 0.7 * epochs[0]
+    assert [e["epoch"] for e in log["epochs"]] == [s["epoch"] for s in log["steps"]][::3] == [1, 2, 3, 4, 5, 6]
+    assert tuned["before"]["accuracy"] <= 0.6  # a random CLIP is near chance (0.25)
+    assert tuned["after"]["accuracy"] >= 0.9
+    assert tuned["after"]["accuracy"] - tuned["before"]["accuracy"] >= 0.4
+    assert tuned["after"]["macro"]["f1"] >= 0.85
+    broken = "red/zz_broken.png"
+    in_train = tuned["src"].keys.index(broken) in set(tuned["train"].tolist())
+    assert (broken in res.skipped) == in_train and (broken in tuned["after"]["skipped"]) != in_train
+    assert all(math.log(1) <= math.log(s["logit_scale"]) <= math.log(100) + 1e-6 for s in log["steps"])
+    assert not (tuned["out"] / "checkpoint").exists()  # removed once the model is complete
+
+
+def test_saved_model_loads_and_encodes_like_a_hub_id(tuned, tiny_clip, tmp_path):
+    from transformers import CLIPModel
+
+    out = tuned["out"]
+    model = CLIPModel.from_pretrained(out)
+    assert not torch.equal(model.visual_projection.weight, CLIPModel.from_pretrained(tiny_clip).visual_projection.weight)
+    store = tmp_path / "tuned.h5"
+    encode(tuned["src"].root, store, model=str(out), templates=["bp-photo"], dtype="float32", workers=0, progress=False)
+    with open_store(store) as s:
+        X, y, _ = s.arrays()
+        V = s.prompt_set("bp-photo").class_vectors()
+        assert s.model_id == str(out)
+        rows = [s.keys.index(tuned["src"].keys[i]) for i in tuned["after"]["positions"]]
+    # The store's zero-shot on the held-out fold is the in-memory evaluation's.
+    pred = (X[rows] @ V.T).argmax(1)
+    np.testing.assert_array_equal(pred, tuned["after"]["y_pred"])
+    assert (pred == y[rows]).mean() == pytest.approx(tuned["after"]["accuracy"])
+
+
+def test_rerun_is_up_to_date_and_other_settings_are_refused(tuned, tiny_clip):
+    kw = dict(RECIPE, train_indices=tuned["train"])
+    again = finetune(tuned["src"], tuned["out"], tiny_clip, **kw)
+    assert again.status == "up-to-date" and again.steps == 18
+    with pytest.raises(ValueError, match=r"lr=0\.001.*lr=0\.002"):
+        finetune(tuned["src"], tuned["out"], tiny_clip, **dict(kw, lr=2e-3))
+    with pytest.raises(ValueError, match="must divide"):
+        finetune(tuned["src"], tuned["out"], tiny_clip, **dict(kw, micro_batch=5))
+    with pytest.raises(ValueError, match="CUDA"):
+        finetune(tuned["src"], tuned["out"], tiny_clip, **dict(kw, precision="fp16", device="cpu"))
+
+
+CHILD = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)  # as the test process, so both halves compute alike
+import clip_heads.finetune as ft
+save = ft._save_checkpoint
+def slow_save(*a, **k):  # give the parent time to kill between steps
+    save(*a, **k)
+    time.sleep(0.15)
+ft._save_checkpoint = slow_save
+src, out, model, kw = json.loads(sys.argv[1])
+ft.finetune(src, out, model, **kw)
+"""
+
+
+def test_sigkilled_finetune_resumes_to_the_same_weights(tuned, tiny_clip, tmp_path):
+    out = tmp_path / "killed"
+    kw = dict(RECIPE, train_indices=tuned["train"].tolist(), checkpoint_every=1)
+    args = json.dumps([tuned["src"].root, str(out), tiny_clip, kw])
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    latest, step, deadline = out / "checkpoint" / "latest", 0, time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = int(latest.read_text().strip().split("-")[1])
+        except (OSError, IndexError, ValueError):
+            step = 0
+        if step >= 4:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 4 <= step < 18 and not (out / "train_log.json").exists(), "the kill must land mid-run"
+
+    res = finetune(tuned["src"], out, tiny_clip, **dict(kw, train_indices=tuned["train"]))
+    assert res.status == "resumed" and res.steps == 18
+    assert [s["step"] for s in res.log["steps"]] == list(range(1, 19))
+    ref, got = weights(tuned["out"]), weights(out)
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed weights differ from the uninterrupted run"
+
+
+def test_run_stopped_after_a_short_accumulated_step_resumes_exactly(tuned, tiny_clip, tmp_path, monkeypatch):
+    import clip_heads.finetune as ft
+
+    # 34 images in micro-batches of 8 (8, 8, 8, 8, 2), two per step: steps of 16, 16 and a short 2.
+    kw = dict(RECIPE, train_indices=tuned["train"][:34], epochs=2, micro_batch=8, checkpoint_every=1)
+    ref = finetune(tuned["src"], tmp_path / "ref", tiny_clip, **kw)
+    save = ft._save_checkpoint
+
+    def stop_after_short_step(root, trainer, log):
+        save(root, trainer, log)
+        if trainer.step == 3 and trainer.epoch == 0:  # checkpointed in on_step, before the epoch closes
+            raise RuntimeError("injected stop")
+
+    monkeypatch.setattr(ft, "_save_checkpoint", stop_after_short_step)
+    with pytest.raises(RuntimeError, match="injected stop"):
+        finetune(tuned["src"], tmp_path / "cut", tiny_clip, **kw)
+    monkeypatch.setattr(ft, "_save_checkpoint", save)
+    res = finetune(tuned["src"], tmp_path / "cut", tiny_clip, **kw)
+    assert res.status == "resumed" and res.steps == ref.steps == 6  # the short step is not taken twice
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cross_validation_uses_the_heads_folds_and_the_original_weights(tuned, tiny_clip, tmp_path):
+    src = tuned["src"]
+    summary = cross_validate_finetune(src, tmp_path / "cv", tiny_clip, cv=3, seed=1, templates="bp-photo", epochs=1,
+                                      batch_size=16, micro_batch=8, lr=1e-3, workers=0, gradient_checkpointing=True,
+                                      progress=False)
+    folds = stratified_folds(src.labels, 3, 1)
+    with open(tmp_path / "cv" / "folds.csv") as f:
+        saved = [int(line.rsplit(",", 1)[1]) for line in f.read().splitlines()[1:]]
+    np.testing.assert_array_equal(saved, folds)
+    original = weights_hash(tiny_clip, None)
+    for f in range(3):
+        fold_dir = tmp_path / "cv" / f"fold-{f:02d}"
+        ident = json.loads((fold_dir / "train_log.json").read_text())["identity"]
+        assert ident["model_hash"] == original  # every fold starts from the original weights
+        assert ident["train_indices"] == hashlib.sha256(np.flatnonzero(folds != f).tobytes()).hexdigest()
+        scored = json.loads((fold_dir / "metrics.json").read_text())
+        held_out = set(np.flatnonzero(folds == f).tolist()) - {src.keys.index("red/zz_broken.png")}
+        assert set(scored["positions"]) == held_out
+        assert not list(fold_dir.glob("*.safetensors"))  # weights dropped once scored
+    accs = [r["accuracy"] for r in summary["folds"]]
+    assert summary["k"] == 3 and summary["mean"]["accuracy"] == pytest.approx(np.mean(accs))
+    assert summary["std"]["accuracy"] == pytest.approx(np.std(accs))
+    assert json.loads((tmp_path / "cv" / "metrics.json").read_text())["kind"] == "cv"
+
+
+# -- WiSE-FT ---------------------------------------------------------------------------------
+def test_interpolation_endpoints_are_exact_and_midpoint_is_the_mean(tuned, tiny_clip, tmp_path):
+    zs, ft = weights(tiny_clip), weights(tuned["out"])
+    dirs = interpolate_sweep(tiny_clip, str(tuned["out"]), [0.0, 1.0], tmp_path / "sweep")
+    a0, a1 = weights(dirs[0]), weights(dirs[1])
+    assert all(torch.equal(a0[k], zs[k]) for k in zs) and all(torch.equal(a1[k], ft[k]) for k in ft)
+    mid = weights(interpolate(tiny_clip, str(tuned["out"]), 0.5, tmp_path / "mid"))
+    for k in zs:
+        torch.testing.assert_close(mid[k], (zs[k] + ft[k]) / 2, rtol=0, atol=1e-6)
+    assert any(not torch.equal(zs[k], ft[k]) for k in zs)
+    assert json.loads((tmp_path / "mid" / "wise_ft.json").read_text())["alpha"] == 0.5
+    assert evaluate_zero_shot(str(dirs[1]), tuned["src"], indices=tuned["test"], templates="bp-photo",
+                              workers=0)["y_pred"] == tuned["after"]["y_pred"]
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]"):
+            interpolate(tiny_clip, str(tuned["out"]), bad, tmp_path / "bad")
+
+
+def test_interpolation_refuses_models_of_other_shapes(tiny_clip, tmp_path):
+    other = build_tiny_clip(tmp_path / "other", image_size=20)
+    with pytest.raises(ValueError, match="position_embedding.*shape"):
+        interpolate(tiny_clip, str(other), 0.5, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_generalisation_table_along_the_wise_ft_curve(tuned, tiny_clip, tmp_path):
+    b = open_source(make_colours(tmp_path / "b", {"black": (10, 10, 10), "white": (245, 245, 245)}, n=6, broken=False))
+    result = generalisation(tuned["src"], b, tmp_path / "gen", tiny_clip, alphas=[0.0, 0.5, 1.0], holdout=4, seed=0,
+                            finetuned=str(tuned["out"]), a_templates="bp-photo", b_templates="bp-photo", workers=0)
+    rows = result["rows"]
+    assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
+    # alpha 0 is the zero-shot model and alpha 1 the fine-tuned one, on the same held-out fold.
+    assert rows[0]["a_accuracy"] == pytest.approx(tuned["before"]["accuracy"])
+    assert rows[-1]["a_accuracy"] == pytest.approx(tuned["after"]["accuracy"])
+    assert rows[0]["b_accuracy"] == pytest.approx(
+        evaluate_zero_shot(tiny_clip, b, templates="bp-photo", workers=0)["accuracy"])
+    assert all(0 <= r["b_macro_f1"] <= 1 for r in rows)
+    csv = (tmp_path / "gen" / "generalisation.csv").read_text().splitlines()
+    assert csv[0].startswith("alpha,a_accuracy,a_macro_f1") and len(csv) == 4
+    assert "alpha" in result["text"] and (tmp_path / "gen" / "alpha-0.50.json").is_file()
+    with pytest.raises(ValueError, match="alpha"):
+        generalisation(tuned["src"], b, tmp_path / "gen", tiny_clip, alphas=[2.0], finetuned=str(tuned["out"]))
