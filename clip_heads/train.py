@@ -255,6 +255,9 @@ class Trainer:
                     if self.should_stop:
                         return
             if self.batch_in_epoch % self.grad_accum:  # a short tail still counts as a step
+                # Round progress up to a step boundary, so a checkpoint taken in on_step does not
+                # take this step again on resume.
+                self.batch_in_epoch += self.grad_accum - self.batch_in_epoch % self.grad_accum
                 self._step_and_report(loss)
             self.loss_curve.append(loss_sum.item() / max(n, 1))
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
