@@ -84,15 +84,21 @@ def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device,
     """
     from .encode import encode as run
 
+    options = _source_options(fmt, split, label_level)
+    r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
+            device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
+            limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"])
+    click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped)")
+
+
+def _source_options(fmt: str, split: str | None, label_level: str | None) -> dict:
+    """--split / --label-level as the dataset source's options (CIFAR-100 and WEBEmo)."""
     options = {}
     if split is not None:
         options["split"] = split
     if label_level is not None:
         options["level" if fmt == "webemo" else "label_level"] = int(label_level) if label_level.isdigit() else label_level
-    r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
-            device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
-            limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"])
-    click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped)")
+    return options
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -298,6 +304,116 @@ def demo(ctx, source, model, limit, cv, seed, out_dir, device, batch_size, worke
                        workers=workers, url=url or CIFAR100_URL, md5=md5 or CIFAR100_MD5, progress=ctx.obj["progress"])
     click.echo(summary["report"])
     click.echo(f"report written to {out_dir}/report.txt")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.5,1") from None
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write (loadable by `encode --model`).")
+@click.option("--model", "-m", default=DEFAULT_MODEL, help="CLIP to start from: hub id or local directory.")
+@click.option("--format", "fmt", default="auto", type=click.Choice(_formats()), help="Dataset format.")
+@click.option("--split", default=None, help="CIFAR-100: test, train or all.")
+@click.option("--label-level", default=None, help="CIFAR-100: fine or coarse; WEBEmo: 2, 7 or 25.")
+@click.option("--templates", "-t", default=None, help="Caption template set or file. [default: bp-emotion for emotion data, bp-photo otherwise]")
+@click.option("--cv", default=None, type=click.IntRange(min=2), help="Run the paper's K-fold protocol (fine-tune on K-1 folds, zero-shot the held-out fold) instead of one fine-tune on everything.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="[default: 3 for emotion data, 1 otherwise, as the paper]")
+@click.option("--batch-size", default=256, type=click.IntRange(min=2), help="Contrastive batch (the paper: 256).")
+@click.option("--micro-batch", default=None, type=click.IntRange(min=1), help="Accumulate gradients over micro-batches of this size when the batch does not fit.")
+@click.option("--lr", default=2e-5, help="AdamW learning rate (the paper: 2e-5).")
+@click.option("--weight-decay", default=0.2, help="AdamW weight decay (the paper: 0.2).")
+@click.option("--warmup", default=0.1, help="Warm-up: a fraction of all steps (<1) or a number of steps; cosine decay after.")
+@click.option("--precision", default="auto", type=click.Choice(PRECISIONS), help="auto = bf16/fp16 autocast on GPU, fp32 on CPU.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
+@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
+@click.option("--seed", default=0, help="Seed of training and of the folds (the heads' folds for the same seed).")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming a run in --out.")
+@click.pass_context
+@friendly
+def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv, epochs, batch_size, micro_batch, lr,
+             weight_decay, warmup, precision, device, gradient_checkpointing, workers, seed, overwrite):
+    """Fine-tune both CLIP towers on SOURCE paired with class captions (the papers' Emotion-CLIP recipe).
+
+    An interrupted run resumes from its last checkpoint when rerun with the same arguments.
+    """
+    from pathlib import Path
+
+    from .finetune import cross_validate_finetune, finetune as run
+
+    opts = dict(format=fmt, source_options=_source_options(fmt, split, label_level), templates=templates, epochs=epochs,
+                batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                precision=precision, device=device, gradient_checkpointing=gradient_checkpointing, workers=workers,
+                progress=ctx.obj["progress"])
+    if cv:
+        cross_validate_finetune(source, out_dir, model, cv=cv, seed=seed, **opts)
+        click.echo((Path(out_dir) / "report.txt").read_text())
+        click.echo(f"{cv}-fold results written to {out_dir}")
+        return
+    r = run(source, out_dir, model, seed=seed, overwrite=overwrite, **opts)
+    click.echo(f"{r.status}: {r.out_dir} ({r.n_train} images, {r.steps} steps, {len(r.skipped)} skipped); "
+               f"encode with `clip-heads encode SOURCE --model {r.out_dir}`")
+
+
+@main.command("wise-ft")
+@click.argument("zero_shot_model")
+@click.argument("finetuned_model", type=click.Path(exists=True, file_okay=False))
+@click.option("--alpha", "alphas", default="0.5", help="Mixing weight(s) in [0, 1], comma-separated: 0 = zero-shot, 1 = fine-tuned.")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory (one alpha) or folder of alpha-X.XX/ directories (several).")
+@friendly
+def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
+    """Robust fine-tuning (WiSE-FT): write (1-alpha)*ZERO_SHOT_MODEL + alpha*FINETUNED_MODEL as model directories."""
+    from .finetune import interpolate, interpolate_sweep
+
+    values = _floats(alphas)
+    if len(values) == 1:
+        click.echo(f"wrote {interpolate(zero_shot_model, finetuned_model, values[0], out_dir)}")
+    else:
+        for p in interpolate_sweep(zero_shot_model, finetuned_model, values, out_dir):
+            click.echo(f"wrote {p}")
+
+
+@main.command()
+@click.argument("a_source", type=click.Path())
+@click.argument("b_source", type=click.Path())
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the fine-tuned model and the table.")
+@click.option("--model", "-m", default=DEFAULT_MODEL, help="CLIP to start from.")
+@click.option("--a-format", default="auto", type=click.Choice(_formats()), help="Format of A (fine-tuned on).")
+@click.option("--b-format", default="auto", type=click.Choice(_formats()), help="Format of B (zero-shot only).")
+@click.option("--a-split", default=None, help="CIFAR-100 split of A.")
+@click.option("--b-split", default=None, help="CIFAR-100 split of B.")
+@click.option("--alphas", default="0,0.25,0.5,0.75,1", help="WiSE-FT mixing weights to score.")
+@click.option("--holdout", default="10", help="Hold out 1/K of A to score in-domain accuracy, or 'none' to train on all of A (the paper's Table 5).")
+@click.option("--finetuned", default=None, type=click.Path(exists=True, file_okay=False), help="Use this fine-tuned model instead of training one.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="[default: 3 for emotion data, 1 otherwise]")
+@click.option("--batch-size", default=256, type=click.IntRange(min=2), help="Contrastive batch.")
+@click.option("--micro-batch", default=None, type=click.IntRange(min=1), help="Gradient accumulation micro-batch.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--seed", default=0, help="Seed of the hold-out fold and of training.")
+@click.pass_context
+@friendly
+def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, a_split, b_split, alphas, holdout, finetuned,
+                   epochs, batch_size, micro_batch, device, seed):
+    """B&P Table 5 and the WiSE-FT curve: fine-tune on A, zero-shot held-out A and all of B at every alpha."""
+    from .finetune import generalisation as run
+
+    if holdout.lower() == "none":
+        hold = None
+    elif holdout.isdigit() and int(holdout) >= 2:
+        hold = int(holdout)
+    else:
+        raise click.BadParameter(f"{holdout!r}: use an integer K >= 2 or 'none'", param_hint="--holdout")
+    result = run(a_source, b_source, out_dir, model, alphas=_floats(alphas), holdout=hold, seed=seed, finetuned=finetuned,
+                 a_format=a_format, b_format=b_format, a_options=_source_options(a_format, a_split, None),
+                 b_options=_source_options(b_format, b_split, None), epochs=epochs, batch_size=batch_size,
+                 micro_batch=micro_batch, device=device, progress=ctx.obj["progress"])
+    click.echo(result["text"])
+    click.echo(f"written to {out_dir}/generalisation.txt")
 
 
 if __name__ == "__main__":  # pragma: no cover
