@@ -69,7 +69,7 @@ def test_demo_downloads_verifies_and_reports(tiny_clip, tmp_path, server):
     # Visibly different colours: the heads' 3-fold CV must be far above chance (0.25), even
     # with 32 training images a fold.
     assert summary["linear_cv3"]["cv"]["accuracy"] >= 0.8
-    assert summary["mlp_cv3"]["cv"]["accuracy"] >= 0.5
+    assert summary["mlp_cv3"]["cv"]["accuracy"] >= 0.8
     assert 0.0 <= summary["zero_shot"]["accuracy"] <= 1.0
     report = (out / "report.txt").read_text()
     for needle in ("Zero-shot", "Prompt ablation", "linear head", "mlp head", "Macro Avg.", "Weighted Avg."):

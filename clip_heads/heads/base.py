@@ -50,6 +50,9 @@ def sized_threads(fit: Callable) -> Callable:
     return wrapper
 
 
+MIN_STEPS = 200  # optimiser steps a trained head gets however small its training set
+
+
 def auto_batch_size(batch_size: int | str, n_samples: int, cap: int = 512) -> int:
     """``"auto"``: ``cap`` rows, but at least ~32 steps per epoch, which small datasets need."""
     if batch_size == "auto":
@@ -273,8 +276,11 @@ class TrainedHead(Head):
         with seeded(seed, self.device):
             self.model_ = model = self._build().to(self.device)
         batches = TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed)
-        trainer = Trainer(model, lambda b: loss_fn(model(b[0]), b[1]), batches, epochs=self.epochs, lr=self.lr,
-                          weight_decay=self.weight_decay, eval_fn=eval_fn, patience=self.patience,
+        # A small training set is one batch an epoch: give it at least MIN_STEPS optimiser steps,
+        # stretching epochs and early-stopping patience by the same factor so both keep their meaning.
+        stretch = max(1, -(-MIN_STEPS // (len(batches) * self.epochs)))
+        trainer = Trainer(model, lambda b: loss_fn(model(b[0]), b[1]), batches, epochs=self.epochs * stretch, lr=self.lr,
+                          weight_decay=self.weight_decay, eval_fn=eval_fn, patience=self.patience * stretch,
                           device=self.device, seed=seed).fit()
         model.eval()
         self.loss_curve_, self.val_scores_ = trainer.loss_curve, trainer.val_scores
