@@ -1,9 +1,11 @@
 """Dataset sources: anything that yields ``(key, image, label)`` with known class names.
 
-A :class:`Source` is a map-style, picklable listing (keys, labels, classes and optional
-per-item extras) plus :meth:`Source.load`, which decodes one image to RGB with
-:func:`open_rgb`. Formats are looked up by name in :data:`SOURCES`; :func:`open_source`
-opens a path, detecting the format when asked for ``"auto"``.
+Every format is a :class:`clip_heads.source.Source` (a map-style, picklable listing whose
+:meth:`~clip_heads.source.Source.load` decodes one image with :func:`clip_heads.images.open_rgb`).
+This module holds the folder-like formats (plain class folders, FI, WEBEmo, Emotion6, CSV
+manifests); CIFAR-100's python format is in :mod:`clip_heads.cifar`. Formats are looked up by
+name in :data:`SOURCES`; :func:`open_source` opens a path, detecting the format when asked for
+``"auto"``.
 
 Item order is part of the contract (an interrupted encode resumes by index): file-backed
 sources list classes sorted by name and keys sorted within each class; CIFAR-100 keeps
@@ -11,22 +13,16 @@ the official label ids and the official item order.
 """
 from __future__ import annotations
 
-import codecs
 import csv
-import hashlib
 import inspect
-import io
-import json
 import logging
 import os
-import pickle
-import re
-import tarfile
-import warnings
-from typing import IO, Any, Iterator, Union
+from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .cifar import Cifar100Source, _cifar_dir
+from .source import Source
 
 logger = logging.getLogger(__name__)
 
@@ -57,209 +53,8 @@ WEBEMO_HIERARCHY: dict[str, dict[str, list[str]]] = {
 WEBEMO_ALIASES = {"cheerfullness": "cheerfulness", "irritabilty": "irritability"}
 WEBEMO_LEVELS = (2, 7, 25)
 
-PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
 
-
-class BadImage(Exception):
-    """An image that cannot be decoded; the message is a short human reason."""
-
-
-# --------------------------------------------------------------------------- decoding
-
-_SIGNATURES = [
-    (b"\xff\xd8", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-]
-_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-
-
-def _sniff(data: bytes) -> str | None:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-
-
-def _high_depth_to_l(im: Image.Image) -> Image.Image:
-    # PIL's own convert() clips 16/32-bit values at 255, so a 16-bit PNG comes out white.
-    a = np.asarray(im).astype(np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
-        a = a * 255.0
-    elif im.mode != "F" and lo >= 0 and hi <= 65535:
-        a = a / 257.0  # 16-bit range; PNG's 16-bit greyscale decodes to "I;16" or "I"
-    else:
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB" and "transparency" not in im.info:
-        return im
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        return _high_depth_to_l(im).convert("RGB")
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        # Composite on white rather than drop alpha: transparent pixels often store black
-        # (or arbitrary) colour, which would turn e.g. a dark logo into a black square.
-        rgba = im.convert("RGBA")
-        if rgba.getextrema()[3][0] == 255:
-            return rgba.convert("RGB")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    try:
-        return im.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted JPEGs handled by PIL), YCbCr
-    except ValueError as e:
-        raise BadImage(f"unsupported colour mode {im.mode}") from e
-
-
-def open_rgb(path_or_file: PathOrFile) -> Image.Image:
-    """Decode an image fully and return it as 8-bit RGB.
-
-    EXIF orientation is applied. Alpha (RGBA, LA, palette transparency) is composited on
-    white. 16/32-bit integer images are scaled from the 16-bit range (32768 -> 128), float
-    images from [0, 1], anything else by its own min-max. Multi-frame files give frame 0.
-
-    Parameters
-    ----------
-    path_or_file : str, os.PathLike or binary file object
-
-    Returns
-    -------
-    PIL.Image.Image
-        Mode ``"RGB"``, fully loaded, holding no open file.
-
-    Raises
-    ------
-    BadImage
-        With a short reason: "file not found", "zero-byte file", "not an image",
-        "truncated JPEG", "decompression bomb (N pixels)", ...
-    """
-    try:
-        if hasattr(path_or_file, "read"):
-            data = path_or_file.read()  # type: ignore[union-attr]
-        else:
-            with open(path_or_file, "rb") as f:  # type: ignore[arg-type]
-                data = f.read()
-    except FileNotFoundError as e:
-        raise BadImage("file not found") from e
-    except OSError as e:
-        raise BadImage(f"unreadable file ({e.strerror or e})") from e
-    if not data:
-        raise BadImage("zero-byte file")
-    kind = _sniff(data) or "image"
-    try:
-        # Escalate PIL's bomb warning (MAX_IMAGE_PIXELS < n <= 2x) to an error: a worker
-        # that decodes a 20k x 20k image can take the whole machine down.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            kind = im.format or kind
-            w, h = im.size
-            if w <= 0 or h <= 0:
-                raise BadImage(f"empty {kind} ({w}x{h} pixels)")
-            im.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        m = re.search(r"\((\d+) pixels\)", str(e))
-        raise BadImage(f"decompression bomb ({m.group(1) if m else 'too many'} pixels)") from e
-    except UnidentifiedImageError as e:
-        raise BadImage("not an image" if kind == "image" else f"corrupt {kind} header") from e
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-        if "truncated" in str(e).lower() or isinstance(e, EOFError):
-            raise BadImage(f"truncated {kind}") from e
-        raise BadImage(f"corrupt {kind} data ({e})") from e
-    try:
-        orientation = im.getexif().get(0x0112, 1)
-        if orientation not in (1, None):
-            im = ImageOps.exif_transpose(im)
-    except Exception as e:  # a broken EXIF block should not cost us the pixels
-        logger.debug("ignoring unreadable EXIF: %s", e)
-    return _to_rgb(im)
-
-
-# --------------------------------------------------------------------------- sources
-
-class Source:
-    """A map-style dataset: ``source[i] -> (key, image, label)``.
-
-    Attributes
-    ----------
-    format : str
-        Registry name, e.g. ``"folder"``.
-    root : str
-        Absolute path that was opened (folder, manifest file or tarball).
-    classes : list of str
-        Class names; index = label.
-    keys : list of str
-        Stable key per item (relative path with ``/``, or the dataset's own id).
-    labels : np.ndarray
-        int64, shape (n_items,).
-    extras : dict of str to np.ndarray
-        Optional per-item columns, each of shape (n_items, ...).
-    extras_meta : dict of str to list of str
-        Column names of 2-D extras.
-    """
-
-    format: str = ""
-
-    def _finish(self, root: str, base: str, classes: list[str], keys: list[str], labels: Any,
-                extras: dict[str, np.ndarray] | None = None,
-                extras_meta: dict[str, list[str]] | None = None,
-                options: dict[str, Any] | None = None) -> None:
-        if not keys:
-            raise ValueError(f"{self.format} source '{root}' contains no images")
-        self.root, self._base = root, base
-        self.classes, self.keys = list(classes), list(keys)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.extras = extras or {}
-        self.extras_meta = extras_meta or {}
-        self.options = options or {}
-        logger.info("%s source %s: %d images in %d classes", self.format, root, len(self.keys), len(self.classes))
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> tuple[str, Image.Image, int]:
-        return self.keys[i], self.load(i), int(self.labels[i])
-
-    def __iter__(self) -> Iterator[tuple[str, Image.Image, int]]:
-        return (self[i] for i in range(len(self)))
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.root!r}: {len(self)} items, {len(self.classes)} classes>"
-
-    def path(self, i: int) -> str:
-        """Absolute file path of item ``i``."""
-        return os.path.normpath(os.path.join(self._base, self.keys[i]))
-
-    def load(self, i: int) -> Image.Image:
-        """Decode item ``i`` as RGB; raises :class:`BadImage` for unreadable data."""
-        return open_rgb(self.path(i))
-
-    def _stamp(self, h: Any) -> None:
-        # stat only, never decode: this must stay cheap on 100k files.
-        for i, (key, label) in enumerate(zip(self.keys, self.labels.tolist())):
-            try:
-                st = os.stat(self.path(i))
-                stamp = f"{st.st_size}:{st.st_mtime_ns}"
-            except OSError:
-                stamp = "missing"
-            h.update(f"{key}\t{label}\t{stamp}\n".encode())
-
-    def fingerprint(self) -> str:
-        """SHA-256 hex of the listing: keys, labels, classes, extras and file size/mtime."""
-        h = hashlib.sha256()
-        head = {"format": self.format, "classes": self.classes, "options": self.options}
-        h.update(json.dumps(head, sort_keys=True).encode())
-        self._stamp(h)
-        for name in sorted(self.extras):
-            h.update(name.encode() + np.ascontiguousarray(self.extras[name]).tobytes())
-        return h.hexdigest()
-
-    def describe(self) -> dict:
-        """JSON-able summary: format, root, n, classes, options, extras."""
-        return {"format": self.format, "root": self.root, "n": len(self), "classes": list(self.classes),
-                "options": dict(self.options), "extras": sorted(self.extras)}
-
+# --------------------------------------------------------------------------- folder-like sources
 
 def _subdirs(folder: str) -> list[str]:
     with os.scandir(folder) as it:
@@ -473,152 +268,6 @@ class CsvSource(Source):
         labels = [index[lab] for lab, _, _ in items]
         extras = {"split": np.asarray([s for _, _, s in items], dtype=str)} if "split" in col else {}
         self._finish(path, base, classes, [k for _, k, _ in items], labels, extras)
-
-
-# --------------------------------------------------------------------------- CIFAR-100
-
-def _latin1(text: str, encoding: str = "latin1") -> bytes:
-    # Protocol-2 pickles spell bytes as _codecs.encode(text, "latin1"); nothing else is needed.
-    if encoding.replace("-", "").lower() != "latin1":
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
-    return codecs.encode(text, "latin1")
-
-
-def _plain_dtype(*args: Any) -> np.dtype:
-    dt = np.dtype(*args)
-    if dt.hasobject:  # object arrays would unpickle arbitrary Python objects
-        raise pickle.UnpicklingError(f"refusing numpy object dtype {dt}")
-    return dt
-
-
-def _frombuffer_safe(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
-    return np.frombuffer(buf, dtype=_plain_dtype(dtype)).reshape(shape, order=order)
-
-
-_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]  # numpy's own array rebuilder, version-proof
-_PICKLE_ALLOWED = {
-    ("_codecs", "encode"): _latin1,
-    ("builtins", "bytearray"): bytearray,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): _plain_dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.numeric", "_frombuffer"): _frombuffer_safe,
-    ("numpy._core.numeric", "_frombuffer"): _frombuffer_safe,
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Admits only numpy arrays and plain containers: a CIFAR pickle needs nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _PICKLE_ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"pickle wants {module}.{name}, which a CIFAR-100 file never needs") from None
-
-
-def _unpickle(blob: bytes, what: str) -> dict:
-    try:
-        obj = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except Exception as e:
-        raise ValueError(f"refusing to load CIFAR-100 '{what}': {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"CIFAR-100 '{what}' holds a {type(obj).__name__}, expected a dict")
-    return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
-
-
-def _cifar_dir(path: str) -> str | None:
-    for d in (path, os.path.join(path, "cifar-100-python")):
-        if all(os.path.isfile(os.path.join(d, m)) for m in ("train", "test", "meta")):
-            return d
-    return None
-
-
-def _read_cifar_members(path: str, names: list[str]) -> dict[str, bytes]:
-    if os.path.isdir(path):
-        d = _cifar_dir(path)
-        if d is None:
-            raise ValueError(f"cifar100 folder '{path}' lacks the files train, test, meta")
-        out = {}
-        for n in names:
-            with open(os.path.join(d, n), "rb") as f:
-                out[n] = f.read()
-        return out
-    out = {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for m in tar:  # stream once; never extract to disk
-                parts = m.name.strip("/").split("/")
-                if m.isfile() and parts[-1] in names and len(parts) <= 2 and parts[-1] not in out:
-                    out[parts[-1]] = tar.extractfile(m).read()  # type: ignore[union-attr]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"cannot read cifar100 archive '{path}': {e}") from e
-    lacking = [n for n in names if n not in out]
-    if lacking:
-        raise ValueError(f"cifar100 archive '{path}' lacks member(s) {['cifar-100-python/' + n for n in lacking]}")
-    return out
-
-
-class Cifar100Source(Source):
-    """The official ``cifar-100-python`` pickles, as a ``.tar.gz`` or the extracted folder.
-
-    Pickles are read with a restricted unpickler (no arbitrary code). Pixels are kept in
-    memory as uint8 (n, 32, 32, 3). Keys are ``"<split>/<index:05d>"``; classes keep the
-    official label ids (meta order, not sorted); ``split="all"`` is train then test.
-    """
-
-    format = "cifar100"
-    SPLITS = ("test", "train", "all")
-    LABEL_LEVELS = ("fine", "coarse")
-
-    def __init__(self, path: str, split: str = "test", label_level: str = "fine") -> None:
-        if split not in self.SPLITS:
-            raise ValueError(f"cifar100 split must be one of {', '.join(self.SPLITS)}; got {split!r}")
-        if label_level not in self.LABEL_LEVELS:
-            raise ValueError(f"cifar100 label_level must be one of {', '.join(self.LABEL_LEVELS)}; "
-                             f"got {label_level!r}")
-        splits = ["train", "test"] if split == "all" else [split]
-        blobs = _read_cifar_members(path, ["meta"] + splits)
-        meta = _unpickle(blobs["meta"], "meta")
-        names = meta.get(f"{label_level}_label_names")
-        if not isinstance(names, list):
-            raise ValueError(f"CIFAR-100 meta in '{path}' lacks '{label_level}_label_names'")
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        arrays, keys, labels, split_col = [], [], [], []
-        for s in splits:
-            d = _unpickle(blobs[s], s)
-            try:
-                data = np.asarray(d["data"], dtype=np.uint8)
-                lab = np.asarray(d[f"{label_level}_labels"], dtype=np.int64)
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"CIFAR-100 '{s}' in '{path}' is malformed: {e!r}") from e
-            if data.ndim != 2 or data.shape[1] != 3072 or len(lab) != len(data):
-                raise ValueError(f"CIFAR-100 '{s}' in '{path}': data {data.shape} / labels {lab.shape}, "
-                                 f"expected (n, 3072) / (n,)")
-            if len(lab) and (lab.min() < 0 or lab.max() >= len(classes)):
-                raise ValueError(f"CIFAR-100 '{s}' in '{path}' has labels outside 0..{len(classes) - 1}")
-            # Rows are channel-planar (1024 R, 1024 G, 1024 B), each plane row-major.
-            arrays.append(np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)))
-            keys += [f"{s}/{i:05d}" for i in range(len(data))]
-            labels.append(lab)
-            split_col += [s] * len(data)
-        self.images = np.concatenate(arrays)
-        self._finish(path, os.path.dirname(path), classes, keys, np.concatenate(labels),
-                     {"split": np.asarray(split_col, dtype=str)},
-                     options={"split": split, "label_level": label_level})
-
-    def path(self, i: int) -> str:
-        raise TypeError("cifar100 items live inside pickles; use load(i)")
-
-    def load(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[i], "RGB")
-
-    def _stamp(self, h: Any) -> None:
-        h.update("\n".join(self.keys).encode())
-        h.update(self.labels.tobytes())
-        h.update(self.images.tobytes())
 
 
 # --------------------------------------------------------------------------- registry

@@ -1,0 +1,104 @@
+"""The :class:`Source` base class: the contract every dataset format implements.
+
+A source is a map-style, picklable listing (keys, labels, classes and optional per-item
+extras) plus :meth:`Source.load`, which decodes one image to RGB with
+:func:`clip_heads.images.open_rgb`. The formats themselves are in :mod:`clip_heads.datasets`
+(folder-like ones, and the registry) and :mod:`clip_heads.cifar`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .images import open_rgb
+
+logger = logging.getLogger(__name__)
+
+
+class Source:
+    """A map-style dataset: ``source[i] -> (key, image, label)``.
+
+    Attributes
+    ----------
+    format : str
+        Registry name, e.g. ``"folder"``.
+    root : str
+        Absolute path that was opened (folder, manifest file or tarball).
+    classes : list of str
+        Class names; index = label.
+    keys : list of str
+        Stable key per item (relative path with ``/``, or the dataset's own id).
+    labels : np.ndarray
+        int64, shape (n_items,).
+    extras : dict of str to np.ndarray
+        Optional per-item columns, each of shape (n_items, ...).
+    extras_meta : dict of str to list of str
+        Column names of 2-D extras.
+    """
+
+    format: str = ""
+
+    def _finish(self, root: str, base: str, classes: list[str], keys: list[str], labels: Any,
+                extras: dict[str, np.ndarray] | None = None,
+                extras_meta: dict[str, list[str]] | None = None,
+                options: dict[str, Any] | None = None) -> None:
+        if not keys:
+            raise ValueError(f"{self.format} source '{root}' contains no images")
+        self.root, self._base = root, base
+        self.classes, self.keys = list(classes), list(keys)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.extras = extras or {}
+        self.extras_meta = extras_meta or {}
+        self.options = options or {}
+        logger.info("%s source %s: %d images in %d classes", self.format, root, len(self.keys), len(self.classes))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[str, Image.Image, int]:
+        return self.keys[i], self.load(i), int(self.labels[i])
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image, int]]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.root!r}: {len(self)} items, {len(self.classes)} classes>"
+
+    def path(self, i: int) -> str:
+        """Absolute file path of item ``i``."""
+        return os.path.normpath(os.path.join(self._base, self.keys[i]))
+
+    def load(self, i: int) -> Image.Image:
+        """Decode item ``i`` as RGB; raises :class:`BadImage` for unreadable data."""
+        return open_rgb(self.path(i))
+
+    def _stamp(self, h: Any) -> None:
+        # stat only, never decode: this must stay cheap on 100k files.
+        for i, (key, label) in enumerate(zip(self.keys, self.labels.tolist())):
+            try:
+                st = os.stat(self.path(i))
+                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                stamp = "missing"
+            h.update(f"{key}\t{label}\t{stamp}\n".encode())
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex of the listing: keys, labels, classes, extras and file size/mtime."""
+        h = hashlib.sha256()
+        head = {"format": self.format, "classes": self.classes, "options": self.options}
+        h.update(json.dumps(head, sort_keys=True).encode())
+        self._stamp(h)
+        for name in sorted(self.extras):
+            h.update(name.encode() + np.ascontiguousarray(self.extras[name]).tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """JSON-able summary: format, root, n, classes, options, extras."""
+        return {"format": self.format, "root": self.root, "n": len(self), "classes": list(self.classes),
+                "options": dict(self.options), "extras": sorted(self.extras)}
