@@ -274,7 +274,7 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir):
     """Rank every template (alone) and every prompt set (ensemble) of STORE by zero-shot accuracy."""
     from pathlib import Path
 
-    from .evaluate import ablate_prompts
+    from .ablation import ablate_prompts
 
     out_dir = out_dir or str(Path("cache") / "ablation" / Path(store).stem)
     rep = ablate_prompts(store, prompt_sets=list(prompt_sets) or None, out_dir=out_dir)

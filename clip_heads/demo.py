@@ -81,8 +81,9 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Run the demo; returns the summary also written to ``out_dir/summary.json``."""
+    from .ablation import ablate_prompts
     from .encode import encode
-    from .evaluate import ablate_prompts, run_zero_shot, train_head
+    from .evaluate import run_zero_shot, train_head
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,16 @@
-"""Evaluation on feature stores: zero-shot, stratified CV, cross-dataset scoring, prompt ablation, top-k.
+"""Evaluation on feature stores: zero-shot, stratified CV, cross-dataset scoring.
 
-Four entry points, one per CLI command; each is one call that returns a :class:`Report` (its
+Three entry points, one per CLI command; each is one call that returns a :class:`Report` (its
 ``text`` is the printed table) and, given ``out_dir``, writes ``metrics.json``, CSVs and
 ``report.txt`` there:
 
 * :func:`run_zero_shot` - ``clip-heads zero-shot STORE``
 * :func:`train_head` - ``clip-heads train-head HEAD STORE --out DIR [--cv K] [--eval-store B]``
 * :func:`evaluate_head` - ``clip-heads evaluate HEAD_DIR STORE``
-* :func:`ablate_prompts` - ``clip-heads ablate-prompts STORE``
+
+Prompt ablation (``clip-heads ablate-prompts``) is in :mod:`clip_heads.ablation` and top-k
+retrieval in :mod:`clip_heads.retrieval`; both build on this module's prompt helpers and
+:class:`Report`.
 
 Folds are defined in one place, :func:`stratified_folds`, so any other run (a full CLIP
 fine-tune, say) can use the identical split; ``train_head(cv=K)`` also saves them per key.
@@ -31,11 +34,9 @@ from sklearn.model_selection import StratifiedKFold
 from clip_heads.label_maps import LabelMapSpec, align_labels, norm
 from clip_heads.metrics import (
     classification_report,
-    confusion_matrices,
     format_soft_labels,
     format_table,
     json_default,
-    metrics_from_confusion,
     soft_label_report,
     summarize_folds,
     write_report,
@@ -360,7 +361,7 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, templates
     label_map : when the prompt set's classes differ from the store's (FI prompts on an
         Emotion6 store): built-in name, JSON path or dict (see :mod:`clip_heads.label_maps`).
         Without one, prompts are matched to the store's classes by name.
-    top_k : also write the ``top_k`` images nearest each class prompt (:func:`top_k_images`).
+    top_k : also write the ``top_k`` images nearest each class prompt (:func:`clip_heads.retrieval.top_k_images`).
 
     Writes ``metrics.json, per_class.csv, confusion_matrix.csv, predictions.csv, report.txt``.
     """
@@ -379,6 +380,8 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, templates
     out = Path(out_dir) if out_dir is not None else None
     metrics, text = _write_section(sec, out, "Zero-shot classification", info)
     if out is not None and top_k:
+        from clip_heads.retrieval import top_k_images  # here, not at the top: retrieval imports this module
+
         top_k_images(store_path, k=top_k, prompt_set=ps.name, templates=tids, out_dir=out)
     return Report("zero-shot", text, metrics, out)
 
@@ -516,193 +519,3 @@ def evaluate_head(head_dir: PathLike, store_path: PathLike, out_dir: PathLike | 
     out = Path(out_dir) if out_dir is not None else None
     metrics, text = _write_section(sec, out, f"Head {Path(head_dir).name} on {d.path.name}", info)
     return Report("evaluate", text, metrics, out)
-
-
-# ---------------------------------------------------------------------------------------
-# Prompt ablation: every template of every prompt set, in one matmul
-# ---------------------------------------------------------------------------------------
-def ablate(X: np.ndarray, y: np.ndarray, classes: Sequence[str], prompt_sets: Sequence[PromptSet],
-           chunk: int | None = None) -> list[dict[str, Any]]:
-    """Zero-shot accuracy, macro- and weighted-F1 of each template alone and of each set's ensemble.
-
-    All per-template class vectors are stacked into one ``(dim, M * C)`` matrix, scored in one
-    matmul per chunk of rows (``chunk`` rows; by default as many as keep the score block near
-    64 MB), and metrics come from the stacked confusion matrices
-    (:func:`metrics.metrics_from_confusion`). Rows are ranked by accuracy, then macro-F1.
-    """
-    C = len(classes)
-    blocks, meta = [], []
-    for ps in prompt_sets:
-        cols = prompt_columns(ps, classes)
-        E = l2_normalize(ps.embeds).astype(np.float64)
-        T, Cp = len(ps.templates), len(ps.classes)
-        sums = np.zeros((T, Cp, E.shape[1]))
-        np.add.at(sums, (ps.template_id, ps.class_id), E)
-        counts = np.bincount(ps.template_id * Cp + ps.class_id, minlength=T * Cp).reshape(T, Cp)
-        sums, full = sums[:, cols], (counts[:, cols] > 0).all(1)
-        for t in np.flatnonzero(~full):
-            logger.warning("prompt set %r template %d lacks some classes; left out of the ablation", ps.name, t)
-        for t in np.flatnonzero(full):
-            blocks.append(sums[t])
-            meta.append({"prompt_set": ps.name, "template_id": int(t), "template": ps.templates[t], "n_templates": 1})
-        blocks.append(ps.class_vectors()[cols])
-        meta.append({"prompt_set": ps.name, "template_id": None,
-                     "template": f"(ensemble of {len(ps.templates)} templates)", "n_templates": len(ps.templates)})
-    W = l2_normalize(np.stack(blocks)).reshape(-1, X.shape[1]).T.astype(np.float32)  # (D, M*C)
-    M = len(blocks)
-    y = np.asarray(y, np.int64)
-    chunk = chunk or max(64, 2**24 // (M * C))
-    cm = np.zeros((M, C, C), np.int64)
-    for i in range(0, len(X), chunk):
-        S = l2_normalize(X[i:i + chunk]) @ W
-        cm += confusion_matrices(y[i:i + chunk], S.reshape(len(S), M, C).argmax(-1), C)
-    m = metrics_from_confusion(cm)
-    rows = [dict(meta[j], **{k: float(v[j]) for k, v in m.items()}) for j in range(M)]
-    rows.sort(key=lambda r: (-r["accuracy"], -r["macro_f1"]))
-    for rank, r in enumerate(rows, 1):
-        r["rank"] = rank
-    return rows
-
-
-def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = None,
-                   out_dir: PathLike | None = None, digits: int = 3) -> Report:
-    """Rank every template (alone) and every set's ensemble of a store's prompt sets by zero-shot.
-
-    ``prompt_sets`` default: all sets of the store that have a prompt for each store class
-    (others are skipped with a note). Writes ``ablation.csv``, ``metrics.json``, ``report.txt``.
-    """
-    path = Path(store_path)
-    with open_store(path) as s:
-        X, y, classes = s.arrays()
-        names = list(prompt_sets) if prompt_sets else s.prompt_sets()
-        sets = [s.prompt_set(n) for n in names]
-    if (y < 0).any():
-        X, y = X[y >= 0], y[y >= 0]
-    if not sets:
-        raise ValueError(f"store {path} has no prompt set to ablate (add one with `clip-heads prompts`)")
-    usable, skipped = [], []
-    for ps in sets:
-        try:
-            prompt_columns(ps, classes)
-            usable.append(ps)
-        except ValueError as e:
-            if prompt_sets:
-                raise
-            skipped.append(ps.name)
-            logger.info("skipping %s", e)
-    rows = ablate(X, y, classes, usable)
-    w = max(len("Template"), *(len(r["template"]) for r in rows))
-    ws = max(len("Prompt set"), *(len(r["prompt_set"]) for r in rows))
-    lines = [f"Prompt ablation, zero-shot on {path.name} ({len(y)} images, {len(classes)} classes), ranked by accuracy",
-             f"{'Rank':>4}  {'Prompt set':<{ws}}  {'Template':<{w}}  "
-             f"{'Accuracy':>8}  {'Macro-F1':>8}  {'Weighted-F1':>11}"]
-    for r in rows:
-        lines.append(f"{r['rank']:>4}  {r['prompt_set']:<{ws}}  {r['template']:<{w}}  {r['accuracy']:>8.{digits}f}  "
-                     f"{r['macro_f1']:>8.{digits}f}  {r['weighted_f1']:>11.{digits}f}")
-    if skipped:
-        lines.append(f"skipped prompt sets without a prompt for every store class: {skipped}")
-    text = "\n".join(lines) + "\n"
-    metrics = {"info": {"store": str(path), "n_samples": int(len(y)), "classes": classes,
-                        "prompt_sets": [ps.name for ps in usable], "skipped": skipped}, "rows": rows}
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
-        (out / "report.txt").write_text(text)
-        fields = ["rank", "prompt_set", "template_id", "template", "n_templates", "accuracy", "macro_f1",
-                  "weighted_f1", "macro_precision", "macro_recall", "weighted_precision", "weighted_recall"]
-        with open(out / "ablation.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=fields)
-            wr.writeheader()
-            wr.writerows({k: r[k] for k in fields} for r in rows)
-    return Report("ablation", text, metrics, out)
-
-
-# ---------------------------------------------------------------------------------------
-# Top-k retrieval (B&P Fig. 1)
-# ---------------------------------------------------------------------------------------
-def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None, templates: Any = None,
-                 out_dir: PathLike | None = None, thumb: int = 96) -> dict[str, list[tuple[str, float]]]:
-    """The ``k`` images most similar (cosine) to each class prompt: ``{class: [(key, score), ...]}``.
-
-    Classes are the prompt set's; within a class, best first (ties by store order). With
-    ``out_dir``, writes ``top_k.json`` and, when the images can be found again from the store's
-    recorded source, ``top_k.png`` (one row per class, its name at the left).
-    """
-    with open_store(store_path) as s:
-        X, keys, source = s.embeddings(), s.keys, s.attrs.get("source") or {}
-        ps = s.prompt_set(prompt_set)
-    S = l2_normalize(X) @ ps.class_vectors(resolve_templates(ps, templates)).T
-    k = max(1, min(int(k), len(keys)))
-    result = {}
-    for c, name in enumerate(ps.classes):
-        col = S[:, c]
-        idx = np.argpartition(-col, k - 1)[:k] if k < len(col) else np.arange(len(col))
-        idx = idx[np.lexsort((idx, -col[idx]))]
-        result[name] = [(keys[i], float(col[i])) for i in idx]
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        doc = {"prompt_set": ps.name, "k": k, "top_k": result}
-        (out / "top_k.json").write_text(json.dumps(doc, indent=2, default=json_default))
-        _write_grid(result, source, out / "top_k.png", thumb)
-    return result
-
-
-def _image_loader(source: dict) -> Callable[[str], Any] | None:
-    """key -> PIL image, by reopening the recorded source, else as a file under its root."""
-    from PIL import Image
-
-    root = source.get("root")
-    if not root or not os.path.exists(root):
-        return None
-    try:
-        from clip_heads.datasets import open_source
-
-        src = open_source(root, format=source.get("format", "auto"), **(source.get("options") or {}))
-        pos = {key: i for i, key in enumerate(src.keys)}
-        return lambda key: src.load(pos[key]) if key in pos else None
-    except Exception as e:  # an arrays-only store, a moved dataset...: fall back to root/key
-        logger.debug("reopening source %s failed (%s); looking for files under it", root, e)
-
-    def load(key: str):
-        p = Path(root) / key
-        return Image.open(p).convert("RGB") if p.is_file() else None
-
-    return load
-
-
-def _write_grid(result: dict[str, list[tuple[str, float]]], source: dict, path: Path, thumb: int) -> Path | None:
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
-
-    load = _image_loader(source)
-    images = {}
-    if load is not None:
-        for key in {key for row in result.values() for key, _ in row}:
-            try:
-                images[key] = load(key)
-            except Exception as e:
-                logger.debug("cannot read %s: %s", key, e)
-    found = sum(v is not None for v in images.values())
-    if not found:
-        logger.info("top-k grid skipped: the images of source %r are not reachable (only top_k.json written)",
-                    source.get("root"))
-        return None
-    font = ImageFont.load_default()
-    draw0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 12 + max(int(draw0.textlength(c, font=font)) for c in result)
-    k = max(len(r) for r in result.values())
-    pad = 4
-    grid = Image.new("RGB", (label_w + k * (thumb + pad), len(result) * (thumb + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (cls, row) in enumerate(result.items()):
-        top = pad + r * (thumb + pad)
-        draw.text((6, top + thumb // 2 - 6), cls, fill="black", font=font)
-        for j, (key, _) in enumerate(row):
-            img = images.get(key)
-            tile = Image.new("RGB", (thumb, thumb), "lightgray") if img is None else ImageOps.fit(img, (thumb, thumb))
-            grid.paste(tile, (label_w + j * (thumb + pad), top))
-    grid.save(path)
-    if found < len(images):
-        logger.info("top-k grid: %d of %d images not found, drawn grey", len(images) - found, len(images))
-    return path

@@ -1,0 +1,103 @@
+"""Top-k retrieval (B&P Fig. 1): the images of a store nearest each class prompt, and their grid."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from clip_heads.evaluate import PathLike, resolve_templates
+from clip_heads.metrics import json_default
+from clip_heads.store import l2_normalize, open_store
+
+logger = logging.getLogger(__name__)
+
+
+def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None, templates: Any = None,
+                 out_dir: PathLike | None = None, thumb: int = 96) -> dict[str, list[tuple[str, float]]]:
+    """The ``k`` images most similar (cosine) to each class prompt: ``{class: [(key, score), ...]}``.
+
+    Classes are the prompt set's; within a class, best first (ties by store order). With
+    ``out_dir``, writes ``top_k.json`` and, when the images can be found again from the store's
+    recorded source, ``top_k.png`` (one row per class, its name at the left).
+    """
+    with open_store(store_path) as s:
+        X, keys, source = s.embeddings(), s.keys, s.attrs.get("source") or {}
+        ps = s.prompt_set(prompt_set)
+    S = l2_normalize(X) @ ps.class_vectors(resolve_templates(ps, templates)).T
+    k = max(1, min(int(k), len(keys)))
+    result = {}
+    for c, name in enumerate(ps.classes):
+        col = S[:, c]
+        idx = np.argpartition(-col, k - 1)[:k] if k < len(col) else np.arange(len(col))
+        idx = idx[np.lexsort((idx, -col[idx]))]
+        result[name] = [(keys[i], float(col[i])) for i in idx]
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {"prompt_set": ps.name, "k": k, "top_k": result}
+        (out / "top_k.json").write_text(json.dumps(doc, indent=2, default=json_default))
+        _write_grid(result, source, out / "top_k.png", thumb)
+    return result
+
+
+def _image_loader(source: dict) -> Callable[[str], Any] | None:
+    """key -> PIL image, by reopening the recorded source, else as a file under its root."""
+    from PIL import Image
+
+    root = source.get("root")
+    if not root or not os.path.exists(root):
+        return None
+    try:
+        from clip_heads.datasets import open_source
+
+        src = open_source(root, format=source.get("format", "auto"), **(source.get("options") or {}))
+        pos = {key: i for i, key in enumerate(src.keys)}
+        return lambda key: src.load(pos[key]) if key in pos else None
+    except Exception as e:  # an arrays-only store, a moved dataset...: fall back to root/key
+        logger.debug("reopening source %s failed (%s); looking for files under it", root, e)
+
+    def load(key: str):
+        p = Path(root) / key
+        return Image.open(p).convert("RGB") if p.is_file() else None
+
+    return load
+
+
+def _write_grid(result: dict[str, list[tuple[str, float]]], source: dict, path: Path, thumb: int) -> Path | None:
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    load = _image_loader(source)
+    images = {}
+    if load is not None:
+        for key in {key for row in result.values() for key, _ in row}:
+            try:
+                images[key] = load(key)
+            except Exception as e:
+                logger.debug("cannot read %s: %s", key, e)
+    found = sum(v is not None for v in images.values())
+    if not found:
+        logger.info("top-k grid skipped: the images of source %r are not reachable (only top_k.json written)",
+                    source.get("root"))
+        return None
+    font = ImageFont.load_default()
+    draw0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 12 + max(int(draw0.textlength(c, font=font)) for c in result)
+    k = max(len(r) for r in result.values())
+    pad = 4
+    grid = Image.new("RGB", (label_w + k * (thumb + pad), len(result) * (thumb + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (cls, row) in enumerate(result.items()):
+        top = pad + r * (thumb + pad)
+        draw.text((6, top + thumb // 2 - 6), cls, fill="black", font=font)
+        for j, (key, _) in enumerate(row):
+            img = images.get(key)
+            tile = Image.new("RGB", (thumb, thumb), "lightgray") if img is None else ImageOps.fit(img, (thumb, thumb))
+            grid.paste(tile, (label_w + j * (thumb + pad), top))
+    grid.save(path)
+    if found < len(images):
+        logger.info("top-k grid: %d of %d images not found, drawn grey", len(images) - found, len(images))
+    return path

@@ -1,0 +1,68 @@
+"""Top-k retrieval: the planted nearest images per class prompt, best first, and the grid drawn from the source."""
+import json
+import logging
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATASETS, requires_shared
+
+from clip_heads.retrieval import top_k_images
+from clip_heads.store import PromptSet, write_store
+
+
+def test_top_k_returns_planted_keys_in_order_and_draws_grid(tmp_path, caplog):
+    from PIL import Image
+
+    C, D, k = 3, 8, 3
+    rng = np.random.default_rng(0)
+    vecs, keys, expected = [], [], {}
+    for c in range(C):
+        expected[f"class{c}"] = []
+        for j, cos in enumerate((0.95, 0.9, 0.8)):
+            v = np.zeros(D)
+            v[c], v[7] = cos, np.sqrt(1 - cos**2)
+            vecs.append(v), keys.append(f"class{c}/top{j}.png")
+            expected[f"class{c}"].append(keys[-1])
+    for i in range(20):  # distractors: nearly orthogonal to every prompt
+        v = np.zeros(D)
+        v[3:7] = rng.normal(size=4)
+        v[:3] = 0.1 * rng.random(3)
+        vecs.append(v), keys.append(f"other/{i}.png")
+    order = rng.permutation(len(keys))
+    X, keys = np.array(vecs)[order], [keys[i] for i in order]
+    ps = PromptSet("p", [f"class{c}" for c in range(C)], ["{}"], [f"class{c}" for c in range(C)],
+                   np.eye(D)[:C].astype(np.float32), np.zeros(C, int), np.arange(C))
+    root = tmp_path / "images"
+    for key in keys:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 10), (200, 30, 30)).save(root / key)
+    write_store(tmp_path / "s.h5", X, None, keys=keys, prompt_sets=[ps], source={"format": "folder", "root": str(root)})
+    top = top_k_images(tmp_path / "s.h5", k=k, out_dir=tmp_path / "out")
+    assert {c: [key for key, _ in row] for c, row in top.items()} == expected
+    assert [s for _, s in top["class1"]] == pytest.approx([0.95, 0.9, 0.8], abs=1e-6)
+    assert json.loads((tmp_path / "out" / "top_k.json").read_text())["top_k"]["class2"][0][0] == "class2/top0.png"
+    grid = Image.open(tmp_path / "out" / "top_k.png")
+    assert grid.height == C * (96 + 4) + 4 and grid.getpixel((grid.width - 50, 50))[:2] == (200, 30)
+    # Images gone: JSON only, with a note in the log.
+    write_store(tmp_path / "t.h5", X, None, keys=keys, prompt_sets=[ps], source={"format": "folder", "root": str(tmp_path / "gone")})
+    with caplog.at_level(logging.INFO, logger="clip_heads.retrieval"):
+        top_k_images(tmp_path / "t.h5", k=k, out_dir=tmp_path / "out2")
+    assert (tmp_path / "out2" / "top_k.json").is_file() and not (tmp_path / "out2" / "top_k.png").exists()
+    assert "top-k grid skipped" in caplog.text
+
+
+@requires_shared
+@pytest.mark.shared_data
+def test_top_k_grid_finds_emotion6_images_through_the_source(tmp_path):
+    # Emotion6 keys are relative to images/, not to the recorded root: the source is reopened.
+    root = SHARED_DATASETS / "emotion6"
+    keys = [f"{e}/{i}.jpg" for e in ("anger", "joy") for i in range(1, 4)]
+    X = np.eye(6, 4)[[0, 0, 0, 1, 1, 1]] + 0.01 * np.arange(6)[:, None]
+    ps = PromptSet("p", ["anger", "joy"], ["{}"], ["anger", "joy"], np.eye(4)[:2].astype(np.float32), np.zeros(2, int), np.arange(2))
+    write_store(tmp_path / "s.h5", X, None, keys=keys, prompt_sets=[ps], source={"format": "emotion6", "root": str(root), "options": {}})
+    top = top_k_images(tmp_path / "s.h5", k=3, out_dir=tmp_path)
+    assert [k for k, _ in top["joy"]] == ["joy/1.jpg", "joy/2.jpg", "joy/3.jpg"]
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "top_k.png").convert("L"), float)
+    assert grid.shape[0] == 2 * 100 + 4 and grid[10:90, -90:].std() > 5  # a real photo, not a grey tile
