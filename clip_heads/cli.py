@@ -368,7 +368,7 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
 @friendly
 def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
     """Robust fine-tuning (WiSE-FT): write (1-alpha)*ZERO_SHOT_MODEL + alpha*FINETUNED_MODEL as model directories."""
-    from .finetune import interpolate, interpolate_sweep
+    from .wise_ft import interpolate, interpolate_sweep
 
     values = _floats(alphas)
     if len(values) == 1:
@@ -400,7 +400,7 @@ def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
 def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, a_split, b_split, alphas, holdout, finetuned,
                    epochs, batch_size, micro_batch, device, seed):
     """B&P Table 5 and the WiSE-FT curve: fine-tune on A, zero-shot held-out A and all of B at every alpha."""
-    from .finetune import generalisation as run
+    from .wise_ft import generalisation as run
 
     if holdout.lower() == "none":
         hold = None

@@ -23,11 +23,9 @@ from clip_heads.backbone import weights_hash
 from clip_heads.datasets import open_source
 from clip_heads.encode import encode
 from clip_heads.evaluate import stratified_folds
-from clip_heads.finetune import (
-    _CaptionLoss, contrastive_loss, cross_validate_finetune, evaluate_zero_shot, finetune, generalisation,
-    interpolate, interpolate_sweep,
-)
+from clip_heads.finetune import _CaptionLoss, contrastive_loss, cross_validate_finetune, evaluate_zero_shot, finetune
 from clip_heads.store import open_store
+from clip_heads.wise_ft import generalisation, interpolate, interpolate_sweep
 from conftest import build_tiny_clip
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}

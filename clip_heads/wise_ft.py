@@ -1,0 +1,212 @@
+"""WiSE-FT and the generalisation experiment: blends of a zero-shot and a fine-tuned CLIP.
+
+* :func:`interpolate` / :func:`interpolate_sweep` write WiSE-FT weight-space ensembles
+  ``(1 - alpha) * zero-shot + alpha * fine-tuned`` (Wortsman et al., CVPR 2022).
+* :func:`generalisation` runs B&P's Table 5 along the WiSE-FT curve: fine-tune on A (with
+  :mod:`clip_heads.finetune`), then zero-shot on held-out A and on B for every alpha.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .backbone import DEFAULT_MODEL, Preprocess, resolve_device, weights_hash
+from .encode import default_workers
+from .finetune import (PathLike, _default_templates, _finetune, _finetune_kwargs, _load_clip, _open, _write_text,
+                       _zero_shot)
+from .prompts import load_templates
+from .source import Source
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["interpolate", "interpolate_sweep", "generalisation"]
+
+
+# ---------------------------------------------------------------------------------------
+# WiSE-FT: weight-space ensembles of the zero-shot and the fine-tuned model
+# ---------------------------------------------------------------------------------------
+_VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "_commit_hash"}
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1] (0 = zero-shot, 1 = fine-tuned); got {alpha!r}")
+    return float(alpha)
+
+
+def _check_compatible(zs, ft, zs_name: str, ft_name: str) -> None:
+    a, b = zs.state_dict(), ft.state_dict()
+    for k in list(a) + [k for k in b if k not in a]:
+        if k not in a or k not in b:
+            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: tensor {k!r} is only in "
+                             f"{ft_name if k in b else zs_name}")
+        if a[k].shape != b[k].shape:
+            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: tensor {k!r} has shape "
+                             f"{tuple(a[k].shape)} in one and {tuple(b[k].shape)} in the other")
+
+    def flat(d: dict, pre: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if k not in _VOLATILE_CONFIG:
+                out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    ca, cb = flat(zs.config.to_dict()), flat(ft.config.to_dict())
+    for k in sorted(set(ca) | set(cb)):
+        if ca.get(k) != cb.get(k):
+            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: config {k} is {ca.get(k)!r} in one "
+                             f"and {cb.get(k)!r} in the other")
+
+
+def _interpolated(zs_state: dict, ft_state: dict, alpha: float) -> dict:
+    # torch.lerp is exact at both ends: alpha 0 gives the zero-shot tensors bit for bit, 1 the fine-tuned.
+    return {k: torch.lerp(zs_state[k], ft_state[k], alpha) if ft_state[k].is_floating_point() else zs_state[k].clone()
+            for k in ft_state}
+
+
+class _Pair:
+    """A zero-shot and a fine-tuned CLIP, checked to be interpolable; ``model`` carries the blend."""
+
+    def __init__(self, zero_shot: str, finetuned: str, device: torch.device = torch.device("cpu")) -> None:
+        zs, _, _ = _load_clip(str(zero_shot), device)
+        self.model, self.tokenizer, self.processor = _load_clip(str(finetuned), device)
+        _check_compatible(zs, self.model, str(zero_shot), str(finetuned))
+        self.zero_shot, self.finetuned = str(zero_shot), str(finetuned)
+        self.zs_state = {k: v.detach().clone() for k, v in zs.state_dict().items()}
+        self.ft_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        del zs
+
+    def blend(self, alpha: float):
+        self.model.load_state_dict(_interpolated(self.zs_state, self.ft_state, alpha))
+        return self.model
+
+    def save(self, alpha: float, out_dir: PathLike) -> Path:
+        out = Path(out_dir)
+        self.blend(alpha).save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        self.processor.save_pretrained(out)
+        record = {"zero_shot": self.zero_shot, "finetuned": self.finetuned, "alpha": alpha}
+        (out / "wise_ft.json").write_text(json.dumps(record))
+        return out
+
+
+def interpolate(zero_shot_dir: str, finetuned_dir: str, alpha: float, out_dir: PathLike) -> Path:
+    """Write the WiSE-FT model ``(1 - alpha) * zero_shot + alpha * finetuned`` to ``out_dir``.
+
+    Every floating-point tensor is interpolated, other buffers are copied; the two models must
+    have the same config and tensor shapes (the first mismatch is named). The tokenizer and
+    image processor come from ``finetuned_dir``. Returns ``out_dir``, loadable like a hub id.
+    """
+    alpha = _check_alpha(alpha)
+    return _Pair(zero_shot_dir, finetuned_dir).save(alpha, out_dir)
+
+
+def interpolate_sweep(zero_shot_dir: str, finetuned_dir: str, alphas: Sequence[float], out_root: PathLike) -> list[Path]:
+    """:func:`interpolate` for each alpha into ``out_root/alpha-0.50/`` etc.; both models are loaded once."""
+    alphas = [_check_alpha(a) for a in alphas]
+    pair = _Pair(zero_shot_dir, finetuned_dir)
+    return [pair.save(a, Path(out_root) / f"alpha-{a:.2f}") for a in alphas]
+
+
+# ---------------------------------------------------------------------------------------
+# Generalisation: B&P Table 5 along the WiSE-FT curve
+# ---------------------------------------------------------------------------------------
+def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out_dir: PathLike,
+                   model: str = DEFAULT_MODEL, *,
+                   alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), holdout: int | None = 10, seed: int = 0,
+                   finetuned: str | None = None, a_format: str = "auto", b_format: str = "auto",
+                   a_options: dict | None = None, b_options: dict | None = None, a_templates: str | None = None,
+                   b_templates: str | None = None, save_models: bool = False, eval_batch_size: int = 64,
+                   **finetune_options: Any) -> dict:
+    """Fine-tune on A, then zero-shot held-out A and all of B with every WiSE-FT blend.
+
+    Parameters
+    ----------
+    a_source, b_source : datasets (paths or Sources); each is scored with its own class
+        captions (``a_templates``, ``b_templates``; default per dataset kind, as :func:`finetune`).
+    holdout : A's fold 0 of ``stratified_folds(labels_A, holdout, seed)`` is held out as A-test
+        and the rest trains (fold 0 of the CV run with ``cv=holdout``). ``None`` trains on all
+        of A, as B&P did for Table 5, and leaves the A columns empty.
+    finetuned : an existing fine-tuned model to use instead of training one (it must not have
+        seen A-test); otherwise it is trained into ``out_dir/finetuned`` with ``finetune_options``.
+    alphas : WiSE-FT mixing weights; 0 is the zero-shot model, 1 the fine-tuned one.
+
+    Writes ``generalisation.json`` (rows, reports, settings), ``generalisation.csv`` and
+    ``generalisation.txt`` (the table), and ``alpha-X.XX.json`` per alpha (reused by a rerun);
+    with ``save_models``, every blend as ``alpha-X.XX/`` model directory. Returns
+    ``{"rows": [...], "text": table, "reports": {...}}``.
+    """
+    from .evaluate import stratified_folds
+
+    alphas = [_check_alpha(a) for a in alphas]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src_a, src_b = _open(a_source, a_format, a_options), _open(b_source, b_format, b_options)
+    opts = _finetune_kwargs(dict(finetune_options, seed=seed, templates=a_templates))
+    dev = resolve_device(opts["device"])
+    workers = default_workers() if opts["workers"] is None else opts["workers"]
+    if holdout:
+        folds = stratified_folds(src_a.labels, holdout, seed)
+        train_a, test_a = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+    else:
+        train_a, test_a = np.arange(len(src_a)), None
+    if finetuned is None:
+        finetuned = str(out / "finetuned")
+        _finetune(src_a, finetuned, model, **dict(opts, train_indices=train_a))
+    _, tpl_a = load_templates(a_templates or _default_templates(src_a))
+    _, tpl_b = load_templates(b_templates or _default_templates(src_b))
+    pair = _Pair(model, finetuned, dev)
+    preprocess = Preprocess.from_processor(pair.processor)
+    settings = {"model": str(model), "model_hash": weights_hash(str(model), pair.model), "finetuned": str(finetuned),
+                "finetuned_hash": weights_hash(str(finetuned), pair.model), "a": src_a.fingerprint(),
+                "b": src_b.fingerprint(), "holdout": holdout, "seed": seed, "a_templates": tpl_a, "b_templates": tpl_b}
+    rows, reports = [], {}
+    for alpha in alphas:
+        cache = out / f"alpha-{alpha:.2f}.json"
+        found = json.loads(cache.read_text()) if cache.is_file() else None
+        if found is None or found["settings"] != settings:
+            clip = pair.blend(alpha)
+            args = (dev, opts["precision"], eval_batch_size, workers, opts["progress"])
+            a = _zero_shot(clip, pair.tokenizer, preprocess, src_a, test_a, tpl_a, *args) if test_a is not None else None
+            b = _zero_shot(clip, pair.tokenizer, preprocess, src_b, np.arange(len(src_b)), tpl_b, *args)
+            found = {"settings": settings, "alpha": alpha, "a": a, "b": b}
+            _write_text(cache, json.dumps(found))
+            if save_models:
+                pair.save(alpha, out / f"alpha-{alpha:.2f}")
+        row = {"alpha": alpha}
+        for side in ("a", "b"):
+            r = found[side]
+            row.update({f"{side}_accuracy": r and r["accuracy"], f"{side}_macro_f1": r and r["macro"]["f1"],
+                        f"{side}_weighted_f1": r and r["weighted"]["f1"]})
+        rows.append(row)
+        reports[f"{alpha:.2f}"] = {s: found[s] and {k: v for k, v in found[s].items() if k not in ("positions", "y_pred")}
+                                   for s in ("a", "b")}
+        logger.info("alpha %.2f: %s", alpha, row)
+    text = _table(rows, _name(src_a), _name(src_b), holdout)
+    result = {"settings": settings, "rows": rows, "text": text, "reports": reports}
+    _write_text(out / "generalisation.json", json.dumps(result, indent=1))
+    cols = list(rows[0])
+    lines = [",".join(cols)] + [",".join("" if r[c] is None else f"{r[c]:.6g}" for c in cols) for r in rows]
+    (out / "generalisation.csv").write_text("\n".join(lines) + "\n")
+    (out / "generalisation.txt").write_text(text + "\n")
+    return result
+
+
+def _name(src: Source) -> str:
+    return f"{Path(src.root).name} ({src.format}, {len(src)} images)"
+
+
+def _table(rows: list[dict], a: str, b: str, holdout: int | None) -> str:
+    head = (f"WiSE-FT curve: fine-tuned on A = {a}; zero-shot on "
+            f"{f'held-out A (1/{holdout})' if holdout else 'A (not held out)'} and on B = {b}")
+    lines = [head, f"{'alpha':>6}  {'A acc':>6}  {'A mF1':>6}  {'B acc':>6}  {'B mF1':>6}"]
+    cell = lambda v: f"{v:6.3f}" if v is not None else f"{'-':>6}"  # noqa: E731
+    for r in rows:
+        keys = ("a_accuracy", "a_macro_f1", "b_accuracy", "b_macro_f1")
+        lines.append(f"{r['alpha']:6.2f}  " + "  ".join(cell(r[k]) for k in keys))
+    return "\n".join(lines)
