@@ -416,5 +416,39 @@ def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, 
     click.echo(f"written to {out_dir}/generalisation.txt")
 
 
+@main.command()
+@click.option("--fi", required=True, type=click.Path(exists=True, file_okay=False), help="FI / Image-Emotion dataset: the eight emotion class folders.")
+@click.option("--cifar", required=True, type=click.Path(exists=True), help="CIFAR-100 python tarball or extracted folder.")
+@click.option("--out", "-o", "out_dir", default="cache/reproduce", type=click.Path(file_okay=False), help="Folder for stores, runs and tables.md.")
+@click.option("--model", "-m", default=DEFAULT_MODEL, help="CLIP id or directory (the paper: openai/clip-vit-base-patch32).")
+@click.option("--cv", default=10, type=click.IntRange(min=2), help="Folds of every cross-validation (the paper: 10).")
+@click.option("--seed", default=0, help="Seed of the folds and of training.")
+@click.option("--heads", default=",".join(("linear", "mlp", "contrastive", "tip-adapter")), help="Heads to cross-validate beside the paper's tables.")
+@click.option("--no-finetune", is_flag=True, help="Skip Tables 3-5 (full fine-tunes of CLIP, a GPU job): zero-shot tables and heads only.")
+@click.option("--cifar-split", default="all", type=click.Choice(["all", "train", "test"]), help="CIFAR-100 images to use (the paper: all 60,000).")
+@click.option("--alphas", default="0,0.25,0.5,0.75,1", help="WiSE-FT mixing weights scored beside Table 5.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass when encoding.")
+@click.option("--ft-batch-size", default=256, type=click.IntRange(min=2), help="Fine-tune contrastive batch (the paper: 256).")
+@click.option("--micro-batch", default=None, type=click.IntRange(min=1), help="Fine-tune gradient accumulation micro-batch.")
+@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
+@click.pass_context
+@friendly
+def reproduce(ctx, fi, cifar, out_dir, model, cv, seed, heads, no_finetune, cifar_split, alphas, device, batch_size, ft_batch_size, micro_batch, workers):
+    """Bondielli & Passaro's Tables 1-5 (ours beside the paper's) and the frozen-CLIP heads, in one run."""
+    from .heads import list_heads
+    from .reproduce import reproduce as run
+
+    names = [h.strip() for h in heads.split(",") if h.strip()]
+    unknown = [h for h in names if h not in list_heads()]
+    if unknown:
+        raise click.BadParameter(f"unknown heads {unknown}; valid: {', '.join(list_heads())}", param_hint="--heads")
+    result = run(fi, cifar, out_dir, model=model, cv=cv, seed=seed, heads=names, finetune=not no_finetune, alphas=_floats(alphas),
+                 cifar_split=cifar_split, device=device, batch_size=batch_size, workers=workers,
+                 finetune_options={"batch_size": ft_batch_size, "micro_batch": micro_batch}, progress=ctx.obj["progress"])
+    click.echo(result["text"])
+    click.echo(f"written to {out_dir}/tables.md")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
