@@ -27,6 +27,7 @@ PREDICT_BLOCK = 8192
 # Below this many input numbers a fit or predict runs on one CPU thread: thread hand-offs cost
 # more than they save, and on a busy machine two spinning threads slow each other down 10x.
 SINGLE_THREAD_BELOW = 2**20
+MIN_STEPS = 200  # optimiser steps a trained head gets however small its training set
 
 
 @contextlib.contextmanager
@@ -48,9 +49,6 @@ def sized_threads(fit: Callable) -> Callable:
         with threads_for(int(np.size(X)) if X is not None else 0):
             return fit(self, X, *args, **kwargs)
     return wrapper
-
-
-MIN_STEPS = 200  # optimiser steps a trained head gets however small its training set
 
 
 def auto_batch_size(batch_size: int | str, n_samples: int, cap: int = 512) -> int:
@@ -279,8 +277,9 @@ class TrainedHead(Head):
         # A small training set is one batch an epoch: give it at least MIN_STEPS optimiser steps,
         # stretching epochs and early-stopping patience by the same factor so both keep their meaning.
         stretch = max(1, -(-MIN_STEPS // (len(batches) * self.epochs)))
-        trainer = Trainer(model, lambda b: loss_fn(model(b[0]), b[1]), batches, epochs=self.epochs * stretch, lr=self.lr,
-                          weight_decay=self.weight_decay, eval_fn=eval_fn, patience=self.patience * stretch,
+        trainer = Trainer(model, lambda b: loss_fn(model(b[0]), b[1]), batches, epochs=self.epochs * stretch,
+                          lr=self.lr, weight_decay=self.weight_decay, eval_fn=eval_fn,
+                          patience=None if self.patience is None else self.patience * stretch,
                           device=self.device, seed=seed).fit()
         model.eval()
         self.loss_curve_, self.val_scores_ = trainer.loss_curve, trainer.val_scores

@@ -58,7 +58,8 @@ class ContrastiveHead(TrainedHead):
         "auto" is 512, or fewer on small data so that an epoch still has ~32 steps; larger
         batches hold more negatives per step.
     epochs : int, default=10
-    patience : int, default=2
+        Upper bound, stretched like :class:`~clip_heads.heads.mlp.MLPHead`'s on small data.
+    patience : int or None, default=2
     validation_fraction : float or None, default=0.1
         Stratified share for early stopping; None trains all epochs on everything.
     normalize : bool, default=True
@@ -78,7 +79,7 @@ class ContrastiveHead(TrainedHead):
 
     def __init__(self, prompt_embeds: PromptEmbeds | None = None, hidden: int = 512, temperature: float = 0.075,
                  lr: float = 1e-3, weight_decay: float = 1e-2, batch_size: int | str = "auto", epochs: int = 10,
-                 patience: int = 2, validation_fraction: float | None = 0.1, normalize: bool = True,
+                 patience: int | None = 2, validation_fraction: float | None = 0.1, normalize: bool = True,
                  random_state: Any = 0, device: str = "cpu") -> None:
         self.prompt_embeds = prompt_embeds
         self.hidden = hidden

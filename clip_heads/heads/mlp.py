@@ -23,8 +23,9 @@ class MLPHead(TrainedHead):
     batch_size : int or "auto", default="auto"
         "auto" is 512, or fewer on small data so that an epoch still has ~32 steps.
     epochs : int, default=8
-        Upper bound; early stopping usually ends sooner.
-    patience : int, default=2
+        Upper bound; early stopping usually ends sooner. A training set too small for 200
+        optimiser steps in ``epochs`` gets proportionally more epochs (and patience).
+    patience : int or None, default=2
         Epochs without a better validation accuracy before stopping; the best weights are kept.
     validation_fraction : float or None, default=0.1
         Stratified share of the training data used for early stopping; None trains all epochs
@@ -49,7 +50,7 @@ class MLPHead(TrainedHead):
     name = "mlp"
 
     def __init__(self, hidden: int = 512, dropout: float = 0.2, lr: float = 2e-3, weight_decay: float = 1e-2,
-                 batch_size: int | str = "auto", epochs: int = 8, patience: int = 2,
+                 batch_size: int | str = "auto", epochs: int = 8, patience: int | None = 2,
                  validation_fraction: float | None = 0.1, normalize: bool = True, random_state: Any = 0,
                  device: str = "cpu") -> None:
         self.hidden = hidden
