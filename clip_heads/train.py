@@ -16,7 +16,7 @@ import itertools
 import logging
 import math
 import random
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch

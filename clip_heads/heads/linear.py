@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_heads.heads.base import Head, sized_threads, l2_normalize, seed_from, validation_split
+from clip_heads.heads.base import Head, l2_normalize, seed_from, sized_threads, validation_split
 
 logger = logging.getLogger(__name__)
 

@@ -172,7 +172,8 @@ class TipAdapterHead(Head):
                   alpha: float, beta: float, seed: int, val: tuple | None, epochs: int | None = None,
                   ) -> tuple[torch.Tensor, int]:
         """Train the keys (the cache's own samples are the training set); returns keys, best epoch."""
-        adapter = nn.Linear(keys.shape[1], len(keys), bias=False).to(self.device)
+        # skip_init: the weights are the cache keys, and the caller's RNG stays untouched.
+        adapter = torch.nn.utils.skip_init(nn.Linear, keys.shape[1], len(keys), bias=False, device=keys.device)
         with torch.no_grad():
             adapter.weight.copy_(keys)
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_array
 
-from clip_heads.heads.base import Head, sized_threads, l2_normalize
+from clip_heads.heads.base import Head, l2_normalize, sized_threads
 
 # One (n_classes, dim) array with rows in class order, an (n_classes, n_templates, dim) array,
 # or {class_name: (n_templates, dim) or (dim,) array}.
