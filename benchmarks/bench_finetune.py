@@ -30,6 +30,7 @@ from bench_encode import generated_jpegs  # noqa: E402
 from common import EMOTION6, peak_rss_mib, vitb32_dir  # noqa: E402
 
 from clip_heads.datasets import open_source  # noqa: E402
+from clip_heads.backbone import resolve_device  # noqa: E402
 from clip_heads.encode import default_workers  # noqa: E402
 from clip_heads.finetune import finetune  # noqa: E402
 
@@ -49,7 +50,7 @@ def main() -> None:
         ap.error("--steps must be >= 2 (the first step is warm-up)")
 
     model = args.model or vitb32_dir()
-    workers = default_workers() if args.workers is None else args.workers
+    workers = default_workers(resolve_device(args.device)) if args.workers is None else args.workers
     with tempfile.TemporaryDirectory() as tmp:
         data = str(EMOTION6) if EMOTION6.is_dir() else generated_jpegs(Path(tmp) / "imgs", 8 * args.batch_size)
         src = open_source(data)

@@ -333,7 +333,7 @@ def _finetune(source, out_dir, model, *, format, source_options, templates, trai
     tok = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     tokens = {k: v.to(dev) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
     data = _EpochData(src, positions, micro, Preprocess.from_processor(processor), len(tpls), seed,
-                      default_workers() if workers is None else workers, dev.type == "cuda")
+                      default_workers(dev) if workers is None else workers, dev.type == "cuda")
     loss_fn = _CaptionLoss(clip, tokens, len(tpls))
     recipe = dict(template_set=tpl_name, n_train=int(len(positions)), classes=list(src.classes),
                   precision=str(amp or "fp32"), device=str(dev), gradient_checkpointing=gradient_checkpointing,
@@ -471,7 +471,7 @@ def evaluate_zero_shot(model: str, source: PathLike | Source, *, format: str = "
     positions = np.arange(len(src)) if indices is None else np.asarray(indices, np.int64)
     _, tpls = load_templates(templates or _default_templates(src))
     return _zero_shot(clip, tokenizer, Preprocess.from_processor(processor), src, positions, tpls, dev, precision,
-                      batch_size, default_workers() if workers is None else workers)
+                      batch_size, default_workers(dev) if workers is None else workers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,7 +502,7 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
     out.mkdir(parents=True, exist_ok=True)
     write_folds(out / "folds.csv", src.keys, [src.classes[i] for i in src.labels], folds)
     dev = resolve_device(opts["device"])
-    workers = default_workers() if opts["workers"] is None else opts["workers"]
+    workers = default_workers(dev) if opts["workers"] is None else opts["workers"]
     reports = []
     for f in range(cv):
         fold_dir = out / f"fold-{f:02d}"

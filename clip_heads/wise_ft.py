@@ -149,7 +149,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     src_a, src_b = _open(a_source, a_format, a_options), _open(b_source, b_format, b_options)
     opts = _finetune_kwargs(dict(finetune_options, seed=seed, templates=a_templates))
     dev = resolve_device(opts["device"])
-    workers = default_workers() if opts["workers"] is None else opts["workers"]
+    workers = default_workers(dev) if opts["workers"] is None else opts["workers"]
     if holdout:
         folds = stratified_folds(src_a.labels, holdout, seed)
         train_a, test_a = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
