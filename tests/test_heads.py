@@ -130,6 +130,16 @@ def test_clone_and_cross_val_score_work(name, data):
     assert scores.mean() >= data["bayes"] - 0.08
 
 
+def test_two_classes_follow_sklearn_binary_conventions(data):
+    keep = data["ytr"] < 2
+    X, y = data["Xtr"][keep], data["ytr"][keep]
+    head = LinearHead(C=1.0).fit(X, y)
+    margin = head.decision_function(X)
+    assert margin.shape == (len(X),)  # logit of classes_[1] minus that of classes_[0]
+    np.testing.assert_array_equal(head.predict(X), head.classes_[(margin > 0).astype(int)])
+    assert cross_val_score(LinearHead(C=1.0), X, y, cv=3, scoring="roc_auc").mean() > 0.9
+
+
 @pytest.mark.parametrize("name", list_heads())
 def test_predict_before_fit_raises_not_fitted(name, data):
     head = make_head(name, data).set_backbone("org/clip-b32", None, DIM)  # provenance is not a fit

@@ -96,21 +96,29 @@ class Head(ClassifierMixin, BaseEstimator):
     def _logits(self, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def decision_function(self, X: Any) -> np.ndarray:
-        """Class logits, shape ``(n_samples, n_classes)``, columns in ``classes_`` order."""
+    def _all_logits(self, X: Any) -> np.ndarray:
         X = self._validate_X(X)
         with torch.inference_mode(), threads_for(X.numel()):
             out = [self._logits(X[i:i + PREDICT_BLOCK].to(self.device)).float().cpu()
                    for i in range(0, len(X), PREDICT_BLOCK)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes_)), np.float32)
 
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Class logits, shape ``(n_samples, n_classes)``, columns in ``classes_`` order.
+
+        With two classes, scikit-learn's convention: shape ``(n_samples,)``, the logit of
+        ``classes_[1]`` minus that of ``classes_[0]``.
+        """
+        logits = self._all_logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, shape ``(n_samples, n_classes)``."""
-        return torch.softmax(torch.from_numpy(self.decision_function(X)).double(), dim=1).numpy()
+        return torch.softmax(torch.from_numpy(self._all_logits(X)).double(), dim=1).numpy()
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels, shape ``(n_samples,)``, drawn from ``classes_``."""
-        scores = self.decision_function(X)  # first: it raises NotFittedError before classes_ is read
+        scores = self._all_logits(X)  # first: it raises NotFittedError before classes_ is read
         return self.classes_[np.argmax(scores, axis=1)]
 
     # -- backbone provenance --------------------------------------------------------------
@@ -181,7 +189,12 @@ class Head(ClassifierMixin, BaseEstimator):
         params = dict(config["params"])
         if device is not None:
             params["device"] = device
-        head = head_cls(**params)
+        try:
+            head = head_cls(**params)
+        except TypeError as e:
+            raise ValueError(f"{directory / CONFIG_NAME} was written by clip-heads "
+                             f"{config.get('clip_heads_version')} with parameters this version's "
+                             f"{config['head']!r} head does not take: {e}") from e
         head.classes_ = np.asarray(config["classes"])
         head.n_features_in_ = config["n_features_in"]
         if config.get("backbone"):

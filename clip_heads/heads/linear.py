@@ -49,7 +49,8 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, ini
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with torch.enable_grad():  # also when called under a caller's no_grad()
+        opt.step(closure)
     return W.detach(), b.detach(), opt.state[W]["n_iter"]
 
 
