@@ -41,6 +41,7 @@ from .backbone import (DEFAULT_MODEL, PRECISIONS, Preprocess, _features, _not_fo
                        weights_hash)
 from .datasets import EMOTION6_CLASSES, FI_CLASSES, open_source
 from .encode import _Batches, default_workers
+from .heads.contrastive import multi_positive_clip_loss
 from .prompts import EMOTION_FORMATS, build_texts, class_phrase, default_template_sets, load_templates
 from .source import Source
 from .train import Trainer
@@ -77,12 +78,8 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labe
     template) their text rows coincide and the value equals CLIP's plain loss too; the targets
     matter once a class is captioned several ways.
     """
-    logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image_embeds @ text_embeds.T
-    same = (labels[:, None] == labels[None, :]).to(logits.dtype)
-    target = same / same.sum(1, keepdim=True)  # symmetric, so it serves both directions
-    loss_img = -(target * logits.log_softmax(1)).sum(1).mean()
-    loss_txt = -(target * logits.T.log_softmax(1)).sum(1).mean()
-    return (loss_img + loss_txt) / 2
+    # One definition of the loss in the package: the CLIP-E contrastive head's, at CLIP's temperature.
+    return multi_positive_clip_loss(image_embeds, text_embeds, labels, 1 / logit_scale.clamp(max=MAX_LOGIT_SCALE).exp())
 
 
 def _normed(x: Any) -> torch.Tensor:

@@ -182,7 +182,8 @@ CHILD = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)  # as the test process, so both halves compute alike
-import clip_heads.finetune as ft
+import importlib
+ft = importlib.import_module("clip_heads.finetune")  # the module; clip_heads.finetune is the function
 save = ft._save_checkpoint
 def slow_save(*a, **k):  # give the parent time to kill between steps
     save(*a, **k)
@@ -221,7 +222,9 @@ def test_sigkilled_finetune_resumes_to_the_same_weights(tuned, tiny_clip, tmp_pa
 
 
 def test_run_stopped_after_a_short_accumulated_step_resumes_exactly(tuned, tiny_clip, tmp_path, monkeypatch):
-    import clip_heads.finetune as ft
+    import importlib
+
+    ft = importlib.import_module("clip_heads.finetune")  # the module; clip_heads.finetune is the function
 
     # 34 images in micro-batches of 8 (8, 8, 8, 8, 2), two per step: steps of 16, 16 and a short 2.
     kw = dict(RECIPE, train_indices=tuned["train"][:34], epochs=2, micro_batch=8, checkpoint_every=1)
