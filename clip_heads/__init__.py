@@ -18,7 +18,8 @@ from .heads import HEADS, get_head, list_heads  # noqa: E402
 from .prompts import add_prompts  # noqa: E402
 from .reproduce import reproduce  # noqa: E402
 from .retrieval import top_k_images  # noqa: E402
-from .store import FeatureStore, merge_stores, open_store, write_store  # noqa: E402
+from .store import FeatureStore, open_store, write_store  # noqa: E402
+from .writer import merge_stores  # noqa: E402
 from .wise_ft import generalisation, interpolate, interpolate_sweep  # noqa: E402
 
 __all__ = [

@@ -118,7 +118,8 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 @friendly
 def merge(out, shards, overwrite):
     """Join the shard stores of one `encode --shard I/N` run into the store OUT, in source order."""
-    from .store import merge_stores, open_store
+    from .store import open_store
+    from .writer import merge_stores
 
     merge_stores(out, shards, overwrite=overwrite)
     with open_store(out) as s:

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from .backbone import DEFAULT_MODEL, Backbone, Preprocess
 from .datasets import open_source
 from .prompts import default_template_sets, encode_prompt_set
-from .store import FeatureStore, StoreError, StoreWriter, extras_spec, library_versions, l2_normalize
+from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize
+from .writer import StoreWriter
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
 """`clip-heads finetune`, `wise-ft` and `generalisation` from the command line, on the tiny CLIP."""
 import json
 
-import numpy as np
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file

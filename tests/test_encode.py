@@ -16,7 +16,8 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 from clip_heads.backbone import Backbone, Preprocess
 from clip_heads.cli import main
 from clip_heads.encode import encode
-from clip_heads.store import StoreWriter, open_store
+from clip_heads.store import open_store
+from clip_heads.writer import StoreWriter
 from conftest import SHARED_DATASETS, requires_shared
 
 
