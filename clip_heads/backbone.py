@@ -62,7 +62,7 @@ class Preprocess:
             shortest_edge=int(size["shortest_edge"]),
             crop_height=int(crop.get("height", size["shortest_edge"])),
             crop_width=int(crop.get("width", size["shortest_edge"])),
-            resample=int(getattr(proc, "resample", 3)),
+            resample=_resample_code(getattr(proc, "resample", 3)),
             do_resize=bool(getattr(proc, "do_resize", True)),
             do_center_crop=bool(getattr(proc, "do_center_crop", True)),
             rescale_factor=float(getattr(proc, "rescale_factor", 1 / 255)),
@@ -101,6 +101,18 @@ class Preprocess:
         if self.do_normalize:
             x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _resample_code(value) -> int:
+    """PIL's resampling code from a processor's ``resample``: a PIL int or enum, or (with the
+    torchvision backend of transformers) an ``InterpolationMode`` named "bicubic" etc."""
+    if isinstance(value, int):
+        return int(value)
+    name = str(getattr(value, "value", value)).lower().rsplit(".", 1)[-1]
+    codes = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+    if name not in codes:
+        raise ValueError(f"unsupported image processor resample {value!r}; expected one of {sorted(codes)}")
+    return codes[name]
 
 
 def resolve_device(device: str = "auto") -> torch.device:

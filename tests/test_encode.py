@@ -310,3 +310,27 @@ def test_shards_merge_into_the_unsharded_store(tiny_clip, tmp_path):
     assert p1.keys() == p2.keys()
     res = runner.invoke(main, ["encode", *common, "--shard", "3/3", "--out", str(tmp_path / "x.h5")])
     assert res.exit_code == 1 and "3/3" in res.output
+
+
+class _InterpolationMode:
+    """Stands in for torchvision's InterpolationMode: an enum member whose value is a name."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+@pytest.mark.parametrize(
+    "value, code",
+    [(3, 3), (Image.Resampling.BICUBIC, 3), ("bilinear", 2), (_InterpolationMode("bicubic"), 3), (_InterpolationMode("nearest"), 0)],
+)
+def test_resample_from_either_processor_backend(value, code):
+    from clip_heads.backbone import _resample_code
+
+    assert _resample_code(value) == code
+
+
+def test_unknown_resample_is_refused():
+    from clip_heads.backbone import _resample_code
+
+    with pytest.raises(ValueError, match="spline36"):
+        _resample_code("spline36")
