@@ -6,10 +6,15 @@ Data: isotropic Gaussian classes around equal-norm random means (the test suite'
 structure), separated so that the Bayes accuracy is about 0.8, like a hard real task. Targets:
 an MLP fit within 2 s and its 10-fold cross-validation within 20 s on a 2-core CPU. The first
 optimizer step of a process imports torch._dynamo (~1 s); a warm-up fit pays it before timing.
+
+On a machine shared with other jobs, run it with ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP
+threads otherwise spin at every barrier, and with one core taken by another process two such
+threads slow each other down about tenfold (measured: an MLP fit of 2 s became 20 s).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -53,8 +58,9 @@ def main() -> None:
     X, y, means = planted(args.n + 5000, args.dim, args.classes, args.sep)
     Xtr, ytr, Xte, yte = X[:args.n], y[:args.n], X[args.n:], y[args.n:]
     bayes = (np.argmax(Xte @ means.T, 1) == yte).mean()
-    print(f"data: {args.n} x {args.dim}, {args.classes} classes, torch threads {torch.get_num_threads()}, "
-          f"Bayes accuracy on 5000 held-out rows {bayes:.3f}")
+    print(f"data: {args.n} x {args.dim}, {args.classes} classes, Bayes accuracy on 5000 held-out rows {bayes:.3f}; "
+          f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     MLPHead(epochs=1).fit(Xtr[:2000], ytr[:2000])  # warm-up
 
     head, med, best = timed(lambda: MLPHead().fit(Xtr, ytr), args.repeats)
