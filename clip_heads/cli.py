@@ -170,6 +170,10 @@ def info(store, as_json):
     click.echo(f"prompts    {len(d['prompt_sets'])} sets")
     for n, p in d["prompt_sets"].items():
         click.echo(f"  {n}: {p['templates']} templates x {p['classes']} classes = {p['prompts']} prompts")
+        for t in p["template_texts"][:5]:
+            click.echo(f"      {t}")
+        if len(p["template_texts"]) > 5:
+            click.echo(f"      ... and {len(p['template_texts']) - 5} more")
     click.echo(f"skipped    {d['n_skipped']}")
     for key, reason in d["skipped"]:
         click.echo(f"  {key}: {reason}")
@@ -284,7 +288,7 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir):
 
 
 @main.command()
-@click.option("--source", default=None, type=click.Path(exists=True), help="Local cifar-100-python tarball or extracted folder (skips the download).")
+@click.option("--source", default=None, type=click.Path(exists=True), help="Local cifar-100-python tarball or extracted folder, or an image-folder copy (skips the download).")
 @click.option("--model", "-m", default=DEFAULT_MODEL, help="Hugging Face CLIP id or local directory.")
 @click.option("--limit", default=1000, type=click.IntRange(min=1), help="Seeded sample of test images to encode.")
 @click.option("--cv", default=10, type=click.IntRange(min=2), help="Folds of the heads' cross-validation.")
@@ -303,8 +307,8 @@ def demo(ctx, source, model, limit, cv, seed, out_dir, device, batch_size, worke
 
     summary = run_demo(out_dir, source=source, model=model, limit=limit, cv=cv, seed=seed, device=device, batch_size=batch_size,
                        workers=workers, url=url or CIFAR100_URL, md5=md5 or CIFAR100_MD5, progress=ctx.obj["progress"])
-    click.echo(summary["report"])
-    click.echo(f"report written to {out_dir}/report.txt")
+    click.echo(summary["headline"])
+    click.echo(f"full tables (the papers' layout) in {out_dir}/report.txt")
 
 
 def _floats(text: str) -> list[float]:

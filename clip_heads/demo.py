@@ -90,7 +90,12 @@ def run_demo(
     if source is None:
         source = str(download(url, out.parent / "downloads" / "cifar-100-python.tar.gz", md5, progress=progress))
     store = out / f"cifar100-test-{limit}.h5"
-    enc = encode(source, store, model=model, format="cifar100", source_options={"split": "test"}, limit=limit, seed=seed,
+    from .datasets import detect_format
+
+    # The official python format by default; an image-folder copy of CIFAR-100 works too.
+    fmt = detect_format(source)
+    options = {"split": "test"} if fmt == "cifar100" else {}
+    enc = encode(source, store, model=model, format=fmt, source_options=options, limit=limit, seed=seed,
                  templates=["bp-photo", "clip-cifar100"], device=device, batch_size=batch_size, workers=workers, progress=progress)
     summary: dict = {"store": str(store), "model": model, "images": enc.n_images, "skipped": enc.n_skipped, "seed": seed}
     sections = [f"clip-heads demo: CIFAR-100 test sample of {enc.n_images} images ({enc.n_skipped} skipped), model {model}, seed {seed}"]
@@ -104,8 +109,27 @@ def run_demo(
         rep = train_head(head, str(store), out / f"head-{head}", cv=cv, seed=seed, progress=progress)
         summary[f"{head}_cv{cv}"] = rep.summary()
         sections.append(f"== {head} head, stratified {cv}-fold CV ==\n" + rep.text)
+    summary["headline"] = _headline(summary, cv)
     report = "\n\n".join(sections)
     (out / "report.txt").write_text(report + "\n")
     summary["report"] = report
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _headline(summary: dict, cv: int) -> str:
+    """A few lines for the terminal; the full tables are in report.txt."""
+    def row(name: str, m: dict, std: dict | None = None) -> str:
+        pm = (lambda k: f" ± {std[k]:.3f}") if std else (lambda k: "")
+        return (f"  {name:<34} accuracy {m['accuracy']:.3f}{pm('accuracy')}   macro-F1 {m['macro_f1']:.3f}{pm('macro_f1')}"
+                f"   weighted-F1 {m['weighted_f1']:.3f}{pm('weighted_f1')}")
+
+    lines = [f"CIFAR-100 sample: {summary['images']} images, model {summary['model']}",
+             row('zero-shot "a photo of a {}"', summary["zero_shot"])]
+    for head in ("linear", "mlp"):
+        m = summary[f"{head}_cv{cv}"]["cv"]
+        lines.append(row(f"{head} head, {cv}-fold CV", m, {k: m[f"{k}_std"] for k in ("accuracy", "macro_f1", "weighted_f1")}))
+    lines.append("  best templates (zero-shot accuracy):")
+    lines += [f"    {r['accuracy']:.3f}  {r['prompt_set']}: {r['template']}" for r in summary["ablation_top"][:3]]
+    return "\n".join(lines)
+

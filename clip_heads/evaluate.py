@@ -122,8 +122,22 @@ def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray
     names, counts = np.unique(y, return_counts=True)
     small = [f"{c} ({n})" for c, n in zip(names.tolist(), counts.tolist()) if n < k]
     if small:
-        logger.warning("classes with fewer than k=%d samples are missing from some test folds: %s", k, ", ".join(small))
+        more = f" and {len(small) - 10} more" if len(small) > 10 else ""
+        logger.warning("%d classes have fewer than k=%d samples and are missing from some test folds: %s%s",
+                       len(small), k, ", ".join(small[:10]), more)
     folds = np.empty(len(y), np.int64)
+    if counts.max() < k:
+        # scikit-learn refuses when every class is smaller than k (a sample of a 100-class set,
+        # say). Deal each class's shuffled members round-robin over the folds instead, carrying
+        # the position on from class to class so the folds stay equal in size.
+        _, first, codes = np.unique(y, return_index=True, return_inverse=True)
+        rng = np.random.default_rng(seed)
+        start = 0
+        for c in np.argsort(first):
+            members = rng.permutation(np.flatnonzero(codes == c))
+            folds[members] = (start + np.arange(len(members))) % k
+            start += len(members)
+        return folds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the same warning, logged above
         splits = StratifiedKFold(n_splits=int(k), shuffle=True, random_state=seed).split(np.zeros(len(y)), y)

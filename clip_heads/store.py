@@ -284,6 +284,7 @@ class FeatureStore:
                     "templates": len(self._f[f"prompts/{n}/templates"]),
                     "classes": len(self._f[f"prompts/{n}/classes"]),
                     "prompts": len(self._f[f"prompts/{n}/texts"]),
+                    "template_texts": list(self._f[f"prompts/{n}/templates"].asstr()[:]),
                 }
                 for n in self.prompt_sets()
             },

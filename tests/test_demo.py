@@ -106,3 +106,17 @@ def test_demo_runs_offline_from_a_local_source(tiny_clip, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads((out / "summary.json").read_text())["images"] == 24
     assert not (tmp_path / "downloads").exists()
+
+
+def test_demo_accepts_an_image_folder_copy(tiny_clip, tmp_path):
+    from test_cli_heads import colour_folder
+
+    folder = colour_folder(tmp_path / "cifar-as-images", 10)
+    res = CliRunner().invoke(main, ["-q", "demo", "--source", str(folder), "--model", tiny_clip, "--limit", "30", "--cv", "3",
+                                    "--workers", "0", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["images"] == 30 and summary["linear_cv3"]["cv"]["accuracy"] >= 0.8
+    # The terminal gets the headline; the full tables are in report.txt.
+    assert "linear head, 3-fold CV" in res.output and "report.txt" in res.output
+    assert "Macro Avg." not in res.output and "Macro Avg." in (tmp_path / "demo" / "report.txt").read_text()

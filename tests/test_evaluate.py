@@ -262,3 +262,20 @@ def test_evaluate_reports_soft_labels(tmp_path):
     # Aligned by name, an image's true top class is its own class, so top-1 agreement = accuracy.
     assert soft["top1_agreement"] == pytest.approx(rep.metrics["accuracy"]) and soft["top1_agreement"] > 0.9
     assert "top-1 agreement" in rep.text
+
+
+def test_folds_when_every_class_is_smaller_than_k():
+    from clip_heads.evaluate import stratified_folds
+
+    # 30 classes of 1-9 samples: scikit-learn's StratifiedKFold refuses k=10 outright.
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(30), rng.integers(1, 10, 30))
+    folds = stratified_folds(y, k=10, seed=0)
+    assert set(folds) == set(range(10))
+    sizes = np.bincount(folds, minlength=10)
+    assert sizes.max() - sizes.min() <= 1  # balanced folds
+    for c in range(30):  # stratified: no class has two samples in one fold before every fold has one
+        per_fold = np.bincount(folds[y == c], minlength=10)
+        assert per_fold.max() <= 1
+    np.testing.assert_array_equal(folds, stratified_folds(y, k=10, seed=0))
+    assert not np.array_equal(folds, stratified_folds(y, k=10, seed=1))

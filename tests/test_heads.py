@@ -294,3 +294,31 @@ def test_tip_adapter_f_trains_the_keys(data):
     assert not np.allclose(head.keys_.numpy(), unit, atol=1e-4)
     assert 1 <= head.best_epoch_ <= 5
     assert head.score(data["Xte"], data["yte"]) >= data["bayes"] - 0.05
+
+
+def test_validation_split_with_tiny_classes():
+    from sklearn.model_selection import train_test_split
+
+    from clip_heads.heads.base import validation_split
+
+    y = np.repeat(np.arange(4), 10)
+    tr, va = validation_split(y, 0.2, seed=3)  # the ordinary case is scikit-learn's split
+    ref_tr, ref_va = train_test_split(np.arange(40), test_size=8, stratify=y, random_state=3)
+    np.testing.assert_array_equal(va, np.sort(ref_va))
+    # Singletons stay in training; other classes give round(fraction * n), clipped to [1, n - 1].
+    y = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3])
+    tr, va = validation_split(y, 0.2, seed=0)
+    assert np.bincount(y[va], minlength=4).tolist() == [0, 1, 1, 2]
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(y)
+    with pytest.raises(ValueError, match="one sample a class"):
+        validation_split(np.arange(5), 0.2, seed=0)
+
+
+def test_heads_fit_when_some_classes_have_one_sample():
+    X, y, _ = make_blobs(n_per_class=6, n_classes=5, seed=2)
+    keep = np.ones(len(y), bool)
+    keep[np.flatnonzero(y == 4)[1:]] = False  # class 4 keeps a single sample
+    for name in ("linear", "mlp"):
+        head = get_head(name)(random_state=0).fit(X[keep], y[keep])
+        assert list(head.classes_) == [0, 1, 2, 3, 4]
+        assert head.score(X[keep], y[keep]) > 0.8

@@ -219,20 +219,31 @@ def _jsonable(v: Any) -> Any:
 def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded (train, validation) indices carved from class indices ``y``.
 
-    Raises ``ValueError`` when a class has too few samples to appear on both sides.
+    With tiny classes (a sample of a 100-class set, a CV fold of one) a split stratified over
+    every class is impossible; then singleton classes stay in training and each other class
+    gives ``round(fraction * n)`` samples, at least 1 and at most ``n - 1``. Raises
+    ``ValueError`` when no class has two samples.
     """
     y = np.asarray(y)
     counts = np.bincount(y)
     if not 0 < fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
-    n_val = max(len(counts), int(round(fraction * len(y))))
-    if counts.min() < 2 or n_val >= len(y) - len(counts) + 1:
-        raise ValueError(f"cannot carve a stratified validation split ({fraction:.0%}) from class counts "
-                         f"{counts.tolist()}: every class needs at least 2 samples; pass fixed "
-                         f"hyper-parameters or disable the validation split instead")
+    present = counts[counts > 0]
+    n_val = max(len(present), int(round(fraction * len(y))))
     idx = np.arange(len(y))
-    tr, va = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
-    return np.sort(tr), np.sort(va)
+    if present.min() >= 2 and n_val < len(y) - len(present) + 1:
+        tr, va = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
+        return np.sort(tr), np.sort(va)
+    if present.max() < 2:
+        raise ValueError(f"cannot carve a validation split ({fraction:.0%}) from {len(y)} samples with one sample "
+                         f"a class; pass fixed hyper-parameters or disable the validation split instead")
+    rng = np.random.default_rng(seed)
+    va = []
+    for c in np.flatnonzero(counts >= 2):
+        members = rng.permutation(np.flatnonzero(y == c))
+        va.append(members[: int(np.clip(round(fraction * len(members)), 1, len(members) - 1))])
+    va = np.sort(np.concatenate(va))
+    return np.setdiff1d(idx, va), va
 
 
 def seed_from(random_state: Any) -> int:
