@@ -474,6 +474,7 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
                          "(the training store's own labels need none)")
     head_cls = get_head(head_name)
     d = _load(store_path, prompt_set)
+    e = _load(eval_store) if eval_store is not None else None  # a bad eval store fails before training
     names = np.asarray(d.classes)[d.y]
     make = _head_factory(head_cls, head_params, seed, d.prompts, d.classes)
     out = Path(out_dir)
@@ -494,8 +495,7 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     head = make().fit(d.X, names)
     head.set_backbone(**d.backbone)
     head.save_pretrained(out)
-    if eval_store is not None:
-        e = _load(eval_store)
+    if e is not None:
         _check_backbone(head, e, f"the {head_name} head trained on {d.path}")
         sec = _score_head(head, e, label_map, f"{head_name} head trained on {d.path.name}")
         m, text = _write_section(sec, out / "eval", f"The {head_name} head trained on {d.path.name}, "
