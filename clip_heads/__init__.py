@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 from .ablation import ablate_prompts  # noqa: E402
 from .encode import encode  # noqa: E402
-from .evaluate import cross_validate, evaluate_head, run_zero_shot, stratified_folds, train_head  # noqa: E402
+from .crossval import cross_validate, stratified_folds  # noqa: E402
+from .evaluate import evaluate_head, run_zero_shot, train_head  # noqa: E402
 from .finetune import cross_validate_finetune, finetune  # noqa: E402
 from .heads import HEADS, get_head, list_heads  # noqa: E402
 from .prompts import add_prompts  # noqa: E402

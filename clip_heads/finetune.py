@@ -9,7 +9,7 @@ on emotions and 1 on CIFAR-100, 10-fold cross-validation, predictions by cosine 
   loop) and writes a Hugging Face directory that ``encode --model DIR`` takes like a hub id.
   It checkpoints every N steps and resumes an interrupted run to the same final weights.
 * :func:`cross_validate_finetune` runs the k-fold protocol on the folds of
-  :func:`clip_heads.evaluate.stratified_folds`, the heads' folds for the same seed.
+  :func:`clip_heads.crossval.stratified_folds`, the heads' folds for the same seed.
 
 WiSE-FT blends of the zero-shot and the fine-tuned model, and B&P's Table 5 generalisation
 experiment along them, are in :mod:`clip_heads.wise_ft`.
@@ -480,7 +480,7 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
     """For each of ``cv`` folds, fine-tune from the ORIGINAL weights on the other folds and
     zero-shot the held-out fold by cosine to the class captions.
 
-    Folds are :func:`clip_heads.evaluate.stratified_folds` ``(labels, cv, seed)``, so they are
+    Folds are :func:`clip_heads.crossval.stratified_folds` ``(labels, cv, seed)``, so they are
     the heads' folds for the same seed; ``seed`` also seeds each fine-tune. ``finetune_options``
     are :func:`finetune`'s (``epochs``, ``batch_size``, ``lr``, ``templates``...). Each fold
     lives in ``out_dir/fold-NN/`` (its weights are deleted after scoring unless ``keep_models``);
@@ -489,7 +489,7 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
 
     Returns the :func:`clip_heads.metrics.summarize_folds` dict.
     """
-    from .evaluate import stratified_folds, write_folds
+    from .crossval import stratified_folds, write_folds
     from .metrics import classification_report, format_table, summarize_folds, write_report
 
     out = Path(out_dir)

@@ -141,7 +141,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     with ``save_models``, every blend as ``alpha-X.XX/`` model directory. Returns
     ``{"rows": [...], "text": table, "reports": {...}}``.
     """
-    from .evaluate import stratified_folds
+    from .crossval import stratified_folds
 
     alphas = [_check_alpha(a) for a in alphas]
     out = Path(out_dir)

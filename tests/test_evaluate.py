@@ -8,14 +8,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 
 from clip_heads.ablation import ablate_prompts
-from clip_heads.evaluate import (
-    cross_validate,
-    evaluate_head,
-    read_folds,
-    run_zero_shot,
-    stratified_folds,
-    train_head,
-)
+from clip_heads.crossval import cross_validate, read_folds, stratified_folds
+from clip_heads.evaluate import evaluate_head, run_zero_shot, train_head
 from clip_heads.label_maps import align_labels, list_label_maps, load_label_map
 from clip_heads.metrics import read_confusion_csv
 from clip_heads.store import PromptSet, write_store
@@ -265,8 +259,6 @@ def test_evaluate_reports_soft_labels(tmp_path):
 
 
 def test_folds_when_every_class_is_smaller_than_k():
-    from clip_heads.evaluate import stratified_folds
-
     # 30 classes of 1-9 samples: scikit-learn's StratifiedKFold refuses k=10 outright.
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(30), rng.integers(1, 10, 30))

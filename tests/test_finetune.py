@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from clip_heads.backbone import weights_hash
 from clip_heads.datasets import open_source
 from clip_heads.encode import encode
-from clip_heads.evaluate import stratified_folds
+from clip_heads.crossval import stratified_folds
 from clip_heads.finetune import _CaptionLoss, contrastive_loss, cross_validate_finetune, evaluate_zero_shot, finetune
 from clip_heads.store import open_store
 from clip_heads.wise_ft import generalisation, interpolate, interpolate_sweep
