@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 
+from clip_heads.datasets import EMOTION6_DISTRIBUTION  # columns of stores written before they were recorded
 from clip_heads.crossval import CVResult, cross_validate, write_folds
 from clip_heads.label_maps import LabelMapSpec, align_labels, norm
 from clip_heads.metrics import (
@@ -45,8 +46,6 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 LOGIT_SCALE = 100.0  # CLIP's learned temperature: turns zero-shot cosines into probabilities
 SOFT_LABELS = "emotion_distribution"
-# Emotion6's distribution columns, for stores written before columns were recorded.
-EMOTION6_DISTRIBUTION = ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"]
 
 
 @dataclass

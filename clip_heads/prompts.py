@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .datasets import EMOTION6_CLASSES, EMOTION6_DISTRIBUTION, FI_CLASSES
 from .store import PromptSet, add_prompt_sets, open_store
 
 logger = logging.getLogger(__name__)
@@ -32,9 +33,9 @@ EMOTION_FORMATS = ("emotion6", "fi", "webemo")
 
 # Built-in label sets, for querying a store with classes other than its own (text-side heads).
 LABEL_SETS: dict[str, list[str]] = {
-    "fi": ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"],
-    "emotion6": ["anger", "disgust", "fear", "joy", "sadness", "surprise"],
-    "emotion6-neutral": ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"],
+    "fi": list(FI_CLASSES),
+    "emotion6": list(EMOTION6_CLASSES),
+    "emotion6-neutral": list(EMOTION6_DISTRIBUTION),
     "sentiment": ["negative", "positive"],
 }
 

@@ -20,7 +20,6 @@ from .backbone import DEFAULT_MODEL
 logger = logging.getLogger(__name__)
 
 HEADS = ("linear", "mlp", "contrastive", "tip-adapter")
-FI_CLASSES = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
 
 # Transcribed from Bondielli & Passaro (2021), Tables 1-5. (precision, recall, F1) for macro and
 # weighted averages, then accuracy. These are the paper's numbers, never ours.

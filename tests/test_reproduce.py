@@ -10,7 +10,8 @@ from PIL import Image
 
 from clip_heads.cli import main
 from clip_heads.evaluate import run_zero_shot
-from clip_heads.reproduce import FI_CLASSES, PAPER
+from clip_heads.datasets import FI_CLASSES
+from clip_heads.reproduce import PAPER
 from test_demo import tiny_cifar_tarball
 
 torch.set_num_threads(1)
