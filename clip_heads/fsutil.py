@@ -1,0 +1,240 @@
+"""Filesystem primitives every writer uses: atomic replacement, durability, exclusive locks.
+
+One home for these, so that "write somewhere safe, make it durable, then swap it in" is the
+same everywhere: a store, a prompt-set rewrite, a head folder, a WiSE-FT model, a report.
+
+* :func:`atomic_write_text` / :func:`atomic_write_bytes` - a file replaced in one rename.
+* :func:`staged_dir` - a folder built beside its destination and swapped in at the end
+  (an atomic exchange where the kernel offers one), so a reader sees the old folder or the
+  new one, never a mix.
+* :func:`exclusive_lock` - one writer per output; a second fails at once and is told which
+  process holds it. Locks are ``flock`` locks, released by the kernel when the holder dies.
+* :func:`is_disk_full` - the errors that mean "no space": the caller stops cleanly.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator, Union
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of an output this process wants to write."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an error it was raised from) means the disk or a file-size limit is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(e).lower()
+        # h5py turns a failed write(2) into an OSError/RuntimeError whose errno is lost but whose
+        # message keeps the C library's words.
+        if "no space left on device" in text or "file too large" in text or "disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def temp_sibling(path: PathLike, tag: str = "tmp") -> Path:
+    """A fresh name in ``path``'s folder (same filesystem, so a rename is atomic), unique per call."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_file(path: PathLike) -> None:
+    """Flush a file's data and metadata to the device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Make a rename or unlink inside folder ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself already happened
+    finally:
+        os.close(fd)
+
+
+def durable_replace(src: PathLike, dst: PathLike) -> None:
+    """``os.replace(src, dst)`` after syncing ``src``, then sync the folder: survives power loss."""
+    fsync_file(src)
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so a reader sees the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """:func:`atomic_write_bytes` of ``text``."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+# -- folders ---------------------------------------------------------------------------------
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP if hasattr(errno, "ENOTSUP") else errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _sync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_file(os.path.join(dirpath, name))
+        fsync_dir(dirpath)
+
+
+def replace_dir(staged: PathLike, final: PathLike) -> Path:
+    """Put the folder ``staged`` at ``final``, replacing any folder there, as one step.
+
+    Where the kernel can exchange two paths atomically the swap is one operation; elsewhere
+    the old folder is first renamed aside, so a crash in between leaves it (under a hidden
+    sibling name) rather than nothing. The old folder is removed afterwards.
+    """
+    staged, final = Path(staged), Path(final)
+    _sync_tree(staged)
+    if not final.exists():
+        os.rename(staged, final)
+        fsync_dir(final.parent)
+        return final
+    if not final.is_dir():
+        raise NotADirectoryError(f"{final} exists and is not a folder; not replacing it")
+    if _renameat2_exchange(staged, final):
+        old = staged  # after the exchange the staged name holds the old folder
+    else:
+        old = temp_sibling(final, "old")
+        os.rename(final, old)
+        os.rename(staged, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def staged_dir(final: PathLike, copy_existing: bool = False) -> Iterator[Path]:
+    """Build a folder beside ``final`` and swap it in when the block ends without an error.
+
+    ``copy_existing`` starts the staging folder as a copy of what ``final`` holds (to update a
+    few files of a folder and keep the rest). On an error or interrupt the staging folder is
+    removed and ``final`` is left exactly as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_sibling(final, "staging")
+    try:
+        if copy_existing and final.is_dir():
+            shutil.copytree(final, staging, symlinks=True)
+        else:
+            staging.mkdir()
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_dir(staging, final)
+
+
+# -- locks -----------------------------------------------------------------------------------
+def lock_path(target: PathLike) -> Path:
+    """The lock file of an output: ``<target>.lock`` beside it."""
+    target = Path(target)
+    return target.with_name(target.name + ".lock")
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: PathLike, what: str = "") -> Iterator[Path]:
+    """Hold the write lock of ``target`` for the block; raise :class:`LockedError` at once if
+    another process holds it, naming that process.
+
+    The lock is an ``flock`` on ``<target>.lock``: the kernel drops it when the holder exits,
+    even by SIGKILL, so a stale lock file never blocks a rerun.
+    """
+    import fcntl
+
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 512).decode(errors="replace").strip() or "unknown process"
+            finally:
+                os.close(fd)
+            raise LockedError(f"{target} is being written by another process ({holder}); wait for it "
+                              f"to finish or stop it (lock: {path})") from None
+        # The holder before us may have unlinked the file after we opened it: then our lock is
+        # on a name nobody else sees. Retry until the lock we hold is the one at the path.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        argv = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:6]))
+        os.write(fd, f"pid {os.getpid()}{': ' + what if what else ''}{' (' + argv + ')' if argv else ''}".encode())
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
