@@ -1,7 +1,12 @@
 """Image decoding: any file a dataset may hold, to a fully loaded 8-bit RGB PIL image.
 
 :func:`open_rgb` is the one decoder every :class:`clip_heads.source.Source` uses; it turns
-every way a file can be unreadable into :class:`BadImage` with a short human reason.
+every way a file can be unreadable into :class:`BadImage` with a short human reason. A hostile
+file costs bounded time and memory: only regular files are opened (a FIFO would block, a
+device never ends), reads are capped at :attr:`ImageLimits.max_file_bytes`, and the pixel
+count and aspect ratio are checked from the header before anything is decoded.
+:func:`read_regular` is the same bounded read for the other files a source opens (manifests,
+ground-truth tables, CIFAR-100 pickles).
 """
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import io
 import logging
 import os
 import re
+import stat
+import struct
 import warnings
+from dataclasses import dataclass
 from typing import IO, Union
 
 import numpy as np
@@ -22,6 +30,111 @@ PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
 
 class BadImage(Exception):
     """An image that cannot be decoded; the message is a short human reason."""
+
+
+class RefusedFile(ValueError):
+    """A file that is not read at all (not a regular file, too large, missing); a short reason."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one source file may cost before it is refused.
+
+    Attributes
+    ----------
+    max_file_bytes : int
+        Largest file read (images, manifests, pickles, tar members); 256 MiB.
+    max_pixels : int or None
+        Largest ``width * height`` decoded, checked from the header before decoding;
+        ``None`` follows PIL's ``Image.MAX_IMAGE_PIXELS`` (89,478,485 unless changed).
+    max_aspect : float or None
+        Largest long-to-short edge ratio, 50:1. A shortest-edge resize multiplies the long
+        edge by ``shortest_edge / short edge``: a 202-byte 40000x1 PNG would become
+        224 x 8,960,000 pixels (6 GB). ``None``: no limit.
+    max_resized_pixels : int
+        Largest image the preprocessing resize may produce (``2**25``, ~100 MB of RGB),
+        checked against the model's own resize before it runs.
+    """
+
+    max_file_bytes: int = 256 * 2**20
+    max_pixels: int | None = None
+    max_aspect: float | None = 50.0
+    max_resized_pixels: int = 2**25
+
+    def pixel_limit(self) -> int | None:
+        return Image.MAX_IMAGE_PIXELS if self.max_pixels is None else self.max_pixels
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+_FILE_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+               (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder"))
+
+
+def file_kind(mode: int) -> str:
+    """``"regular file"``, ``"FIFO"``, ``"character device"``, ... for an ``st_mode``."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return next((name for test, name in _FILE_KINDS if test(mode)), "special file")
+
+
+def _check_stat(st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise RefusedFile(f"not a regular file ({file_kind(st.st_mode)})")
+    if st.st_size > max_bytes:
+        raise RefusedFile(f"file too large ({st.st_size} bytes > limit {max_bytes})")
+
+
+def open_regular(path: Union[str, "os.PathLike[str]"], max_bytes: int = DEFAULT_LIMITS.max_file_bytes) -> IO[bytes]:
+    """Open ``path`` for reading only if it is a regular file of at most ``max_bytes``.
+
+    The type is checked with ``stat`` before opening (opening a FIFO blocks until a writer
+    comes) and again on the open descriptor (the path may have been swapped in between; the
+    descriptor is opened non-blocking so that a swapped-in FIFO cannot block either).
+
+    Raises
+    ------
+    RefusedFile
+        "file not found", "not a regular file (FIFO)", "file too large (N bytes > limit M)",
+        "unreadable file (Permission denied)".
+    """
+    try:
+        _check_stat(os.stat(path), max_bytes)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as e:
+        raise RefusedFile("file not found") from e
+    except OSError as e:
+        raise RefusedFile(f"unreadable file ({e.strerror or e})") from e
+    try:
+        _check_stat(os.fstat(fd), max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _read_capped(f: IO[bytes], max_bytes: int, size_hint: int = 1 << 20) -> bytes:
+    # In steps, not read(max_bytes + 1): that would allocate the whole limit for every file.
+    # A file may also grow after its stat, or be a pipe-like object, so the cap is on what comes.
+    chunks, total, want = [], 0, min(size_hint, max_bytes) + 1
+    while total <= max_bytes:
+        chunk = f.read(min(want, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total, want = total + len(chunk), 1 << 20
+    if total > max_bytes:
+        raise RefusedFile(f"file too large (more than {max_bytes} bytes)")
+    return b"".join(chunks)
+
+
+def read_regular(path: Union[str, "os.PathLike[str]"], max_bytes: int = DEFAULT_LIMITS.max_file_bytes) -> bytes:
+    """The whole content of a regular file of at most ``max_bytes`` (see :func:`open_regular`)."""
+    with open_regular(path, max_bytes) as f:
+        try:
+            return _read_capped(f, max_bytes, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise RefusedFile(f"unreadable file ({e.strerror or e})") from e
 
 
 _SIGNATURES = [
@@ -70,7 +183,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise BadImage(f"unsupported colour mode {im.mode}") from e
 
 
-def open_rgb(path_or_file: PathOrFile) -> Image.Image:
+# Formats PIL can only decode by running an external program (EPS: Ghostscript), which a
+# hostile file could keep busy forever.
+_EXTERNAL_DECODERS = {"EPS"}
+
+
+def open_rgb(path_or_file: PathOrFile, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """Decode an image fully and return it as 8-bit RGB.
 
     EXIF orientation is applied. Alpha (RGBA, LA, palette transparency) is composited on
@@ -80,6 +198,9 @@ def open_rgb(path_or_file: PathOrFile) -> Image.Image:
     Parameters
     ----------
     path_or_file : str, os.PathLike or binary file object
+        A path is opened only if it is a regular file (see :func:`open_regular`).
+    limits : ImageLimits
+        File size, pixel count and aspect ratio refused before decoding.
 
     Returns
     -------
@@ -89,22 +210,23 @@ def open_rgb(path_or_file: PathOrFile) -> Image.Image:
     Raises
     ------
     BadImage
-        With a short reason: "file not found", "zero-byte file", "not an image",
-        "truncated JPEG", "decompression bomb (N pixels)", ...
+        With a short reason: "file not found", "zero-byte file", "not a regular file (FIFO)",
+        "file too large (N bytes > limit M)", "not an image", "truncated JPEG",
+        "decompression bomb (N pixels)", "extreme aspect ratio (40000x1 > 50:1)", ...
     """
     try:
         if hasattr(path_or_file, "read"):
-            data = path_or_file.read()  # type: ignore[union-attr]
+            data = _read_capped(path_or_file, limits.max_file_bytes)  # type: ignore[arg-type]
         else:
-            with open(path_or_file, "rb") as f:  # type: ignore[arg-type]
-                data = f.read()
-    except FileNotFoundError as e:
-        raise BadImage("file not found") from e
+            data = read_regular(path_or_file, limits.max_file_bytes)  # type: ignore[arg-type]
+    except RefusedFile as e:
+        raise BadImage(str(e)) from e
     except OSError as e:
         raise BadImage(f"unreadable file ({e.strerror or e})") from e
     if not data:
         raise BadImage("zero-byte file")
     kind = _sniff(data) or "image"
+    max_pixels = limits.pixel_limit()
     try:
         # Escalate PIL's bomb warning (MAX_IMAGE_PIXELS < n <= 2x) to an error: a worker
         # that decodes a 20k x 20k image can take the whole machine down.
@@ -115,6 +237,13 @@ def open_rgb(path_or_file: PathOrFile) -> Image.Image:
             w, h = im.size
             if w <= 0 or h <= 0:
                 raise BadImage(f"empty {kind} ({w}x{h} pixels)")
+            # Everything below is known from the header alone: refuse before decoding.
+            if kind in _EXTERNAL_DECODERS:
+                raise BadImage(f"unsupported format {kind}")
+            if max_pixels is not None and w * h > max_pixels:
+                raise BadImage(f"decompression bomb ({w * h} pixels)")
+            if limits.max_aspect is not None and max(w, h) > limits.max_aspect * min(w, h):
+                raise BadImage(f"extreme aspect ratio ({w}x{h} > {limits.max_aspect:g}:1)")
             im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
@@ -129,7 +258,6 @@ def open_rgb(path_or_file: PathOrFile) -> Image.Image:
         orientation = im.getexif().get(0x0112, 1)
         if orientation not in (1, None):
             im = ImageOps.exif_transpose(im)
-    except Exception as e:  # a broken EXIF block should not cost us the pixels
-        logger.debug("ignoring unreadable EXIF: %s", e)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, SyntaxError, ZeroDivisionError, struct.error) as e:
+        logger.debug("ignoring unreadable EXIF: %s", e)  # a broken EXIF block should not cost us the pixels
     return _to_rgb(im)
-

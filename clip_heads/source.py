@@ -4,6 +4,10 @@ A source is a map-style, picklable listing (keys, labels, classes and optional p
 extras) plus :meth:`Source.load`, which decodes one image to RGB with
 :func:`clip_heads.images.open_rgb`. The formats themselves are in :mod:`clip_heads.datasets`
 (folder-like ones, and the registry) and :mod:`clip_heads.cifar`.
+
+File-backed sources are confined to their root: :meth:`Source.load` refuses (as a
+:class:`~clip_heads.images.BadImage`) a file whose real path, symlinks resolved, lies outside
+the folder the source was opened on, unless it was opened with ``allow_outside_root=True``.
 """
 from __future__ import annotations
 
@@ -16,9 +20,20 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from .images import open_rgb
+from .images import DEFAULT_LIMITS, BadImage, ImageLimits, open_rgb
 
 logger = logging.getLogger(__name__)
+
+
+def is_inside(real: str, folder: str) -> bool:
+    """Whether the resolved path ``real`` is ``folder`` or below it (both already resolved)."""
+    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def outside_root(path: str, folder: str) -> str | None:
+    """``path``'s real path if it resolves outside the resolved ``folder``, else ``None``."""
+    real = os.path.realpath(path)
+    return None if is_inside(real, folder) else real
 
 
 class Source:
@@ -40,9 +55,21 @@ class Source:
         Optional per-item columns, each of shape (n_items, ...).
     extras_meta : dict of str to list of str
         Column names of 2-D extras.
+    limits : ImageLimits
+        File size, pixel and aspect limits of :meth:`load` (``open_source(limits=...)``).
+    allow_outside_root : bool
+        Whether files may resolve (through ``..`` or symlinks) outside the root folder.
     """
 
     format: str = ""
+    limits: ImageLimits = DEFAULT_LIMITS
+    allow_outside_root: bool = False
+    _confine: str | None = None  # resolved folder every loaded file must lie in; None: anywhere
+
+    def _set_root_policy(self, folder: str, allow_outside_root: bool) -> None:
+        """Confine the files of this source to ``folder`` unless ``allow_outside_root``."""
+        self.allow_outside_root = bool(allow_outside_root)
+        self._confine = None if self.allow_outside_root else os.path.realpath(folder)
 
     def _finish(self, root: str, base: str, classes: list[str], keys: list[str], labels: Any,
                 extras: dict[str, np.ndarray] | None = None,
@@ -55,7 +82,9 @@ class Source:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.extras = extras or {}
         self.extras_meta = extras_meta or {}
-        self.options = options or {}
+        self.options = dict(options or {})
+        if self.allow_outside_root:  # only when set, so default runs keep their fingerprints
+            self.options["allow_outside_root"] = True
         logger.info("%s source %s: %d images in %d classes", self.format, root, len(self.keys), len(self.classes))
 
     def __len__(self) -> int:
@@ -75,8 +104,15 @@ class Source:
         return os.path.normpath(os.path.join(self._base, self.keys[i]))
 
     def load(self, i: int) -> Image.Image:
-        """Decode item ``i`` as RGB; raises :class:`BadImage` for unreadable data."""
-        return open_rgb(self.path(i))
+        """Decode item ``i`` as RGB; raises :class:`BadImage` for unreadable data, or for a
+        file that resolves outside the source root (see ``allow_outside_root``)."""
+        path = self.path(i)
+        if self._confine is not None:
+            real = os.path.realpath(path)
+            if not is_inside(real, self._confine):
+                raise BadImage(f"outside the source root (resolves to {real})")
+            path = real  # open what was checked, not a path a symlink swap could redirect
+        return open_rgb(path, self.limits)
 
     def _stamp(self, h: Any) -> None:
         # stat only, never decode: this must stay cheap on 100k files.
