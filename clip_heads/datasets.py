@@ -10,23 +10,35 @@ name in :data:`SOURCES`; :func:`open_source` opens a path, detecting the format 
 Item order is part of the contract (an interrupted encode resumes by index): file-backed
 sources list classes sorted by name and keys sorted within each class; CIFAR-100 keeps
 the official label ids and the official item order.
+
+Sources stay inside their root unless opened with ``allow_outside_root=True``: a class
+folder or a manifest row that resolves outside it is an error when the source is opened; a
+file found by walking that is a symlink out of the root is listed but refused when loaded, so
+an encode records it among the skipped images with the reason. Folders are walked without
+recursion, to at most :data:`MAX_FOLDER_DEPTH` levels, and symlinked subfolders below a class
+folder are not entered.
 """
 from __future__ import annotations
 
 import csv
 import inspect
+import io
 import logging
 import os
+import stat
 from typing import Any, Union
 
 import numpy as np
 
-from .cifar import Cifar100Source, _cifar_dir
-from .source import Source
+from .cifar import Cifar100Source, find_cifar_dir
+from .images import DEFAULT_LIMITS, ImageLimits, RefusedFile, file_kind, read_regular
+from .source import Source, is_inside, outside_root
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_FOLDER_DEPTH = 128  # levels of subfolders below a class folder; deeper is refused, not walked
+_ALLOW_HINT = "open it with allow_outside_root=True (--allow-outside-root) to read it anyway"
 
 EMOTION6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
 EMOTION6_DISTRIBUTION = EMOTION6_CLASSES + ["neutral"]
@@ -57,19 +69,50 @@ WEBEMO_LEVELS = (2, 7, 25)
 # --------------------------------------------------------------------------- folder-like sources
 
 def _subdirs(folder: str) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+    try:
+        with os.scandir(folder) as it:
+            return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+    except OSError as e:
+        raise ValueError(f"cannot list folder '{folder}': {e.strerror or e}") from e
 
 
-def _images_under(root: str, rel: str) -> list[str]:
-    """Sorted keys ('/'-separated, relative to root) of the images anywhere under root/rel."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, rel)):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        relpath = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        out += [f"{relpath}/{f}" for f in filenames
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(out)
+def _short(rel: str, n: int = 80) -> str:
+    return rel if len(rel) <= n else rel[:n] + "..."
+
+
+def _images_under(root: str, rel: str, confine: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Sorted keys ('/'-separated, relative to root) of the images anywhere under root/rel,
+    and the (key, target) of those that are symlinks resolving outside ``confine``.
+
+    An explicit stack, not recursion: depth costs no Python frames, and is capped at
+    :data:`MAX_FOLDER_DEPTH` with a one-line error. Symlinked subfolders are not entered (so
+    no loop, and nothing outside the root through them); symlinked files are listed.
+    """
+    out, outside = [], []
+    stack = [(rel, 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            with os.scandir(os.path.join(root, d)) as it:
+                entries = sorted((e.name, e.is_dir(), e.is_symlink()) for e in it if not e.name.startswith("."))
+        except OSError as e:
+            raise ValueError(f"cannot list folder '{os.path.join(root, _short(d))}': {e.strerror or e}") from e
+        for name, is_dir, is_link in entries:
+            key = f"{d}/{name}"
+            if is_dir:
+                if is_link:
+                    continue
+                if depth >= MAX_FOLDER_DEPTH:
+                    raise ValueError(f"folder '{os.path.join(root, rel)}' nests subfolders deeper than "
+                                     f"{MAX_FOLDER_DEPTH} levels (at '{_short(key)}')")
+                stack.append((key, depth + 1))
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(key)
+                if is_link and confine is not None:
+                    target = outside_root(os.path.join(root, key), confine)
+                    if target is not None:
+                        outside.append((key, target))
+    return sorted(out), outside
 
 
 def _require_dir(path: str, fmt: str) -> None:
@@ -77,20 +120,38 @@ def _require_dir(path: str, fmt: str) -> None:
         raise ValueError(f"{fmt} source must be a folder, got file '{path}'")
 
 
-def _collect(root: str, class_dirs: dict[str, list[str]], classes: list[str]) -> tuple[list[str], list[int]]:
-    """Flatten {class: [folders]} into sorted keys and labels; an imageless folder is an error."""
+def _check_inside(path: str, confine: str | None, what: str, root: str) -> None:
+    """An error naming ``what`` when ``path`` resolves outside the resolved root ``confine``."""
+    if confine is not None:
+        target = outside_root(path, confine)
+        if target is not None:
+            raise ValueError(f"{what} resolves outside the source root '{root}' (to '{target}'); {_ALLOW_HINT}")
+
+
+def _collect(root: str, class_dirs: dict[str, list[str]], classes: list[str],
+             confine: str | None = None) -> tuple[list[str], list[int]]:
+    """Flatten {class: [folders]} into sorted keys and labels; an imageless folder is an error,
+    and so is a class folder resolving outside ``confine`` (the resolved source root)."""
     keys: list[str] = []
     labels: list[int] = []
+    outside: list[tuple[str, str]] = []
     for label, name in enumerate(classes):
         found: list[str] = []
         for rel in class_dirs.get(name, []):
-            imgs = _images_under(root, rel)
+            _check_inside(os.path.join(root, rel), confine, f"class folder '{rel}' in '{root}'", root)
+            imgs, out = _images_under(root, rel, confine)
             if not imgs:
                 raise ValueError(f"class folder '{rel}' in '{root}' has no images "
                                  f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
             found += imgs
+            outside += out
         keys += sorted(found)
         labels += [label] * len(found)
+    if outside:
+        key, target = outside[0]
+        logger.warning("%d file(s) in '%s' are symlinks resolving outside the source root (e.g. '%s' -> '%s'): "
+                       "they will be skipped; open the source with allow_outside_root=True (--allow-outside-root) "
+                       "to read them", len(outside), root, key, target)
     return keys, labels
 
 
@@ -120,12 +181,13 @@ class FolderSource(Source):
 
     format = "folder"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, allow_outside_root: bool = False) -> None:
         _require_dir(path, self.format)
+        self._set_root_policy(path, allow_outside_root)
         classes = _subdirs(path)
         if not classes:
             raise ValueError(f"folder source '{path}' has no class folders (expected root/<class>/<images>)")
-        keys, labels = _collect(path, {c: [c] for c in classes}, classes)
+        keys, labels = _collect(path, {c: [c] for c in classes}, classes, self._confine)
         self._finish(path, path, classes, keys, labels)
 
 
@@ -134,10 +196,11 @@ class FISource(Source):
 
     format = "fi"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, allow_outside_root: bool = False) -> None:
         _require_dir(path, self.format)
+        self._set_root_policy(path, allow_outside_root)
         mapping = _match_names(path, _subdirs(path), FI_CLASSES, self.format)
-        keys, labels = _collect(path, {c: [d] for d, c in mapping.items()}, FI_CLASSES)
+        keys, labels = _collect(path, {c: [d] for d, c in mapping.items()}, FI_CLASSES, self._confine)
         self._finish(path, path, FI_CLASSES, keys, labels)
 
 
@@ -152,8 +215,9 @@ class WebEmoSource(Source):
 
     format = "webemo"
 
-    def __init__(self, path: str, level: int | str = 7) -> None:
+    def __init__(self, path: str, level: int | str = 7, allow_outside_root: bool = False) -> None:
         _require_dir(path, self.format)
+        self._set_root_policy(path, allow_outside_root)
         if str(level).strip() not in {str(v) for v in WEBEMO_LEVELS}:
             raise ValueError(f"webemo level must be one of 2, 7, 25; got {level!r}")
         level = int(level)
@@ -177,7 +241,7 @@ class WebEmoSource(Source):
         by_class: dict[str, list[str]] = {}
         for rel, fine in fine_dirs.items():
             by_class.setdefault(name_at(fine), []).append(rel)
-        keys, labels = _collect(path, by_class, classes)
+        keys, labels = _collect(path, by_class, classes, self._confine)
         self._finish(path, path, classes, keys, labels, options={"level": level})
 
 
@@ -191,17 +255,19 @@ class Emotion6Source(Source):
 
     format = "emotion6"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, allow_outside_root: bool = False) -> None:
         _require_dir(path, self.format)
+        self._set_root_policy(path, allow_outside_root)
         images, gt_file = os.path.join(path, "images"), os.path.join(path, "ground_truth.txt")
         for p in (images, gt_file):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"emotion6 source '{path}' lacks '{os.path.basename(p)}'")
+            _check_inside(p, self._confine, f"'{os.path.basename(p)}'", path)
         mapping = _match_names(images, _subdirs(images), EMOTION6_CLASSES, self.format)
-        keys, labels = _collect(images, {c: [d] for d, c in mapping.items()}, EMOTION6_CLASSES)
+        keys, labels = _collect(images, {c: [d] for d, c in mapping.items()}, EMOTION6_CLASSES, self._confine)
         rows: dict[str, list[float]] = {}
-        with open(gt_file, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
+        try:
+            for lineno, line in enumerate(_open_text(gt_file, "emotion6 ground truth"), 1):
                 if not line.strip() or line.startswith("["):
                     continue  # header "[image_filename]\t[valence]..."
                 cols = line.rstrip("\r\n").split("\t")
@@ -214,6 +280,8 @@ class Emotion6Source(Source):
                     raise ValueError(f"{gt_file} line {lineno}: expected a file name and 9 numbers, "
                                      f"got {line.strip()!r}")
                 rows[cols[0].replace("\\", "/")] = values
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{gt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from e
         # keys are relative to images/, i.e. the ids ground_truth.txt uses ("disgust/1.jpg")
         unlisted = [k for k in keys if k not in rows]
         if unlisted:
@@ -230,19 +298,24 @@ class Emotion6Source(Source):
 class CsvSource(Source):
     """A ``.csv``/``.tsv`` manifest with header ``path,label[,split]``.
 
-    Paths are relative to the manifest's folder; labels are class names; classes are the
-    sorted unique labels. Items are ordered by class, then key; ``split`` becomes an extra.
+    Paths are relative to the manifest's folder and must resolve inside it (no ``..`` out of
+    it, no absolute path elsewhere, no symlink out) unless ``allow_outside_root=True``; each
+    must name a regular file. Labels are class names; classes are the sorted unique labels.
+    Items are ordered by class, then key; ``split`` becomes an extra.
     """
 
     format = "csv"
 
-    def __init__(self, path: str) -> None:
-        if not os.path.isfile(path):
+    def __init__(self, path: str, allow_outside_root: bool = False) -> None:
+        if os.path.isdir(path):
             raise ValueError(f"csv source must be a .csv or .tsv file, got folder '{path}'")
         base = os.path.dirname(path)
+        self._set_root_policy(base, allow_outside_root)
         delim = "\t" if path.lower().endswith(".tsv") else ","
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delim)
+        f = _open_text(path, "manifest", newline="")
+        reader = csv.reader(f, delimiter=delim)
+        row_no = 0
+        try:
             header = [c.strip().lower() for c in next(reader, [])]
             if "path" not in header or "label" not in header:
                 raise ValueError(f"manifest '{path}' header must name columns path,label[,split]; got {header}")
@@ -256,18 +329,47 @@ class CsvSource(Source):
                 where = f"manifest '{path}' row {row_no} (line {reader.line_num})"
                 if not key or not vals["label"]:
                     raise ValueError(f"{where}: missing {'path' if not key else 'label'} in {row}")
-                if not os.path.isfile(os.path.join(base, key)):
-                    raise ValueError(f"{where}: file '{key}' not found relative to '{base}'")
+                self._check_entry(os.path.join(base, key), key, base, where)
                 if key in seen:
                     raise ValueError(f"{where}: '{key}' already listed in row {seen[key]}")
                 seen[key] = row_no
                 items.append((vals["label"], key, vals.get("split", "")))
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit() (131,072 characters)
+            raise ValueError(f"manifest '{path}' row {row_no + 1} (line {reader.line_num}): {e}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"manifest '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from e
         classes = sorted({lab for lab, _, _ in items})
         items.sort()
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[lab] for lab, _, _ in items]
         extras = {"split": np.asarray([s for _, _, s in items], dtype=str)} if "split" in col else {}
         self._finish(path, base, classes, [k for _, k, _ in items], labels, extras)
+
+    def _check_entry(self, full: str, key: str, base: str, where: str) -> None:
+        # An explicit row naming something unreadable is an error now, not a skip later.
+        if self._confine is not None:
+            target = outside_root(full, self._confine)
+            if target is not None:
+                rule = "is an absolute path" if os.path.isabs(key) else "resolves"
+                raise ValueError(f"{where}: '{key}' {rule} outside the manifest's folder '{base}' "
+                                 f"(to '{target}'); paths must stay inside it, or {_ALLOW_HINT}")
+        try:
+            mode = os.stat(full).st_mode
+        except FileNotFoundError:
+            raise ValueError(f"{where}: file '{key}' not found relative to '{base}'") from None
+        except OSError as e:
+            raise ValueError(f"{where}: cannot stat '{key}' relative to '{base}': {e.strerror or e}") from e
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{where}: '{key}' is not a regular file ({file_kind(mode)})")
+
+
+def _open_text(path: str, what: str, newline: str | None = None) -> io.TextIOWrapper:
+    """A small text file read whole (bounded, regular files only) as UTF-8 (BOM tolerated)."""
+    try:
+        data = read_regular(path, DEFAULT_LIMITS.max_file_bytes)
+    except RefusedFile as e:
+        raise ValueError(f"cannot read {what} '{path}': {e}") from e
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline=newline)
 
 
 # --------------------------------------------------------------------------- registry
@@ -297,7 +399,7 @@ def detect_format(path: str) -> str:
             return "csv"
         raise ValueError(f"cannot detect the dataset format of file '{path}': expected a .csv/.tsv "
                          f"manifest or a cifar-100-python .tar.gz")
-    if _cifar_dir(path):
+    if find_cifar_dir(path):
         return "cifar100"
     if os.path.isfile(os.path.join(path, "ground_truth.txt")) and os.path.isdir(os.path.join(path, "images")):
         return "emotion6"
@@ -307,17 +409,23 @@ def detect_format(path: str) -> str:
     return "folder"
 
 
-def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", **options: Any) -> Source:
+def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", *, allow_outside_root: bool = False,
+                limits: ImageLimits | None = None, **options: Any) -> Source:
     """Open a dataset as a :class:`Source`.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Folder, manifest file or archive.
+        Folder, manifest file or archive (a regular file or a folder).
     format : str
         One of :func:`list_formats`; ``"auto"`` detects cifar100 (tarball or folder with
         train/test/meta), emotion6 (ground_truth.txt + images/), csv (.csv/.tsv) and
         otherwise folder. FI and WEBEmo must be named.
+    allow_outside_root : bool
+        Read files that resolve outside the source's folder (manifest paths with ``..`` or
+        absolute paths elsewhere, symlinks out of the root). Off by default.
+    limits : ImageLimits, optional
+        Size, pixel and aspect limits for decoding images (default :data:`DEFAULT_LIMITS`).
     **options
         Format options; ``None`` values mean "default". cifar100: ``split`` ("test",
         "train", "all"), ``label_level`` ("fine", "coarse"); webemo: ``level`` (2, 7, 25).
@@ -327,18 +435,32 @@ def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", **op
     Source
     """
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset path '{path}' does not exist")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dataset path '{path}' does not exist") from None
+    except OSError as e:
+        raise ValueError(f"cannot open dataset path '{path}': {e.strerror or e}") from e
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise ValueError(f"dataset path '{path}' is a {file_kind(mode)}: expected a folder or a regular file")
     name = str(format).lower()
     if name not in list_formats():
         raise ValueError(f"unknown dataset format {format!r}; valid: {', '.join(list_formats())}")
     if name == "auto":
         name = detect_format(path)
     cls = SOURCES[name]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "path")]
+    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "path")]
+    valid = [p for p in params if p != "allow_outside_root"]  # common to all formats; not listed
     options = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"format '{name}' does not take option(s) {unknown}; "
                          f"valid: {', '.join(valid) if valid else 'none'}")
-    return cls(path, **options)
+    if allow_outside_root:
+        if "allow_outside_root" not in params:
+            raise ValueError(f"format '{name}' does not take allow_outside_root")
+        options["allow_outside_root"] = True
+    src = cls(path, **options)
+    if limits is not None:
+        src.limits = limits
+    return src
