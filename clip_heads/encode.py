@@ -16,10 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from .backbone import DEFAULT_MODEL, Backbone, Preprocess
+from .backbone import DEFAULT_MODEL, Backbone
 from .datasets import open_source
+from .loading import DecodedBatches as _Batches
 from .prompts import default_template_sets, encode_prompt_set
 from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize
 from .writer import StoreWriter
@@ -36,33 +37,6 @@ class EncodeResult:
     n_images: int
     n_skipped: int
     status: str  # "encoded", "resumed", "up-to-date"
-
-
-class _Batches(Dataset):
-    """Batch ``b`` is items ``positions[b*size:(b+1)*size]`` of the source, decoded and preprocessed."""
-
-    def __init__(self, source, positions: np.ndarray, batch_size: int, preprocess: Preprocess):
-        self.source, self.positions, self.batch_size, self.preprocess = source, positions, batch_size, preprocess
-
-    def __len__(self) -> int:
-        return (len(self.positions) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, b: int) -> dict[str, Any]:
-        chunk = self.positions[b * self.batch_size : (b + 1) * self.batch_size]
-        good, pixels, bad = [], [], []
-        for i in chunk:
-            try:
-                pixels.append(self.preprocess(self.source.load(int(i))))
-                good.append(int(i))
-            except Exception as e:  # any unreadable image is skipped and recorded, never fatal
-                bad.append((int(i), _reason(e)))
-        x = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0)
-        return {"n": len(chunk), "good": good, "pixels": x, "bad": bad}
-
-
-def _reason(e: Exception) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def sample_positions(n: int, limit: int | None, seed: int) -> np.ndarray:

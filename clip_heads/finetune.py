@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader
 from .backbone import (DEFAULT_MODEL, PRECISIONS, Preprocess, _features, _not_found, autocast_for, resolve_device,
                        weights_hash)
 from .datasets import EMOTION6_CLASSES, FI_CLASSES, open_source
-from .encode import _Batches, default_workers
+from .encode import default_workers
 from .heads.contrastive import multi_positive_clip_loss
+from .loading import DecodedBatches as _Batches
 from .prompts import EMOTION_FORMATS, build_texts, class_phrase, default_template_sets, load_templates
 from .source import Source
 from .train import Trainer
