@@ -57,6 +57,11 @@ def _formats() -> list[str]:
     return list_formats()
 
 
+_ALLOW_OUTSIDE = click.option(
+    "--allow-outside-root", is_flag=True,
+    help="Read files that resolve outside the source's folder (manifest paths with .. or absolute paths elsewhere, symlinks out of the root).")
+
+
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Store file to write (.h5).")
@@ -75,25 +80,26 @@ def _formats() -> list[str]:
 @click.option("--label-level", default=None, help="CIFAR-100: fine or coarse; WEBEmo: 2, 7 or 25.")
 @click.option("--shard", default=None, metavar="I/N", help="Encode only slice I of N (one process per GPU or machine); join with `clip-heads merge`.")
 @click.option("--overwrite", is_flag=True, help="Start over, discarding an existing or unfinished store at --out.")
+@_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, shard, overwrite):
+def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, shard, overwrite, allow_outside_root):
     """Encode every image of SOURCE and its prompts with a frozen CLIP into the store --out.
 
     An interrupted run resumes when rerun with the same arguments; a complete store is left as is.
     """
     from .encode import encode as run
 
-    options = _source_options(fmt, split, label_level)
+    options = _source_options(fmt, split, label_level, allow_outside_root)
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
             device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
             limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"])
     click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped)")
 
 
-def _source_options(fmt: str, split: str | None, label_level: str | None) -> dict:
-    """--split / --label-level as the dataset source's options (CIFAR-100 and WEBEmo)."""
-    options = {}
+def _source_options(fmt: str, split: str | None, label_level: str | None, allow_outside_root: bool = False) -> dict:
+    """--split / --label-level (CIFAR-100 and WEBEmo) and --allow-outside-root as the source's options."""
+    options: dict = {"allow_outside_root": True} if allow_outside_root else {}
     if split is not None:
         options["split"] = split
     if label_level is not None:
@@ -339,10 +345,11 @@ def _floats(text: str) -> list[float]:
 @click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
 @click.option("--seed", default=0, help="Seed of training and of the folds (the heads' folds for the same seed).")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming a run in --out.")
+@_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
 def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv, epochs, batch_size, micro_batch, lr,
-             weight_decay, warmup, precision, device, gradient_checkpointing, workers, seed, overwrite):
+             weight_decay, warmup, precision, device, gradient_checkpointing, workers, seed, overwrite, allow_outside_root):
     """Fine-tune both CLIP towers on SOURCE paired with class captions (the papers' Emotion-CLIP recipe).
 
     An interrupted run resumes from its last checkpoint when rerun with the same arguments.
@@ -351,7 +358,7 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
 
     from .finetune import cross_validate_finetune, finetune as run
 
-    opts = dict(format=fmt, source_options=_source_options(fmt, split, label_level), templates=templates, epochs=epochs,
+    opts = dict(format=fmt, source_options=_source_options(fmt, split, label_level, allow_outside_root), templates=templates, epochs=epochs,
                 batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, warmup=warmup,
                 precision=precision, device=device, gradient_checkpointing=gradient_checkpointing, workers=workers,
                 progress=ctx.obj["progress"])
@@ -400,10 +407,11 @@ def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
 @click.option("--micro-batch", default=None, type=click.IntRange(min=1), help="Gradient accumulation micro-batch.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--seed", default=0, help="Seed of the hold-out fold and of training.")
+@_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
 def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, a_split, b_split, alphas, holdout, finetuned,
-                   epochs, batch_size, micro_batch, device, seed):
+                   epochs, batch_size, micro_batch, device, seed, allow_outside_root):
     """B&P Table 5 and the WiSE-FT curve: fine-tune on A, zero-shot held-out A and all of B at every alpha."""
     from .wise_ft import generalisation as run
 
@@ -414,8 +422,8 @@ def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, 
     else:
         raise click.BadParameter(f"{holdout!r}: use an integer K >= 2 or 'none'", param_hint="--holdout")
     result = run(a_source, b_source, out_dir, model, alphas=_floats(alphas), holdout=hold, seed=seed, finetuned=finetuned,
-                 a_format=a_format, b_format=b_format, a_options=_source_options(a_format, a_split, None),
-                 b_options=_source_options(b_format, b_split, None), epochs=epochs, batch_size=batch_size,
+                 a_format=a_format, b_format=b_format, a_options=_source_options(a_format, a_split, None, allow_outside_root),
+                 b_options=_source_options(b_format, b_split, None, allow_outside_root), epochs=epochs, batch_size=batch_size,
                  micro_batch=micro_batch, device=device, progress=ctx.obj["progress"])
     click.echo(result["text"])
     click.echo(f"written to {out_dir}/generalisation.txt")
