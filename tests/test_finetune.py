@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from clip_heads.backbone import weights_hash
+from clip_heads.backbone import model_identity
 from clip_heads.datasets import open_source
 from clip_heads.encode import encode
 from clip_heads.crossval import stratified_folds
@@ -255,7 +255,7 @@ def test_cross_validation_uses_the_heads_folds_and_the_original_weights(tuned, t
     with open(tmp_path / "cv" / "folds.csv") as f:
         saved = [int(line.rsplit(",", 1)[1]) for line in f.read().splitlines()[1:]]
     np.testing.assert_array_equal(saved, folds)
-    original = weights_hash(tiny_clip, None)
+    original = model_identity(tiny_clip)["model_hash"]
     for f in range(3):
         fold_dir = tmp_path / "cv" / f"fold-{f:02d}"
         ident = json.loads((fold_dir / "train_log.json").read_text())["identity"]
