@@ -1,6 +1,7 @@
 """`clip-heads finetune`, `wise-ft` and `generalisation` from the command line, on the tiny CLIP."""
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -9,7 +10,15 @@ from clip_heads.cli import main
 from clip_heads.store import open_store
 from test_cli_heads import colour_folder
 
-torch.set_num_threads(1)  # tiny models: threads only spin-wait on a shared 2-core machine
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: a second thread only spin-waits on a shared 2-core machine. Restored after
+    # this module, so the rest of the suite runs with torch's own thread count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run(*argv, code=0):
