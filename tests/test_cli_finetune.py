@@ -68,3 +68,27 @@ def test_finetune_cli_errors(tiny_clip, tmp_path):
               "--workers", "0", code=1)
     assert "micro" in out
     assert not (tmp_path / "f" / "model.safetensors").exists()
+
+
+def test_finetune_cv_checks_reused_folds_honours_overwrite_and_prints_the_table_once(tiny_clip, tmp_path, caplog):
+    import logging
+
+    a = colour_folder(tmp_path / "a", 4)
+    args = ["finetune", a, "--out", tmp_path / "cv", "--model", tiny_clip, "--cv", "2", "--templates", "bp-photo",
+            "--epochs", "1", "--batch-size", "8", "--workers", "0"]
+    title = "Fine-tuned CLIP, 2-fold cross-validation"
+    with caplog.at_level(logging.INFO, logger="clip_heads"):
+        out = run(*args)
+    assert out.count(title) == 1 and "2-fold fine-tune CV" in out  # the table once, and a bar over folds
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(title in m for m in messages)
+    folds = [m.split(":")[0] for m in messages if m.startswith("fold ") and "accuracy" in m]
+    assert folds == ["fold 1/2", "fold 2/2"]  # counted from 1, like the heads' CV
+
+    # Scored folds are reused only for the same settings; --overwrite starts over with the new ones.
+    out = run(*args, "--lr", "1e-3", code=1)
+    assert "lr=2e-05" in out and "lr=0.001" in out and "--overwrite" in out
+    out = run(*args, "--lr", "1e-3", "--overwrite")
+    assert out.count(title) == 1
+    for f in ("fold-00", "fold-01"):
+        assert json.loads((tmp_path / "cv" / f / "train_log.json").read_text())["identity"]["lr"] == 1e-3
