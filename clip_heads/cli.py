@@ -50,22 +50,33 @@ def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     logging.getLogger("clip_heads").setLevel(level)
     for noisy in ("transformers", "httpx", "httpx2", "huggingface_hub", "urllib3", "h5py"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
-    _library_progress_bars(not quiet)
+    _library_progress_bars(ctx, not quiet)
     ctx.obj = {"progress": not quiet}
 
 
-def _library_progress_bars(on: bool) -> None:
-    """transformers' and huggingface_hub's own bars ("Loading weights", downloads) follow -q as ours do."""
+def _library_progress_bars(ctx: click.Context, on: bool) -> None:
+    """transformers' and huggingface_hub's own bars ("Loading weights", downloads) follow -q as ours do.
+
+    Neither library is imported for this (``clip-heads -q info`` stays light): the environment
+    variable both read at import is set for this command, and libraries already imported (a
+    second command in one process) are switched directly.
+    """
     import os
 
-    if on and ("transformers" not in sys.modules and "huggingface_hub" not in sys.modules
-               or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")):
-        return  # nothing imported yet turned them off, or the user did
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
+    if not on:
+        key, before = "HF_HUB_DISABLE_PROGRESS_BARS", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+        os.environ[key] = "1"
+        ctx.call_on_close(lambda: os.environ.__setitem__(key, before) if before is not None else os.environ.pop(key, None))
+    elif os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        return  # the user turned them off
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    (enable_progress_bars if on else disable_progress_bars)()
-    (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+        (enable_progress_bars if on else disable_progress_bars)()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
 
 
 def _formats() -> list[str]:

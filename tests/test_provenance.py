@@ -8,6 +8,7 @@ revisions of a tiny CLIP with different weights; ``refs/main`` is switched betwe
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -270,3 +271,47 @@ def test_a_model_that_is_not_a_whole_clip_is_refused(tiny_clip, tmp_path):
     shutil.copy(Path(tiny_clip) / "preprocessor_config.json", vision)
     with pytest.raises(ValueError, match="clip_vision_model.*both its image and text towers"):
         load_clip(vision)
+
+
+def test_a_reachable_hub_pins_the_revision_it_answers(hub, monkeypatch, caplog):
+    # The online path, without a network: the hub's answer is stubbed, the files come from the cache.
+    import huggingface_hub
+
+    import clip_heads.backbone as backbone
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    monkeypatch.setattr(backbone, "_hub_down", {})
+    monkeypatch.setattr(backbone, "_said", set())
+    asked, fetched = [], []
+    snapshots = hub["cache"] / "models--org--tiny" / "snapshots"
+
+    class Info:
+        sha = REV_B
+
+    def model_info(self, repo_id, timeout=None, **kw):
+        asked.append((repo_id, timeout))
+        return Info()
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        fetched.append((repo_id, revision, tuple(allow_patterns)))
+        return str(snapshots / revision)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    ident = model_identity(REPO)  # refs/main says A, the hub says B: the hub's answer is what is loaded
+    assert ident["model_revision"] == REV_B
+    assert ident["model_hash"] == sha256(hub["models"][REV_B] / "model.safetensors")
+    assert asked == [(REPO, backbone.HUB_PROBE_TIMEOUT)] and fetched == [(REPO, REV_B, backbone.HUB_FILES)]
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    http = pytest.importorskip("httpx2")  # huggingface_hub's HTTP client, whose responses its errors carry
+
+    def refused(self, repo_id, timeout=None, **kw):
+        raise RepositoryNotFoundError("404", response=http.Response(404, request=http.Request("GET", "http://x")))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", refused)
+    caplog.set_level(logging.INFO, logger="clip_heads.backbone")
+    assert model_identity(REPO)["model_revision"] == REV_A  # the cached copy, and one line saying why
+    assert any("answered 404" in r.getMessage() and "cached copy" in r.getMessage() for r in caplog.records)
