@@ -4,16 +4,24 @@ Any CLIP id (``openai/clip-vit-base-patch32``, the papers' model) or a local dir
 with ``save_pretrained`` is loaded the same way. The model's own preprocessor config decides
 resize, crop and normalisation; :class:`Preprocess` re-implements it with PIL + numpy so it can
 run in DataLoader workers, and the tests hold it to ``CLIPImageProcessor`` on real JPEGs.
+
+Which model was loaded is answered here too, once for every caller: :func:`resolve_model` finds
+a model's files (a directory, or the hub snapshot: asked once with a short timeout, the cached
+copy used when the hub is unreachable or HF_HUB_OFFLINE is set) and hashes its weights;
+:func:`load_clip` loads exactly those files (safetensors only); :func:`check_identity` is the
+one comparison of a recorded identity (``model_id``, ``model_revision``, ``model_hash``) with
+the current one, used by encode's resume, prompts, fine-tune resume and WiSE-FT.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +32,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC, 4: Image.BOX, 5: Image.HAMMING}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -139,24 +146,233 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def weights_hash(model_id: str, model) -> str:
-    """A content hash of a local model's weights, or the hub revision it was loaded at."""
-    if os.path.isdir(model_id):
-        files = sorted(p for p in Path(model_id).iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+# ---------------------------------------------------------------------------------------
+# Which model: its files, its revision and a hash of its weights (the identity every check compares)
+# ---------------------------------------------------------------------------------------
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
+# What a CLIP load reads from a hub repo: config, safetensors weights, tokenizer and image processor.
+HUB_FILES = ("*.json", "*.safetensors", "*.txt")
+HUB_PROBE_TIMEOUT = 5.0  # seconds the hub gets to answer once before the cached copy is used
+LOCAL_REVISION = "local"  # the revision recorded for a model directory
+_hub_down: dict[str, str] = {}  # endpoint -> why it could not be reached, for this process
+_said: set[tuple[str, str]] = set()
+_hashes: dict[tuple, str] = {}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's files are and which weights they hold.
+
+    ``model_id`` is what the user named (hub id or directory), ``path`` the folder the model is
+    loaded from (the directory itself, or the hub snapshot), ``revision`` the snapshot's commit
+    (``"local"`` for a directory) and ``weights_hash`` a sha256 over the weight files loaded.
+    """
+
+    model_id: str
+    path: Path
+    revision: str
+    weights_hash: str
+
+    def identity(self) -> dict[str, str]:
+        """What stores, heads, fine-tunes and WiSE-FT blends record and compare."""
+        return {"model_id": self.model_id, "model_revision": self.revision, "model_hash": self.weights_hash}
+
+
+def weight_files(folder: str | os.PathLike, origin: str | None = None) -> list[Path]:
+    """The safetensors files transformers loads from ``folder``: ``model.safetensors``, or the
+    shards its index lists. A folder with pickle weights only is refused (a pickle runs code)."""
+    folder = Path(folder)
+    origin = origin or str(folder)
+    if (folder / SAFETENSORS).is_file():
+        return [folder / SAFETENSORS]
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from e
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ValueError(f"{origin} lacks weight shards {missing} listed in {SAFETENSORS_INDEX}")
+        return [folder / s for s in shards]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        raise ValueError(f"{origin} holds pickle weights only ({', '.join(pickles)}); clip-heads loads safetensors "
+                         f"only, since loading a pickle can run code: save the model with save_pretrained "
+                         f"(safe_serialization=True) where you trust the file")
+    raise ValueError(f"{origin} has no {SAFETENSORS} (nor {SAFETENSORS_INDEX}): not a model saved with save_pretrained")
+
+
+def weights_hash(folder: str | os.PathLike, origin: str | None = None) -> str:
+    """``"sha256:<hex>"`` over the weight files of ``folder`` in name order (one file: its sha256).
+
+    Remembered for this process by (path, size, mtime, inode), so checking a model twice reads it once.
+    """
+    files = weight_files(folder, origin)
+    stats = [p.stat() for p in files]
+    key = tuple((str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for p, st in zip(files, stats))
+    if key not in _hashes:
         h = hashlib.sha256()
         for p in files:
             with open(p, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
-        return "sha256:" + h.hexdigest()
-    rev = getattr(model.config, "_commit_hash", None)
-    return f"revision:{rev}" if rev else ""
+        _hashes[key] = "sha256:" + h.hexdigest()
+    return _hashes[key]
 
 
-def _not_found(model_id: str, err: Exception) -> ValueError:
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    why = "offline mode (HF_HUB_OFFLINE) and not in the local cache" if offline else "not a local directory and not loadable from the hub"
-    return ValueError(f"cannot load CLIP model {model_id!r}: {why}; pass --model PATH to a directory saved with save_pretrained ({type(err).__name__})")
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read now rather than at import."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_model(model_id: str | os.PathLike) -> ModelFiles:
+    """Find the files of ``model_id`` (a directory, or a hub id) and hash its weights. No model is loaded.
+
+    A hub id is looked up on the hub once per process, with a short timeout; when the hub cannot
+    be reached, or HF_HUB_OFFLINE is set, the cached snapshot of ``refs/main`` is used and one INFO
+    line says so. Raises ``ValueError`` (one line) when no weights can be found or identified.
+    """
+    model_id = str(model_id)
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return ModelFiles(model_id, path, LOCAL_REVISION, weights_hash(path, f"model directory {model_id}"))
+    if path.exists():
+        raise ValueError(f"--model {model_id!r} is a file; pass a model directory saved with save_pretrained, or a hub id")
+    folder = _hub_snapshot(model_id)
+    return ModelFiles(model_id, folder, folder.name,
+                      weights_hash(folder, f"the cached copy of {model_id} at revision {folder.name}"))
+
+
+def model_identity(model_id: str | os.PathLike) -> dict[str, str]:
+    """``{"model_id", "model_revision", "model_hash"}`` of a model, without loading it."""
+    return resolve_model(model_id).identity()
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"cannot load CLIP model {repo_id!r}: no such directory, and not a hub id (org/name); "
+                         "pass --model PATH to a directory saved with save_pretrained") from e
+    if hub_offline():
+        return _cached_snapshot(repo_id, "offline (HF_HUB_OFFLINE)")
+    endpoint = constants.ENDPOINT
+    if endpoint in _hub_down:
+        return _cached_snapshot(repo_id, _hub_down[endpoint])
+    try:
+        sha = HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT).sha
+    except _network_errors() as e:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        why = f"hub {endpoint} unreachable ({type(e).__name__})"
+        if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
+            why = f"hub {endpoint} answered {e.response.status_code} for {repo_id}"
+        else:
+            _hub_down[endpoint] = why  # ask once per process, not once per file
+        return _cached_snapshot(repo_id, why)
+    return Path(snapshot_download(repo_id, revision=sha, allow_patterns=list(HUB_FILES)))
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub raises OSError subclasses for HTTP and offline errors; its HTTP client's
+    # transport errors (connection refused, timeouts) are not OSErrors.
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _cached_snapshot(repo_id: str, why: str) -> Path:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(found, str):
+        raise ValueError(f"cannot load CLIP model {repo_id!r}: {why}, and it is not in the local cache "
+                         f"({constants.HF_HUB_CACHE}); run once with the hub reachable, or pass --model PATH "
+                         "to a directory saved with save_pretrained")
+    folder = Path(found).parent
+    if (repo_id, folder.name) not in _said:
+        _said.add((repo_id, folder.name))
+        logger.info("%s: using the cached copy of %s at revision %s", why, repo_id, folder.name)
+    return folder
+
+
+def check_identity(recorded: Mapping[str, Any], current: Mapping[str, str], what: str, remedy: str,
+                   accept_declared: bool = False) -> None:
+    """Refuse unless ``recorded`` (a store's or a run's attributes) names the model ``current``
+    identifies: same ``model_id``, same non-empty ``model_hash``, same ``model_revision`` where
+    both are recorded. ``accept_declared`` lets a hash declared by a user (``declared:<id>``,
+    from :func:`clip_heads.store.write_store`) pass with a warning, since it cannot be checked."""
+    rid, rhash, rrev = recorded.get("model_id"), str(recorded.get("model_hash") or ""), recorded.get("model_revision")
+    if str(rid) != str(current["model_id"]):
+        raise ValueError(f"{what} was made with model_id={rid!r}, but this run has model_id={current['model_id']!r}; {remedy}")
+    if not rhash:
+        raise ValueError(f"{what} records no model_hash (an older clip-heads recorded none for a hub id), so the "
+                         f"weights it was made with cannot be verified; {remedy}")
+    if rhash.startswith("declared:") and accept_declared:
+        logger.warning("%s declares its model (%s) rather than hashing it: trusting that %s at %s is that model",
+                       what, rhash, current["model_id"], current["model_hash"][:19])
+        return
+    if rhash != current["model_hash"] or (rrev and str(rrev) != str(current["model_revision"])):
+        raise ValueError(f"{what} was made with {rid} at model_revision={rrev!r}, model_hash={rhash!r}, but {rid} "
+                         f"is now model_revision={current['model_revision']!r}, model_hash={current['model_hash']!r}; "
+                         f"{remedy}")
+
+
+@dataclass
+class LoadedClip:
+    """A CLIPModel with its tokenizer and image processor, and the files they came from."""
+
+    model: Any
+    tokenizer: Any
+    processor: Any
+    files: ModelFiles
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return self.files.identity()
+
+
+def load_clip(model: str | os.PathLike | ModelFiles, device: torch.device | str = "cpu", dtype=None) -> LoadedClip:
+    """THE way a CLIP is loaded: resolve its files (:func:`resolve_model`), then load model,
+    tokenizer and image processor from that folder, safetensors only, never touching the hub again.
+
+    A checkpoint that is not a complete CLIP (another model type, missing weights) is refused.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    files = model if isinstance(model, ModelFiles) else resolve_model(model)
+    try:
+        model_type = json.loads((files.path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"cannot load CLIP model {files.model_id!r}: unreadable config.json in {files.path} ({e})") from e
+    if model_type != "clip":
+        raise ValueError(f"{files.model_id} is a {model_type!r} model (config.json model_type); clip-heads needs a "
+                         "complete CLIP (model_type 'clip') with both its image and text towers")
+    kw = {} if dtype is None else {"dtype": dtype}
+    try:
+        clip, info = CLIPModel.from_pretrained(files.path, use_safetensors=True, output_loading_info=True, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(files.path)
+        processor = AutoImageProcessor.from_pretrained(files.path)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot load CLIP model {files.model_id!r} from {files.path}: {first}") from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(f"{files.model_id} is not a complete CLIP: {len(missing)} weights are missing from its "
+                         f"checkpoint (e.g. {missing[0]}), and would be random")
+    return LoadedClip(clip.to(device), tokenizer, processor, files)
 
 
 class Backbone:
@@ -169,27 +385,23 @@ class Backbone:
     precision : "auto" (fp16 autocast on GPU, fp32 on CPU), "fp32", "fp16", "bf16".
     """
 
-    def __init__(self, model_id: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto"):
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-        self.model_id = str(model_id)
+    def __init__(self, model_id: str | ModelFiles = DEFAULT_MODEL, device: str = "auto", precision: str = "auto"):
         self.device = resolve_device(device)
         self.precision = precision
         autocast_for(self.device, precision)  # validates the name early
-        try:
-            self.model = CLIPModel.from_pretrained(self.model_id).eval().to(self.device)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
-            processor = AutoImageProcessor.from_pretrained(self.model_id)
-        except (OSError, ValueError) as e:
-            raise _not_found(self.model_id, e) from e
+        loaded = load_clip(model_id, self.device)
+        self.model, self.tokenizer, self.files = loaded.model.eval(), loaded.tokenizer, loaded.files
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.preprocess = Preprocess.from_processor(processor)
-        self.model_hash = weights_hash(self.model_id, self.model)
+        self.preprocess = Preprocess.from_processor(loaded.processor)
+        self.model_id = self.files.model_id
+        self.identity = self.files.identity()
+        self.model_hash, self.model_revision = self.files.weights_hash, self.files.revision
         self.dim = int(self.model.config.projection_dim)
 
     def provenance(self) -> dict:
-        return {"model_id": self.model_id, "model_hash": self.model_hash, "preprocess": self.preprocess.config()}
+        """Store attributes: ``model_id``, ``model_revision``, ``model_hash`` and ``preprocess``."""
+        return dict(self.identity, preprocess=self.preprocess.config())
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -197,26 +409,32 @@ class Backbone:
         pixels = pixels.to(self.device, non_blocking=True)
         with autocast_for(self.device, self.precision):
             out = self.model.get_image_features(pixel_values=pixels)
-        return _features(out).float()
+        return as_embeddings(out).float()
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> image embeddings ``(B, dim)``."""
         return self.encode_pixels(torch.from_numpy(np.stack([self.preprocess(im) for im in images])))
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False,
+                     desc: str = "prompts") -> torch.Tensor:
         """Texts -> text embeddings ``(len(texts), dim)`` float32 (not normalised)."""
+        from tqdm.auto import tqdm
+
         out = []
-        for i in range(0, len(texts), batch_size):
-            tok = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, return_tensors="pt")
-            tok = {k: v.to(self.device) for k, v in tok.items()}
-            with autocast_for(self.device, self.precision):
-                feats = self.model.get_text_features(**tok)
-            out.append(_features(feats).float().cpu())
+        with tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress or not texts) as bar:
+            for i in range(0, len(texts), batch_size):
+                tok = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, return_tensors="pt")
+                tok = {k: v.to(self.device) for k, v in tok.items()}
+                with autocast_for(self.device, self.precision):
+                    feats = self.model.get_text_features(**tok)
+                out.append(as_embeddings(feats).float().cpu())
+                bar.update(len(out[-1]))
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
-def _features(out) -> torch.Tensor:
+def as_embeddings(out) -> torch.Tensor:
+    """The projected embeddings ``(B, dim)`` of ``get_image_features`` / ``get_text_features``."""
     # transformers 5 returns a BaseModelOutputWithPooling whose pooler_output is the projected
     # embedding; 4.x returned the tensor itself.
     return out if isinstance(out, torch.Tensor) else out.pooler_output

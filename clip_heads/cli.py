@@ -39,16 +39,44 @@ def friendly(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="clip-heads")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no INFO lines; warnings and errors still shown.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
 def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """Encode a dataset once with a frozen CLIP, then train and evaluate light heads in seconds."""
-    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3", "h5py"):
-        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+    # -q silences progress, never warnings: a user must still see "k is larger than a class".
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("clip_heads").setLevel(level)
+    for noisy in ("transformers", "httpx", "httpx2", "huggingface_hub", "urllib3", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    _library_progress_bars(ctx, not quiet)
     ctx.obj = {"progress": not quiet}
+
+
+def _library_progress_bars(ctx: click.Context, on: bool) -> None:
+    """transformers' and huggingface_hub's own bars ("Loading weights", downloads) follow -q as ours do.
+
+    Neither library is imported for this (``clip-heads -q info`` stays light): the environment
+    variable both read at import is set for this command, and libraries already imported (a
+    second command in one process) are switched directly.
+    """
+    import os
+
+    if not on:
+        key, before = "HF_HUB_DISABLE_PROGRESS_BARS", os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+        os.environ[key] = "1"
+        ctx.call_on_close(lambda: os.environ.__setitem__(key, before) if before is not None else os.environ.pop(key, None))
+    elif os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        return  # the user turned them off
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if on else disable_progress_bars)()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
 
 
 def _formats() -> list[str]:
@@ -140,12 +168,14 @@ def merge(out, shards, overwrite):
 @click.option("--name", default=None, help="Name of the prompt set (one --templates only). [default: the template set's name]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--overwrite", is_flag=True, help="Replace prompt sets of the same name.")
+@click.pass_context
 @friendly
-def prompts(store, templates, classes, synonyms, name, device, overwrite):
+def prompts(ctx, store, templates, classes, synonyms, name, device, overwrite):
     """Add prompt sets to STORE, encoded by the store's own model (images are not touched)."""
     from .prompts import add_prompts
 
-    names = add_prompts(store, list(templates), classes=classes, synonyms=synonyms, name=name, device=device, overwrite=overwrite)
+    names = add_prompts(store, list(templates), classes=classes, synonyms=synonyms, name=name, device=device,
+                        overwrite=overwrite, progress=ctx.obj["progress"])
     click.echo(f"added prompt sets {', '.join(names)} to {store}")
 
 
@@ -344,7 +374,7 @@ def _floats(text: str) -> list[float]:
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
 @click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
 @click.option("--seed", default=0, help="Seed of training and of the folds (the heads' folds for the same seed).")
-@click.option("--overwrite", is_flag=True, help="Start over instead of resuming a run in --out.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming a run in --out (with --cv: discard the scored folds).")
 @_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
@@ -363,7 +393,7 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
                 precision=precision, device=device, gradient_checkpointing=gradient_checkpointing, workers=workers,
                 progress=ctx.obj["progress"])
     if cv:
-        cross_validate_finetune(source, out_dir, model, cv=cv, seed=seed, **opts)
+        cross_validate_finetune(source, out_dir, model, cv=cv, seed=seed, overwrite=overwrite, **opts)
         click.echo((Path(out_dir) / "report.txt").read_text())
         click.echo(f"{cv}-fold results written to {out_dir}")
         return
@@ -376,10 +406,13 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
 @click.argument("zero_shot_model")
 @click.argument("finetuned_model", type=click.Path(exists=True, file_okay=False))
 @click.option("--alpha", "alphas", default="0.5", help="Mixing weight(s) in [0, 1], comma-separated: 0 = zero-shot, 1 = fine-tuned.")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory (one alpha) or folder of alpha-X.XX/ directories (several).")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory (one alpha) or folder of alpha-X.XX/ directories (several); never an input.")
 @friendly
 def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
-    """Robust fine-tuning (WiSE-FT): write (1-alpha)*ZERO_SHOT_MODEL + alpha*FINETUNED_MODEL as model directories."""
+    """Robust fine-tuning (WiSE-FT): write (1-alpha)*ZERO_SHOT_MODEL + alpha*FINETUNED_MODEL as model directories.
+
+    Models of different architectures are refused; a warning says when neither was fine-tuned from the other.
+    """
     from .wise_ft import interpolate, interpolate_sweep
 
     values = _floats(alphas)

@@ -18,17 +18,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .backbone import DEFAULT_MODEL, Backbone
+from .backbone import DEFAULT_MODEL, Backbone, check_identity, model_identity
 from .datasets import open_source
-from .loading import DecodedBatches as _Batches
+from .loading import DecodedBatches
 from .prompts import default_template_sets, encode_prompt_set
 from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize
 from .writer import StoreWriter
 
 logger = logging.getLogger(__name__)
 
-# Attributes that must agree between a partial or complete store and the run asked for.
-_IDENTITY = ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "shard_index", "shard_count")
+# Attributes that must agree between a partial or complete store and the run asked for, besides
+# the model's identity (model_id, model_revision, model_hash), which backbone.check_identity compares.
+_IDENTITY = ("source_fingerprint", "normalized", "dtype", "shard_index", "shard_count")
+_REMEDY = "use another --out, or --overwrite to start over"
 
 
 @dataclass
@@ -121,25 +123,27 @@ def encode(
     if overwrite:
         for p in (out, part):
             p.unlink(missing_ok=True)
-    wanted_light = {"model_id": model, "source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype,
-                    "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None}
+    wanted = {"source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype,
+              "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None}
 
     if out.exists():
         with FeatureStore(out) as s:
             found = s.attrs
-            _check_matches(found, dict(wanted_light, model_hash=found.get("model_hash")), out)
+            # The model as it is now (its weights hashed, not loaded), against the one that encoded the store.
+            check_identity(found, backbone.identity if backbone else model_identity(model), str(out), _REMEDY)
+            _check_matches(found, wanted, out)
             missing = [t for t in template_sets if Path(t).stem not in s.prompt_sets() and t not in s.prompt_sets()]
             n, n_skipped = len(s), s.progress["skipped"]
         if missing and templates:
             from .prompts import add_prompts
 
-            add_prompts(str(out), missing, device=device)
+            add_prompts(str(out), missing, device=device, progress=progress)
         logger.info("%s is complete and up to date (%d images); nothing to do", out, n)
         return EncodeResult(out, n, n_skipped, "up-to-date")
 
     backbone = backbone or Backbone(model, device=device, precision=precision)
-    wanted = dict(wanted_light, model_hash=backbone.model_hash)
     if part.exists():
+        check_identity(StoreWriter.read_partial_attrs(out), backbone.identity, str(part), _REMEDY)
         _check_matches(StoreWriter.read_partial_attrs(out), wanted, part)
         writer, status = StoreWriter.resume(out), "resumed"
     else:
@@ -161,7 +165,7 @@ def encode(
 
     try:
         _stream(src, positions, writer, backbone, batch_size, workers, normalize, progress)
-        sets = [encode_prompt_set(backbone, t, src.classes) for t in template_sets]
+        sets = [encode_prompt_set(backbone, t, src.classes, progress=progress) for t in template_sets]
     except BaseException:
         writer.close()  # the committed prefix stays in <out>.partial for the next run
         raise
@@ -182,7 +186,7 @@ def _stream(src, positions, writer: StoreWriter, backbone: Backbone, batch_size,
         return
     workers = default_workers(backbone.device) if workers is None else workers
     loader = DataLoader(
-        _Batches(src, todo, batch_size, backbone.preprocess),
+        DecodedBatches(src, todo, batch_size, backbone.preprocess),
         batch_size=None,
         num_workers=workers,
         pin_memory=backbone.device.type == "cuda",

@@ -37,27 +37,30 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .backbone import (DEFAULT_MODEL, PRECISIONS, Preprocess, _features, _not_found, autocast_for, resolve_device,
-                       weights_hash)
+from .backbone import (DEFAULT_MODEL, PRECISIONS, ModelFiles, Preprocess, as_embeddings, autocast_for, check_identity,
+                       load_clip, resolve_device, resolve_model)
 from .datasets import EMOTION6_CLASSES, FI_CLASSES, open_source
 from .encode import default_workers
+from .fsutil import atomic_write_text, exclusive_lock, staged_dir
 from .heads.contrastive import multi_positive_clip_loss
-from .loading import DecodedBatches as _Batches
+from .loading import DecodedBatches
 from .prompts import EMOTION_FORMATS, build_texts, class_phrase, default_template_sets, load_templates
 from .source import Source
 from .train import Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "FinetuneResult", "cross_validate_finetune", "evaluate_zero_shot", "contrastive_loss"]
+__all__ = ["finetune", "FinetuneResult", "cross_validate_finetune", "evaluate_zero_shot", "contrastive_loss", "model_lineage"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its learned temperature at 100
 EMOTION_EPOCHS, OTHER_EPOCHS = 3, 1  # B&P: Emotion-CLIP 3 epochs, CIFAR100-CLIP 1
 _EMOTION_WORDS = set(FI_CLASSES) | set(EMOTION6_CLASSES) | {"neutral", "love", "confusion", "positive", "negative"}
-# What a resumed or repeated run must share with the run that wrote the out dir.
-_IDENTITY = ("model", "model_hash", "source", "train_indices", "templates", "epochs", "batch_size", "micro_batch",
-             "lr", "weight_decay", "warmup", "max_grad_norm", "seed")
+# What a resumed or repeated run must share with the run that wrote the out dir, besides the
+# starting model's identity (model_id, model_revision, model_hash: backbone.check_identity).
+_IDENTITY = ("source", "train_indices", "templates", "epochs", "batch_size", "micro_batch", "lr", "weight_decay",
+             "warmup", "max_grad_norm", "seed")
+_REMEDY = "use another out dir, or overwrite=True (--overwrite) to start over"
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labe
 
 
 def _normed(x: Any) -> torch.Tensor:
-    return F.normalize(_features(x).float(), dim=-1)
+    return F.normalize(as_embeddings(x).float(), dim=-1)
 
 
 class _CaptionLoss:
@@ -134,7 +137,7 @@ class _EpochData:
     def __call__(self, epoch: int, start: int = 0):
         tpl = torch.from_numpy(self.templates(epoch))
         todo = self.order(epoch)[start * self.micro:]
-        loader = DataLoader(_Batches(self.src, todo, self.micro, self.preprocess), batch_size=None,
+        loader = DataLoader(DecodedBatches(self.src, todo, self.micro, self.preprocess), batch_size=None,
                             num_workers=self.workers, pin_memory=self.pin,
                             prefetch_factor=2 if self.workers else None)
         it = iter(loader)
@@ -166,19 +169,23 @@ def _resolve_amp(device: torch.device, precision: str) -> bool | str:
     return False if precision == "fp32" else precision
 
 
-def _load_clip(model_id: str, device: torch.device):
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+def model_lineage(model_dir: str | os.PathLike) -> list[dict]:
+    """Identities of the models ``model_dir`` was made from, nearest first: the base of a
+    fine-tune (its ``train_log.json``) or the endpoints of a WiSE-FT blend (``wise_ft.json``),
+    and theirs in turn. Empty for a model clip-heads did not make."""
+    folder = Path(model_dir)
+    for name in ("train_log.json", "wise_ft.json"):
+        try:
+            record = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("lineage"), list):
+            return [i for i in record["lineage"] if isinstance(i, dict) and i.get("model_hash")]
+    return []
 
-    try:
-        model = CLIPModel.from_pretrained(model_id, dtype=torch.float32)  # fp32 master weights
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        processor = AutoImageProcessor.from_pretrained(model_id)
-    except (OSError, ValueError) as e:
-        raise _not_found(model_id, e) from e
-    return model.to(device), tokenizer, processor
 
-
-def _open(source: PathLike | Source, format: str, options: dict | None) -> Source:
+def as_source(source: PathLike | Source, format: str = "auto", options: dict | None = None) -> Source:
+    """An open Source as is, or the dataset at a path opened with ``format`` and ``options``."""
     return source if isinstance(source, Source) else open_source(source, format=format, **(options or {}))
 
 
@@ -186,35 +193,26 @@ def _is_emotion(src: Source) -> bool:
     return src.format in EMOTION_FORMATS or {c.lower() for c in src.classes} <= _EMOTION_WORDS
 
 
-def _default_templates(src: Source) -> str:
+def default_caption_templates(src: Source) -> str:
+    """B&P's caption set for a source: "bp-emotion" for emotion data, else the kind's first set."""
     return "bp-emotion" if _is_emotion(src) else default_template_sets(src.format)[0]
 
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints: <out>/checkpoint/step-N-epoch-E/{model.safetensors, trainer.pt, log.json} + latest
 # ---------------------------------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 def _save_checkpoint(root: Path, trainer: Trainer, log: dict) -> None:
     from safetensors.torch import save_file
 
     # The epoch-end state of step N differs from its on-step state: the name tells them apart,
     # so `latest` never points at a folder being replaced.
     name = f"step-{trainer.step:08d}-epoch-{trainer.epoch:03d}"
-    tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = trainer.state_dict()
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.pop("model").items()}, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "trainer.pt")  # tensors and plain values only: loads with weights_only=True
-    (tmp / "log.json").write_text(json.dumps(log))
-    shutil.rmtree(root / name, ignore_errors=True)
-    os.replace(tmp, root / name)
-    _write_text(root / "latest", name)
+    with staged_dir(root / name) as tmp:
+        state = trainer.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.pop("model").items()}, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "trainer.pt")  # tensors and plain values only: loads with weights_only=True
+        (tmp / "log.json").write_text(json.dumps(log))
+    atomic_write_text(root / "latest", name)
     for old in root.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -236,10 +234,13 @@ def _load_checkpoint(root: Path, trainer: Trainer, identity: dict) -> dict | Non
 
 
 def _check_identity(found: dict, wanted: dict, where: Path) -> None:
+    # Logs written before model_revision was recorded named the starting model "model".
+    check_identity(dict(found, model_id=found.get("model_id", found.get("model"))), wanted,
+                   f"the fine-tune in {where}", _REMEDY)
     for k in _IDENTITY:
         if found.get(k) != wanted.get(k):
             raise ValueError(f"{where} holds a fine-tune with {k}={found.get(k)!r}, but this run has {k}={wanted.get(k)!r}; "
-                             "use another out dir, or overwrite=True to start over")
+                             + _REMEDY)
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,15 +287,15 @@ def finetune(source: PathLike | Source, out_dir: PathLike, model: str = DEFAULT_
     FinetuneResult; ``out_dir`` holds the model, tokenizer and image processor
     (``save_pretrained``) and ``train_log.json``.
     """
-    result, _ = _finetune(**locals())
+    result, _ = finetune_loaded(**locals())
     return result
 
 
-def _finetune(source, out_dir, model, *, format, source_options, templates, train_indices, epochs, batch_size,
-              micro_batch, lr, weight_decay, warmup, max_grad_norm, precision, device, gradient_checkpointing,
-              workers, seed, checkpoint_every, keep_checkpoint, overwrite, progress):
-    out = Path(out_dir)
-    src = _open(source, format, source_options)
+def _plan(src: Source, model: str | ModelFiles, *, train_indices, templates, epochs, batch_size, micro_batch, lr,
+          weight_decay, warmup, max_grad_norm, seed) -> tuple[dict, dict]:
+    """Validate a fine-tune's settings and name the run: ``(identity, settings)``. The identity is
+    what a resumed or repeated run must share with the one that wrote the out dir; computing it
+    loads no model (the starting weights are identified by their hash)."""
     positions = np.arange(len(src)) if train_indices is None else np.unique(np.asarray(train_indices, np.int64))
     if not len(positions) or positions[0] < 0 or positions[-1] >= len(src):
         raise ValueError(f"train_indices must be non-empty positions in 0..{len(src) - 1}")
@@ -302,15 +303,39 @@ def _finetune(source, out_dir, model, *, format, source_options, templates, trai
     if batch_size < 1 or micro < 1 or batch_size % micro:
         raise ValueError(f"micro_batch ({micro_batch}) must divide batch_size ({batch_size}), both >= 1")
     epochs = epochs if epochs is not None else (EMOTION_EPOCHS if _is_emotion(src) else OTHER_EPOCHS)
-    tpl_name, tpls = load_templates(templates or _default_templates(src))
-    dev = resolve_device(device)
-    amp = _resolve_amp(dev, precision)
-
-    clip, tokenizer, processor = _load_clip(str(model), dev)
-    identity = {"model": str(model), "model_hash": weights_hash(str(model), clip), "source": src.fingerprint(),
+    tpl_name, tpls = load_templates(templates or default_caption_templates(src))
+    files = model if isinstance(model, ModelFiles) else resolve_model(model)
+    identity = {**files.identity(), "source": src.fingerprint(),
                 "train_indices": hashlib.sha256(positions.tobytes()).hexdigest(), "templates": tpls, "epochs": epochs,
                 "batch_size": batch_size, "micro_batch": micro, "lr": lr, "weight_decay": weight_decay,
                 "warmup": warmup, "max_grad_norm": max_grad_norm, "seed": seed}
+    return identity, dict(files=files, positions=positions, micro=micro, epochs=epochs, tpl_name=tpl_name, tpls=tpls)
+
+
+def finetune_loaded(source, out_dir, model, *, format, source_options, templates, train_indices, epochs,
+                    batch_size, micro_batch, lr, weight_decay, warmup, max_grad_norm, precision, device,
+                    gradient_checkpointing, workers, seed, checkpoint_every, keep_checkpoint, overwrite, progress):
+    """:func:`finetune` (every option given, as :func:`resolve_finetune_options` fills them), also
+    returning the trained ``(model, tokenizer, processor)`` so a caller can score it without
+    reloading; ``None`` in their place when the out dir already held the finished run."""
+    out = Path(out_dir)
+    src = as_source(source, format, source_options)
+    identity, plan = _plan(src, model, train_indices=train_indices, templates=templates, epochs=epochs,
+                           batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
+                           warmup=warmup, max_grad_norm=max_grad_norm, seed=seed)
+    dev = resolve_device(device)
+    amp = _resolve_amp(dev, precision)
+    with exclusive_lock(out, "clip-heads fine-tune"):
+        return _train(src, out, plan, identity, dev, amp, gradient_checkpointing=gradient_checkpointing,
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                      max_grad_norm=max_grad_norm, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
+                      keep_checkpoint=keep_checkpoint, overwrite=overwrite, progress=progress)
+
+
+def _train(src, out, plan, identity, dev, amp, *, gradient_checkpointing, batch_size, lr, weight_decay, warmup,
+           max_grad_norm, workers, seed, checkpoint_every, keep_checkpoint, overwrite, progress):
+    positions, micro, epochs, tpl_name, tpls = (plan[k] for k in ("positions", "micro", "epochs", "tpl_name", "tpls"))
+    files: ModelFiles = plan["files"]
     ckpt = out / "checkpoint"
     if overwrite:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -321,7 +346,11 @@ def _finetune(source, out_dir, model, *, format, source_options, templates, trai
         logger.info("%s is a finished fine-tune with these settings; nothing to do", out)
         return FinetuneResult(out, "up-to-date", done["steps"][-1]["step"] if done["steps"] else 0, len(positions),
                               done["skipped"], done), None
+    for stale in ckpt.glob(".step-*"):  # staging folders of a killed run; we hold the lock, so nobody else's
+        shutil.rmtree(stale, ignore_errors=True)
 
+    loaded = load_clip(files, dev, dtype=torch.float32)  # fp32 master weights
+    clip, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.processor
     if gradient_checkpointing:
         # transformers 5 renamed it; 4.x only has the old name.
         (getattr(clip, "activation_checkpointing_enable", None) or clip.gradient_checkpointing_enable)()
@@ -336,7 +365,10 @@ def _finetune(source, out_dir, model, *, format, source_options, templates, trai
     recipe = dict(template_set=tpl_name, n_train=int(len(positions)), classes=list(src.classes),
                   precision=str(amp or "fp32"), device=str(dev), gradient_checkpointing=gradient_checkpointing,
                   steps_per_epoch=math.ceil(len(data) / (batch_size // micro)))
-    log: dict[str, Any] = {"identity": identity, "recipe": recipe, "steps": [], "epochs": [], "skipped": {}}
+    # The starting model and its own ancestors, so WiSE-FT can tell a fine-tune from an unrelated model.
+    base = files.identity()
+    log: dict[str, Any] = {"identity": identity, "base": base, "lineage": [base] + model_lineage(files.path),
+                           "recipe": recipe, "steps": [], "epochs": [], "skipped": {}}
 
     from tqdm.auto import tqdm
 
@@ -391,15 +423,15 @@ def _finetune(source, out_dir, model, *, format, source_options, templates, trai
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     log["skipped"] = data.skipped
-    _write_text(out / "train_log.json", json.dumps(log, indent=1))  # last: marks the model complete
+    atomic_write_text(out / "train_log.json", json.dumps(log, indent=1))  # last: marks the model complete
     if not keep_checkpoint:
         shutil.rmtree(ckpt, ignore_errors=True)
-    logger.info("fine-tuned %s on %d images (%d skipped) in %d steps -> %s", model, len(positions), len(data.skipped),
-                trainer.step, out)
+    logger.info("fine-tuned %s on %d images (%d skipped) in %d steps -> %s", files.model_id, len(positions),
+                len(data.skipped), trainer.step, out)
     return FinetuneResult(out, status, trainer.step, len(positions), dict(data.skipped), log), (clip, tokenizer, processor)
 
 
-def _finetune_kwargs(options: dict) -> dict:
+def resolve_finetune_options(options: dict) -> dict:
     """``finetune``'s defaults updated with ``options``; unknown names are refused."""
     import inspect
 
@@ -427,15 +459,17 @@ def _class_vectors(clip, tokenizer, templates: Sequence[str], classes: Sequence[
 
 
 @torch.inference_mode()
-def _zero_shot(clip, tokenizer, preprocess: Preprocess, src: Source, positions: np.ndarray, templates: Sequence[str],
-               device: torch.device, precision: str, batch_size: int, workers: int, progress: bool = False) -> dict:
+def zero_shot_report(clip, tokenizer, preprocess: Preprocess, src: Source, positions: np.ndarray,
+                     templates: Sequence[str], device: torch.device, precision: str, batch_size: int, workers: int,
+                     progress: bool = False) -> dict:
+    """Zero-shot a loaded CLIP on ``positions`` of ``src`` (see :func:`evaluate_zero_shot`)."""
     from tqdm.auto import tqdm
 
     from .metrics import classification_report
 
     clip.eval()
     V = _class_vectors(clip, tokenizer, templates, src.classes, device, precision)
-    loader = DataLoader(_Batches(src, np.asarray(positions), batch_size, preprocess), batch_size=None,
+    loader = DataLoader(DecodedBatches(src, np.asarray(positions), batch_size, preprocess), batch_size=None,
                         num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
     good, preds, skipped = [], [], {}
     for item in tqdm(loader, unit="batch", desc=f"zero-shot {Path(src.root).name}", disable=not progress):
@@ -463,12 +497,13 @@ def evaluate_zero_shot(model: str, source: PathLike | Source, *, format: str = "
     go straight through the model. Returns a :func:`clip_heads.metrics.classification_report`
     plus ``templates``, ``skipped`` ({key: reason}), ``positions`` and ``y_pred``.
     """
-    src = _open(source, format, source_options)
+    src = as_source(source, format, source_options)
     dev = resolve_device(device)
-    clip, tokenizer, processor = _load_clip(str(model), dev)
+    loaded = load_clip(model, dev, dtype=torch.float32)
+    clip, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.processor
     positions = np.arange(len(src)) if indices is None else np.asarray(indices, np.int64)
-    _, tpls = load_templates(templates or _default_templates(src))
-    return _zero_shot(clip, tokenizer, Preprocess.from_processor(processor), src, positions, tpls, dev, precision,
+    _, tpls = load_templates(templates or default_caption_templates(src))
+    return zero_shot_report(clip, tokenizer, Preprocess.from_processor(processor), src, positions, tpls, dev, precision,
                       batch_size, default_workers(dev) if workers is None else workers)
 
 
@@ -484,50 +519,75 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
     Folds are :func:`clip_heads.crossval.stratified_folds` ``(labels, cv, seed)``, so they are
     the heads' folds for the same seed; ``seed`` also seeds each fine-tune. ``finetune_options``
     are :func:`finetune`'s (``epochs``, ``batch_size``, ``lr``, ``templates``...). Each fold
-    lives in ``out_dir/fold-NN/`` (its weights are deleted after scoring unless ``keep_models``);
-    a rerun skips scored folds. Writes ``folds.csv`` and, via :func:`clip_heads.metrics.write_report`,
+    lives in ``out_dir/fold-NN/`` (NN the fold id of ``folds.csv``; its weights are deleted after
+    scoring unless ``keep_models``). A rerun reuses a scored fold only if it was fine-tuned from the
+    same weights with the same settings (anything else is refused); ``overwrite=True`` discards
+    the scored folds and starts over. Writes ``folds.csv`` and, via :func:`clip_heads.metrics.write_report`,
     ``metrics.json`` (per fold, mean, std, pooled), ``per_class.csv``, ``report.txt``.
 
     Returns the :func:`clip_heads.metrics.summarize_folds` dict.
     """
+    from tqdm.auto import tqdm
+
     from .crossval import stratified_folds, write_folds
-    from .metrics import classification_report, format_table, summarize_folds, write_report
+    from .metrics import classification_report, summarize_folds, write_report
 
     out = Path(out_dir)
-    src = _open(source, format, source_options)
-    opts = _finetune_kwargs(dict(finetune_options, seed=seed))
+    src = as_source(source, format, source_options)
+    opts = resolve_finetune_options(dict(finetune_options, seed=seed))
     folds = stratified_folds(src.labels, cv, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    write_folds(out / "folds.csv", src.keys, [src.classes[i] for i in src.labels], folds)
     dev = resolve_device(opts["device"])
     workers = default_workers(dev) if opts["workers"] is None else opts["workers"]
-    reports = []
-    for f in range(cv):
-        fold_dir = out / f"fold-{f:02d}"
-        scored = fold_dir / "metrics.json"
-        if scored.is_file():
-            reports.append(json.loads(scored.read_text()))
-            logger.info("fold %d/%d already scored", f + 1, cv)
-            continue
-        logger.info("fold %d/%d: fine-tuning on %d images", f + 1, cv, int((folds != f).sum()))
-        res, loaded = _finetune(src, fold_dir, model, **dict(opts, train_indices=np.flatnonzero(folds != f)))
-        clip, tokenizer, processor = loaded or _load_clip(str(fold_dir), dev)
-        tpls = res.log["identity"]["templates"]
-        rep = _zero_shot(clip, tokenizer, Preprocess.from_processor(processor), src, np.flatnonzero(folds == f), tpls,
-                         dev, opts["precision"], eval_batch_size, workers, opts["progress"])
-        rep["fold"] = f
-        _write_text(scored, json.dumps(rep))
-        if not keep_models:
-            for w in fold_dir.glob("*.safetensors"):
-                w.unlink()
-        logger.info("fold %d: accuracy %.4f, macro F1 %.4f", f, rep["accuracy"], rep["macro"]["f1"])
-        reports.append(rep)
-        del clip
-    pos = np.concatenate([r["positions"] for r in reports])
-    pooled = classification_report(src.labels[pos], np.concatenate([r["y_pred"] for r in reports]), src.classes)
-    summary = summarize_folds([{k: v for k, v in r.items() if k not in ("positions", "y_pred")} for r in reports], pooled)
-    summary["folds_file"] = str(out / "folds.csv")
-    title = f"Fine-tuned CLIP, {cv}-fold cross-validation (zero-shot on each held-out fold)"
-    write_report(summary, out, title=title)
-    logger.info("\n%s", format_table(summary, title))
+    files = resolve_model(model)  # every fold starts from these weights
+    plan = {k: opts[k] for k in ("templates", "epochs", "batch_size", "micro_batch", "lr", "weight_decay", "warmup",
+                                 "max_grad_norm", "seed")}
+    with exclusive_lock(out, f"clip-heads {cv}-fold fine-tune CV"):
+        if opts["overwrite"]:
+            for old in out.glob("fold-*"):
+                if old.is_dir() and old.name[5:].isdigit():
+                    shutil.rmtree(old)
+        out.mkdir(parents=True, exist_ok=True)
+        write_folds(out / "folds.csv", src.keys, [src.classes[i] for i in src.labels], folds)
+        reports = []
+        bar = tqdm(total=cv, desc=f"{cv}-fold fine-tune CV", unit="fold", disable=not opts["progress"])
+        for f in range(cv):
+            fold_dir, train = out / f"fold-{f:02d}", np.flatnonzero(folds != f)
+            scored = fold_dir / "metrics.json"
+            if scored.is_file() and (fold_dir / "train_log.json").is_file():
+                # A scored fold is reused only if it was fine-tuned exactly as this run would.
+                identity, _ = _plan(src, files, train_indices=train, **plan)
+                _check_identity(json.loads((fold_dir / "train_log.json").read_text())["identity"], identity, fold_dir)
+                reports.append(json.loads(scored.read_text()))
+                logger.info("fold %d/%d already scored", f + 1, cv)
+                bar.update(1)
+                continue
+            logger.info("fold %d/%d: fine-tuning on %d images", f + 1, cv, len(train))
+            res, loaded = finetune_loaded(src, fold_dir, files, **dict(opts, train_indices=train, overwrite=False))
+            if loaded is None:
+                reloaded = load_clip(fold_dir, dev, dtype=torch.float32)
+                loaded = reloaded.model, reloaded.tokenizer, reloaded.processor
+            clip, tokenizer, processor = loaded
+            tpls = res.log["identity"]["templates"]
+            rep = zero_shot_report(clip, tokenizer, Preprocess.from_processor(processor), src, np.flatnonzero(folds == f),
+                             tpls, dev, opts["precision"], eval_batch_size, workers, opts["progress"])
+            rep["fold"] = f  # the fold id of folds.csv; messages count folds from 1
+            atomic_write_text(scored, json.dumps(rep))
+            if not keep_models:
+                for w in fold_dir.glob("*.safetensors"):
+                    w.unlink()
+            logger.info("fold %d/%d: accuracy %.4f, macro F1 %.4f", f + 1, cv, rep["accuracy"], rep["macro"]["f1"])
+            reports.append(rep)
+            del clip, loaded
+            bar.update(1)
+        bar.close()
+        pos = np.concatenate([r["positions"] for r in reports])
+        pooled = classification_report(src.labels[pos], np.concatenate([r["y_pred"] for r in reports]), src.classes)
+        summary = summarize_folds([{k: v for k, v in r.items() if k not in ("positions", "y_pred")} for r in reports],
+                                  pooled)
+        summary["folds_file"] = str(out / "folds.csv")
+        title = f"Fine-tuned CLIP, {cv}-fold cross-validation (zero-shot on each held-out fold)"
+        write_report(summary, out, title=title)
+    # The table is in report.txt (the CLI prints it); the log says where, once.
+    logger.info("%d-fold fine-tune CV: accuracy %.4f ± %.4f; report in %s", cv, summary["mean"]["accuracy"],
+                summary["std"]["accuracy"], out / "report.txt")
     return summary

@@ -117,12 +117,13 @@ def build_texts(templates: Sequence[str], classes: Sequence[str], synonyms: Mapp
     return texts, np.asarray(tid, np.int64), np.asarray(cid, np.int64)
 
 
-def encode_prompt_set(backbone, templates: str, classes: Sequence[str], synonyms: str | None = None, name: str | None = None) -> PromptSet:
-    """Encode one template set for ``classes`` with the backbone's text tower."""
+def encode_prompt_set(backbone, templates: str, classes: Sequence[str], synonyms: str | None = None,
+                      name: str | None = None, progress: bool = False) -> PromptSet:
+    """Encode one template set for ``classes`` with the backbone's text tower (a bar with ``progress``)."""
     set_name, tpls = load_templates(templates)
     syn = load_synonyms(synonyms, classes)
     texts, tid, cid = build_texts(tpls, classes, syn)
-    embeds = backbone.encode_texts(texts).numpy()
+    embeds = backbone.encode_texts(texts, progress=progress, desc=f"prompts {name or set_name}").numpy()
     attrs = {"source": templates, "synonyms": json.dumps(syn) if syn else ""}
     return PromptSet(name or set_name, list(classes), tpls, texts, embeds, tid, cid, attrs)
 
@@ -139,17 +140,20 @@ def add_prompts(
     name: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
+    progress: bool = True,
 ) -> list[str]:
     """Encode template sets with the store's own model and add them to the store.
 
     Images are not touched. ``classes`` defaults to the store's classes; another label set
     (e.g. ``"fi"`` on an Emotion6 store) gives prompts for querying with other classes.
+    The model must be the one that encoded the store: the same ``model_id`` whose weights
+    (``model_hash``) and revision are the store's, or the call is refused.
     Returns the names of the sets added.
     """
-    from .backbone import Backbone
+    from .backbone import Backbone, check_identity, resolve_model
 
     with open_store(store_path) as s:
-        model_id, model_hash, existing = s.model_id, s.model_hash, s.prompt_sets()
+        recorded, existing = s.attrs, s.prompt_sets()
         classes = s.classes if classes is None else load_classes(classes)
     if name and len(templates) > 1:
         raise ValueError("--name names a single prompt set; give one --templates with it")
@@ -157,10 +161,11 @@ def add_prompts(
     clash = [n for n in names if n in existing] if not overwrite else []
     if clash:
         raise ValueError(f"prompt sets {clash} already exist in {store_path}; use --name or --overwrite")
-    backbone = Backbone(model_id, device=device)
-    if model_hash and backbone.model_hash and backbone.model_hash != model_hash:
-        raise ValueError(f"model {model_id!r} now has weights {backbone.model_hash[:19]}..., but the store was encoded with {model_hash[:19]}...: re-encode the store")
-    sets = [encode_prompt_set(backbone, t, classes, synonyms, n) for t, n in zip(templates, names)]
+    files = resolve_model(str(recorded["model_id"]))  # identified before it is loaded, so a mismatch fails fast
+    check_identity(recorded, files.identity(), f"store {store_path}",
+                   "prompts must come from the model that encoded the images: re-encode the store", accept_declared=True)
+    backbone = Backbone(files, device=device)
+    sets = [encode_prompt_set(backbone, t, classes, synonyms, n, progress=progress) for t, n in zip(templates, names)]
     add_prompt_sets(store_path, sets, overwrite=overwrite)
     logger.info("added prompt sets %s to %s", names, store_path)
     return names

@@ -415,7 +415,7 @@ def write_store(
     *,
     keys: Sequence[str] | None = None,
     model_id: str = "unknown",
-    model_hash: str = "",
+    model_hash: str | None = None,
     normalized: bool | None = None,
     dtype: str = "float32",
     extras: Mapping[str, np.ndarray] | None = None,
@@ -433,6 +433,8 @@ def write_store(
     classes : class names; default ``class_0..`` up to ``max(y)``.
     keys : one stable string id per row; default ``"0", "1", ...``.
     normalized : whether rows are L2-normalised; detected from the data by default.
+    model_hash : the weights' hash if known; by default ``"declared:<model_id>"``, which says the
+        model is the writer's word, not a measured identity.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -459,7 +461,7 @@ def write_store(
             raise ValueError(f"extra column {k!r} has {len(v)} rows; expected {n}")
     attrs = {
         "model_id": model_id,
-        "model_hash": model_hash,
+        "model_hash": model_hash or f"declared:{model_id}",
         "normalized": bool(normalized),
         "preprocess": {},
         "versions": library_versions(),

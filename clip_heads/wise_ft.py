@@ -15,10 +15,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .backbone import DEFAULT_MODEL, Preprocess, resolve_device, weights_hash
+from .backbone import DEFAULT_MODEL, ModelFiles, Preprocess, load_clip, resolve_device, resolve_model
 from .encode import default_workers
-from .finetune import (PathLike, _default_templates, _finetune, _finetune_kwargs, _load_clip, _open, _write_text,
-                       _zero_shot)
+from .finetune import (PathLike, as_source, default_caption_templates, finetune_loaded, model_lineage,
+                       resolve_finetune_options, zero_shot_report)
+from .fsutil import atomic_write_text, exclusive_lock, staged_dir
 from .prompts import load_templates
 from .source import Source
 
@@ -30,7 +31,8 @@ __all__ = ["interpolate", "interpolate_sweep", "generalisation"]
 # ---------------------------------------------------------------------------------------
 # WiSE-FT: weight-space ensembles of the zero-shot and the fine-tuned model
 # ---------------------------------------------------------------------------------------
-_VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "_commit_hash"}
+# Config keys that say where or how a model was saved, not what it computes.
+_VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_commit_hash"}
 
 
 def _check_alpha(alpha: float) -> float:
@@ -43,11 +45,11 @@ def _check_compatible(zs, ft, zs_name: str, ft_name: str) -> None:
     a, b = zs.state_dict(), ft.state_dict()
     for k in list(a) + [k for k in b if k not in a]:
         if k not in a or k not in b:
-            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: tensor {k!r} is only in "
-                             f"{ft_name if k in b else zs_name}")
+            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: their architectures differ (tensor {k!r} "
+                             f"is only in {ft_name if k in b else zs_name})")
         if a[k].shape != b[k].shape:
-            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: tensor {k!r} has shape "
-                             f"{tuple(a[k].shape)} in one and {tuple(b[k].shape)} in the other")
+            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: their architectures differ (tensor {k!r} "
+                             f"has shape {tuple(a[k].shape)} in one and {tuple(b[k].shape)} in the other)")
 
     def flat(d: dict, pre: str = "") -> dict:
         out = {}
@@ -59,8 +61,8 @@ def _check_compatible(zs, ft, zs_name: str, ft_name: str) -> None:
     ca, cb = flat(zs.config.to_dict()), flat(ft.config.to_dict())
     for k in sorted(set(ca) | set(cb)):
         if ca.get(k) != cb.get(k):
-            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: config {k} is {ca.get(k)!r} in one "
-                             f"and {cb.get(k)!r} in the other")
+            raise ValueError(f"cannot interpolate {zs_name} and {ft_name}: their architectures differ (config {k} "
+                             f"is {ca.get(k)!r} in one and {cb.get(k)!r} in the other)")
 
 
 def _interpolated(zs_state: dict, ft_state: dict, alpha: float) -> dict:
@@ -69,29 +71,73 @@ def _interpolated(zs_state: dict, ft_state: dict, alpha: float) -> dict:
             for k in ft_state}
 
 
+def _check_related(zs: ModelFiles, ft: ModelFiles) -> None:
+    """Warn unless one endpoint descends from the other by the lineage clip-heads records."""
+    if zs.weights_hash == ft.weights_hash:
+        return
+    zs_from = {i["model_hash"] for i in model_lineage(zs.path)}
+    ft_from = {i["model_hash"] for i in model_lineage(ft.path)}
+    if zs.weights_hash in ft_from:
+        return
+    if ft.weights_hash in zs_from:
+        logger.warning("%s is a fine-tune of %s, not the other way round: alpha 0 gives %s (arguments swapped?)",
+                       zs.model_id, ft.model_id, zs.model_id)
+        return
+    logger.warning("neither %s nor %s was fine-tuned from the other (by the lineage clip-heads records in "
+                   "train_log.json / wise_ft.json): WiSE-FT blends a model with its own fine-tune, and a blend of "
+                   "unrelated weights is seldom meaningful", zs.model_id, ft.model_id)
+
+
+def _check_out(out: Path, inputs: Sequence[ModelFiles]) -> None:
+    """Refuse an output folder that is an input, holds one, or lies inside one."""
+    o = out.resolve()
+    for m in inputs:
+        p = m.path.resolve()
+        if o == p or p in o.parents or o in p.parents:
+            raise ValueError(f"--out {out} overlaps the input model {m.model_id} (the same folder, or one inside "
+                             "the other), so writing it would destroy that input; write the blend elsewhere")
+
+
+def _check_replaceable(out: Path) -> None:
+    # A blend replaces its folder whole: only an earlier blend (or an empty folder) may be there.
+    if out.exists() and not (out.is_dir() and ((out / "wise_ft.json").is_file() or not any(out.iterdir()))):
+        raise ValueError(f"--out {out} exists and is not a WiSE-FT model written before; writing the blend would "
+                         "replace what it holds: choose a new folder")
+
+
 class _Pair:
     """A zero-shot and a fine-tuned CLIP, checked to be interpolable; ``model`` carries the blend."""
 
-    def __init__(self, zero_shot: str, finetuned: str, device: torch.device = torch.device("cpu")) -> None:
-        zs, _, _ = _load_clip(str(zero_shot), device)
-        self.model, self.tokenizer, self.processor = _load_clip(str(finetuned), device)
-        _check_compatible(zs, self.model, str(zero_shot), str(finetuned))
-        self.zero_shot, self.finetuned = str(zero_shot), str(finetuned)
-        self.zs_state = {k: v.detach().clone() for k, v in zs.state_dict().items()}
-        self.ft_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    def __init__(self, zero_shot: str | ModelFiles, finetuned: str | ModelFiles,
+                 device: torch.device = torch.device("cpu")) -> None:
+        zs = load_clip(zero_shot, device, dtype=torch.float32)
+        ft = load_clip(finetuned, device, dtype=torch.float32)
+        _check_compatible(zs.model, ft.model, zs.files.model_id, ft.files.model_id)
+        _check_related(zs.files, ft.files)
+        self.model, self.tokenizer, self.processor = ft.model, ft.tokenizer, ft.processor
+        self.zero_shot, self.finetuned = zs.files, ft.files
+        self.zs_state = {k: v.detach().clone() for k, v in zs.model.state_dict().items()}
+        self.ft_state = {k: v.detach().clone() for k, v in ft.model.state_dict().items()}
         del zs
 
     def blend(self, alpha: float):
         self.model.load_state_dict(_interpolated(self.zs_state, self.ft_state, alpha))
         return self.model
 
+    def record(self, alpha: float) -> dict:
+        """What ``wise_ft.json`` holds: both endpoints' identities, alpha, and the lineage."""
+        zs, ft = self.zero_shot.identity(), self.finetuned.identity()
+        lineage = [zs, ft] + model_lineage(self.zero_shot.path) + model_lineage(self.finetuned.path)
+        return {"zero_shot": zs, "finetuned": ft, "alpha": alpha, "lineage": lineage}
+
     def save(self, alpha: float, out_dir: PathLike) -> Path:
+        """Write the blend as a model folder, built aside and swapped in whole."""
         out = Path(out_dir)
-        self.blend(alpha).save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        self.processor.save_pretrained(out)
-        record = {"zero_shot": self.zero_shot, "finetuned": self.finetuned, "alpha": alpha}
-        (out / "wise_ft.json").write_text(json.dumps(record))
+        with staged_dir(out) as tmp:
+            self.blend(alpha).save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+            (tmp / "wise_ft.json").write_text(json.dumps(self.record(alpha)))
         return out
 
 
@@ -99,18 +145,30 @@ def interpolate(zero_shot_dir: str, finetuned_dir: str, alpha: float, out_dir: P
     """Write the WiSE-FT model ``(1 - alpha) * zero_shot + alpha * finetuned`` to ``out_dir``.
 
     Every floating-point tensor is interpolated, other buffers are copied; the two models must
-    have the same config and tensor shapes (the first mismatch is named). The tokenizer and
-    image processor come from ``finetuned_dir``. Returns ``out_dir``, loadable like a hub id.
+    have the same architecture, config and tensor shapes (the first mismatch is named), and a
+    warning says when neither was fine-tuned from the other. ``out_dir`` may not be or overlap
+    an input. The tokenizer and image processor come from ``finetuned_dir``. Returns ``out_dir``,
+    loadable like a hub id; its ``wise_ft.json`` records both endpoints.
     """
     alpha = _check_alpha(alpha)
-    return _Pair(zero_shot_dir, finetuned_dir).save(alpha, out_dir)
+    return _write_blends(zero_shot_dir, finetuned_dir, [alpha], Path(out_dir), [Path(out_dir)])[0]
 
 
 def interpolate_sweep(zero_shot_dir: str, finetuned_dir: str, alphas: Sequence[float], out_root: PathLike) -> list[Path]:
     """:func:`interpolate` for each alpha into ``out_root/alpha-0.50/`` etc.; both models are loaded once."""
     alphas = [_check_alpha(a) for a in alphas]
-    pair = _Pair(zero_shot_dir, finetuned_dir)
-    return [pair.save(a, Path(out_root) / f"alpha-{a:.2f}") for a in alphas]
+    root = Path(out_root)
+    return _write_blends(zero_shot_dir, finetuned_dir, alphas, root, [root / f"alpha-{a:.2f}" for a in alphas])
+
+
+def _write_blends(zero_shot: str, finetuned: str, alphas: Sequence[float], root: Path, outs: Sequence[Path]) -> list[Path]:
+    zs, ft = resolve_model(zero_shot), resolve_model(finetuned)
+    _check_out(root, [zs, ft])
+    for out in outs:
+        _check_replaceable(out)
+    with exclusive_lock(root, "clip-heads wise-ft"):
+        pair = _Pair(zs, ft)
+        return [pair.save(a, out) for a, out in zip(alphas, outs)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,8 +204,8 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     alphas = [_check_alpha(a) for a in alphas]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src_a, src_b = _open(a_source, a_format, a_options), _open(b_source, b_format, b_options)
-    opts = _finetune_kwargs(dict(finetune_options, seed=seed, templates=a_templates))
+    src_a, src_b = as_source(a_source, a_format, a_options), as_source(b_source, b_format, b_options)
+    opts = resolve_finetune_options(dict(finetune_options, seed=seed, templates=a_templates))
     dev = resolve_device(opts["device"])
     workers = default_workers(dev) if opts["workers"] is None else opts["workers"]
     if holdout:
@@ -157,13 +215,13 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         train_a, test_a = np.arange(len(src_a)), None
     if finetuned is None:
         finetuned = str(out / "finetuned")
-        _finetune(src_a, finetuned, model, **dict(opts, train_indices=train_a))
-    _, tpl_a = load_templates(a_templates or _default_templates(src_a))
-    _, tpl_b = load_templates(b_templates or _default_templates(src_b))
+        finetune_loaded(src_a, finetuned, model, **dict(opts, train_indices=train_a))
+    _, tpl_a = load_templates(a_templates or default_caption_templates(src_a))
+    _, tpl_b = load_templates(b_templates or default_caption_templates(src_b))
     pair = _Pair(model, finetuned, dev)
     preprocess = Preprocess.from_processor(pair.processor)
-    settings = {"model": str(model), "model_hash": weights_hash(str(model), pair.model), "finetuned": str(finetuned),
-                "finetuned_hash": weights_hash(str(finetuned), pair.model), "a": src_a.fingerprint(),
+    settings = {"model": str(model), "model_revision": pair.zero_shot.revision, "model_hash": pair.zero_shot.weights_hash,
+                "finetuned": str(finetuned), "finetuned_hash": pair.finetuned.weights_hash, "a": src_a.fingerprint(),
                 "b": src_b.fingerprint(), "holdout": holdout, "seed": seed, "a_templates": tpl_a, "b_templates": tpl_b}
     rows, reports = [], {}
     for alpha in alphas:
@@ -172,10 +230,10 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         if found is None or found["settings"] != settings:
             clip = pair.blend(alpha)
             args = (dev, opts["precision"], eval_batch_size, workers, opts["progress"])
-            a = _zero_shot(clip, pair.tokenizer, preprocess, src_a, test_a, tpl_a, *args) if test_a is not None else None
-            b = _zero_shot(clip, pair.tokenizer, preprocess, src_b, np.arange(len(src_b)), tpl_b, *args)
+            a = zero_shot_report(clip, pair.tokenizer, preprocess, src_a, test_a, tpl_a, *args) if test_a is not None else None
+            b = zero_shot_report(clip, pair.tokenizer, preprocess, src_b, np.arange(len(src_b)), tpl_b, *args)
             found = {"settings": settings, "alpha": alpha, "a": a, "b": b}
-            _write_text(cache, json.dumps(found))
+            atomic_write_text(cache, json.dumps(found))
             if save_models:
                 pair.save(alpha, out / f"alpha-{alpha:.2f}")
         row = {"alpha": alpha}
@@ -189,11 +247,11 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         logger.info("alpha %.2f: %s", alpha, row)
     text = _table(rows, _name(src_a), _name(src_b), holdout)
     result = {"settings": settings, "rows": rows, "text": text, "reports": reports}
-    _write_text(out / "generalisation.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "generalisation.json", json.dumps(result, indent=1))
     cols = list(rows[0])
     lines = [",".join(cols)] + [",".join("" if r[c] is None else f"{r[c]:.6g}" for c in cols) for r in rows]
-    (out / "generalisation.csv").write_text("\n".join(lines) + "\n")
-    (out / "generalisation.txt").write_text(text + "\n")
+    atomic_write_text(out / "generalisation.csv", "\n".join(lines) + "\n")
+    atomic_write_text(out / "generalisation.txt", text + "\n")
     return result
 
 

@@ -1,6 +1,7 @@
 """`clip-heads finetune`, `wise-ft` and `generalisation` from the command line, on the tiny CLIP."""
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -9,7 +10,15 @@ from clip_heads.cli import main
 from clip_heads.store import open_store
 from test_cli_heads import colour_folder
 
-torch.set_num_threads(1)  # tiny models: threads only spin-wait on a shared 2-core machine
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: a second thread only spin-waits on a shared 2-core machine. Restored after
+    # this module, so the rest of the suite runs with torch's own thread count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run(*argv, code=0):
@@ -59,3 +68,27 @@ def test_finetune_cli_errors(tiny_clip, tmp_path):
               "--workers", "0", code=1)
     assert "micro" in out
     assert not (tmp_path / "f" / "model.safetensors").exists()
+
+
+def test_finetune_cv_checks_reused_folds_honours_overwrite_and_prints_the_table_once(tiny_clip, tmp_path, caplog):
+    import logging
+
+    a = colour_folder(tmp_path / "a", 4)
+    args = ["finetune", a, "--out", tmp_path / "cv", "--model", tiny_clip, "--cv", "2", "--templates", "bp-photo",
+            "--epochs", "1", "--batch-size", "8", "--workers", "0"]
+    title = "Fine-tuned CLIP, 2-fold cross-validation"
+    with caplog.at_level(logging.INFO, logger="clip_heads"):
+        out = run(*args)
+    assert out.count(title) == 1 and "2-fold fine-tune CV" in out  # the table once, and a bar over folds
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(title in m for m in messages)
+    folds = [m.split(":")[0] for m in messages if m.startswith("fold ") and "accuracy" in m]
+    assert folds == ["fold 1/2", "fold 2/2"]  # counted from 1, like the heads' CV
+
+    # Scored folds are reused only for the same settings; --overwrite starts over with the new ones.
+    out = run(*args, "--lr", "1e-3", code=1)
+    assert "lr=2e-05" in out and "lr=0.001" in out and "--overwrite" in out
+    out = run(*args, "--lr", "1e-3", "--overwrite")
+    assert out.count(title) == 1
+    for f in ("fold-00", "fold-01"):
+        assert json.loads((tmp_path / "cv" / f / "train_log.json").read_text())["identity"]["lr"] == 1e-3

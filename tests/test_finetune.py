@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from clip_heads.backbone import weights_hash
+from clip_heads.backbone import model_identity
 from clip_heads.datasets import open_source
 from clip_heads.encode import encode
 from clip_heads.crossval import stratified_folds
@@ -255,7 +257,7 @@ def test_cross_validation_uses_the_heads_folds_and_the_original_weights(tuned, t
     with open(tmp_path / "cv" / "folds.csv") as f:
         saved = [int(line.rsplit(",", 1)[1]) for line in f.read().splitlines()[1:]]
     np.testing.assert_array_equal(saved, folds)
-    original = weights_hash(tiny_clip, None)
+    original = model_identity(tiny_clip)["model_hash"]
     for f in range(3):
         fold_dir = tmp_path / "cv" / f"fold-{f:02d}"
         ident = json.loads((fold_dir / "train_log.json").read_text())["identity"]
@@ -313,3 +315,80 @@ def test_generalisation_table_along_the_wise_ft_curve(tuned, tiny_clip, tmp_path
     assert "alpha" in result["text"] and (tmp_path / "gen" / "alpha-0.50.json").is_file()
     with pytest.raises(ValueError, match="alpha"):
         generalisation(tuned["src"], b, tmp_path / "gen", tiny_clip, alphas=[2.0], finetuned=str(tuned["out"]))
+
+
+# -- provenance: what a fine-tune was made from, and what WiSE-FT may blend ---------------------
+def test_finetune_records_its_base_and_resume_refuses_changed_weights(tuned, tiny_clip, tmp_path):
+    log = json.loads((tuned["out"] / "train_log.json").read_text())
+    assert log["base"] == model_identity(tiny_clip) == log["lineage"][0]
+    assert log["identity"]["model_hash"] == model_identity(tiny_clip)["model_hash"]
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_clip, base)
+    kw = dict(RECIPE, train_indices=tuned["train"][:16], epochs=1)
+    assert finetune(tuned["src"], tmp_path / "ft", str(base), **kw).status == "trained"
+    build_tiny_clip(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", base / "model.safetensors")  # same path, new weights
+    with pytest.raises(ValueError, match="model_hash.*--overwrite"):
+        finetune(tuned["src"], tmp_path / "ft", str(base), **kw)
+    # A fine-tune of the fine-tune remembers both ancestors.
+    again = finetune(tuned["src"], tmp_path / "ft2", str(tuned["out"]), **kw)
+    assert [i["model_hash"] for i in again.log["lineage"]] == [model_identity(tuned["out"])["model_hash"],
+                                                               model_identity(tiny_clip)["model_hash"]]
+
+
+def _wise_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "clip_heads.wise_ft" and r.levelname == "WARNING"]
+
+
+def test_wise_ft_warns_when_neither_endpoint_was_fine_tuned_from_the_other(tuned, tiny_clip, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="clip_heads.wise_ft")
+    mid = interpolate(tiny_clip, str(tuned["out"]), 0.5, tmp_path / "mid")
+    assert _wise_warnings(caplog) == []
+    record = json.loads((mid / "wise_ft.json").read_text())
+    assert record["zero_shot"] == model_identity(tiny_clip) and record["finetuned"] == model_identity(tuned["out"])
+    interpolate(tiny_clip, str(mid), 0.5, tmp_path / "quarter")  # a blend descends from both endpoints
+    assert _wise_warnings(caplog) == []
+
+    other = build_tiny_clip(tmp_path / "other", seed=1)
+    interpolate(str(other), str(tuned["out"]), 0.5, tmp_path / "unrelated")
+    assert len(_wise_warnings(caplog)) == 1 and "neither" in _wise_warnings(caplog)[0]
+    caplog.clear()
+    interpolate(str(tuned["out"]), tiny_clip, 0.5, tmp_path / "swapped")
+    assert len(_wise_warnings(caplog)) == 1 and "swapped" in _wise_warnings(caplog)[0]
+
+
+def test_wise_ft_never_writes_over_an_input(tuned, tiny_clip, tmp_path):
+    from click.testing import CliRunner
+
+    from clip_heads.cli import main
+
+    ft = tmp_path / "models" / "ft"
+    shutil.copytree(tuned["out"], ft)
+    before = model_identity(ft)["model_hash"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for out, needle in ((ft, "overlaps the input"), (ft / "blend", "overlaps the input"),
+                        (tmp_path / "models", "overlaps the input"), (tmp_path / "mine", "not a WiSE-FT model")):
+        res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alpha", "0.5", "--out", str(out)])
+        assert res.exit_code == 1 and needle in res.output and "Traceback" not in res.output, res.output
+    assert model_identity(ft)["model_hash"] == before and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert not (ft / "blend").exists()
+    res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alpha", "0.5", "--out", str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alpha", "1", "--out", str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output  # an earlier blend is replaced whole
+    assert json.loads((tmp_path / "w" / "wise_ft.json").read_text())["alpha"] == 1.0
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".lock"]
+    assert left == []  # no staging folder or lock file left behind
+
+
+def test_wise_ft_refuses_endpoints_of_other_architectures_in_one_line(tiny_clip, tmp_path):
+    from click.testing import CliRunner
+
+    from clip_heads.cli import main
+
+    other = build_tiny_clip(tmp_path / "other", image_size=20)
+    res = CliRunner().invoke(main, ["-q", "wise-ft", tiny_clip, str(other), "--out", str(tmp_path / "w")])
+    assert res.exit_code == 1 and "architectures differ" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
