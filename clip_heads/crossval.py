@@ -44,8 +44,8 @@ class CVResult:
 def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray:
     """THE fold assignment: fold id ``0..k-1`` per sample, stratified by label, seeded.
 
-    (Ids are 0-based in the API; everything users read, reports, logs and ``folds.csv``,
-    numbers the folds 1..k.)
+    (Ids are 0-based in the API and in ``folds.csv``'s ``fold_id`` column; reports, logs and
+    a CV's ``predictions.csv`` number the folds 1..k.)
 
     Every class is dealt out so that its count in each fold is within one of ``n_c / k``
     (scikit-learn's ``StratifiedKFold(shuffle=True, random_state=seed)``). Renaming the labels
@@ -85,38 +85,38 @@ def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray
 
 
 def write_folds(path: PathLike, keys: Sequence[str], labels: Sequence[str], folds: np.ndarray) -> Path:
-    """Save the fold of every sample as ``key,label,fold`` CSV, folds numbered from 1 as in the
-    reports (:func:`stratified_folds` ids ``0..k-1`` are written as ``1..k``)."""
+    """Save the fold of every sample as ``key,label,fold_id`` CSV.
+
+    ``fold_id`` is the API's 0-based id (:func:`stratified_folds`); reports, logs and the
+    ``fold`` column of a CV's ``predictions.csv`` number the same folds 1..k (id + 1).
+    """
     path = Path(path)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["key", "label", "fold"])
-        w.writerows(zip(keys, labels, (np.asarray(folds) + 1).tolist()))
+        w.writerow(["key", "label", "fold_id"])
+        w.writerows(zip(keys, labels, np.asarray(folds).tolist()))
     return path
 
 
 def read_folds(path: PathLike, keys: Sequence[str] | None = None) -> np.ndarray:
-    """Fold ids ``0..k-1`` from a ``folds.csv``, in file order or in the order of ``keys``.
-
-    The file numbers folds from 1 (:func:`write_folds`); files written before that numbered
-    them from 0, which is recognised by a fold 0 (every fold holds samples).
-    """
+    """Fold ids ``0..k-1`` from a ``folds.csv``, in file order or in the order of ``keys``
+    (files written before the column was named ``fold_id`` call it ``fold``, also 0-based)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows or "fold" not in rows[0] or "key" not in rows[0]:
-        raise ValueError(f"{path} is not a folds file: expected the columns key,label,fold")
+    col = next((c for c in ("fold_id", "fold") if rows and c in rows[0]), None)
+    if col is None or "key" not in rows[0]:
+        raise ValueError(f"{path} is not a folds file: expected the columns key,label,fold_id")
     try:
-        fold = {r["key"]: int(r["fold"]) for r in rows}
+        fold = {r["key"]: int(r[col]) for r in rows}
     except ValueError as e:
-        raise ValueError(f"{path} has a fold that is not an integer: {e}") from e
-    base = 0 if min(fold.values()) == 0 else 1
+        raise ValueError(f"{path} has a fold id that is not an integer: {e}") from e
     if keys is None:
-        return np.array([int(r["fold"]) - base for r in rows], np.int64)
+        return np.array([int(r[col]) for r in rows], np.int64)
     missing = [k for k in keys if k not in fold]
     if missing:
         raise ValueError(f"{path} has no fold for {len(missing)} keys, e.g. {missing[:3]}: "
                          f"it was written for another store")
-    return np.array([fold[k] - base for k in keys], np.int64)
+    return np.array([fold[k] for k in keys], np.int64)
 
 
 def cross_validate(

@@ -457,8 +457,8 @@ def test_every_evaluation_writes_one_layout_and_refuses_to_replace_another_run(t
     oof = list(csv.DictReader(open(tmp_path / "head" / "cv" / "predictions.csv")))
     assert sorted({int(r["fold"]) for r in oof}) == [1, 2, 3]
     assert [f["fold"] for f in tr.metrics["cv"]["folds"]] == [1, 2, 3]
-    with open(tmp_path / "head" / "cv" / "folds.csv") as f:
-        assert sorted({int(r["fold"]) for r in csv.DictReader(f)}) == [1, 2, 3]
+    with open(tmp_path / "head" / "cv" / "folds.csv") as f:  # ids, documented as 0-based, in their own column
+        assert sorted({int(r["fold_id"]) for r in csv.DictReader(f)}) == [0, 1, 2]
     np.testing.assert_array_equal(read_folds(tmp_path / "head" / "cv" / "folds.csv"), tr.cv.folds)
     # Another evaluation into the same folder is refused, the first results intact; the same one reruns.
     lm = {"from": {"a": "a", "b": "b", "c": "c", "d": "d"}}
@@ -482,8 +482,11 @@ def test_every_evaluation_writes_one_layout_and_refuses_to_replace_another_run(t
     assert "train" in names and "cv" not in names and (tmp_path / "head" / "notes.txt").read_text() == "keep me"
 
 
-def test_read_folds_reads_files_numbered_from_zero(tmp_path):
+def test_read_folds_reads_files_of_either_column_name(tmp_path):
     (tmp_path / "old.csv").write_text("key,label,fold\nx,a,0\ny,b,1\nz,a,1\n")
     np.testing.assert_array_equal(read_folds(tmp_path / "old.csv", ["z", "x"]), [1, 0])
-    (tmp_path / "new.csv").write_text("key,label,fold\nx,a,1\ny,b,2\nz,a,2\n")
+    (tmp_path / "new.csv").write_text("key,label,fold_id\nx,a,0\ny,b,1\nz,a,1\n")
     np.testing.assert_array_equal(read_folds(tmp_path / "new.csv", ["z", "x"]), [1, 0])
+    (tmp_path / "bad.csv").write_text("key,label\nx,a\n")
+    with pytest.raises(ValueError, match="not a folds file"):
+        read_folds(tmp_path / "bad.csv")
