@@ -8,13 +8,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from clip_heads.evaluate import PathLike, Report, prompt_columns
+from clip_heads.evaluate import PathLike, Report, prompt_columns, run_zero_shot
 from clip_heads.metrics import confusion_matrices, json_default, metrics_from_confusion
+from clip_heads.results import results_dir, write_section
 from clip_heads.store import PromptSet, l2_normalize, open_store
 
 logger = logging.getLogger(__name__)
@@ -64,11 +66,13 @@ def ablate(X: np.ndarray, y: np.ndarray, classes: Sequence[str], prompt_sets: Se
 
 
 def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = None,
-                   out_dir: PathLike | None = None, digits: int = 3) -> Report:
+                   out_dir: PathLike | None = None, digits: int = 3, overwrite: bool = False) -> Report:
     """Rank every template (alone) and every set's ensemble of a store's prompt sets by zero-shot.
 
     ``prompt_sets`` default: all sets of the store that have a prompt for each store class
-    (others are skipped with a note). Writes ``ablation.csv``, ``metrics.json``, ``report.txt``.
+    (others are skipped with a note). Writes the results layout of :mod:`clip_heads.results`
+    (``report.txt``, ``metrics.json``; ``per_class.csv``, ``confusion_matrix.csv`` and
+    ``predictions.csv`` of the rank-1 prompt) plus ``ablation.csv``, the ranked rows.
     """
     path = Path(store_path)
     with open_store(path) as s:
@@ -89,7 +93,14 @@ def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = Non
                 raise
             skipped.append(ps.name)
             logger.info("skipping %s", e)
+    if not usable:
+        raise ValueError(f"no prompt set of {path} has a prompt for every store class {classes}: "
+                         f"{skipped} are for other label sets")
     rows = ablate(X, y, classes, usable)
+    # The rank-1 prompt scored in full, so the folder has the per-class files of every results folder.
+    top = rows[0]
+    best = run_zero_shot(path, prompt_set=top["prompt_set"],
+                         templates=None if top["template_id"] is None else [top["template_id"]])
     w = max(len("Template"), *(len(r["template"]) for r in rows))
     ws = max(len("Prompt set"), *(len(r["prompt_set"]) for r in rows))
     lines = [f"Prompt ablation, zero-shot on {path.name} ({len(y)} images, {len(classes)} classes), ranked by accuracy",
@@ -100,18 +111,25 @@ def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = Non
                      f"{r['macro_f1']:>8.{digits}f}  {r['weighted_f1']:>11.{digits}f}")
     if skipped:
         lines.append(f"skipped prompt sets without a prompt for every store class: {skipped}")
+    lines.append(f"per_class.csv, confusion_matrix.csv and predictions.csv are those of rank 1 "
+                 f"({top['prompt_set']}: {top['template']})")
     text = "\n".join(lines) + "\n"
+    info = best.metrics["info"]
+    run = {"command": "ablate-prompts", "store": os.path.abspath(path),
+           "prompt_sets": list(prompt_sets) if prompt_sets else None}
     metrics = {"info": {"store": str(path), "n_samples": int(len(y)), "classes": classes,
-                        "prompt_sets": [ps.name for ps in usable], "skipped": skipped}, "rows": rows}
+                        "prompt_sets": [ps.name for ps in usable], "skipped": skipped, "data": info["data"], "run": run},
+               "rows": rows, "rank1": {k: v for k, v in best.metrics.items() if k != "info"}}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
-        (out / "report.txt").write_text(text)
-        fields = ["rank", "prompt_set", "template_id", "template", "n_templates", "accuracy", "macro_f1",
-                  "weighted_f1", "macro_precision", "macro_recall", "weighted_precision", "weighted_recall"]
-        with open(out / "ablation.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=fields)
-            wr.writeheader()
-            wr.writerows({k: r[k] for k in fields} for r in rows)
-    return Report("ablation", text, metrics, out)
+        with results_dir(out, run, overwrite) as stage:
+            write_section(stage, metrics["rank1"], best.text, best.predictions)
+            (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
+            (stage / "report.txt").write_text(text)
+            fields = ["rank", "prompt_set", "template_id", "template", "n_templates", "accuracy", "macro_f1",
+                      "weighted_f1", "macro_precision", "macro_recall", "weighted_precision", "weighted_recall"]
+            with open(stage / "ablation.csv", "w", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=fields)
+                wr.writeheader()
+                wr.writerows({k: r[k] for k in fields} for r in rows)
+    return Report("ablation", text, metrics, out, predictions=best.predictions)

@@ -251,16 +251,20 @@ def _templates(text: str | None):
 @click.option("--templates", default=None, help="Template ids of the set, e.g. 0 or 0,3. [default: the ensemble of all]")
 @click.option("--label-map", default=None, help="Built-in label map name or JSON file mapping the store's classes.")
 @click.option("--top-k", default=0, type=click.IntRange(min=0), help="Also write the top-k images per class (JSON, and a PNG grid when images are reachable).")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Folder for report.txt, metrics.json and CSVs. [default: cache/zero-shot/<store name>]")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/zero-shot/<store>[-<prompts>][-t<templates>][-<label map>]]")
+@click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
 @friendly
-def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir):
+def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite):
     """Zero-shot classification of STORE by cosine to its prompt embeddings."""
     from pathlib import Path
 
     from .evaluate import run_zero_shot
+    from .results import default_out_dir
 
-    out_dir = out_dir or str(Path("cache") / "zero-shot" / Path(store).stem)
-    rep = run_zero_shot(store, prompt_set=prompt_set, templates=_templates(templates), out_dir=out_dir, label_map=label_map, top_k=top_k)
+    out_dir = out_dir or str(default_out_dir("zero-shot", Path(store).stem, prompt_set,
+                                             templates and f"t{templates}", label_map))
+    rep = run_zero_shot(store, prompt_set=prompt_set, templates=_templates(templates), out_dir=out_dir, label_map=label_map,
+                        top_k=top_k, overwrite=overwrite)
     click.echo(rep.text)
     click.echo(f"written to {out_dir}")
 
@@ -292,16 +296,19 @@ def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_
 @click.argument("store", type=click.Path(exists=True, dir_okay=False))
 @click.option("--label-map", default=None, help="Built-in label map name or JSON file from STORE's classes to the head's.")
 @click.option("--prompts", "prompt_set", default=None, help="Prompt set of STORE for text-side heads queried with its classes.")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Folder for the reports. [default: HEAD_DIR/eval-<store name>]")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/evaluate/<head>-on-<store>[-<label map>][-<prompts>]]")
+@click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
 @friendly
-def evaluate(head_dir, store, label_map, prompt_set, out_dir):
+def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite):
     """Evaluate a saved head (HEAD_DIR) on STORE."""
     from pathlib import Path
 
     from .evaluate import evaluate_head
+    from .results import default_out_dir
 
-    out_dir = out_dir or str(Path(head_dir) / f"eval-{Path(store).stem}")
-    rep = evaluate_head(head_dir, store, out_dir=out_dir, label_map=label_map, prompt_set=prompt_set)
+    out_dir = out_dir or str(default_out_dir("evaluate", f"{Path(head_dir).resolve().name}-on-{Path(store).stem}",
+                                             label_map, prompt_set))
+    rep = evaluate_head(head_dir, store, out_dir=out_dir, label_map=label_map, prompt_set=prompt_set, overwrite=overwrite)
     click.echo(rep.text)
     click.echo(f"written to {out_dir}")
 
@@ -309,16 +316,18 @@ def evaluate(head_dir, store, label_map, prompt_set, out_dir):
 @main.command("ablate-prompts")
 @click.argument("store", type=click.Path(exists=True, dir_okay=False))
 @click.option("--prompts", "prompt_sets", multiple=True, help="Prompt sets to ablate (repeatable). [default: all in the store]")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Folder for ablation.csv and report.txt. [default: cache/ablation/<store name>]")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/ablate-prompts/<store>[-<prompt sets>]]")
+@click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
 @friendly
-def ablate_prompts_cmd(store, prompt_sets, out_dir):
+def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
     """Rank every template (alone) and every prompt set (ensemble) of STORE by zero-shot accuracy."""
     from pathlib import Path
 
     from .ablation import ablate_prompts
+    from .results import default_out_dir
 
-    out_dir = out_dir or str(Path("cache") / "ablation" / Path(store).stem)
-    rep = ablate_prompts(store, prompt_sets=list(prompt_sets) or None, out_dir=out_dir)
+    out_dir = out_dir or str(default_out_dir("ablate-prompts", Path(store).stem, *prompt_sets))
+    rep = ablate_prompts(store, prompt_sets=list(prompt_sets) or None, out_dir=out_dir, overwrite=overwrite)
     click.echo(rep.text)
     click.echo(f"written to {out_dir}")
 

@@ -33,7 +33,7 @@ class CVResult:
     k: int
     seed: int
     classes: list[str]
-    folds: np.ndarray  # (n_samples,) fold id per sample
+    folds: np.ndarray  # (n_samples,) fold id 0..k-1 per sample (reports and files number them 1..k)
     y_true: np.ndarray  # (n_samples,) class indices
     y_pred: np.ndarray  # (n_samples,) out-of-fold predicted class indices
     y_score: np.ndarray | None  # (n_samples, n_classes) out-of-fold probabilities
@@ -43,6 +43,9 @@ class CVResult:
 
 def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray:
     """THE fold assignment: fold id ``0..k-1`` per sample, stratified by label, seeded.
+
+    (Ids are 0-based in the API and in ``folds.csv``'s ``fold_id`` column; reports, logs and
+    a CV's ``predictions.csv`` number the folds 1..k.)
 
     Every class is dealt out so that its count in each fold is within one of ``n_c / k``
     (scikit-learn's ``StratifiedKFold(shuffle=True, random_state=seed)``). Renaming the labels
@@ -57,7 +60,8 @@ def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray
     small = [f"{c} ({n})" for c, n in zip(names.tolist(), counts.tolist()) if n < k]
     if small:
         more = f" and {len(small) - 10} more" if len(small) > 10 else ""
-        logger.warning("%d classes have fewer than k=%d samples and are missing from some test folds: %s%s",
+        logger.warning("%d classes have fewer than k=%d samples and are missing from some test folds (their "
+                       "per-class means use only the folds that hold them): %s%s",
                        len(small), k, ", ".join(small[:10]), more)
     folds = np.empty(len(y), np.int64)
     if counts.max() < k:
@@ -81,22 +85,33 @@ def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray
 
 
 def write_folds(path: PathLike, keys: Sequence[str], labels: Sequence[str], folds: np.ndarray) -> Path:
-    """Save the fold of every sample as ``key,label,fold`` CSV."""
+    """Save the fold of every sample as ``key,label,fold_id`` CSV.
+
+    ``fold_id`` is the API's 0-based id (:func:`stratified_folds`); reports, logs and the
+    ``fold`` column of a CV's ``predictions.csv`` number the same folds 1..k (id + 1).
+    """
     path = Path(path)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["key", "label", "fold"])
+        w.writerow(["key", "label", "fold_id"])
         w.writerows(zip(keys, labels, np.asarray(folds).tolist()))
     return path
 
 
 def read_folds(path: PathLike, keys: Sequence[str] | None = None) -> np.ndarray:
-    """Fold ids from a ``folds.csv``, in file order or in the order of ``keys``."""
+    """Fold ids ``0..k-1`` from a ``folds.csv``, in file order or in the order of ``keys``
+    (files written before the column was named ``fold_id`` call it ``fold``, also 0-based)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    fold = {r["key"]: int(r["fold"]) for r in rows}
+    col = next((c for c in ("fold_id", "fold") if rows and c in rows[0]), None)
+    if col is None or "key" not in rows[0]:
+        raise ValueError(f"{path} is not a folds file: expected the columns key,label,fold_id")
+    try:
+        fold = {r["key"]: int(r[col]) for r in rows}
+    except ValueError as e:
+        raise ValueError(f"{path} has a fold id that is not an integer: {e}") from e
     if keys is None:
-        return np.array([int(r["fold"]) for r in rows], np.int64)
+        return np.array([int(r[col]) for r in rows], np.int64)
     missing = [k for k in keys if k not in fold]
     if missing:
         raise ValueError(f"{path} has no fold for {len(missing)} keys, e.g. {missing[:3]}: "
@@ -156,7 +171,7 @@ def cross_validate(
                                              y_score[test] if has_proba else None))
         logger.info("fold %d/%d: accuracy %.4f", f + 1, k, reports[-1]["accuracy"])
     names = [str(c) for c in classes]
-    pooled = classification_report(y_idx, y_pred, names)
+    pooled = classification_report(y_idx, y_pred, names, y_score if has_proba else None)
     summary = summarize_folds(reports, pooled)
     summary["seed"] = seed
     return CVResult(k, seed, names, folds, y_idx, y_pred, y_score if has_proba else None, reports, summary)

@@ -4,7 +4,13 @@ Downloads the official CIFAR-100 python tarball (MD5-verified) unless ``source``
 encodes a seeded sample of its test images with the model (the papers' ViT-B/32 by default),
 then reports zero-shot with "a photo of a {}" (Bondielli & Passaro's setting, 0.62 accuracy in
 their Table 1 on the full test set with the pretrained model), the prompt ablation, and 10-fold
-CV of the linear and MLP heads. Everything lands under ``out_dir``.
+CV of the linear and MLP heads. Everything lands under ``out_dir``: ``report.txt`` and
+``metrics.json`` (which say what data was measured: split, images used of those available,
+the store's fingerprint), the store, and one results folder per step.
+
+A source is understood or refused (:func:`demo_source`): the official format, an image-folder
+copy split into ``train/`` and ``test/`` (its ``test/`` is used, and the report says so), or a
+plain folder of class folders; anything without CIFAR-100's 100 classes is refused.
 """
 from __future__ import annotations
 
@@ -66,6 +72,38 @@ def download(url: str, dest: str | os.PathLike, md5: str, progress: bool = True,
     return dest
 
 
+CIFAR100_CLASSES = 100
+CIFAR100_TEST_SIZE = 10_000
+
+
+def demo_source(source: str) -> tuple[str, str, dict, str, str]:
+    """How the demo reads ``source``: ``(path, format, options, split, layout)``.
+
+    The official python format (tarball or folder) is read at its test split. An image folder
+    with ``train/`` and ``test/`` sub-folders is a split copy: its ``test/`` folder is used. A
+    plain image folder is taken as given (its split unknown). Raises ``ValueError`` for a
+    folder with ``train/`` but no ``test/``.
+    """
+    from .datasets import detect_format
+
+    fmt = detect_format(source)
+    if fmt == "cifar100":
+        return source, fmt, {"split": "test"}, "test", "cifar-100-python (official format)"
+    if fmt != "folder":
+        return source, fmt, {}, "unknown", f"{fmt} source"
+    subs = {d.lower(): d for d in sorted(os.listdir(source)) if os.path.isdir(os.path.join(source, d))
+            and not d.startswith(".")}
+    if set(subs) & {"train", "test"} and set(subs) <= {"train", "test", "val", "valid", "validation"}:
+        if "test" not in subs:
+            raise ValueError(f"demo source {source} has split folders {sorted(subs.values())} but no test/: "
+                             f"the demo evaluates CIFAR-100's test split")
+        path = os.path.join(source, subs["test"])
+        logger.info("%s is an image-folder copy split into %s: using %s", source,
+                    ", ".join(f"{d}/" for d in subs.values()), path)
+        return path, "folder", {}, "test", f"image-folder copy with {' and '.join(f'{d}/' for d in subs.values())} (test/ used)"
+    return source, "folder", {}, "unknown", "image folder (one folder per class, split not known)"
+
+
 def run_demo(
     out_dir: str | os.PathLike = "cache/demo",
     source: str | None = None,
@@ -80,29 +118,53 @@ def run_demo(
     md5: str = CIFAR100_MD5,
     progress: bool = True,
 ) -> dict:
-    """Run the demo; returns the summary also written to ``out_dir/summary.json``."""
+    """Run the demo; returns the summary also written to ``out_dir/metrics.json``.
+
+    ``source`` must look like CIFAR-100 (100 classes; see :func:`demo_source` for the layouts
+    understood); anything else is refused before encoding. The summary's ``data`` records what
+    was measured: split, images used and available, the store's fingerprint.
+    """
     from .ablation import ablate_prompts
+    from .datasets import open_source
     from .encode import encode
     from .evaluate import run_zero_shot, train_head
+    from .fsutil import atomic_write_text
+    from .results import data_record
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if source is None:
         source = str(download(url, out.parent / "downloads" / "cifar-100-python.tar.gz", md5, progress=progress))
-    store = out / f"cifar100-test-{limit}.h5"
-    from .datasets import detect_format
-
-    # The official python format by default; an image-folder copy of CIFAR-100 works too.
-    fmt = detect_format(source)
-    options = {"split": "test"} if fmt == "cifar100" else {}
-    enc = encode(source, store, model=model, format=fmt, source_options=options, limit=limit, seed=seed,
-                 templates=["bp-photo", "clip-cifar100"], device=device, batch_size=batch_size, workers=workers, progress=progress)
-    summary: dict = {"store": str(store), "model": model, "images": enc.n_images, "skipped": enc.n_skipped, "seed": seed}
-    sections = [f"clip-heads demo: CIFAR-100 test sample of {enc.n_images} images ({enc.n_skipped} skipped), model {model}, seed {seed}"]
-    zs = run_zero_shot(str(store), prompt_set="bp-photo", out_dir=out / "zero-shot")
+    path, fmt, options, split, layout = demo_source(str(source))
+    src = open_source(path, format=fmt, **options)
+    if len(src.classes) != CIFAR100_CLASSES:
+        shown = ", ".join(src.classes[:5]) + (", ..." if len(src.classes) > 5 else "")
+        raise ValueError(f"demo source {source} has {len(src.classes)} classes ({shown}), read as {layout}; the demo "
+                         f"runs on CIFAR-100 ({CIFAR100_CLASSES} classes): pass the cifar-100-python tarball or "
+                         f"folder, or an image-folder copy with one folder per class (optionally under test/)")
+    available = len(src)
+    n = min(limit, available)
+    notes = []
+    if limit > available:
+        notes.append(f"--limit {limit} is more than the {available} images there are: all {available} are used")
+        logger.warning("demo: %s", notes[-1])
+    if split == "test" and available < CIFAR100_TEST_SIZE:
+        notes.append(f"the source holds {available} test images, a part of CIFAR-100's {CIFAR100_TEST_SIZE:,}: "
+                     f"these figures are not test-set figures")
+    sample = f"-seed{seed}" if n < available else ""
+    store = out / f"cifar100-{split}-{n}{sample}-{src.fingerprint()[:8]}.h5"
+    enc = encode(path, store, model=model, format=fmt, source_options=options, limit=limit, seed=seed,
+                 templates=["bp-photo", "clip-cifar100"], device=device, batch_size=batch_size, workers=workers,
+                 progress=progress)
+    data = dict(data_record(store, split=split), dataset="CIFAR-100", source=str(source), layout=layout,
+                available=available, limit=limit, seed=seed, notes=notes)
+    summary: dict = {"store": str(store), "model": model, "images": enc.n_images, "skipped": enc.n_skipped,
+                     "seed": seed, "data": data}
+    sections = [f"clip-heads demo, model {model}, seed {seed}\n" + _data_text(data)]
+    zs = run_zero_shot(str(store), prompt_set="bp-photo", out_dir=out / "zero-shot", overwrite=True)
     summary["zero_shot"] = zs.summary()
     sections.append('== Zero-shot, "a photo of a {}" (Bondielli & Passaro Table 1 setting) ==\n' + zs.text)
-    abl = ablate_prompts(str(store), out_dir=out / "ablation")
+    abl = ablate_prompts(str(store), out_dir=out / "ablation", overwrite=True)
     summary["ablation_top"] = abl.rows[:5]
     sections.append("== Prompt ablation (zero-shot, every template and ensemble) ==\n" + abl.text)
     for head in ("linear", "mlp"):
@@ -111,10 +173,21 @@ def run_demo(
         sections.append(f"== {head} head, stratified {cv}-fold CV ==\n" + rep.text)
     summary["headline"] = _headline(summary, cv)
     report = "\n\n".join(sections)
-    (out / "report.txt").write_text(report + "\n")
+    atomic_write_text(out / "report.txt", report + "\n")
     summary["report"] = report
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _data_text(data: dict) -> str:
+    """What the demo measured, in a few lines: split, images, fingerprint, and any caveat."""
+    used = f"{data['n_images']} of {data['available']} images"
+    if data["n_images"] < data["available"]:
+        used += f" (a seeded sample, seed {data['seed']})"
+    lines = [f"data: CIFAR-100 {data['split']} split, {data['layout']}: {used}; "
+             f"store {Path(data['store']).name}, fingerprint {data['fingerprint'][:12]}"]
+    lines += [f"note: {n}" for n in data["notes"]]
+    return "\n".join(lines)
 
 
 def _headline(summary: dict, cv: int) -> str:
@@ -124,7 +197,7 @@ def _headline(summary: dict, cv: int) -> str:
         return (f"  {name:<34} accuracy {m['accuracy']:.3f}{pm('accuracy')}   macro-F1 {m['macro_f1']:.3f}{pm('macro_f1')}"
                 f"   weighted-F1 {m['weighted_f1']:.3f}{pm('weighted_f1')}")
 
-    lines = [f"CIFAR-100 sample: {summary['images']} images, model {summary['model']}",
+    lines = [f"model {summary['model']}", _data_text(summary["data"]),
              row('zero-shot "a photo of a {}"', summary["zero_shot"])]
     for head in ("linear", "mlp"):
         m = summary[f"{head}_cv{cv}"]["cv"]
@@ -132,4 +205,3 @@ def _headline(summary: dict, cv: int) -> str:
     lines.append("  best templates (zero-shot accuracy):")
     lines += [f"    {r['accuracy']:.3f}  {r['prompt_set']}: {r['template']}" for r in summary["ablation_top"][:3]]
     return "\n".join(lines)
-

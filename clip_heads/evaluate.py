@@ -1,8 +1,9 @@
 """Evaluation on feature stores: zero-shot, stratified CV, cross-dataset scoring.
 
 Three entry points, one per CLI command; each is one call that returns a :class:`Report` (its
-``text`` is the printed table) and, given ``out_dir``, writes ``metrics.json``, CSVs and
-``report.txt`` there:
+``text`` is the printed table) and, given ``out_dir``, writes its results folder in the one
+layout of :mod:`clip_heads.results` (``report.txt``, ``metrics.json``, ``per_class.csv``,
+``confusion_matrix.csv``, ``predictions.csv``):
 
 * :func:`run_zero_shot` - ``clip-heads zero-shot STORE``
 * :func:`train_head` - ``clip-heads train-head HEAD STORE --out DIR [--cv K] [--eval-store B]``
@@ -10,18 +11,25 @@ Three entry points, one per CLI command; each is one call that returns a :class:
 
 Prompt ablation (``clip-heads ablate-prompts``) is in :mod:`clip_heads.ablation` and top-k
 retrieval in :mod:`clip_heads.retrieval`; both build on this module's prompt helpers and
-:class:`Report`.
+:class:`Report`. Folds and k-fold CV live in :mod:`clip_heads.crossval`.
 
-Folds and k-fold CV live in :mod:`clip_heads.crossval`; ``train_head(cv=K)`` uses them and
-saves the folds per key.
+**One decision rule per evaluation.** When a label map merges several head classes into one
+evaluation class (FI's four positive emotions -> Emotion6 ``joy``), the head's probabilities
+are summed over the classes each evaluation class merges, the prediction is the class with
+the largest sum, and every metric of the run (the tables, accuracy, top-k, the soft-label
+agreement and KL) is computed from those same summed probabilities. Without merging this is
+the head's own most probable class. The report states the rule.
+
+**Resubstitution.** A head records the fingerprint of the store it was trained on
+(:func:`clip_heads.results.store_fingerprint`); scoring it on a store with the same data is
+labelled resubstitution (optimistic), as train-head labels its own training-data report.
 """
 from __future__ import annotations
 
-import csv
 import inspect
-import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -30,15 +38,14 @@ import numpy as np
 
 from clip_heads.datasets import EMOTION6_DISTRIBUTION  # columns of stores written before they were recorded
 from clip_heads.crossval import CVResult, cross_validate, write_folds
-from clip_heads.label_maps import LabelMapSpec, align_labels, norm
+from clip_heads.label_maps import LabelMapSpec, align_labels, load_label_map, norm
 from clip_heads.metrics import (
     classification_report,
     format_soft_labels,
     format_table,
-    json_default,
     soft_label_report,
-    write_report,
 )
+from clip_heads.results import data_record, describe_data, results_dir, write_section, write_summary
 from clip_heads.store import PromptSet, l2_normalize, open_store
 
 logger = logging.getLogger(__name__)
@@ -50,13 +57,15 @@ SOFT_LABELS = "emotion_distribution"
 
 @dataclass
 class Report:
-    """What an entry point returns: ``text`` is what it prints, ``metrics`` what metrics.json holds."""
+    """What an entry point returns: ``text`` is what it prints, ``metrics`` what metrics.json
+    holds, ``predictions`` the columns of predictions.csv (``key, label, prediction``)."""
 
     kind: str
     text: str
     metrics: dict[str, Any]
     out_dir: Path | None = None
     cv: "CVResult | None" = None
+    predictions: dict[str, list] | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -134,6 +143,11 @@ class _Data:
     backbone: dict
     soft: tuple[np.ndarray, list[str]] | None  # (emotion distributions, their column names)
     prompts: PromptSet | None  # the chosen (or default) prompt set
+    record: dict  # results.data_record: split, n images, fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record["fingerprint"]
 
 
 def _load(path: PathLike, prompt_set: str | None = None) -> _Data:
@@ -146,6 +160,7 @@ def _load(path: PathLike, prompt_set: str | None = None) -> _Data:
         prompts = s.prompt_set(prompt_set) if s.prompt_sets() or prompt_set else None
         keys = s.keys
         backbone = s.backbone()
+    record = data_record(path)
     labelled = y >= 0
     if not labelled.all():  # write_store marks unlabelled rows -1: nothing to score them against
         logger.info("%s: leaving out %d unlabelled samples", path.name, int((~labelled).sum()))
@@ -153,7 +168,7 @@ def _load(path: PathLike, prompt_set: str | None = None) -> _Data:
         soft = (soft[0][labelled], soft[1]) if soft is not None else None
     if not len(y):
         raise ValueError(f"store {path} has no labelled samples to evaluate")
-    return _Data(path, X, y, classes, keys, backbone, soft, prompts)
+    return _Data(path, X, y, classes, keys, backbone, soft, prompts, record)
 
 
 def _prompts(d: _Data) -> PromptSet:
@@ -164,23 +179,33 @@ def _prompts(d: _Data) -> PromptSet:
 
 def _score(pred: np.ndarray, proba: np.ndarray | None, head_classes: Sequence[str], d: _Data,
            label_map: LabelMapSpec | None, head_desc: str) -> dict[str, Any]:
-    """Report for predictions ``pred`` (indices into ``head_classes``) on store ``d``."""
+    """Report for predictions ``pred`` (indices into ``head_classes``) on store ``d``.
+
+    With probabilities, the prediction is the argmax of the probabilities summed into the
+    evaluation classes (:meth:`LabelAlignment.decision_rule`), and every metric uses that one matrix.
+    """
     align = align_labels(head_classes, d.classes, label_map, head_desc=head_desc, store_desc=f"store {d.path.name}")
     y, keep = align.map_truth(d.y)
     if not keep.any():
         raise ValueError(f"no sample of {d.path} is left after mapping: every class was mapped to null")
-    p = align.pred[pred][keep]
-    P = align.map_proba(proba)[keep] if proba is not None else None
+    rule = align.decision_rule(head_classes, proba is not None)
+    if proba is not None:
+        P = align.map_proba(proba)[keep]
+        p = P.argmax(1)
+    else:
+        P, p = None, align.pred[pred][keep]
     out: dict[str, Any] = classification_report(y, p, align.classes, P)
     out["alignment"] = {"mode": align.mode, "label_map": align.map_name, "head_classes": list(head_classes),
                         "store_classes": d.classes, "dropped_classes": align.dropped, "n_dropped": int((~keep).sum())}
+    out["decision_rule"] = rule
     if d.soft is not None and P is not None:
         try:
             out["soft_labels"] = soft_label_report(d.soft[0][keep], P, d.soft[1], align.classes)
         except ValueError as e:
             logger.info("soft-label metrics skipped: %s", e)
     names = np.asarray(align.classes, dtype=object)
-    out["_predictions"] = (np.asarray(d.keys, dtype=object)[keep], names[y], names[p])
+    out["_predictions"] = {"key": np.asarray(d.keys, dtype=object)[keep].tolist(), "label": names[y].tolist(),
+                           "prediction": names[p].tolist()}
     return out
 
 
@@ -192,6 +217,9 @@ def _section_text(sec: dict, title: str, digits: int = 2) -> str:
     if a.get("mode") in ("labels", "common"):
         text += (f"Labels mapped with {a['label_map']} ({a['mode']} mode); dropped classes "
                  f"{a['dropped_classes'] or 'none'} ({a['n_dropped']} samples)\n")
+        text += sec["decision_rule"]["text"] + "\n"
+    elif sec.get("decision_rule", {}).get("rule") == "mapped-prediction":
+        text += sec["decision_rule"]["text"] + "\n"
     if "soft_labels" in sec:
         text += "\n" + format_soft_labels(sec["soft_labels"])
     return text
@@ -199,30 +227,30 @@ def _section_text(sec: dict, title: str, digits: int = 2) -> str:
 
 def _info_text(info: dict) -> str:
     def show(v: Any) -> str:
+        if isinstance(v, dict) and "fingerprint" in v and "n_images" in v:
+            return describe_data(v)
         return f"{len(v)} items: {v[0]!r}, {v[1]!r}, ..." if isinstance(v, list) and len(v) > 3 else str(v)
 
-    return "".join(f"{k}: {show(v)}\n" for k, v in info.items())
+    return "".join(f"{k}: {show(v)}\n" for k, v in info.items() if k != "run")
 
 
-def _write_section(sec: dict, out: Path | None, title: str, info: dict, digits: int = 2) -> tuple[dict, str]:
-    """Write one evaluation (report + predictions.csv) to ``out``; return its metrics and text."""
-    keys, true, pred = sec.pop("_predictions")
+def _section(sec: dict, title: str, info: dict, digits: int = 2) -> tuple[dict, str, dict]:
+    """(metrics, text, predictions columns) of one scored evaluation."""
+    predictions = sec.pop("_predictions")
     text = _info_text(info) + "\n" + _section_text(sec, title, digits)
-    metrics = dict(sec, info=info)
-    if out is not None:
-        write_report(metrics, out, text=text)
-        with open(out / "predictions.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["key", "label", "prediction"])
-            w.writerows(zip(keys, true, pred))
-    return metrics, text
+    return dict(sec, info=info), text, predictions
+
+
+def _map_name(label_map: LabelMapSpec | None) -> str | None:
+    return None if label_map is None else load_label_map(label_map).name
 
 
 # ---------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------
 def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, templates: Any = None,
-                  out_dir: PathLike | None = None, label_map: LabelMapSpec | None = None, top_k: int = 0) -> Report:
+                  out_dir: PathLike | None = None, label_map: LabelMapSpec | None = None, top_k: int = 0,
+                  overwrite: bool = False) -> Report:
     """Zero-shot CLIP: each image gets the class whose prompt vector is nearest in cosine.
 
     Parameters
@@ -233,8 +261,9 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, templates
         Emotion6 store): built-in name, JSON path or dict (see :mod:`clip_heads.label_maps`).
         Without one, prompts are matched to the store's classes by name.
     top_k : also write the ``top_k`` images nearest each class prompt (:func:`clip_heads.retrieval.top_k_images`).
+    overwrite : replace an ``out_dir`` holding the results of another run (see :mod:`clip_heads.results`).
 
-    Writes ``metrics.json, per_class.csv, confusion_matrix.csv, predictions.csv, report.txt``.
+    Writes the results layout to ``out_dir`` (+ ``top_k.json``/``top_k.png`` with ``top_k``).
     """
     d = _load(store_path, prompt_set)
     ps = _prompts(d)
@@ -247,14 +276,20 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, templates
     S = l2_normalize(d.X) @ V.T
     sec = _score(S.argmax(1), _softmax(LOGIT_SCALE * S), head_classes, d, label_map, f"prompt set {ps.name!r}")
     used = ps.templates if tids is None else [ps.templates[i] for i in tids]
-    info = {"store": str(d.path), "model_id": d.backbone["model_id"], "prompt_set": ps.name, "templates": used}
+    run = {"command": "zero-shot", "store": os.path.abspath(d.path), "prompt_set": ps.name,
+           "templates": None if tids is None else list(tids), "label_map": _map_name(label_map)}
+    info = {"store": str(d.path), "model_id": d.backbone["model_id"], "prompt_set": ps.name, "templates": used,
+            "data": d.record, "run": run}
+    metrics, text, predictions = _section(sec, "Zero-shot classification", info)
     out = Path(out_dir) if out_dir is not None else None
-    metrics, text = _write_section(sec, out, "Zero-shot classification", info)
-    if out is not None and top_k:
-        from clip_heads.retrieval import top_k_images  # here, not at the top: retrieval imports this module
+    if out is not None:
+        with results_dir(out, run, overwrite) as stage:
+            write_section(stage, metrics, text, predictions)
+            if top_k:
+                from clip_heads.retrieval import top_k_images  # here, not at the top: retrieval imports this module
 
-        top_k_images(store_path, k=top_k, prompt_set=ps.name, templates=tids, out_dir=out)
-    return Report("zero-shot", text, metrics, out)
+                top_k_images(store_path, k=top_k, prompt_set=ps.name, templates=tids, out_dir=stage)
+    return Report("zero-shot", text, metrics, out, predictions=predictions)
 
 
 def _head_factory(head_cls: type, params: dict | None, seed: int, prompts: PromptSet | None,
@@ -313,16 +348,20 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     """Train a head on a store; optionally cross-validate it and score it on another store.
 
     With ``cv=K``, stratified K-fold CV (:func:`cross_validate`, folds from
-    :func:`stratified_folds(labels, K, seed)`) runs first; then a final head is fitted on all
-    of the store and saved with ``save_pretrained(out_dir)`` after ``set_backbone``. With
+    :func:`stratified_folds(labels, K, seed)`) runs first; on a store with soft labels
+    (Emotion6's ``emotion_distribution``) its soft-label metrics are computed out of fold.
+    Then a final head is fitted on all of the store and saved with ``save_pretrained(out_dir)``
+    after ``set_backbone`` and ``set_training_data`` (the store's fingerprint). With
     ``eval_store``, the final head is scored there: same class names directly, else through
     ``label_map``, else (zero-shot/contrastive heads) natively over the other store's prompts.
-    Without either, the report is on the training data itself (resubstitution, optimistic).
+    Without either, the report is on the training data itself (resubstitution, optimistic);
+    an eval store holding the same data as the training store is labelled so too.
 
     Writes to ``out_dir``: the head (``config.json``, ``model.safetensors``), ``report.txt``
-    and ``metrics.json`` (all sections), and one folder per section: ``cv/`` (+ ``folds.csv``,
-    out-of-fold ``predictions.csv``), ``eval/`` or ``train/``, each with the files of
-    :func:`metrics.write_report`.
+    and ``metrics.json`` (all sections), and one folder per section in the results layout:
+    ``cv/`` (+ ``folds.csv``; out-of-fold ``predictions.csv`` with 1-based fold numbers),
+    ``eval/`` or ``train/``. The folder is swapped in whole at the end; other files a user
+    keeps there survive, the previous run's sections do not.
     """
     from clip_heads.heads import get_head
 
@@ -335,58 +374,103 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     names = np.asarray(d.classes)[d.y]
     make = _head_factory(head_cls, head_params, seed, d.prompts, d.classes)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = {"command": "train-head", "head": head_name, "store": os.path.abspath(d.path), "cv": cv, "seed": seed,
+           "eval_store": os.path.abspath(e.path) if e is not None else None, "label_map": _map_name(label_map),
+           "prompt_set": prompt_set, "head_params": {k: v for k, v in (head_params or {}).items() if k != "prompt_embeds"}}
     info = {"head": head_name, "store": str(d.path), "model_id": d.backbone["model_id"], "seed": seed,
-            "head_params": {k: v for k, v in (head_params or {}).items() if k != "prompt_embeds"}}
-    texts, metrics, result = [], {"info": info}, None
+            "head_params": run["head_params"], "data": d.record, "run": run}
+    texts, metrics, result, sections = [], {"info": info}, None, {}
     if cv:
         result = cross_validate(make, d.X, names, k=cv, seed=seed, classes=d.classes, progress=progress)
+        report = result.report
         title = f"{result.k}-fold cross-validation of the {head_name} head on {d.path.name}"
-        text = format_table(result.report, title)
-        write_report(result.report, out / "cv", text=text)
-        write_folds(out / "cv" / "folds.csv", d.keys, names, result.folds)
-        with open(out / "cv" / "predictions.csv", "w", newline="") as f:
-            csv.writer(f).writerows([("key", "label", "prediction", "fold"),
-                                     *zip(d.keys, names, np.asarray(d.classes)[result.y_pred], result.folds.tolist())])
-        metrics["cv"], texts = result.report, [text]
+        text = format_table(report, title)
+        if d.soft is not None and result.y_score is not None:
+            try:
+                report["soft_labels"] = dict(soft_label_report(d.soft[0], result.y_score, d.soft[1], d.classes),
+                                             computed="out of fold")
+                text += ("\nOut of fold: each image's probabilities come from the fold model that did not see it\n"
+                         + format_soft_labels(report["soft_labels"]))
+            except ValueError as err:
+                logger.info("soft-label metrics skipped: %s", err)
+        oof = {"key": list(d.keys), "label": names.tolist(), "prediction": np.asarray(d.classes)[result.y_pred].tolist(),
+               "fold": (result.folds + 1).tolist()}
+        sections["cv"] = (report, text, oof)
+        metrics["cv"], texts = report, [text]
     head = make().fit(d.X, names)
     head.set_backbone(**d.backbone)
-    head.save_pretrained(out)
+    head.set_training_data(str(d.path), d.fingerprint)
     if e is not None:
         _check_backbone(head, e, f"the {head_name} head trained on {d.path}")
+        resub = e.fingerprint == d.fingerprint
         sec = _score_head(head, e, label_map, f"{head_name} head trained on {d.path.name}")
-        m, text = _write_section(sec, out / "eval", f"The {head_name} head trained on {d.path.name}, "
-                                 f"evaluated on {e.path.name}", {"eval_store": str(e.path), "trained_on": str(d.path)})
+        title = (f"The {head_name} head trained on {d.path.name}, evaluated on {e.path.name}"
+                 + (" (resubstitution: the same data as its training store; optimistic)" if resub else ""))
+        m, text, preds = _section(sec, title, {"eval_store": str(e.path), "trained_on": str(d.path),
+                                               "resubstitution": resub, "data": e.record})
+        sections["eval"] = (m, text, preds)
         metrics["eval"] = m
         texts.append(text)
     elif not cv:
         sec = _score_head(head, d, None, f"{head_name} head")
-        m, text = _write_section(sec, out / "train", f"The {head_name} head on its own training data "
-                                 f"(resubstitution: optimistic)", {"store": str(d.path)})
+        m, text, preds = _section(sec, f"The {head_name} head on its own training data "
+                                  f"(resubstitution: optimistic)", {"store": str(d.path), "resubstitution": True,
+                                                                     "data": d.record})
+        sections["train"] = (m, text, preds)
         metrics["train"] = m
         texts.append(text)
     text = _info_text(dict(info, saved_to=str(out))) + "\n" + "\n".join(texts)
-    (out / "report.txt").write_text(text)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
+    # Retraining into a folder replaces the head and every section of the previous run, and
+    # keeps whatever else the user put there.
+    with results_dir(out, run, overwrite=True, keep_existing=True) as stage:
+        for stale in ("cv", "eval", "train", "report.txt", "metrics.json", "predictions.csv"):
+            p = stage / stale
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        head.save_pretrained(stage)
+        for name, (m, sec_text, preds) in sections.items():
+            write_section(stage / name, m, sec_text, preds)
+        if result is not None:
+            write_folds(stage / "cv" / "folds.csv", d.keys, names, result.folds)
+        write_summary(stage, metrics, text)
     return Report("train", text, metrics, out, result)
 
 
 def evaluate_head(head_dir: PathLike, store_path: PathLike, out_dir: PathLike | None = None,
-                  label_map: LabelMapSpec | None = None, prompt_set: str | None = None) -> Report:
+                  label_map: LabelMapSpec | None = None, prompt_set: str | None = None,
+                  overwrite: bool = False) -> Report:
     """Score a saved head on a store, after checking both come from the same CLIP.
 
     Class sets are met as in :func:`train_head`'s ``eval_store``. Emotion6-style stores with an
-    ``emotion_distribution`` extra also get soft-label metrics. Writes ``metrics.json,
-    per_class.csv, confusion_matrix.csv, predictions.csv, report.txt``.
+    ``emotion_distribution`` extra also get soft-label metrics. A store holding the data the
+    head was trained on (same fingerprint) is reported as resubstitution, with a warning.
+    Writes the results layout to ``out_dir``; a folder holding another run's results is not
+    replaced unless ``overwrite``.
     """
     from clip_heads.heads.base import Head
 
     head = Head.from_pretrained(head_dir)
     d = _load(store_path, prompt_set)
     _check_backbone(head, d, f"head {head_dir}")
+    trained = getattr(head, "training_data_", None) or {}
+    resub = bool(trained) and trained.get("fingerprint") == d.fingerprint
+    if resub:
+        logger.warning("head %s was trained on this data (store %s, same fingerprint): the scores are "
+                       "resubstitution and optimistic", head_dir, trained.get("store"))
     sec = _score_head(head, d, label_map, f"head {Path(head_dir).name!r}")
+    run = {"command": "evaluate", "head_dir": os.path.abspath(head_dir), "store": os.path.abspath(d.path),
+           "label_map": _map_name(label_map), "prompt_set": prompt_set}
     info = {"head_dir": str(head_dir), "head": getattr(head, "name", type(head).__name__), "store": str(d.path),
-            "model_id": d.backbone["model_id"]}
+            "model_id": d.backbone["model_id"], "trained_on": trained.get("store", "unknown (not recorded)"),
+            "resubstitution": resub, "data": d.record, "run": run}
+    title = f"Head {Path(head_dir).name} on {d.path.name}"
+    if resub:
+        title += " (resubstitution: the head was trained on this data; optimistic)"
+    metrics, text, predictions = _section(sec, title, info)
     out = Path(out_dir) if out_dir is not None else None
-    metrics, text = _write_section(sec, out, f"Head {Path(head_dir).name} on {d.path.name}", info)
-    return Report("evaluate", text, metrics, out)
+    if out is not None:
+        with results_dir(out, run, overwrite) as stage:
+            write_section(stage, metrics, text, predictions)
+    return Report("evaluate", text, metrics, out, predictions=predictions)

@@ -202,6 +202,20 @@ def soft_label_report(
 # ---------------------------------------------------------------------------------------
 # Cross-validation summaries
 # ---------------------------------------------------------------------------------------
+def defined_in_fold(report: dict, cls: str) -> dict[str, bool]:
+    """Which of a class's metrics a single (fold) report defines.
+
+    Precision is defined where the class was predicted at least once, recall where it has test
+    samples, and F1 (``2 TP / (support + predicted)``, scikit-learn's formula) where either
+    holds. A report without a confusion matrix is taken as defining all three.
+    """
+    i = report["classes"].index(cls)
+    support = report["per_class"][cls]["support"]
+    cm = report.get("confusion_matrix")
+    predicted = int(np.asarray(cm)[:, i].sum()) if cm is not None else 1
+    return {"precision": predicted > 0, "recall": support > 0, "f1": support + predicted > 0}
+
+
 def summarize_folds(fold_reports: Sequence[dict], pooled: dict | None = None) -> dict[str, Any]:
     """Mean and std (over folds, ``ddof=0`` as scikit-learn's ``cv_results_``) of per-fold reports.
 
@@ -209,10 +223,19 @@ def summarize_folds(fold_reports: Sequence[dict], pooled: dict | None = None) ->
     "folds": [...], "pooled": report}`` where ``mean``/``std`` have the shape of a report
     (supports are summed over folds in both) and ``pooled`` is the report of the out-of-fold
     predictions taken together (its confusion matrix is the sum of the folds').
+
+    Accuracy and the macro/weighted averages are defined in every fold and averaged over all
+    of them. A per-class metric is averaged only over the folds that define it
+    (:func:`defined_in_fold`): a fold where a class has no test sample says nothing about its
+    recall, and counting it as 0 (scikit-learn's ``zero_division=0``) would bias the mean down
+    whenever a class is smaller than k. ``mean["per_class"][c]["n_folds"]`` counts those folds
+    per metric; a metric no fold defines is ``None``. Each entry of ``folds`` carries its
+    1-based ``fold`` number.
     """
     if not fold_reports:
         raise ValueError("no fold reports to summarise")
     classes = fold_reports[0]["classes"]
+    defined = [{c: defined_in_fold(r, c) for c in classes} for r in fold_reports]
 
     def agg(fn) -> dict[str, Any]:
         out: dict[str, Any] = {"classes": classes, "n_samples": int(sum(r["n_samples"] for r in fold_reports))}
@@ -220,11 +243,15 @@ def summarize_folds(fold_reports: Sequence[dict], pooled: dict | None = None) ->
             out[key] = float(fn([r[key] for r in fold_reports]))
         for avg in AVERAGES:
             out[avg] = {m: float(fn([r[avg][m] for r in fold_reports])) for m in PRF}
-        out["per_class"] = {
-            c: {**{m: float(fn([r["per_class"][c][m] for r in fold_reports])) for m in PRF},
-                "support": int(sum(r["per_class"][c]["support"] for r in fold_reports))}
-            for c in classes
-        }
+        out["per_class"] = {}
+        for c in classes:
+            row: dict[str, Any] = {}
+            for m in PRF:
+                vals = [r["per_class"][c][m] for r, d in zip(fold_reports, defined) if d[c][m]]
+                row[m] = float(fn(vals)) if vals else None
+            row["support"] = int(sum(r["per_class"][c]["support"] for r in fold_reports))
+            row["n_folds"] = {m: int(sum(d[c][m] for d in defined)) for m in PRF}
+            out["per_class"][c] = row
         if all("top_k_accuracy" in r for r in fold_reports):
             out["top_k_accuracy"] = {k: float(fn([r["top_k_accuracy"][k] for r in fold_reports]))
                                      for k in fold_reports[0]["top_k_accuracy"]}
@@ -232,7 +259,8 @@ def summarize_folds(fold_reports: Sequence[dict], pooled: dict | None = None) ->
 
     summary = {"kind": "cv", "k": len(fold_reports), "classes": classes,
                "n_samples": int(sum(r["n_samples"] for r in fold_reports)),
-               "mean": agg(np.mean), "std": agg(np.std), "folds": list(fold_reports)}
+               "mean": agg(np.mean), "std": agg(np.std),
+               "folds": [dict(r, fold=i + 1) for i, r in enumerate(fold_reports)]}
     if pooled is not None:
         summary["pooled"] = pooled
     return summary
@@ -249,21 +277,48 @@ def format_table(report: dict, title: str = "", digits: int = 2) -> str:
     """The paper's table: one row per class, then Macro Avg., Weighted Avg. and Accuracy.
 
     Columns Precision, Recall, F1-Score, Support; ``digits`` decimals (2 as in the paper). A CV
-    report (:func:`summarize_folds`) prints every cell as ``mean ± std`` over folds.
+    report (:func:`summarize_folds`) prints every cell as ``mean ± std`` over folds, marks a
+    per-class mean taken over fewer than k folds (the metric is undefined in the others) with
+    ``*`` and one defined in no fold with ``–``, and then prints the pooled out-of-fold table
+    below it, each under a heading that says which it is.
     """
-    cv = _is_cv(report)
-    mean = report["mean"] if cv else report
-    std = report["std"] if cv else None
+    if not _is_cv(report):
+        return _table(report, None, title, digits)
+    k, mean = report["k"], report["mean"]
+    lines = [title] if title else []
+    lines.append(f"Mean ± std over the {k} folds (std with ddof=0)")
+    text = "\n".join(lines) + "\n" + _table(mean, report["std"], "", digits, k)
+    partial = any(v < k for row in mean["per_class"].values() for v in row.get("n_folds", {}).values())
+    if partial:
+        text += ("* per-class mean over fewer than the k folds: only the folds where the metric is defined "
+                 "(precision: the class was predicted; recall: it has test samples; F1: either); "
+                 "'–': defined in no fold. per_class.csv has the fold counts.\n")
+    if "pooled" in report:
+        p = report["pooled"]
+        text += ("\n" + _table(p, None, f"Pooled out-of-fold: the {p['n_samples']} held-out predictions of all "
+                 f"{k} folds scored as one set (each by the fold model that did not see it)", digits))
+    return text
 
+
+def _table(mean: dict, std: dict | None, title: str, digits: int, k: int | None = None) -> str:
     def cell(path: tuple[str, ...]) -> str:
         v = _get(mean, path)
-        return f"{v:.{digits}f}" + (f" ± {_get(std, path):.{digits}f}" if cv else "")
+        if v is None:
+            return "– " if std is not None else "–"
+        text = f"{v:.{digits}f}"
+        if std is not None:
+            text += f" ± {_get(std, path):.{digits}f}"
+            partial = path[0] == "per_class" and k is not None \
+                and mean["per_class"][path[1]].get("n_folds", {}).get(path[2], k) < k
+            text += "*" if partial else " "  # keeps the columns aligned whether or not a cell is marked
+        return text
 
     classes = list(mean["classes"])
     names = classes + ["Macro Avg.", "Weighted Avg.", "Accuracy"]
     w0 = max(len(n) for n in names) + 2
-    wc = (2 * digits + 12) if cv else max(9, digits + 4)
-    header = " " * w0 + "".join(h.rjust(wc) for h in ("Precision", "Recall", "F1-Score")) + "Support".rjust(10)
+    wc = (2 * digits + 12) if std is not None else max(9, digits + 4)
+    pad = " " if std is not None else ""
+    header = " " * w0 + "".join((h + pad).rjust(wc) for h in ("Precision", "Recall", "F1-Score")) + "Support".rjust(10)
     lines = ([title] if title else []) + [header]
     for c in classes:
         lines.append(c.rjust(w0) + "".join(cell(("per_class", c, m)).rjust(wc) for m in PRF)
@@ -275,11 +330,9 @@ def format_table(report: dict, title: str = "", digits: int = 2) -> str:
     lines.append("Accuracy".rjust(w0) + " " * (2 * wc) + cell(("accuracy",)).rjust(wc) + n.rjust(10))
     extra = f"Balanced accuracy {cell(('balanced_accuracy',))}"
     if "top_k_accuracy" in mean:
-        extra += "".join(f"   top-{k} accuracy {cell(('top_k_accuracy', k))}" for k in mean["top_k_accuracy"])
-    lines += ["", extra]
-    if cv:
-        lines.append(f"{report['k']}-fold cross-validation: mean ± std over folds (std with ddof=0)")
-    return "\n".join(lines) + "\n"
+        extra += "".join(f"   top-{t} accuracy {cell(('top_k_accuracy', t))}" for t in mean["top_k_accuracy"])
+    lines += ["", extra.rstrip()]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
 def format_soft_labels(soft: dict, digits: int = 3) -> str:
@@ -292,19 +345,21 @@ def format_soft_labels(soft: dict, digits: int = 3) -> str:
             f"  top-{k} agreement             {soft[f'top{k}_agreement']:.{digits}f}\n")
 
 
-def _get(d: dict, path: tuple[str, ...]) -> float:
+def _get(d: dict, path: tuple[str, ...]) -> float | None:
     for p in path:
         d = d[p]
-    return float(d)
+    return None if d is None else float(d)
 
 
 def write_report(report: dict, out_dir: str | os.PathLike, title: str = "", digits: int = 2,
                  text: str | None = None) -> Path:
     """Write ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv`` and ``report.txt``.
 
-    ``report`` is a report or a CV report; for a CV report the per-class CSV has mean and std
-    columns and the confusion matrix is the pooled (summed) one. ``text`` replaces the table
-    in ``report.txt`` (e.g. a table plus notes). Returns ``out_dir``.
+    ``report`` is a report or a CV report. For a CV report the per-class CSV has, per metric,
+    the mean and std over the folds that define it, the number of those folds, and the pooled
+    out-of-fold value (empty cells where undefined); the confusion matrix is the pooled
+    (summed) one. ``text`` replaces the table in ``report.txt`` (e.g. a table plus notes).
+    Returns ``out_dir``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,10 +369,18 @@ def write_report(report: dict, out_dir: str | os.PathLike, title: str = "", digi
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
         if cv:
-            w.writerow(["class"] + [f"{m}_{s}" for m in PRF for s in ("mean", "std")] + ["support"])
+            pooled = report.get("pooled")
+            cols = [s for s in ("mean", "std", "folds", "pooled") if s != "pooled" or pooled is not None]
+            w.writerow(["class"] + [f"{m}_{s}" for m in PRF for s in cols] + ["support"])
+
+            def value(c: str, m: str, s: str) -> Any:
+                if s == "folds":
+                    return mean["per_class"][c].get("n_folds", {}).get(m, report["k"])
+                v = (pooled if s == "pooled" else report[s])["per_class"][c][m]
+                return "" if v is None else v
+
             for c in mean["classes"]:
-                w.writerow([c] + [report[s]["per_class"][c][m] for m in PRF for s in ("mean", "std")]
-                           + [mean["per_class"][c]["support"]])
+                w.writerow([c] + [value(c, m, s) for m in PRF for s in cols] + [mean["per_class"][c]["support"]])
         else:
             w.writerow(["class", *PRF, "support"])
             for c in mean["classes"]:

@@ -20,6 +20,7 @@ from .backbone import DEFAULT_MODEL
 logger = logging.getLogger(__name__)
 
 HEADS = ("linear", "mlp", "contrastive", "tip-adapter")
+CIFAR100_SIZES = {"all": 60_000, "train": 50_000, "test": 10_000}
 
 # Transcribed from Bondielli & Passaro (2021), Tables 1-5. (precision, recall, F1) for macro and
 # weighted averages, then accuracy. These are the paper's numbers, never ours.
@@ -104,7 +105,7 @@ def reproduce(
     finetune_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run B&P's experiments (and the heads) and write ``out_dir/tables.md`` + ``results.json``.
+    """Run B&P's experiments (and the heads) and write ``out_dir/tables.md`` + ``metrics.json``.
 
     Parameters
     ----------
@@ -119,9 +120,15 @@ def reproduce(
 
     Every step writes into its own folder and is skipped on a rerun when complete (stores,
     fine-tune folds and WiSE-FT blends resume), so an interrupted reproduction continues.
+    ``metrics.json`` (``data``) and the top of ``tables.md`` state what was measured: per
+    dataset the split, number of images and store fingerprint; a CIFAR-100 split smaller than
+    the official one is flagged, so a sample cannot pass for the paper's data. ``report.txt``
+    holds the same text as ``tables.md``.
     """
     from .encode import encode
     from .evaluate import run_zero_shot, train_head
+    from .fsutil import atomic_write_text
+    from .results import data_record
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,12 +139,18 @@ def reproduce(
         "cifar100": encode(str(cifar), out / "stores" / "cifar100.h5", format="cifar100", source_options=cifar_opts,
                            templates=["bp-photo", "clip-cifar100"], **enc).path,
     }
-    results: dict[str, Any] = {"model": model, "cv": cv, "seed": seed, "stores": {k: str(v) for k, v in stores.items()}}
+    results: dict[str, Any] = {"model": model, "cv": cv, "seed": seed, "stores": {k: str(v) for k, v in stores.items()},
+                               "data": {"fi": data_record(stores["fi"]),
+                                        "cifar100": data_record(stores["cifar100"], split=cifar_split)}}
+    for line in _data_notes(results["data"]):
+        logger.warning("reproduce: %s", line)
 
     # Tables 1-2: zero-shot with the paper's captions.
     zs = {
-        "fi": run_zero_shot(str(stores["fi"]), prompt_set="bp-emotion", out_dir=out / "zero-shot" / "fi").metrics,
-        "cifar100": run_zero_shot(str(stores["cifar100"]), prompt_set="bp-photo", out_dir=out / "zero-shot" / "cifar100").metrics,
+        "fi": run_zero_shot(str(stores["fi"]), prompt_set="bp-emotion", out_dir=out / "zero-shot" / "fi",
+                            overwrite=True).metrics,
+        "cifar100": run_zero_shot(str(stores["cifar100"]), prompt_set="bp-photo", out_dir=out / "zero-shot" / "cifar100",
+                                  overwrite=True).metrics,
     }
     results["zero_shot"] = zs
 
@@ -169,35 +182,66 @@ def reproduce(
         results["table5"] = {k: {"rows": v["rows"], "finetuned_b": v["reports"][f"{1.0:.2f}"]["b"]} for k, v in gen.items()}
 
     text = tables_markdown(results)
-    (out / "tables.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_text(out / "tables.md", text)
+    atomic_write_text(out / "report.txt", text)
+    atomic_write_text(out / "metrics.json", json.dumps(results, indent=2, default=str))
     results["text"] = text
     return results
+
+
+def _data_notes(data: dict[str, Any]) -> list[str]:
+    """Caveats about the data measured: a CIFAR-100 split with fewer images than the official one."""
+    c = data["cifar100"]
+    full = CIFAR100_SIZES.get(str(c.get("split")))
+    if full and c["n_images"] < full:
+        return [f"CIFAR-100 split {c['split']}: {c['n_images']} images, not the official {full:,} "
+                f"(the paper's setting); its figures are not comparable with the paper's"]
+    return []
+
+
+def data_markdown(data: dict[str, Any]) -> str:
+    """The 'measured on' paragraph of tables.md: per dataset split, image count, fingerprint."""
+    lines = ["**Measured on:**\n"]
+    for name, label in (("fi", "FI"), ("cifar100", "CIFAR-100")):
+        d = data[name]
+        split = f"split {d['split']}, " if d.get("split") else ""
+        lines.append(f"- {label}: {split}{d['n_images']:,} images ({d['n_skipped']} skipped), store "
+                     f"`{Path(d['store']).name}`, fingerprint `{d['fingerprint'][:12]}`")
+    lines += [f"- **Note:** {n}" for n in _data_notes(data)]
+    return "\n".join(lines) + "\n"
 
 
 def tables_markdown(results: dict[str, Any]) -> str:
     """The paper's table layouts with our measurement and the paper's number side by side."""
     zs = results["zero_shot"]
+    data = results.get("data") or {}
+
+    def n(ds: str) -> str:  # "CIFAR-100: 916 images" beside a table's title, so no sample passes for the whole set
+        return f"{data[ds]['n_images']:,} images" if ds in data else "images not recorded"
+
     parts = [
         "# Bondielli & Passaro (2021), reproduced with clip-heads\n",
         f"Model `{results['model']}`; {results['cv']}-fold stratified CV, seed {results['seed']}. "
         "Columns marked *paper* are the numbers printed in the paper (ViT-B/32, OpenAI `clip` package), "
         "transcribed for comparison; columns marked *ours* were measured by this run.\n",
-        _summary_table("Table 1: zero-shot", [("CIFAR-100", zs["cifar100"], PAPER["table1"]["cifar100"]),
-                                             ("Image-Emotion (FI)", zs["fi"], PAPER["table1"]["fi"])]),
-        _per_class_table("Table 2: zero-shot per class on FI", zs["fi"], PAPER["table2"]),
+        data_markdown(results["data"]) if "data" in results else "",
+        _summary_table(f"Table 1: zero-shot (CIFAR-100: {n('cifar100')}; FI: {n('fi')})",
+                       [("CIFAR-100", zs["cifar100"], PAPER["table1"]["cifar100"]),
+                        ("Image-Emotion (FI)", zs["fi"], PAPER["table1"]["fi"])]),
+        _per_class_table(f"Table 2: zero-shot per class on FI ({n('fi')})", zs["fi"], PAPER["table2"]),
     ]
     if "finetune_cv" in results:
         ft = results["finetune_cv"]
         parts += [
-            _summary_table(f"Table 3: Emotion-CLIP, {results['cv']}-fold CV on FI (mean over folds)",
+            _summary_table(f"Table 3: Emotion-CLIP, {results['cv']}-fold CV on FI (mean over folds; {n('fi')})",
                            [("FI", ft["fi"]["mean"], PAPER["table3"])]),
             _per_class_table("Table 3, per class", ft["fi"]["mean"], {}),
-            _summary_table(f"Table 4: CIFAR100-CLIP, {results['cv']}-fold CV on CIFAR-100 (mean over folds)",
+            _summary_table(f"Table 4: CIFAR100-CLIP, {results['cv']}-fold CV on CIFAR-100 (mean over folds; {n('cifar100')})",
                            [("CIFAR-100", ft["cifar100"]["mean"], PAPER["table4"])]),
         ]
         t5 = results["table5"]
-        parts.append(_summary_table("Table 5: fine-tuned on one dataset, zero-shot on the other", [
+        parts.append(_summary_table(f"Table 5: fine-tuned on one dataset, zero-shot on the other (CIFAR-100: {n('cifar100')}; "
+                                    f"FI: {n('fi')})", [
             ("Emotion-CLIP on CIFAR-100", t5["emotion-clip-on-cifar100"]["finetuned_b"], PAPER["table5"]["emotion-clip-on-cifar100"]),
             ("CIFAR100-CLIP on FI", t5["cifar100-clip-on-fi"]["finetuned_b"], PAPER["table5"]["cifar100-clip-on-fi"]),
         ]))
@@ -210,5 +254,6 @@ def tables_markdown(results: dict[str, Any]) -> str:
     for ds, label in (("fi", "FI"), ("cifar100", "CIFAR-100")):
         rows = [("zero-shot (no training)", results["zero_shot"][ds], None)]
         rows += [(f"{k.split('/')[1]} head", v["mean"], v["std"]) for k, v in results["heads"].items() if k.startswith(ds + "/")]
-        parts.append(_heads_table(f"Beyond the paper: heads on frozen CLIP vectors, {results['cv']}-fold CV on {label}", rows))
+        parts.append(_heads_table(f"Beyond the paper: heads on frozen CLIP vectors, {results['cv']}-fold CV on {label} "
+                                  f"({n(ds)})", rows))
     return "\n".join(parts)

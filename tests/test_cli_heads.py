@@ -45,8 +45,15 @@ def stores(tiny_clip, tmp_path_factory):
 def test_zero_shot_and_ablation(stores):
     out = run("zero-shot", stores / "a.h5", "--prompts", "clip-cifar100", "--templates", "0,3", "--out", stores / "zs")
     m = json.loads((stores / "zs" / "metrics.json").read_text())
-    assert "Macro Avg." in out and "Weighted Avg." in out and 0 <= m["accuracy"] <= 1
-    assert (stores / "zs" / "per_class.csv").read_text().count("\n") >= 4
+    assert "Macro Avg." in out and "Weighted Avg." in out
+    # The accuracy is that of cosine to the mean of templates 0 and 3, recomputed from the store.
+    with open_store(stores / "a.h5") as s:
+        X, y, classes = s.arrays()
+        V = s.prompt_set("clip-cifar100").class_vectors([0, 3])
+    pred = (X / np.linalg.norm(X, axis=1, keepdims=True) @ V.T).argmax(1)
+    assert m["accuracy"] == pytest.approx(float((pred == y).mean()), abs=1e-12)
+    assert m["info"]["templates"] == [m["info"]["templates"][0], m["info"]["templates"][1]] and len(m["info"]["templates"]) == 2
+    assert [r.split(",")[0] for r in (stores / "zs" / "per_class.csv").read_text().splitlines()[1:]] == classes
     run("ablate-prompts", stores / "a.h5", "--out", stores / "abl")
     rows = json.loads((stores / "abl" / "metrics.json").read_text())["rows"]
     assert len(rows) == 1 + 1 + 18 + 1  # bp-photo alone and as a set, 18 clip templates alone and their ensemble
@@ -112,3 +119,35 @@ def test_cli_errors(stores, tmp_path, argv, code, needle):
     argv = [subst.get(a, a) for a in argv]
     out = run(*argv, code=code)
     assert str(subst.get(needle, needle)) in out
+
+
+def test_evaluate_with_two_label_maps_keeps_both_results(stores, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default folders go under ./cache
+    head = stores / "head-for-maps"
+    run("-q", "train-head", "linear", stores / "a.h5", "--out", head)
+    m1, m2 = tmp_path / "one.json", tmp_path / "two.json"
+    m1.write_text(json.dumps({"from": {"kitty": "cat", "doggo": "dog", "fish": "eel"}}))
+    m2.write_text(json.dumps({"from": {"kitty": "cat", "doggo": "cat", "fish": "eel"}}))
+    run("evaluate", head, stores / "b.h5", "--label-map", m1)
+    run("evaluate", head, stores / "b.h5", "--label-map", m2)
+    first = tmp_path / "cache" / "evaluate" / "head-for-maps-on-b-one"
+    second = tmp_path / "cache" / "evaluate" / "head-for-maps-on-b-two"
+    assert json.loads((first / "metrics.json").read_text())["info"]["run"]["label_map"] == str(m1)
+    assert json.loads((second / "metrics.json").read_text())["info"]["run"]["label_map"] == str(m2)
+    # One --out for both: the second is refused (exit 1, one line) until --overwrite.
+    run("evaluate", head, stores / "b.h5", "--label-map", m1, "--out", tmp_path / "ev")
+    out = run("evaluate", head, stores / "b.h5", "--label-map", m2, "--out", tmp_path / "ev", code=1)
+    assert "holds the results of another run" in out and "--overwrite" in out
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["info"]["run"]["label_map"] == str(m1)
+    run("evaluate", head, stores / "b.h5", "--label-map", m2, "--out", tmp_path / "ev", "--overwrite")
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["info"]["run"]["label_map"] == str(m2)
+    # Evaluating on the training store is resubstitution, on the other store it is not.
+    out = run("evaluate", head, stores / "a.h5")
+    assert "(resubstitution: the head was trained on this data" in out
+    assert "(resubstitution" not in (first / "report.txt").read_text()
+    # The other commands' defaults: named after what was evaluated, one layout each.
+    run("zero-shot", stores / "a.h5", "--prompts", "bp-photo")
+    run("ablate-prompts", stores / "a.h5")
+    for folder in ("zero-shot/a-bp-photo", "ablate-prompts/a", "evaluate/head-for-maps-on-a"):
+        files = {p.name for p in (tmp_path / "cache" / folder).iterdir()}
+        assert {"report.txt", "metrics.json", "per_class.csv", "confusion_matrix.csv", "predictions.csv"} <= files, folder

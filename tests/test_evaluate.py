@@ -121,7 +121,7 @@ def test_zero_shot_planted_prompts_and_bad_template_ranks_last(tmp_path):
     assert one["macro_f1"] == pytest.approx(alone.metrics["macro"]["f1"], abs=1e-12)
     table = list(csv.DictReader(open(tmp_path / "abl" / "ablation.csv")))
     assert [int(r["rank"]) for r in table] == [1, 2, 3, 4] and table[-1]["template"] == "a bad {} template"
-    assert "a bad {} template" in abl.text.splitlines()[-1]
+    assert "a bad {} template" in abl.text.splitlines()[-2]
 
 
 def test_zero_shot_matches_prompts_by_name(tmp_path):
@@ -271,3 +271,222 @@ def test_folds_when_every_class_is_smaller_than_k():
         assert per_fold.max() <= 1
     np.testing.assert_array_equal(folds, stratified_folds(y, k=10, seed=0))
     assert not np.array_equal(folds, stratified_folds(y, k=10, seed=1))
+
+
+# ---------------------------------------------------------------------------------------- issue 8: results that mean what they say
+HASH = "sha256:" + "ab" * 32  # a recorded model identity (a real encode records the weights' hash)
+
+
+def test_cv_class_absent_from_some_folds_against_pooled_reference():
+    # Class "rare" has 3 samples: with k=5 it is missing from the test part of 2 folds. The blobs
+    # are far apart, so every fold predicts every present sample right: the per-class means must
+    # equal the pooled (out-of-fold) figures, 1.0, instead of 3/5 (folds without the class as 0).
+    X, y, _ = make_blobs(n_per_class=40, n_classes=3, dim=8, sep=12.0, seed=2)
+    keep = np.r_[np.flatnonzero(y != 2), np.flatnonzero(y == 2)[:3]]
+    X, y = X[keep], np.array(["a", "b", "rare"])[y[keep]]
+    res = cross_validate(LogisticRegression(max_iter=500), X, y, k=5, seed=0, classes=["a", "b", "rare"])
+    mean, pooled = res.report["mean"]["per_class"]["rare"], res.report["pooled"]["per_class"]["rare"]
+    present = [f for f in range(5) if (y[res.folds == f] == "rare").any()]
+    assert len(present) == 3 and pooled["recall"] == 1.0 and pooled["f1"] == 1.0
+    assert mean["recall"] == pooled["recall"] and mean["f1"] == pooled["f1"] and mean["precision"] == pooled["precision"]
+    assert mean["n_folds"] == {"precision": 3, "recall": 3, "f1": 3}
+    # A reference computed per fold with scikit-learn, averaged over the folds holding each class.
+    from sklearn.metrics import recall_score
+
+    for c, name in enumerate(["a", "b", "rare"]):
+        folds = [f for f in range(5) if (res.y_true[res.folds == f] == c).any()]
+        ref = np.mean([recall_score(res.y_true[res.folds == f], res.y_pred[res.folds == f], labels=[c], average="macro")
+                       for f in folds])
+        assert res.report["mean"]["per_class"][name]["recall"] == pytest.approx(ref, abs=1e-12)
+    # The pooled report has top-k from the out-of-fold probabilities.
+    assert res.report["pooled"]["top_k_accuracy"]["2"] == 1.0
+
+
+def _merging_store(path):
+    """A 3-class store (A, B, C) with vote distributions, and prompts over five classes where
+    a1, a2, a3 all mean A. Some images sit just nearer b than any single a-prompt, but the
+    three a-prompts together carry more probability: head argmax B, summed decision A."""
+    rng = np.random.default_rng(0)
+    E = np.eye(8)
+    rows, labels, dist = [], [], []
+    for kind in ["ambiguous"] * 12 + ["a"] * 10 + ["b"] * 10 + ["c"] * 10:
+        if kind == "ambiguous":
+            v, lab, votes = np.r_[0.49, 0.49, 0.49, 0.50, 0, 0.02 * rng.random(3)], 0, [0.6, 0.3, 0.1]
+        elif kind == "a":
+            v, lab, votes = E[0] + 0.3 * E[1], 0, [0.8, 0.1, 0.1]
+        else:
+            i = {"b": 3, "c": 4}[kind]
+            v, lab, votes = E[i] + 0.05 * rng.random(8), {"b": 1, "c": 2}[kind], [0.1, 0.1, 0.8] if kind == "c" else [0.2, 0.7, 0.1]
+        rows.append(v), labels.append(lab), dist.append(votes)
+    ps = PromptSet("five", ["a1", "a2", "a3", "b", "c"], ["{}"], ["a1", "a2", "a3", "b", "c"],
+                   E[:5].astype(np.float32), np.zeros(5, int), np.arange(5))
+    write_store(path, np.array(rows), np.array(labels), ["A", "B", "C"], keys=[f"k{i:03d}" for i in range(len(rows))],
+                model_id="m", model_hash=HASH, prompt_sets=[ps], extras={"emotion_distribution": np.array(dist)},
+                extras_columns={"emotion_distribution": ["A", "B", "C"]})
+    return path, np.array(dist), np.array(labels)
+
+
+def test_merged_label_map_every_metric_from_one_decision_rule(tmp_path):
+    path, dist, labels = _merging_store(tmp_path / "s.h5")
+    lm = {"from": {"a1": "A", "a2": "A", "a3": "A", "b": "B", "c": "C"}, "to": ["A", "B", "C"]}
+    rep = run_zero_shot(path, label_map=lm, out_dir=tmp_path / "zs")
+    m = rep.metrics
+    assert m["decision_rule"]["rule"] == "summed-probability" and m["decision_rule"]["merged"] == {"A": ["a1", "a2", "a3"]}
+    assert "Decision rule" in rep.text and "A = a1 + a2 + a3" in rep.text
+    preds = list(csv.DictReader(open(tmp_path / "zs" / "predictions.csv")))
+    pred = np.array([p["prediction"] for p in preds])
+    # The ambiguous images: the single nearest prompt is b, the summed decision A.
+    assert (pred[:12] == "A").all()
+    # Accuracy and the soft-label agreement both follow from the run's own predictions.
+    col = {"A": 0, "B": 1, "C": 2}
+    assert m["accuracy"] == pytest.approx(np.mean(pred == np.array(["A", "B", "C"])[labels]))
+    got = dist[np.arange(len(pred)), [col[p] for p in pred]]
+    assert m["soft_labels"]["top1_agreement"] == pytest.approx(np.mean(got >= dist.max(1) - 1e-12))
+    top2 = -np.sort(-dist, 1)[:, 1]
+    assert m["soft_labels"]["top2_agreement"] == pytest.approx(np.mean(got >= top2 - 1e-12))
+    # Top-1 of the ranking used for top-k is the prediction: top-k starts at the accuracy.
+    assert m["top_k_accuracy"]["2"] >= m["accuracy"]
+    # The confusion matrix is that of predictions.csv.
+    cm = np.zeros((3, 3), int)
+    for p in preds:
+        cm[col[p["label"]], col[p["prediction"]]] += 1
+    assert cm.tolist() == m["confusion_matrix"]
+
+
+def _e6_like(path, seed=0, n=30, keys_prefix="img"):
+    X, y, means = make_blobs(n_per_class=n, n_classes=3, dim=16, sep=2.0, seed=seed)
+    rng = np.random.default_rng(seed)
+    dist = rng.dirichlet(np.ones(4), len(y))
+    dist[np.arange(len(y)), np.array([1, 0, 3])[y]] += 1.0  # votes lean to the image's class
+    dist /= dist.sum(1, keepdims=True)
+    ps = planted_prompts(means, ["anger", "joy", "fear"], bad=False)
+    write_store(path, X, y, ["anger", "joy", "fear"], keys=[f"{keys_prefix}{i:04d}" for i in range(len(y))],
+                prompt_sets=[ps], model_id="m", model_hash=HASH, extras={"emotion_distribution": dist},
+                extras_columns={"emotion_distribution": ["joy", "anger", "neutral", "fear"]})
+    return path, X, y, dist
+
+
+def test_cv_on_soft_labels_reports_out_of_fold_soft_metrics(tmp_path):
+    path, X, y, dist = _e6_like(tmp_path / "e6.h5")
+    rep = train_head("linear", path, tmp_path / "h", cv=3, seed=0, head_params={"C": 1.0})
+    soft = rep.metrics["cv"]["soft_labels"]
+    assert soft["computed"] == "out of fold" and soft["columns"] == ["anger", "joy", "fear"]
+    # By hand: the same folds and head, each image's probabilities from the fold that did not see it.
+    from clip_heads.heads import get_head
+
+    names = np.array(["anger", "joy", "fear"])[y]
+    folds = stratified_folds(names, 3, 0)
+    P = np.zeros((len(y), 3))
+    for f in range(3):
+        h = get_head("linear")(C=1.0, random_state=0).fit(X[folds != f], names[folds != f])
+        P[np.ix_(folds == f, [["anger", "joy", "fear"].index(c) for c in h.classes_])] = h.predict_proba(X[folds == f])
+    t = dist[:, [1, 0, 3]]  # the distribution's anger, joy, fear columns
+    eps = 1e-6
+    tp, q = (t + eps) / (t + eps).sum(1, keepdims=True), (P + eps) / (P + eps).sum(1, keepdims=True)
+    t = t / t.sum(1, keepdims=True)
+    assert soft["kl"] == pytest.approx(np.mean((tp * np.log(tp / q)).sum(1)), rel=1e-9)
+    assert soft["top1_agreement"] == pytest.approx(np.mean(t[np.arange(len(y)), P.argmax(1)] >= t.max(1) - 1e-12))
+    assert soft["n_samples"] == len(y)
+    report = (tmp_path / "h" / "cv" / "report.txt").read_text()
+    assert "Out of fold" in report and "mean KL(true || predicted)" in report
+
+
+def test_store_fingerprint_is_content_based(tmp_path):
+    from clip_heads.results import store_fingerprint
+
+    X, y, _ = make_blobs(n_per_class=10, n_classes=3, dim=8)
+    keys = [f"k{i}" for i in range(len(y))]
+    common = dict(keys=keys, model_id="m", model_hash=HASH)
+    write_store(tmp_path / "a.h5", X, y, ["a", "b", "c"], **common)
+    write_store(tmp_path / "copy" / "b.h5", X, y, ["a", "b", "c"], dtype="float16", **common)  # same data, re-encoded
+    fa = store_fingerprint(tmp_path / "a.h5")
+    assert len(fa) == 64 and store_fingerprint(tmp_path / "copy" / "b.h5") == fa
+    y2 = y.copy()
+    y2[0] = (y2[0] + 1) % 3
+    variants = {"label": dict(y=y2), "key": dict(keys=["x"] + keys[1:]), "model": dict(model_hash="sha256:" + "cd" * 32),
+                "classes": dict(classes=["a", "b", "z"])}
+    for name, change in variants.items():
+        kw = dict(common, **{k: v for k, v in change.items() if k in common})
+        write_store(tmp_path / f"{name}.h5", X, change.get("y", y), change.get("classes", ["a", "b", "c"]), **kw)
+        assert store_fingerprint(tmp_path / f"{name}.h5") != fa, name
+
+
+def test_evaluate_on_the_training_data_is_labelled_resubstitution(tmp_path, caplog):
+    import logging
+
+    A, XA, yA, _ = blob_store(tmp_path / "a.h5", model_hash=HASH)
+    blob_store(tmp_path / "again" / "a.h5", model_hash=HASH)  # the same data encoded again elsewhere
+    blob_store(tmp_path / "b.h5", seed=7, model_hash=HASH)  # other images of the same classes
+    train_head("linear", A, tmp_path / "head", head_params={"C": 1.0})
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert config["training_data"]["store"] == str(A) and len(config["training_data"]["fingerprint"]) == 64
+    for store, expected in ((A, True), (tmp_path / "again" / "a.h5", True), (tmp_path / "b.h5", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clip_heads.evaluate"):
+            rep = evaluate_head(tmp_path / "head", store)
+        assert rep.metrics["info"]["resubstitution"] is expected, store
+        assert ("(resubstitution" in rep.text) is expected and ("resubstitution" in caplog.text) is expected
+        assert rep.metrics["info"]["trained_on"] == str(A)
+    # train-head's eval store holding its own training data is labelled too.
+    rep = train_head("linear", A, tmp_path / "h2", eval_store=tmp_path / "again" / "a.h5", head_params={"C": 1.0})
+    assert rep.metrics["eval"]["info"]["resubstitution"] is True and "(resubstitution: the same data" in rep.text
+
+
+LAYOUT = {"report.txt", "metrics.json", "per_class.csv", "confusion_matrix.csv", "predictions.csv"}
+
+
+def test_every_evaluation_writes_one_layout_and_refuses_to_replace_another_run(tmp_path):
+    A, X, y, _ = blob_store(tmp_path / "a.h5", model_hash=HASH)
+    zs = run_zero_shot(A, out_dir=tmp_path / "zs")
+    abl = ablate_prompts(A, out_dir=tmp_path / "abl")
+    tr = train_head("linear", A, tmp_path / "head", cv=3, head_params={"C": 1.0})
+    ev = evaluate_head(tmp_path / "head", A, out_dir=tmp_path / "ev")
+    for folder in ("zs", "abl", "head/cv", "ev"):
+        assert LAYOUT <= {p.name for p in (tmp_path / folder).iterdir()}, folder
+    assert {"report.txt", "metrics.json", "config.json", "model.safetensors", "cv"} <= {p.name for p in (tmp_path / "head").iterdir()}
+    # The ablation's per-class files are those of its rank-1 prompt, scored in full.
+    top = abl.rows[0]
+    best = run_zero_shot(A, templates=None if top["template_id"] is None else [top["template_id"]])
+    assert json.loads((tmp_path / "abl" / "metrics.json").read_text())["rank1"]["accuracy"] == best.metrics["accuracy"] == top["accuracy"]
+    assert read_confusion_csv(tmp_path / "abl" / "confusion_matrix.csv")[1].tolist() == best.metrics["confusion_matrix"]
+    # Each records what was run and on which data.
+    for rep in (zs, ev):
+        assert rep.metrics["info"]["data"]["n_images"] == len(y) and rep.metrics["info"]["run"]["store"].endswith("a.h5")
+    assert tr.metrics["info"]["data"]["fingerprint"] == ev.metrics["info"]["data"]["fingerprint"]
+    # Folds are numbered 1..k wherever a user reads them.
+    oof = list(csv.DictReader(open(tmp_path / "head" / "cv" / "predictions.csv")))
+    assert sorted({int(r["fold"]) for r in oof}) == [1, 2, 3]
+    assert [f["fold"] for f in tr.metrics["cv"]["folds"]] == [1, 2, 3]
+    with open(tmp_path / "head" / "cv" / "folds.csv") as f:  # ids, documented as 0-based, in their own column
+        assert sorted({int(r["fold_id"]) for r in csv.DictReader(f)}) == [0, 1, 2]
+    np.testing.assert_array_equal(read_folds(tmp_path / "head" / "cv" / "folds.csv"), tr.cv.folds)
+    # Another evaluation into the same folder is refused, the first results intact; the same one reruns.
+    lm = {"from": {"a": "a", "b": "b", "c": "c", "d": "d"}}
+    before = (tmp_path / "ev" / "metrics.json").read_text()
+    with pytest.raises(FileExistsError, match="holds the results of another run"):
+        evaluate_head(tmp_path / "head", A, out_dir=tmp_path / "ev", label_map=lm)
+    assert (tmp_path / "ev" / "metrics.json").read_text() == before
+    evaluate_head(tmp_path / "head", A, out_dir=tmp_path / "ev")
+    evaluate_head(tmp_path / "head", A, out_dir=tmp_path / "ev", label_map=lm, overwrite=True)
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["info"]["run"]["label_map"] == "<dict>"
+    with pytest.raises(FileExistsError, match="holds the results of another run"):
+        run_zero_shot(A, templates="0", out_dir=tmp_path / "zs")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="files that are not results"):
+        run_zero_shot(A, out_dir=tmp_path / "mine")
+    # Retraining into a head folder replaces the previous run's sections, keeps a user's files.
+    (tmp_path / "head" / "notes.txt").write_text("keep me")
+    train_head("linear", A, tmp_path / "head", head_params={"C": 1.0})
+    names = {p.name for p in (tmp_path / "head").iterdir()}
+    assert "train" in names and "cv" not in names and (tmp_path / "head" / "notes.txt").read_text() == "keep me"
+
+
+def test_read_folds_reads_files_of_either_column_name(tmp_path):
+    (tmp_path / "old.csv").write_text("key,label,fold\nx,a,0\ny,b,1\nz,a,1\n")
+    np.testing.assert_array_equal(read_folds(tmp_path / "old.csv", ["z", "x"]), [1, 0])
+    (tmp_path / "new.csv").write_text("key,label,fold_id\nx,a,0\ny,b,1\nz,a,1\n")
+    np.testing.assert_array_equal(read_folds(tmp_path / "new.csv", ["z", "x"]), [1, 0])
+    (tmp_path / "bad.csv").write_text("key,label\nx,a\n")
+    with pytest.raises(ValueError, match="not a folds file"):
+        read_folds(tmp_path / "bad.csv")

@@ -169,3 +169,46 @@ def test_write_report_files_read_back(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "cv" / "per_class.csv")))
     assert float(rows[0]["f1_std"]) == 0.0 and float(rows[0]["f1_mean"]) == pytest.approx(r["per_class"]["a"]["f1"])
     assert read_confusion_csv(tmp_path / "cv" / "confusion_matrix.csv")[1].sum() == 200
+
+
+def test_cv_per_class_means_only_over_folds_where_defined(tmp_path):
+    # Class c is in fold 1's truth, absent and never predicted in fold 2, absent but (wrongly)
+    # predicted once in fold 3. Class d never occurs and is never predicted.
+    names = ["a", "b", "c", "d"]
+    folds = [([0, 0, 1, 2], [0, 1, 1, 2]), ([0, 1, 1], [0, 1, 0]), ([0, 1], [2, 1])]
+    reports = [classification_report(y, p, names) for y, p in folds]
+    pooled = classification_report(sum((y for y, _ in folds), []), sum((p for _, p in folds), []), names)
+    s = summarize_folds(reports, pooled)
+    c = s["mean"]["per_class"]["c"]
+    # precision: folds 1 (1.0) and 3 (0.0); recall: fold 1 only; F1 (2TP / (support + predicted)): folds 1 and 3.
+    assert c["precision"] == pytest.approx(0.5) and c["recall"] == 1.0 and c["f1"] == pytest.approx(0.5)
+    assert c["n_folds"] == {"precision": 2, "recall": 1, "f1": 2}
+    assert s["std"]["per_class"]["c"]["recall"] == 0.0 and s["std"]["per_class"]["c"]["precision"] == pytest.approx(0.5)
+    # Counting undefined folds as 0 (scikit-learn's zero_division=0) would have given recall 1/3.
+    assert np.mean([r["per_class"]["c"]["recall"] for r in reports]) == pytest.approx(1 / 3)
+    # a is never predicted in fold 3: its precision is the mean of folds 1 (1/1) and 2 (1/2) only.
+    a = s["mean"]["per_class"]["a"]
+    assert a["precision"] == pytest.approx(0.75) and a["n_folds"] == {"precision": 2, "recall": 3, "f1": 3}
+    assert a["recall"] == pytest.approx(np.mean([0.5, 1.0, 0.0]))
+    # b is defined in every fold: a plain mean over the three.
+    for m in ("precision", "recall", "f1"):
+        assert s["mean"]["per_class"]["b"][m] == pytest.approx(np.mean([r["per_class"]["b"][m] for r in reports]))
+    d = s["mean"]["per_class"]["d"]
+    assert (d["precision"], d["recall"], d["f1"], d["n_folds"]["recall"]) == (None, None, None, 0)
+    assert [f["fold"] for f in s["folds"]] == [1, 2, 3]
+    # Macro/weighted/accuracy stay per-fold means over all folds.
+    assert s["mean"]["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in reports]))
+
+    text = format_table(s, "CV")
+    mean_part = text.split("Pooled out-of-fold")[0]
+    rows = {ln.split()[0]: ln for ln in mean_part.splitlines() if ln.strip()[:2] in ("a ", "b ", "c ", "d ")}
+    assert "1.00 ± 0.00*" in rows["c"] and rows["d"].split()[1:4] == ["–", "–", "–"]
+    assert "Mean ± std over the 3 folds" in text and "Pooled out-of-fold: the 9 held-out predictions" in text
+    pooled_part = text.split("Pooled out-of-fold")[1]
+    assert f"{pooled['per_class']['c']['precision']:.2f}" in [w for ln in pooled_part.splitlines() if ln.strip().startswith("c ")
+                                                               for w in ln.split()]
+    write_report(s, tmp_path)
+    table = {r["class"]: r for r in csv.DictReader(open(tmp_path / "per_class.csv"))}
+    assert table["c"]["recall_folds"] == "1" and float(table["c"]["recall_mean"]) == 1.0
+    assert float(table["c"]["precision_pooled"]) == pytest.approx(pooled["per_class"]["c"]["precision"])
+    assert table["d"]["recall_mean"] == "" and table["d"]["recall_folds"] == "0"

@@ -14,7 +14,14 @@ from clip_heads.datasets import FI_CLASSES
 from clip_heads.reproduce import PAPER
 from test_demo import tiny_cifar_tarball
 
-torch.set_num_threads(1)
+
+@pytest.fixture
+def one_thread():
+    """The fine-tunes here are tiny: one torch thread is faster, and the setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def fi_folder(root, n=6, seed=0):
@@ -29,7 +36,7 @@ def fi_folder(root, n=6, seed=0):
 
 
 @pytest.mark.parametrize("finetune", [False, True])
-def test_reproduce_writes_every_table(tiny_clip, tmp_path, finetune):
+def test_reproduce_writes_every_table(tiny_clip, tmp_path, finetune, one_thread):
     fi = fi_folder(tmp_path / "FI")
     cifar, _ = tiny_cifar_tarball(tmp_path / "cifar.tar.gz", n_test=16, n_train=16)
     out = tmp_path / "repro"
@@ -38,7 +45,8 @@ def test_reproduce_writes_every_table(tiny_clip, tmp_path, finetune):
     res = CliRunner().invoke(main, [str(a) for a in argv] + ([] if finetune else ["--no-finetune"]))
     assert res.exit_code == 0, res.output
     text = (out / "tables.md").read_text()
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "metrics.json").read_text())
+    assert (out / "report.txt").read_text() == text
     for needle in ("Table 1", "Table 2", "Beyond the paper", "(paper)", "(ours)"):
         assert needle in text
     assert ("Table 5" in text) == finetune and ("Table 3" in text) == finetune
@@ -48,6 +56,15 @@ def test_reproduce_writes_every_table(tiny_clip, tmp_path, finetune):
     assert results["zero_shot"]["fi"]["accuracy"] == pytest.approx(fi_zs["accuracy"])
     assert f"| accuracy | {results['zero_shot']['cifar100']['accuracy']:.2f} | 0.62 | {fi_zs['accuracy']:.2f} | 0.49 |" in text
     assert set(results["heads"]) == {"fi/linear", "fi/mlp", "cifar100/linear", "cifar100/mlp"}
+    # What was measured is stated: split, image count, fingerprint; a small CIFAR-100 is flagged.
+    from clip_heads.results import store_fingerprint
+
+    data = results["data"]
+    assert (data["fi"]["n_images"], data["cifar100"]["n_images"], data["cifar100"]["split"]) == (48, 32, "all")
+    assert data["cifar100"]["fingerprint"] == store_fingerprint(out / "stores" / "cifar100.h5")
+    assert "**Measured on:**" in text and f"fingerprint `{data['fi']['fingerprint'][:12]}`" in text
+    assert "32 images, not the official 60,000" in text
+    assert "Table 1: zero-shot (CIFAR-100: 32 images; FI: 48 images)" in text
     if finetune:
         rows = results["table5"]["emotion-clip-on-cifar100"]["rows"]
         assert [r["alpha"] for r in rows] == [0.0, 1.0]

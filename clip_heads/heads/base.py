@@ -127,6 +127,12 @@ class Head(ClassifierMixin, BaseEstimator):
         self.backbone_ = {"model_id": model_id, "model_hash": model_hash, "dim": dim}
         return self
 
+    def set_training_data(self, store: str, fingerprint: str) -> "Head":
+        """Record which store the head was trained on (saved with it), so that scoring it on
+        the same data can be labelled resubstitution."""
+        self.training_data_ = {"store": str(store), "fingerprint": str(fingerprint)}
+        return self
+
     def check_backbone(self, model_id: str, model_hash: str | None = None, dim: int | None = None) -> None:
         """Raise ``ValueError`` if vectors from this backbone do not fit the head.
 
@@ -163,6 +169,7 @@ class Head(ClassifierMixin, BaseEstimator):
         params = {k: _jsonable(v) for k, v in self.get_params(deep=False).items() if k not in self._tensor_params}
         config = {"head": self.name, "params": params, "classes": _jsonable(self.classes_),
                   "n_features_in": int(self.n_features_in_), "backbone": getattr(self, "backbone_", None),
+                  "training_data": getattr(self, "training_data_", None),
                   "extra": _jsonable(self._extra_config()), "clip_heads_version": clip_heads.__version__}
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._get_tensors().items()}
@@ -199,6 +206,8 @@ class Head(ClassifierMixin, BaseEstimator):
         head.n_features_in_ = config["n_features_in"]
         if config.get("backbone"):
             head.backbone_ = config["backbone"]
+        if config.get("training_data"):
+            head.training_data_ = config["training_data"]
         head._set_tensors(load_file(str(directory / WEIGHTS_NAME)), config.get("extra", {}))
         return head
 

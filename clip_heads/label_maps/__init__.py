@@ -22,6 +22,10 @@ over classes B:
 * ``common`` mode: otherwise both sides are mapped into the map's target set, e.g. an FI head
   on a positive/negative store with ``to_sentiment``, or an FI head on Emotion6 with
   ``fi_to_emotion6`` (FI predictions become Emotion6 classes; Emotion6 labels stay as they are).
+
+When several head classes meet in one evaluation class (FI's four positive emotions -> ``joy``),
+one decision rule holds for every metric of the evaluation: the head's probabilities are summed
+per evaluation class and the prediction is the largest sum (:meth:`LabelAlignment.decision_rule`).
 """
 from __future__ import annotations
 
@@ -161,6 +165,34 @@ class LabelAlignment:
         M = np.zeros((len(self.pred), len(self.classes)))
         M[np.arange(len(self.pred)), self.pred] = 1.0
         return np.asarray(P, np.float64) @ M
+
+    def decision_rule(self, head_classes: Sequence[str], has_proba: bool = True) -> dict[str, Any]:
+        """THE rule that turns a head's output into one evaluation class, as a report records it.
+
+        With probabilities: the head's probabilities summed per evaluation class
+        (:meth:`map_proba`), the prediction their argmax, and every metric of the evaluation
+        computed from that one matrix ("summed-probability"; plain "argmax" where no two head
+        classes share an evaluation class). Without: the head's predicted class, mapped
+        ("mapped-prediction"). Returns ``{"rule", "merged": {eval class: [head classes]}, "text"}``.
+        """
+        groups: dict[str, list[str]] = {}
+        for h, t in zip(head_classes, self.pred.tolist()):
+            groups.setdefault(self.classes[t], []).append(str(h))
+        merged = {c: hs for c, hs in groups.items() if len(hs) > 1}
+        if not has_proba:
+            rule = "mapped-prediction"
+            text = ("Decision rule: the head's predicted class, mapped into the evaluation classes (the head gives "
+                    "no probabilities, so there are no top-k or soft-label metrics)")
+        elif merged:
+            rule = "summed-probability"
+            shown = "; ".join(f"{c} = {' + '.join(hs)}" for c, hs in merged.items())
+            text = (f"Decision rule: each evaluation class scores the sum of the head's probabilities of the classes "
+                    f"mapped to it ({shown}); the prediction is the largest sum, and every metric here (tables, "
+                    f"accuracy, top-k, soft labels) uses these summed probabilities")
+        else:
+            rule = "argmax"
+            text = "Decision rule: the head's most probable class (no two head classes share an evaluation class)"
+        return {"rule": rule, "merged": merged, "text": text}
 
 
 def align_labels(
