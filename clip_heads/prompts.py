@@ -144,8 +144,16 @@ def add_prompts(
 
     Images are not touched. ``classes`` defaults to the store's classes; another label set
     (e.g. ``"fi"`` on an Emotion6 store) gives prompts for querying with other classes.
-    Returns the names of the sets added.
+    Returns the names of the sets added. Holds the store's writer lock throughout, so a
+    concurrent writer of the store fails at once instead of racing this one.
     """
+    from .fsutil import exclusive_lock
+
+    with exclusive_lock(store_path, "prompts", reentrant=True):
+        return _add_prompts(store_path, templates, classes, synonyms, name, device, overwrite)
+
+
+def _add_prompts(store_path, templates, classes, synonyms, name, device, overwrite) -> list[str]:
     from .backbone import Backbone
 
     with open_store(store_path) as s:
