@@ -2,9 +2,12 @@
 
 Images are decoded and preprocessed in DataLoader worker processes a whole batch at a time
 (order preserved), embedded under ``inference_mode`` and appended to the store as they come,
-so memory stays constant in the number of images. After every batch the store is flushed and
-its resume cursor moved; rerunning the same command after any interruption continues from the
-cursor and ends with the same store an uninterrupted run writes.
+so memory stays constant in the number of images. Every batch is committed to the encode's
+journal (:mod:`clip_heads.journal`) whole and synced before the cursor moves; rerunning the same
+command after any interruption - Ctrl-C, SIGKILL, a full disk - continues from the cursor, in
+batches aligned as before, and ends with the same store an uninterrupted run writes. One
+process writes a store at a time (its lock), and an existing store is replaced only once the
+new one is complete.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from .datasets import open_source
 from .fsutil import exclusive_lock
 from .prompts import default_template_sets, encode_prompt_set, load_templates
 from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
-from .writer import StoreWriter
+from .journal import StoreWriter
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +160,7 @@ def encode(
             with FeatureStore(out) as s:
                 found = s.attrs
                 _check_matches(found, dict(wanted_light, model_hash=found.get("model_hash")), out)
-                _check_precision(found, precision, device, out)
+                _check_precision(found, precision, out)
                 missing = [t for t in template_sets if Path(t).stem not in s.prompt_sets() and t not in s.prompt_sets()]
                 n, n_skipped = len(s), s.progress["skipped"]
             _drop_finished_journal(out, found)
@@ -227,7 +230,7 @@ def _check_resume(found: dict, precision: str, batch_size: int, part: Path) -> N
                              f"{flag} {found.get(k)} to resume, or --overwrite to start over")
 
 
-def _check_precision(found: dict, precision: str, device: str, path: Path) -> None:
+def _check_precision(found: dict, precision: str, path: Path) -> None:
     # An explicit --precision that differs from a complete store's is refused; "auto" on another
     # kind of device is not (the store is what it is, and says so).
     if precision != "auto" and str(found.get("precision", "auto")) not in ("auto", precision):

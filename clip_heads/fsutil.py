@@ -23,11 +23,13 @@ import errno
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Union
@@ -252,11 +254,25 @@ def exclusive_lock(target: PathLike, what: str = "", reentrant: bool = False) ->
                 depth.pop(key, None)
 
 
+def _holder_gone(note: str) -> bool:
+    m = re.match(r"pid (\d+)", note)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def _flock(path: Path, target: PathLike, what: str) -> Iterator[None]:
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    waited = 0.0
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -266,6 +282,12 @@ def _flock(path: Path, target: PathLike, what: str) -> Iterator[None]:
                 holder = os.read(fd, 512).decode(errors="replace").strip() or "unknown process"
             finally:
                 os.close(fd)
+            if _holder_gone(holder) and waited < 5.0:
+                # A killed holder's worker child (run_isolated) shares the lock until the
+                # kernel, told of the holder's death, ends it too: a moment.
+                time.sleep(0.05)
+                waited += 0.05
+                continue
             raise LockedError(f"{target} is being written by another process ({holder}); wait for it "
                               f"to finish or stop it (lock: {path})") from None
         # The holder before us may have unlinked the file after we opened it: then our lock is

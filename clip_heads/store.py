@@ -24,30 +24,28 @@ Integrity: numeric datasets carry HDF5's Fletcher-32 checksum per chunk and stri
 dataset and rows instead of returning wrong values. Opening checks the structure: every row
 dataset as long as the row count, labels and prompt ids in range, and no links to other files
 (external links, virtual datasets, external storage) unless the root attribute
-``virtual_sources`` lists the files allowed. :func:`clip_heads.verify.verify_store` reads
-every chunk.
+``virtual_sources`` lists the files allowed (:mod:`clip_heads.integrity`, whose
+:func:`~clip_heads.integrity.verify_store` reads every chunk).
 
 A store file is never changed in place: writers build a new file beside it and rename it over
-the old one (:mod:`clip_heads.writer` streams an encode through a journal first), so a file at
+the old one (:mod:`clip_heads.writer`; an encode streams through :mod:`clip_heads.journal`), so a file at
 the final path that says ``complete`` is complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 
-from .fsutil import DiskFullError, durable_replace, exclusive_lock, fsync_file, run_isolated, temp_sibling
+from .integrity import DIGEST_ATTR, bad_chunk_rows, string_digest, structure_problems
 
 logger = logging.getLogger(__name__)
 
@@ -59,30 +57,15 @@ EMBED_CHUNK = 256
 # HDF5 1.10 file format: checksummed metadata (superblock, object headers, chunk indexes),
 # readable by any HDF5 >= 1.10.
 LIBVER = ("v110", "v110")
-DIGEST_ATTR = "sha256"
 # Prompt set names: a letter or digit, then letters, digits, '.', '_' or '-'; the names of the
 # store's own groups are reserved so a path never reads as two things.
 PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_NAMES = frozenset({"classes", "images", "progress", "prompts", "skipped"})
-_ROW_GROUP = "images"
-_PROMPT_FIELDS = ("texts", "embeds", "template_id", "class_id", "classes", "templates")
+_READ_BLOCK = 8192  # rows per block of a converting read (32 embedding chunks)
 
 
 class StoreError(ValueError):
     """A store is missing, malformed, damaged, incomplete, or does not match what was asked."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a store: the dataset, the rows ``[start, stop)`` when known, what."""
-
-    dataset: str
-    message: str
-    rows: tuple[int, int] | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.dataset} rows {self.rows[0]}-{self.rows[1] - 1}" if self.rows else self.dataset
-        return f"{where}: {self.message}"
 
 
 def now() -> str:
@@ -138,45 +121,6 @@ class PromptSet:
         return l2_normalize(out)
 
 
-# ---------------------------------------------------------------------------------------
-# Integrity helpers shared by the reader, the writers and `verify`
-# ---------------------------------------------------------------------------------------
-def digest_update(h, values: Iterable) -> None:
-    """Feed string values (str or utf-8 bytes) to a sha256: each value's bytes and a NUL."""
-    parts = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
-    if parts:
-        h.update(b"\0".join(parts) + b"\0")
-
-
-def string_digest(values: Iterable) -> str:
-    h = hashlib.sha256()
-    digest_update(h, values)
-    return h.hexdigest()
-
-
-def bad_chunk_rows(d: h5py.Dataset) -> list[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` of the chunks of ``d`` that cannot be read (a failed
-    checksum, a broken chunk index), merged where adjacent."""
-    bad: list[tuple[int, int]] = []
-    if d.chunks is None or d.shape[0] == 0:
-        try:
-            d[...]
-        except OSError:
-            bad.append((0, int(d.shape[0])))
-        return bad
-    step = d.chunks[0]
-    for a in range(0, d.shape[0], step):
-        b = min(d.shape[0], a + step)
-        try:
-            d[a:b]
-        except OSError:
-            if bad and bad[-1][1] == a:
-                bad[-1] = (bad[-1][0], b)
-            else:
-                bad.append((a, b))
-    return bad
-
-
 def damaged(path: Path, d: h5py.Dataset, err: Exception) -> StoreError:
     """The one-line error for a dataset whose stored bytes do not read back."""
     rows = bad_chunk_rows(d)
@@ -186,142 +130,11 @@ def damaged(path: Path, d: h5py.Dataset, err: Exception) -> StoreError:
                       f"(`clip-heads verify {path}` lists every problem)")
 
 
-def _declared_sources(f: h5py.File) -> set[str]:
-    raw = f.attrs.get("virtual_sources")
-    if raw is None:
-        return set()
-    try:
-        names = json.loads(raw)
-    except (TypeError, ValueError):
-        return set()
-    return {str(n) for n in names} if isinstance(names, list) else set()
-
-
-def _walk(g: h5py.Group, declared: set[str], problems: list[Problem], depth: int = 0) -> None:
-    """Check every link under ``g`` without following any to another file."""
-    if depth > 8:
-        problems.append(Problem(g.name, "nested deeper than any store layout"))
-        return
-    for name in g:
-        link = g.get(name, getlink=True)
-        full = f"{g.name.rstrip('/')}/{name}"
-        if isinstance(link, h5py.ExternalLink):
-            if link.filename not in declared:
-                problems.append(Problem(full, f"is an external link to {link.filename}:{link.path}; a store reads no "
-                                              "other file unless its virtual_sources attribute lists it"))
-            continue
-        if isinstance(link, h5py.SoftLink):
-            continue  # stays inside this file; what it points to is checked where it lives
-        if not isinstance(link, h5py.HardLink):
-            problems.append(Problem(full, f"is a {type(link).__name__}; a store holds only its own groups and datasets"))
-            continue
-        obj = g[name]
-        if isinstance(obj, h5py.Group):
-            _walk(obj, declared, problems, depth + 1)
-        elif isinstance(obj, h5py.Dataset):
-            if obj.is_virtual:
-                files = sorted({vs.file_name for vs in obj.virtual_sources()} - {"."} - declared)
-                if files:
-                    problems.append(Problem(full, f"is a virtual dataset reading {files}; a store reads no other file "
-                                                  "unless its virtual_sources attribute lists it"))
-            elif obj.external:
-                problems.append(Problem(full, f"keeps its data in external files {[e[0] for e in obj.external]}; "
-                                              "a store keeps its data inside itself"))
-
-
 def _read_checked(path: Path, d: h5py.Dataset, sel=slice(None)):
     try:
         return d[sel]
     except OSError as e:
         raise damaged(path, d, e) from None
-
-
-def structure_problems(f: h5py.File, path: Path) -> list[Problem]:
-    """What is wrong with the structure of an open store: links to other files, missing or
-    misshapen datasets, row datasets whose length disagrees with the row count, counts that do
-    not add up, labels and prompt ids out of range. Reads labels and prompt ids (small)."""
-    problems: list[Problem] = []
-    _walk(f, _declared_sources(f), problems)
-    if problems:
-        return problems  # nothing else is read from a file that points elsewhere
-    complete = bool(f.attrs.get("complete", False))
-    for name in ("classes", "images/embeds", "images/keys", "images/labels"):
-        if name not in f or not isinstance(f[name], h5py.Dataset):
-            problems.append(Problem(f"/{name}", "is missing"))
-    if problems:
-        return problems
-    emb = f["images/embeds"]
-    dim = f.attrs.get("dim")
-    if emb.ndim != 2 or dim is None or emb.shape[1] != int(dim):
-        problems.append(Problem("/images/embeds", f"has shape {emb.shape}; the store's dim attribute is {dim}"))
-    if "progress" in f:
-        prog = f["progress"]
-        if prog.shape != (3,) or prog.dtype.kind not in "iu":
-            return problems + [Problem("/progress", f"has shape {prog.shape} and type {prog.dtype}; expected 3 integers")]
-        try:
-            items, rows, skipped = (int(v) for v in prog[:])
-        except OSError as e:
-            return problems + [Problem("/progress", f"cannot be read ({e})")]
-    else:  # stores written before the cursor existed: the datasets are the truth
-        rows, skipped = int(emb.shape[0]), int(f["skipped/keys"].shape[0]) if "skipped/keys" in f else 0
-        items = rows + skipped
-    if min(items, rows, skipped) < 0 or (complete and items != rows + skipped):
-        problems.append(Problem("/progress", f"says {items} items = {rows} rows + {skipped} skipped, which does not add up"))
-    row_sets = ["images/embeds", "images/keys", "images/labels"]
-    if isinstance(f.get("images/extras"), h5py.Group):
-        row_sets += [f"images/extras/{n}" for n in f["images/extras"]]
-    for name, want in [(n, rows) for n in row_sets] + [(n, skipped) for n in ("skipped/keys", "skipped/reasons") if n in f]:
-        d = f[name]
-        if not isinstance(d, h5py.Dataset) or d.ndim < 1:
-            problems.append(Problem(f"/{name}", "is not a row dataset"))
-            continue
-        n = int(d.shape[0])
-        if n != want if complete else n < want:
-            problems.append(Problem(f"/{name}", f"has {n} rows but the store records {want}: its columns do not line up"))
-    if problems:
-        return problems
-    n_classes = int(f["classes"].shape[0])
-    try:
-        labels = np.asarray(f["images/labels"][:rows])
-    except OSError as e:
-        return [Problem("/images/labels", f"cannot be read ({str(e).splitlines()[0]})")]
-    bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
-    if len(bad):
-        i = int(bad[0])
-        problems.append(Problem("/images/labels", f"has value {int(labels[i])} at row {i} ({len(bad)} rows out of range); "
-                                                  f"valid: -1 (unlabelled) or 0..{n_classes - 1} for the {n_classes} classes"))
-    g = f.get("prompts")
-    for set_name in (g if isinstance(g, h5py.Group) else []):
-        problems += _prompt_problems(g[set_name], f"/prompts/{set_name}", int(emb.shape[1]))
-    return problems
-
-
-def _prompt_problems(g, where: str, dim: int) -> list[Problem]:
-    if not isinstance(g, h5py.Group):
-        return [Problem(where, "is not a prompt set group")]
-    missing = [k for k in _PROMPT_FIELDS if k not in g]
-    if missing:
-        return [Problem(where, f"lacks {missing}")]
-    n = int(g["texts"].shape[0])
-    out = []
-    for k in ("embeds", "template_id", "class_id"):
-        if g[k].shape[0] != n:
-            out.append(Problem(f"{where}/{k}", f"has {g[k].shape[0]} rows for {n} texts"))
-    if g["embeds"].ndim != 2 or g["embeds"].shape[1] != dim:
-        out.append(Problem(f"{where}/embeds", f"has shape {g['embeds'].shape}; the store's dim is {dim}"))
-    if out:
-        return out
-    for k, limit in (("class_id", int(g["classes"].shape[0])), ("template_id", int(g["templates"].shape[0]))):
-        try:
-            ids = np.asarray(g[k][:])
-        except OSError as e:
-            out.append(Problem(f"{where}/{k}", f"cannot be read ({str(e).splitlines()[0]})"))
-            continue
-        bad = np.flatnonzero((ids < 0) | (ids >= limit))
-        if len(bad):
-            i = int(bad[0])
-            out.append(Problem(f"{where}/{k}", f"has value {int(ids[i])} at row {i}; valid: 0..{limit - 1}"))
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,7 +155,7 @@ class FeatureStore:
         if not self.path.exists():
             hint = f" (an unfinished encode is at {self.path}.partial; rerun encode to resume)" if Path(f"{self.path}.partial").exists() else ""
             raise FileNotFoundError(f"store not found: {self.path}{hint}")
-        from .writer import is_journal, open_journal
+        from .journal import is_journal, open_journal
 
         if is_journal(self.path):
             self._f = open_journal(self.path, allow_incomplete=allow_incomplete)
@@ -467,8 +280,29 @@ class FeatureStore:
 
     def embeddings(self, dtype=np.float32, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Image embeddings ``(n_samples, dim)``, all rows or the selected ones."""
+        d = self._f["images/embeds"]
+        if rows is None and np.dtype(dtype) != d.dtype and len(self) > 2 * _READ_BLOCK:
+            return self._read_converted(d, np.dtype(dtype))
         x = self._read("images/embeds", slice(0, len(self)) if rows is None else rows)
         return x.astype(dtype, copy=False)
+
+    def _read_converted(self, d: h5py.Dataset, dtype: np.dtype) -> np.ndarray:
+        # Read block k+1 (HDF5, verifying its checksums) while another thread converts block k:
+        # the checksum work hides behind the float16 -> float32 conversion a reader pays anyway.
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(self)
+        out = np.empty((n, d.shape[1]), dtype)
+        with ThreadPoolExecutor(1) as pool:
+            pending = None
+            for a in range(0, n, _READ_BLOCK):
+                b = min(n, a + _READ_BLOCK)
+                raw = _read_checked(self.path, d, slice(a, b))
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(np.copyto, out[a:b], raw, casting="unsafe")
+            pending.result()
+        return out
 
     def arrays(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``(X, y, classes)``: embeddings ``(n_samples, dim)``, int labels, class names."""
@@ -578,8 +412,8 @@ def open_store(path: str | os.PathLike, allow_incomplete: bool = False) -> Featu
 
 
 # ---------------------------------------------------------------------------------------
-# Writing: the layout, shared by every writer (write_store, add_prompt_sets, the encode
-# journal's builder, merge_stores). Each writes a new file and renames it into place.
+# Writing the layout: shared by every writer (clip_heads.writer: write_store, add_prompt_sets,
+# merge_stores; clip_heads.journal: the encode stream's builder).
 # ---------------------------------------------------------------------------------------
 def create_layout(
     f: h5py.File,
@@ -682,165 +516,10 @@ def write_prompt_set(f: h5py.File, ps: PromptSet, overwrite: bool = False) -> No
     g.attrs["created"] = now()
 
 
-def write_isolated(fn, path: Path, *args, what: str) -> None:
-    """Run ``fn(tmp, *args)`` that builds a store file at a fresh sibling ``tmp`` of ``path`` in a
-    child process (:func:`clip_heads.fsutil.run_isolated`: HDF5 cannot survive its own failed
-    writes), then sync it and rename it over ``path``. On any failure ``path`` is untouched
-    and the sibling is removed; a full disk raises :class:`DiskFullError` naming ``path``."""
-    tmp = temp_sibling(path, "build")
-    try:
-        def build() -> None:
-            fn(tmp, *args)
-            fsync_file(tmp)
+def __getattr__(name: str):
+    # The writers live in clip_heads.writer (they read stores too); they stay importable from here.
+    if name in ("write_store", "add_prompt_sets", "merge_stores"):
+        from . import writer
 
-        try:
-            run_isolated(build, what=what, errors={"StoreError": StoreError})
-        except DiskFullError:
-            raise DiskFullError(f"disk full writing {path}: it was left as it was; free space and rerun") from None
-        durable_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_siblings(path: Path) -> None:
-    """Remove temporary files that killed writers of ``path`` left beside it (call holding its
-    lock): siblings named by :func:`clip_heads.fsutil.temp_sibling` whose process is gone."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}(\.partial)?\.(build|new)-(\d+)-[0-9a-f]+")
-    for p in path.parent.glob(f".{path.name}.*"):
-        m = pattern.fullmatch(p.name)
-        if not m or not p.is_file():
-            continue
-        pid = int(m.group(3))
-        try:
-            if pid != os.getpid():
-                os.kill(pid, 0)
-                continue  # its writer is alive (and not ours to judge)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        logger.debug("removing %s, left by a killed writer", p)
-        p.unlink(missing_ok=True)
-
-
-def add_prompt_sets(path: str | os.PathLike, prompt_sets: Iterable[PromptSet], overwrite: bool = False) -> None:
-    """Add prompt sets to a complete store without touching its images.
-
-    The sets are written into a copy that replaces the store in one rename, under the store's
-    writer lock: a crash leaves the store as it was, a concurrent writer is refused at once."""
-    path = Path(path)
-    sets = list(prompt_sets)
-    with exclusive_lock(path, "adding prompt sets", reentrant=True):
-        with FeatureStore(path) as s:  # validates: exists, is a sound, complete store
-            dim, existing = s.dim, set(s.prompt_sets())
-        names = [ps.name for ps in sets]
-        for ps in sets:
-            check_prompt_set(ps, dim)
-        dup = sorted({n for n in names if names.count(n) > 1})
-        clash = sorted(existing & set(names)) if not overwrite else []
-        if dup or clash:
-            raise StoreError(f"prompt set {(dup or clash)[0]!r} already exists in {path}; pick another --name or pass --overwrite")
-        remove_stale_siblings(path)
-        write_isolated(_copy_with_prompts, path, path, sets, overwrite, what=f"adding prompt sets to {path}")
-
-
-def _copy_with_prompts(tmp: Path, path: Path, sets: list[PromptSet], overwrite: bool) -> None:
-    shutil.copyfile(path, tmp)
-    with h5py.File(tmp, "a", locking=False) as f:
-        for ps in sets:
-            write_prompt_set(f, ps, overwrite=overwrite)
-
-
-def write_store(
-    path: str | os.PathLike,
-    X: np.ndarray,
-    y: Sequence[int] | None = None,
-    classes: Sequence[str] | None = None,
-    *,
-    keys: Sequence[str] | None = None,
-    model_id: str = "unknown",
-    model_hash: str = "",
-    normalized: bool | None = None,
-    dtype: str = "float32",
-    extras: Mapping[str, np.ndarray] | None = None,
-    extras_columns: Mapping[str, list[str]] | None = None,
-    prompt_sets: Iterable[PromptSet] = (),
-    source: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a complete store from arrays a user already has.
-
-    Parameters
-    ----------
-    X : (n_samples, dim) embeddings.
-    y : (n_samples,) integer labels into ``classes`` (or -1 for unlabelled); default all -1.
-    classes : class names; default ``class_0..`` up to ``max(y)``.
-    keys : one stable string id per row; default ``"0", "1", ...``.
-    normalized : whether rows are L2-normalised; detected from the data by default.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n_samples, dim); got shape {X.shape}")
-    n = len(X)
-    y = np.full(n, -1, np.int64) if y is None else np.asarray(y, np.int64)
-    if y.shape != (n,):
-        raise ValueError(f"y has shape {y.shape}; expected ({n},) to match X")
-    if classes is None:
-        classes = [f"class_{i}" for i in range(int(y.max()) + 1 if n and y.max() >= 0 else 0)]
-    if n and (y.max() >= len(classes) or y.min() < -1):
-        bad = int(y.max()) if y.max() >= len(classes) else int(y.min())
-        raise ValueError(f"label {bad} is out of range for {len(classes)} classes (valid: -1..{len(classes) - 1})")
-    keys = [str(i) for i in range(n)] if keys is None else [str(k) for k in keys]
-    if len(keys) != n or len(set(keys)) != n:
-        raise ValueError(f"keys must be {n} unique strings; got {len(keys)} with {len(set(keys))} unique")
-    if normalized is None:
-        normalized = bool(n) and bool(np.allclose(np.linalg.norm(X.astype(np.float32), axis=1), 1.0, atol=1e-3))
-    extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
-    for k, v in extras.items():
-        if len(v) != n:
-            raise ValueError(f"extra column {k!r} has {len(v)} rows; expected {n}")
-    sets = list(prompt_sets)
-    for ps in sets:
-        check_prompt_set(ps, X.shape[1])
-    attrs = {
-        "model_id": model_id,
-        "model_hash": model_hash,
-        "normalized": bool(normalized),
-        "preprocess": {},
-        "versions": library_versions(),
-        "source": dict(source or {"format": "arrays"}),
-        "source_fingerprint": "",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(path, "write_store"):
-        layout = dict(dim=X.shape[1], classes=list(classes), dtype=dtype, extras=extras_spec(extras, extras_columns), attrs=attrs)
-        write_isolated(_write_arrays, path, layout, X, y, keys, extras, sets, what=f"writing {path}")
-    return path
-
-
-def _write_arrays(tmp: Path, layout: dict, X, y, keys, extras, sets) -> None:
-    n = len(X)
-    with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
-        create_layout(f, rows=n, **layout)
-        g = f["images"]
-        g["embeds"][:] = X.astype(layout["dtype"])
-        g["keys"][:] = np.array(keys, dtype=object)
-        g["keys"].attrs[DIGEST_ATTR] = string_digest(keys)
-        g["labels"][:] = y
-        for k, v in extras.items():
-            d = g[f"extras/{k}"]
-            if h5py.check_string_dtype(d.dtype):
-                d[:] = np.asarray([str(s) for s in v], dtype=object)
-                d.attrs[DIGEST_ATTR] = string_digest(str(s) for s in v)
-            else:
-                d[:] = v
-        for name in ("keys", "reasons"):
-            f[f"skipped/{name}"].attrs[DIGEST_ATTR] = string_digest([])
-        f["progress"][:] = [n, n, 0]
-        for ps in sets:
-            write_prompt_set(f, ps)
-        f.attrs["complete"] = True
-        f.attrs["completed"] = now()
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -17,7 +16,7 @@ from clip_heads.backbone import Backbone, Preprocess
 from clip_heads.cli import main
 from clip_heads.encode import encode
 from clip_heads.store import StoreError, open_store
-from clip_heads.writer import StoreWriter, journal_progress
+from clip_heads.journal import StoreWriter, journal_progress
 from conftest import SHARED_DATASETS, requires_shared
 
 
