@@ -477,3 +477,27 @@ def test_verify_reports_an_unfinished_encode(e6, tmp_path, monkeypatch):
     assert code == 0 and "unfinished encode: 19 items committed (18 rows, 1 skipped)" in output
     code, output = invoke(["info", str(StoreWriter.partial_path(out))])
     assert code == 0 and "INCOMPLETE" in output and "18 x 16" in output
+
+
+def test_reentrant_lock_joins_in_its_own_thread_only(tmp_path):
+    import threading
+
+    target = tmp_path / "s.h5"
+    seen = []
+    with exclusive_lock(target, "encode", reentrant=True):
+        with exclusive_lock(target, "prompts", reentrant=True):  # an encode adding prompts to its own store
+            pass
+        with pytest.raises(LockedError):
+            with exclusive_lock(target, "other"):  # not reentrant: refused even here
+                pass
+
+        def other_thread():
+            try:
+                with exclusive_lock(target, "thread", reentrant=True):
+                    seen.append("took it")
+            except LockedError:
+                seen.append("refused")
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert seen == ["refused"]
