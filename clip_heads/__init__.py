@@ -10,6 +10,11 @@ Everything the CLI does is a plain call here first::
 
 __version__ = "0.1.0"
 
+from . import interrupts as _interrupts  # noqa: E402  (stdlib only: runs before the heavy imports)
+
+if _interrupts.running_as_cli():
+    _interrupts.install_cli_excepthook()
+
 from .ablation import ablate_prompts  # noqa: E402
 from .encode import encode  # noqa: E402
 from .crossval import cross_validate, stratified_folds  # noqa: E402

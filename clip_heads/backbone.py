@@ -134,12 +134,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """fp16/bf16 autocast on GPU; full precision on CPU unless asked otherwise."""
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The precision a run uses: "auto" is fp16 on GPU, fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """fp16/bf16 autocast on GPU; full precision on CPU unless asked otherwise."""
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16

@@ -1,9 +1,11 @@
 """The `clip-heads` command line: parses options and calls the library, nothing more."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import signal
 import sys
 
 import click
@@ -17,22 +19,36 @@ _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADi
 
 
 def friendly(fn):
-    """Turn library errors into one clear line and a non-zero exit, no traceback."""
+    """Turn library errors into one clear line and a non-zero exit, no traceback: bad input or
+    a damaged file, a full disk, a store another process is writing, and Ctrl-C (exit 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .fsutil import LockedError, is_disk_full
+        from .interrupts import INTERRUPTED
+
+        if hasattr(signal, "SIGXFSZ"):
+            # Past the file-size limit a write fails with EFBIG (a clean "disk full" line)
+            # instead of the kernel killing the process.
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+            click.echo(INTERRUPTED, err=True)
             sys.exit(130)
+        except LockedError as e:
+            raise click.ClickException(str(e)) from None
         except _USER_ERRORS as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise click.ClickException(str(msg)) from None
         except OSError as e:
-            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if is_disk_full(e) and "disk full" not in msg:
+                msg = f"disk full: {msg}; free space and rerun the same command"
+            raise click.ClickException(msg if "disk full" in msg or e.errno is None else f"{type(e).__name__}: {msg}") from None
 
     return wrapper
 
@@ -215,6 +231,19 @@ def info(store, as_json):
         click.echo(f"  {key}: {reason}")
     click.echo(f"versions   {', '.join(f'{k} {v}' for k, v in (d['versions'] or {}).items())}")
     click.echo(f"created    {d['created']}  completed {d['completed']}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@friendly
+def verify(store):
+    """Read every chunk of STORE and check its counts, ranges and checksums (exit 1 on any problem)."""
+    from .integrity import verify_store
+
+    rep = verify_store(store)
+    click.echo(rep.text)
+    if not rep.ok:
+        sys.exit(1)
 
 
 def _heads() -> list[str]:

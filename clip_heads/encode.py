@@ -2,9 +2,12 @@
 
 Images are decoded and preprocessed in DataLoader worker processes a whole batch at a time
 (order preserved), embedded under ``inference_mode`` and appended to the store as they come,
-so memory stays constant in the number of images. After every batch the store is flushed and
-its resume cursor moved; rerunning the same command after any interruption continues from the
-cursor and ends with the same store an uninterrupted run writes.
+so memory stays constant in the number of images. Every batch is committed to the encode's
+journal (:mod:`clip_heads.journal`) whole and synced before the cursor moves; rerunning the same
+command after any interruption - Ctrl-C, SIGKILL, a full disk - continues from the cursor, in
+batches aligned as before, and ends with the same store an uninterrupted run writes. One
+process writes a store at a time (its lock), and an existing store is replaced only once the
+new one is complete.
 """
 from __future__ import annotations
 
@@ -18,18 +21,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .backbone import DEFAULT_MODEL, Backbone, check_identity, model_identity
+from .backbone import DEFAULT_MODEL, Backbone, check_identity, model_identity, resolve_precision
 from .datasets import open_source
+from .fsutil import exclusive_lock
 from .loading import DecodedBatches
-from .prompts import default_template_sets, encode_prompt_set
-from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize
-from .writer import StoreWriter
+from .prompts import default_template_sets, encode_prompt_set, load_templates
+from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
+from .journal import StoreWriter
 
 logger = logging.getLogger(__name__)
 
 # Attributes that must agree between a partial or complete store and the run asked for, besides
 # the model's identity (model_id, model_revision, model_hash), which backbone.check_identity compares.
 _IDENTITY = ("source_fingerprint", "normalized", "dtype", "shard_index", "shard_count")
+_MODEL_IDENTITY = ("model_id", "model_revision", "model_hash")
 _REMEDY = "use another --out, or --overwrite to start over"
 
 
@@ -109,103 +114,169 @@ def encode(
         raise ValueError(f"unknown dtype {dtype!r}; valid: float16, float32")
     out = Path(out)
     part = StoreWriter.partial_path(out)
-    src = open_source(source, format=format, **(source_options or {}))
-    positions = sample_positions(len(src), limit, seed)
-    if shard is not None:
-        i, n = shard
-        if not (n >= 1 and 0 <= i < n):
-            raise ValueError(f"--shard {i}/{n} is invalid: use I/N with 0 <= I < N")
-        positions = np.array_split(positions, n)[i]
-    desc = dict(src.describe(), limit=limit, seed=seed if limit else None)
-    fingerprint = src.fingerprint() + (f":limit={limit}:seed={seed}" if limit and limit < len(src) else "")
-    template_sets = list(templates) if templates else list(default_template_sets(src.format))
-
-    if overwrite:
-        for p in (out, part):
-            p.unlink(missing_ok=True)
-    wanted = {"source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype,
-              "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None}
-
-    if out.exists():
-        with FeatureStore(out) as s:
-            found = s.attrs
-            # The model as it is now (its weights hashed, not loaded), against the one that encoded the store.
-            check_identity(found, backbone.identity if backbone else model_identity(model), str(out), _REMEDY)
-            _check_matches(found, wanted, out)
-            missing = [t for t in template_sets if Path(t).stem not in s.prompt_sets() and t not in s.prompt_sets()]
-            n, n_skipped = len(s), s.progress["skipped"]
-        if missing and templates:
-            from .prompts import add_prompts
-
-            add_prompts(str(out), missing, device=device, progress=progress)
-        logger.info("%s is complete and up to date (%d images); nothing to do", out, n)
-        return EncodeResult(out, n, n_skipped, "up-to-date")
-
-    backbone = backbone or Backbone(model, device=device, precision=precision)
-    if part.exists():
-        check_identity(StoreWriter.read_partial_attrs(out), backbone.identity, str(part), _REMEDY)
-        _check_matches(StoreWriter.read_partial_attrs(out), wanted, part)
-        writer, status = StoreWriter.resume(out), "resumed"
-    else:
-        attrs = dict(
-            backbone.provenance(),
-            normalized=normalize,
-            versions=library_versions(),
-            source=desc,
-            source_fingerprint=fingerprint,
-            precision=precision,
-            batch_size=batch_size,
-        )
+    # One writer per store, from the first moment: a second encode (or `prompts`) of the same
+    # store fails at once, naming this one.
+    with exclusive_lock(out, "encode", reentrant=True):
+        src = open_source(source, format=format, **(source_options or {}))
+        positions = sample_positions(len(src), limit, seed)
         if shard is not None:
-            attrs.update(shard_index=shard[0], shard_count=shard[1])
-        extras = {k: v[:1] for k, v in src.extras.items()}
-        writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype,
-                                    extras=extras_spec(extras, getattr(src, "extras_meta", None)), attrs=attrs)
-        status = "encoded"
+            i, n = shard
+            if not (n >= 1 and 0 <= i < n):
+                raise ValueError(f"--shard {i}/{n} is invalid: use I/N with 0 <= I < N")
+            positions = np.array_split(positions, n)[i]
+        desc = dict(src.describe(), limit=limit, seed=seed if limit else None)
+        fingerprint = src.fingerprint() + (f":limit={limit}:seed={seed}" if limit and limit < len(src) else "")
+        template_sets = list(templates) if templates else list(default_template_sets(src.format))
+        for t in template_sets:  # a bad template fails now, not after the images
+            validate_prompt_set_name(load_templates(t)[0])
 
-    try:
-        _stream(src, positions, writer, backbone, batch_size, workers, normalize, progress)
-        sets = [encode_prompt_set(backbone, t, src.classes, progress=progress) for t in template_sets]
-    except BaseException:
-        writer.close()  # the committed prefix stays in <out>.partial for the next run
-        raise
-    n_images, n_skipped = writer.progress[1], writer.progress[2]
-    writer.finish(sets, default_prompts=sets[0].name if sets else None)
+        wanted = {"source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype,
+                  "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None}
+
+        if out.exists() and not overwrite:
+            with FeatureStore(out) as s:
+                found = s.attrs
+                # The model as it is now (its weights hashed, not loaded), against the one that encoded the store.
+                check_identity(found, backbone.identity if backbone else model_identity(model), str(out), _REMEDY)
+                _check_matches(found, wanted, out)
+                _check_precision(found, precision, out)
+                missing = [t for t in template_sets if Path(t).stem not in s.prompt_sets() and t not in s.prompt_sets()]
+                n, n_skipped = len(s), s.progress["skipped"]
+            _drop_finished_journal(out, found)
+            if missing and templates:
+                from .prompts import add_prompts
+
+                add_prompts(str(out), missing, device=device, progress=progress)
+            logger.info("%s is complete and up to date (%d images); nothing to do", out, n)
+            return EncodeResult(out, n, n_skipped, "up-to-date")
+
+        # Loading the model comes before anything is written or removed: a wrong --model
+        # leaves an existing store (even with --overwrite) and any journal as they were.
+        backbone = backbone or Backbone(model, device=device, precision=precision)
+        used_precision = resolve_precision(backbone.device, precision)
+        writer = None
+        if part.exists():
+            try:
+                found = StoreWriter.read_partial_attrs(out)
+                check_identity(found, backbone.identity, str(part), _REMEDY)
+                _check_matches(found, wanted, part)
+                _check_resume(found, used_precision, batch_size, part)
+                writer, status = StoreWriter.resume(out), "resumed"
+            except ValueError as e:  # StoreError, or check_identity's refusal
+                if not overwrite:
+                    raise
+                logger.info("starting over (--overwrite): %s", e)
+        if writer is None:
+            attrs = dict(
+                backbone.provenance(),
+                normalized=normalize,
+                versions=library_versions(),
+                source=desc,
+                source_fingerprint=fingerprint,
+                precision=used_precision,
+                batch_size=batch_size,
+            )
+            if shard is not None:
+                attrs.update(shard_index=shard[0], shard_count=shard[1])
+            extras = {k: v[:1] for k, v in src.extras.items()}
+            writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype,
+                                        extras=extras_spec(extras, getattr(src, "extras_meta", None)), attrs=attrs)
+            status = "encoded"
+
+        try:
+            _stream(src, positions, writer, backbone, batch_size, workers, normalize, progress)
+            sealed = writer.sealed_prompt_sets(template_sets)
+            if sealed is not None:  # a run killed while finishing already encoded them
+                sets, default = sealed
+            else:
+                sets = [encode_prompt_set(backbone, t, src.classes, progress=progress) for t in template_sets]
+                default = sets[0].name if sets else None
+            n_images, n_skipped = writer.progress[1], writer.progress[2]
+            writer.finish(sets, default_prompts=default, sources=template_sets)
+        finally:
+            writer.close()  # the committed prefix stays in <out>.partial for the next run
     logger.info("wrote %s: %d images, %d skipped", out, n_images, n_skipped)
     return EncodeResult(out, n_images, n_skipped, status)
+
+
+def _check_resume(found: dict, precision: str, batch_size: int, part: Path) -> None:
+    """What a resume must match beyond the store's identity: the rows already written were
+    computed at this precision and in batches of this size."""
+    for k, v in (("precision", precision), ("batch_size", batch_size)):
+        if str(found.get(k)) != str(v):
+            flag = f"--{k.replace('_', '-')}"
+            raise StoreError(f"{part} was encoded with {flag} {found.get(k)}, but this run has {flag} {v}; rerun with "
+                             f"{flag} {found.get(k)} to resume, or --overwrite to start over")
+
+
+def _check_precision(found: dict, precision: str, path: Path) -> None:
+    # An explicit --precision that differs from a complete store's is refused; "auto" on another
+    # kind of device is not (the store is what it is, and says so).
+    if precision != "auto" and str(found.get("precision", "auto")) not in ("auto", precision):
+        raise StoreError(f"{path} was encoded with precision={found.get('precision')!r}, but this run has "
+                         f"precision={precision!r}; use another --out, or --overwrite to start over")
+
+
+def _drop_finished_journal(out: Path, found: dict) -> None:
+    """A run killed between moving the store into place and deleting its journal leaves the
+    journal of the store itself: remove it. Any other journal is left, with a warning."""
+    part = StoreWriter.partial_path(out)
+    if not part.exists():
+        return
+    try:
+        theirs = StoreWriter.read_partial_attrs(out)
+    except StoreError as e:
+        logger.warning("%s is left as it is: %s", part, e)
+        return
+    same = all(str(theirs.get(k)) == str(found.get(k)) for k in _IDENTITY + _MODEL_IDENTITY + ("created",))
+    if same:
+        logger.info("removing %s: the store it built is in place", part)
+        StoreWriter.discard(out)
+    else:
+        logger.warning("%s is an unfinished encode of other settings; it is left as it is (rerun that command, or "
+                       "use --overwrite to replace %s with it)", part, out)
 
 
 def _stream(src, positions, writer: StoreWriter, backbone: Backbone, batch_size, workers, normalize, progress) -> None:
     from tqdm.auto import tqdm
 
     done = writer.progress[0]
-    if done % batch_size:
-        raise StoreError(f"cannot resume: {done} items done is not a multiple of --batch-size {batch_size}; rerun with the original batch size")
     todo = positions[done:]
     if not len(todo):
         return
     workers = default_workers(backbone.device) if workers is None else workers
-    loader = DataLoader(
-        DecodedBatches(src, todo, batch_size, backbone.preprocess),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=backbone.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
+    # Batches stay aligned to multiples of batch_size from the start of the run: a resume whose
+    # cursor sits inside a batch first finishes that batch, so every batch holds the same images
+    # as in an uninterrupted run (and the store is bit-identical to one).
+    head = min(len(todo), (-done) % batch_size)
+    parts = ([(todo[:head], head)] if head else []) + [(todo[head:], batch_size)]
+
+    def loader(pos, size):
+        return DataLoader(
+            DecodedBatches(src, pos, size, backbone.preprocess),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=backbone.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+
     extras = src.extras
     bar = tqdm(total=len(positions), initial=done, unit="img", desc="encode", disable=not progress, smoothing=0.1)
-    for batch in loader:
-        good = batch["good"]
-        if good:
-            emb = backbone.encode_pixels(batch["pixels"]).cpu().numpy()
-            emb = l2_normalize(emb) if normalize else emb
-            writer.append(emb, [src.keys[i] for i in good], src.labels[good], {k: v[good] for k, v in extras.items()})
-        for i, reason in batch["bad"]:
-            logger.warning("skipped %s: %s", src.keys[i], reason)
-            writer.skip(src.keys[i], reason)
-        done += batch["n"]
-        writer.commit(done)
-        bar.update(batch["n"])
-        bar.set_postfix(skipped=writer.progress[2], refresh=False)
+    for pos, size in parts:
+        if not len(pos):
+            continue
+        for batch in loader(pos, size):
+            good = batch["good"]
+            if good:
+                emb = backbone.encode_pixels(batch["pixels"]).cpu().numpy()
+                emb = l2_normalize(emb) if normalize else emb
+                writer.append(emb, [src.keys[i] for i in good], src.labels[good], {k: v[good] for k, v in extras.items()})
+            for i, reason in batch["bad"]:
+                logger.warning("skipped %s: %s", src.keys[i], reason)
+                writer.skip(src.keys[i], reason)
+            done += batch["n"]
+            writer.commit(done)
+            bar.update(batch["n"])
+            bar.set_postfix(skipped=writer.progress[2], refresh=False)
     bar.close()

@@ -9,7 +9,10 @@ same everywhere: a store, a prompt-set rewrite, a head folder, a WiSE-FT model, 
   new one, never a mix.
 * :func:`exclusive_lock` - one writer per output; a second fails at once and is told which
   process holds it. Locks are ``flock`` locks, released by the kernel when the holder dies.
-* :func:`is_disk_full` - the errors that mean "no space": the caller stops cleanly.
+* :func:`is_disk_full` - the errors that mean "no space": the caller stops cleanly
+  (:class:`DiskFullError` says so in one line).
+* :func:`run_isolated` - run a write in a forked child, so a library left broken by a failed
+  write (HDF5 after ENOSPC segfaults at exit) cannot take the caller down.
 """
 from __future__ import annotations
 
@@ -17,13 +20,19 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import logging
 import os
+import re
 import secrets
 import shutil
+import signal
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +42,19 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 class LockedError(RuntimeError):
     """Another process holds the lock of an output this process wants to write."""
+
+
+class DiskFullError(OSError):
+    """A write stopped because the disk (or a quota, or the file-size limit) is full.
+
+    Its message is one line for the user: what was being written, what is safe, what to do."""
+
+    def __init__(self, message: str, errno_: int = errno.ENOSPC):
+        super().__init__(errno_, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -197,18 +219,60 @@ def lock_path(target: PathLike) -> Path:
     return target.with_name(target.name + ".lock")
 
 
+_held = threading.local()
+
+
 @contextlib.contextmanager
-def exclusive_lock(target: PathLike, what: str = "") -> Iterator[Path]:
+def exclusive_lock(target: PathLike, what: str = "", reentrant: bool = False) -> Iterator[Path]:
     """Hold the write lock of ``target`` for the block; raise :class:`LockedError` at once if
     another process holds it, naming that process.
 
     The lock is an ``flock`` on ``<target>.lock``: the kernel drops it when the holder exits,
-    even by SIGKILL, so a stale lock file never blocks a rerun.
+    even by SIGKILL, so a stale lock file never blocks a rerun. With ``reentrant`` a thread
+    that already holds it (by a ``reentrant`` call) takes it again (an encode that adds prompt
+    sets to its own store); anyone else, and any non-reentrant second taking, is refused.
     """
+    path = lock_path(target)
+    key = os.path.abspath(path)
+    depth = getattr(_held, "paths", None)
+    if depth is None:
+        depth = _held.paths = {}
+    if reentrant and depth.get(key):
+        depth[key] += 1
+        try:
+            yield path
+        finally:
+            depth[key] -= 1
+        return
+    with _flock(path, target, what):
+        if reentrant:
+            depth[key] = 1
+        try:
+            yield path
+        finally:
+            if reentrant:
+                depth.pop(key, None)
+
+
+def _holder_gone(note: str) -> bool:
+    m = re.match(r"pid (\d+)", note)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _flock(path: Path, target: PathLike, what: str) -> Iterator[None]:
     import fcntl
 
-    path = lock_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
+    waited = 0.0
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -218,6 +282,12 @@ def exclusive_lock(target: PathLike, what: str = "") -> Iterator[Path]:
                 holder = os.read(fd, 512).decode(errors="replace").strip() or "unknown process"
             finally:
                 os.close(fd)
+            if _holder_gone(holder) and waited < 5.0:
+                # A killed holder's worker child (run_isolated) shares the lock until the
+                # kernel, told of the holder's death, ends it too: a moment.
+                time.sleep(0.05)
+                waited += 0.05
+                continue
             raise LockedError(f"{target} is being written by another process ({holder}); wait for it "
                               f"to finish or stop it (lock: {path})") from None
         # The holder before us may have unlinked the file after we opened it: then our lock is
@@ -230,11 +300,108 @@ def exclusive_lock(target: PathLike, what: str = "") -> Iterator[Path]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
         argv = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:6]))
-        os.write(fd, f"pid {os.getpid()}{': ' + what if what else ''}{' (' + argv + ')' if argv else ''}".encode())
-        yield path
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}{': ' + what if what else ''}{' (' + argv + ')' if argv else ''}".encode())
+        except OSError as e:
+            # On a full disk the note cannot be written; the flock holds without it, and the
+            # writer behind it reports the full disk itself.
+            logger.debug("could not write the holder note of %s: %s", path, e)
+        yield
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+
+
+# -- crash isolation -------------------------------------------------------------------------
+_BUILTIN_ERRORS = {t.__name__: t for t in (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError,
+                                           NotADirectoryError, IsADirectoryError, PermissionError, OSError,
+                                           RuntimeError, KeyboardInterrupt)}
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGKILL when the parent dies, so a killed writer never leaves an
+    # orphan finishing (and holding the parent's lock) behind its back.
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any, what: str = "a write",
+                 errors: Mapping[str, type] | None = None) -> None:
+    """Run ``fn(*args)`` in a forked child process and wait for it.
+
+    Some libraries cannot survive their own failed writes: after ENOSPC, HDF5 leaves its caches
+    in a state that segfaults when the file is closed or the process exits. Running the write in
+    a child keeps the caller alive and its other files untouched whatever happens there. The
+    child's exception comes back as the same type when it is a builtin or named in ``errors``
+    (by class name), as :class:`DiskFullError` when it means the disk is full, and as
+    RuntimeError otherwise. The child dies with the caller (Linux) and leaves through
+    ``os._exit``, never through the caller's cleanup. Where ``fork`` is unavailable ``fn`` runs
+    in this process.
+    """
+    if not hasattr(os, "fork"):
+        fn(*args)
+        return
+    parent = os.getpid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 0
+        try:
+            os.close(r)
+            _die_with_parent()
+            if os.getppid() != parent:
+                os._exit(1)
+            fn(*args)
+            report = {"ok": True}
+        except BaseException as e:  # everything goes back to the parent, which decides
+            code = 1
+            report = {"ok": False, "type": type(e).__name__, "message": str(e), "disk_full": is_disk_full(e),
+                      "errno": getattr(e, "errno", None), "traceback": traceback.format_exc(limit=8)}
+        try:
+            data = json.dumps(report).encode()
+            while data:
+                data = data[os.write(w, data):]
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    try:
+        while True:
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # interrupted: the child must not outlive this call
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(r)
+    try:
+        report = json.loads(b"".join(chunks).decode()) if chunks else None
+    except ValueError:
+        report = None
+    if report is None:
+        how = f"signal {-os.waitstatus_to_exitcode(status)}" if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}"
+        raise RuntimeError(f"{what} crashed in its worker process ({how}); check free space and rerun")
+    if report["ok"]:
+        return
+    if report["disk_full"]:
+        raise DiskFullError(report["message"], report.get("errno") or errno.ENOSPC)
+    kind = dict(_BUILTIN_ERRORS, **(errors or {})).get(report["type"])
+    if kind is KeyboardInterrupt:
+        raise KeyboardInterrupt
+    if kind is not None:
+        raise kind(report["message"])
+    raise RuntimeError(f"{what} failed: {report['type']}: {report['message']}\n{report['traceback']}")

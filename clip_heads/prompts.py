@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .datasets import EMOTION6_CLASSES, EMOTION6_DISTRIBUTION, FI_CLASSES
-from .store import PromptSet, add_prompt_sets, open_store
+from .store import PromptSet, add_prompt_sets, open_store, validate_prompt_set_name
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,16 @@ def add_prompts(
     (e.g. ``"fi"`` on an Emotion6 store) gives prompts for querying with other classes.
     The model must be the one that encoded the store: the same ``model_id`` whose weights
     (``model_hash``) and revision are the store's, or the call is refused.
-    Returns the names of the sets added.
+    Returns the names of the sets added. Holds the store's writer lock throughout, so a
+    concurrent writer of the store fails at once instead of racing this one.
     """
+    from .fsutil import exclusive_lock
+
+    with exclusive_lock(store_path, "prompts", reentrant=True):
+        return _add_prompts(store_path, templates, classes, synonyms, name, device, overwrite, progress)
+
+
+def _add_prompts(store_path, templates, classes, synonyms, name, device, overwrite, progress) -> list[str]:
     from .backbone import Backbone, check_identity, resolve_model
 
     with open_store(store_path) as s:
@@ -158,6 +166,8 @@ def add_prompts(
     if name and len(templates) > 1:
         raise ValueError("--name names a single prompt set; give one --templates with it")
     names = [name or load_templates(t)[0] for t in templates]  # validate all before loading a model
+    for n in names:
+        validate_prompt_set_name(n)
     clash = [n for n in names if n in existing] if not overwrite else []
     if clash:
         raise ValueError(f"prompt sets {clash} already exist in {store_path}; use --name or --overwrite")

@@ -4,48 +4,68 @@ Layout (schema version 1)::
 
     /                     attrs: schema_version, model_id, model_hash, dim, normalized, dtype,
                                  preprocess (json), versions (json), source (json),
-                                 source_fingerprint, created, completed, complete
+                                 source_fingerprint, precision, batch_size, created, completed,
+                                 complete, default_prompts, [virtual_sources (json)]
     /classes              (C,) str
     /images/embeds        (N, D) float16|float32, chunked, maxshape (None, D)
     /images/keys          (N,) str      stable id: path relative to the source root, or the dataset's id
-    /images/labels        (N,) int64
+    /images/labels        (N,) int64    index into /classes, or -1 (unlabelled)
     /images/extras/<name> (N, ...)      optional per-image columns (soft labels, valence, split...)
     /skipped/keys, /skipped/reasons     images that could not be read, and why
-    /progress             (3,) int64    items consumed, rows written, items skipped (resume cursor)
+    /progress             (3,) int64    items consumed, rows written, items skipped
     /prompts/<set>/texts, embeds (P, D), template_id (P,), class_id (P,), classes (C',), templates (T,)
 
 A prompt set carries its own class list, so prompts for another label set (FI's eight emotions
 queried against an Emotion6 store, say) live beside the dataset's own. Zero-shot with one
 template, an ensemble, or an ablation over all templates is a slice by ``template_id``.
 
-Encoding streams into ``<store>.partial`` in SWMR mode (:mod:`clip_heads.writer`) (always readable up to the last flush,
-even after SIGKILL) and is renamed to the final path only when complete, so a file at the final
-path that says ``complete`` is complete.
+Integrity: numeric datasets carry HDF5's Fletcher-32 checksum per chunk and string datasets a
+``sha256`` attribute over their contents, so damage raises :class:`StoreError` naming the
+dataset and rows instead of returning wrong values. Opening checks the structure: every row
+dataset as long as the row count, labels and prompt ids in range, and no links to other files
+(external links, virtual datasets, external storage) unless the root attribute
+``virtual_sources`` lists the files allowed (:mod:`clip_heads.integrity`, whose
+:func:`~clip_heads.integrity.verify_store` reads every chunk).
+
+A store file is never changed in place: writers build a new file beside it and rename it over
+the old one (:mod:`clip_heads.writer`; an encode streams through :mod:`clip_heads.journal`), so a file at
+the final path that says ``complete`` is complete.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
+
+from .integrity import DIGEST_ATTR, bad_chunk_rows, string_digest, structure_problems
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STR = h5py.string_dtype()
-_JSON_ATTRS = ("preprocess", "versions", "source")
+JSON_ATTRS = ("preprocess", "versions", "source")
 ROW_CHUNK = 1024
+EMBED_CHUNK = 256
+# HDF5 1.10 file format: checksummed metadata (superblock, object headers, chunk indexes),
+# readable by any HDF5 >= 1.10.
+LIBVER = ("v110", "v110")
+# Prompt set names: a letter or digit, then letters, digits, '.', '_' or '-'; the names of the
+# store's own groups are reserved so a path never reads as two things.
+PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RESERVED_NAMES = frozenset({"classes", "images", "progress", "prompts", "skipped"})
+_READ_BLOCK = 8192  # rows per block of a converting read (32 embedding chunks)
 
 
 class StoreError(ValueError):
-    """A store is missing, malformed, incomplete, or does not match what was asked."""
+    """A store is missing, malformed, damaged, incomplete, or does not match what was asked."""
 
 
 def now() -> str:
@@ -101,14 +121,33 @@ class PromptSet:
         return l2_normalize(out)
 
 
+def damaged(path: Path, d: h5py.Dataset, err: Exception) -> StoreError:
+    """The one-line error for a dataset whose stored bytes do not read back."""
+    rows = bad_chunk_rows(d)
+    where = ", ".join(f"{a}-{b - 1}" for a, b in rows[:5]) + (" ..." if len(rows) > 5 else "") if rows else "unknown rows"
+    why = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return StoreError(f"{path}: {d.name} rows {where} are damaged ({why}); the file is corrupt: restore it or re-encode "
+                      f"(`clip-heads verify {path}` lists every problem)")
+
+
+def _read_checked(path: Path, d: h5py.Dataset, sel=slice(None)):
+    try:
+        return d[sel]
+    except OSError as e:
+        raise damaged(path, d, e) from None
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------
 class FeatureStore:
     """Read access to a feature store. Use as a context manager or call :meth:`close`.
 
     Parameters
     ----------
     path : store file.
-    allow_incomplete : open a store whose encode has not finished (a warning is logged);
-        by default an incomplete store is refused.
+    allow_incomplete : open a store whose encode has not finished (a warning is logged; an
+        encode's ``<store>.partial`` journal is read into memory); by default refused.
     """
 
     def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False):
@@ -116,21 +155,34 @@ class FeatureStore:
         if not self.path.exists():
             hint = f" (an unfinished encode is at {self.path}.partial; rerun encode to resume)" if Path(f"{self.path}.partial").exists() else ""
             raise FileNotFoundError(f"store not found: {self.path}{hint}")
+        from .journal import is_journal, open_journal
+
+        if is_journal(self.path):
+            self._f = open_journal(self.path, allow_incomplete=allow_incomplete)
+        else:
+            try:
+                self._f = h5py.File(self.path, "r", locking=False)
+            except OSError as e:
+                raise StoreError(f"not a readable HDF5 feature store: {self.path} ({str(e).splitlines()[0]})") from None
         try:
-            self._f = _open_read(self.path)
-        except OSError as e:
-            raise StoreError(f"not a readable HDF5 feature store: {self.path} ({e})") from e
-        if "schema_version" not in self._f.attrs:
+            self._check(allow_incomplete)
+        except BaseException:
             self._f.close()
+            raise
+
+    def _check(self, allow_incomplete: bool) -> None:
+        if "schema_version" not in self._f.attrs:
             raise StoreError(f"{self.path} is an HDF5 file but not a clip-heads store (no schema_version attribute)")
         version = int(self._f.attrs["schema_version"])
         if version > SCHEMA_VERSION:
-            self._f.close()
             raise StoreError(f"{self.path} has store schema {version}; this clip-heads reads up to {SCHEMA_VERSION}: upgrade clip-heads")
+        problems = structure_problems(self._f, self.path)
+        if problems:
+            more = f" (and {len(problems) - 1} more; `clip-heads verify {self.path}` lists them)" if len(problems) > 1 else ""
+            raise StoreError(f"{self.path} is not a sound store: {problems[0]}{more}")
         if not self.complete:
             msg = f"store {self.path} is incomplete ({self.progress['items']} items encoded so far)"
             if not allow_incomplete:
-                self._f.close()
                 raise StoreError(msg + "; rerun the same encode command to finish it")
             logger.warning(msg)
 
@@ -145,12 +197,26 @@ class FeatureStore:
         if self._f.id.valid:
             self._f.close()
 
+    # -- checked reads -----------------------------------------------------------------
+    def _read(self, name: str, sel=slice(None)):
+        return _read_checked(self.path, self._f[name], sel)
+
+    def _strings(self, name: str, n: int | None = None) -> list[str]:
+        """All values of a string dataset, checked against its recorded digest."""
+        d = self._f[name]
+        raw = _read_checked(self.path, d)
+        want = d.attrs.get(DIGEST_ATTR)
+        if want is not None and string_digest(raw) != str(want):
+            raise StoreError(f"{self.path}: {d.name} does not match its sha256 checksum; the file is corrupt: restore it "
+                             "or re-encode")
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in raw[:n]]
+
     # -- provenance --------------------------------------------------------------------
     @property
     def attrs(self) -> dict[str, Any]:
         out = {}
         for k, v in self._f.attrs.items():
-            if k in _JSON_ATTRS:
+            if k in JSON_ATTRS:
                 v = json.loads(v)
             elif isinstance(v, np.generic):
                 v = v.item()
@@ -178,8 +244,18 @@ class FeatureStore:
         return bool(self._f.attrs.get("complete", False))
 
     @property
+    def checksums(self) -> bool:
+        """Whether the numeric row datasets carry per-chunk checksums (stores before 0.2 do not)."""
+        return bool(self._f["images/embeds"].fletcher32)
+
+    @property
     def progress(self) -> dict[str, int]:
-        items, rows, skipped = (int(v) for v in self._f["progress"][:]) if "progress" in self._f else (0, 0, 0)
+        if "progress" in self._f:
+            items, rows, skipped = (int(v) for v in self._read("progress"))
+        else:
+            rows = int(self._f["images/embeds"].shape[0])
+            skipped = int(self._f["skipped/keys"].shape[0]) if "skipped/keys" in self._f else 0
+            items = rows + skipped
         return {"items": items, "rows": rows, "skipped": skipped}
 
     def backbone(self) -> dict[str, Any]:
@@ -188,29 +264,60 @@ class FeatureStore:
 
     # -- image side --------------------------------------------------------------------
     def __len__(self) -> int:
-        return self.progress["rows"] if not self.complete else int(self._f["images/embeds"].shape[0])
+        return self.progress["rows"]
 
     @property
     def classes(self) -> list[str]:
-        return list(self._f["classes"].asstr()[:])
+        return self._strings("classes")
 
     @property
     def keys(self) -> list[str]:
-        return list(self._f["images/keys"].asstr()[: len(self)])
+        return self._strings("images/keys", len(self))
 
     @property
     def labels(self) -> np.ndarray:
-        return self._f["images/labels"][: len(self)].astype(np.int64)
+        return self._read("images/labels", slice(0, len(self))).astype(np.int64)
 
     def embeddings(self, dtype=np.float32, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Image embeddings ``(n_samples, dim)``, all rows or the selected ones."""
         d = self._f["images/embeds"]
-        x = d[: len(self)] if rows is None else d[rows]
+        if rows is None and np.dtype(dtype) != d.dtype and len(self) > 2 * _READ_BLOCK:
+            return self._read_converted(d, np.dtype(dtype))
+        x = self._read("images/embeds", slice(0, len(self)) if rows is None else rows)
         return x.astype(dtype, copy=False)
+
+    def _read_converted(self, d: h5py.Dataset, dtype: np.dtype) -> np.ndarray:
+        # Read block k+1 (HDF5, verifying its checksums) while another thread converts block k:
+        # the checksum work hides behind the float16 -> float32 conversion a reader pays anyway.
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(self)
+        out = np.empty((n, d.shape[1]), dtype)
+        with ThreadPoolExecutor(1) as pool:
+            pending = None
+            for a in range(0, n, _READ_BLOCK):
+                b = min(n, a + _READ_BLOCK)
+                raw = _read_checked(self.path, d, slice(a, b))
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(np.copyto, out[a:b], raw, casting="unsafe")
+            pending.result()
+        return out
 
     def arrays(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``(X, y, classes)``: embeddings ``(n_samples, dim)``, int labels, class names."""
         return self.embeddings(dtype), self.labels, self.classes
+
+    def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Stored values of row dataset ``name`` (``"images/embeds"``, ``"images/keys"``,
+        ``"images/extras/valence"`` ...) for rows ``[start, stop)``, checksums checked; strings
+        come back as utf-8 bytes. For copying a store's columns as they are."""
+        return self._read(name, slice(start, len(self) if stop is None else stop))
+
+    def extras_layout(self) -> dict[str, tuple[tuple[int, ...], Any, list[str] | None]]:
+        """Shape tail, HDF5 dtype and column names of each extra, as :func:`create_layout` takes them."""
+        return {n: (self._f[f"images/extras/{n}"].shape[1:], self._f[f"images/extras/{n}"].dtype, self.extra_columns(n))
+                for n in self.extra_names()}
 
     def extra_names(self) -> list[str]:
         g = self._f.get("images/extras")
@@ -219,9 +326,10 @@ class FeatureStore:
     def extra(self, name: str) -> np.ndarray:
         if name not in self.extra_names():
             raise KeyError(f"store {self.path} has no extra column {name!r}; it has {self.extra_names()}")
-        d = self._f[f"images/extras/{name}"]
-        x = d[: len(self)]
-        return d.asstr()[: len(self)] if h5py.check_string_dtype(d.dtype) else x
+        key = f"images/extras/{name}"
+        if h5py.check_string_dtype(self._f[key].dtype):
+            return np.asarray(self._strings(key, len(self)), dtype=object)
+        return self._read(key, slice(0, len(self)))
 
     def extra_columns(self, name: str) -> list[str] | None:
         """Column names of a 2-D extra (e.g. the emotions of a distribution), if recorded."""
@@ -230,9 +338,9 @@ class FeatureStore:
 
     def skipped(self) -> list[tuple[str, str]]:
         n = self.progress["skipped"]
-        keys = self._f["skipped/keys"].asstr()[:n]
-        reasons = self._f["skipped/reasons"].asstr()[:n]
-        return list(zip(keys, reasons))
+        if "skipped/keys" not in self._f:
+            return []
+        return list(zip(self._strings("skipped/keys", n), self._strings("skipped/reasons", n)))
 
     # -- prompt side -------------------------------------------------------------------
     def prompt_sets(self) -> list[str]:
@@ -246,16 +354,16 @@ class FeatureStore:
             name = str(self._f.attrs.get("default_prompts", names[0] if names else ""))
         if name not in names:
             raise StoreError(f"store {self.path} has no prompt set {name!r}; it has {names or 'none'} (add one with `clip-heads prompts`)")
-        g = self._f[f"prompts/{name}"]
+        p = f"prompts/{name}"
         return PromptSet(
             name=name,
-            classes=list(g["classes"].asstr()[:]),
-            templates=list(g["templates"].asstr()[:]),
-            texts=list(g["texts"].asstr()[:]),
-            embeds=g["embeds"][:].astype(np.float32),
-            template_id=g["template_id"][:].astype(np.int64),
-            class_id=g["class_id"][:].astype(np.int64),
-            attrs={k: (v.item() if isinstance(v, np.generic) else v) for k, v in g.attrs.items()},
+            classes=self._strings(f"{p}/classes"),
+            templates=self._strings(f"{p}/templates"),
+            texts=self._strings(f"{p}/texts"),
+            embeds=self._read(f"{p}/embeds").astype(np.float32),
+            template_id=self._read(f"{p}/template_id").astype(np.int64),
+            class_id=self._read(f"{p}/class_id").astype(np.int64),
+            attrs={k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._f[p].attrs.items()},
         )
 
     # -- summary -----------------------------------------------------------------------
@@ -274,6 +382,7 @@ class FeatureStore:
             "dim": self.dim,
             "dtype": str(self._f["images/embeds"].dtype),
             "normalized": self.normalized,
+            "checksums": self.checksums,
             "n_images": len(self),
             "n_skipped": self.progress["skipped"],
             "skipped": self.skipped()[:20],
@@ -284,7 +393,7 @@ class FeatureStore:
                     "templates": len(self._f[f"prompts/{n}/templates"]),
                     "classes": len(self._f[f"prompts/{n}/classes"]),
                     "prompts": len(self._f[f"prompts/{n}/texts"]),
-                    "template_texts": list(self._f[f"prompts/{n}/templates"].asstr()[:]),
+                    "template_texts": self._strings(f"prompts/{n}/templates"),
                 }
                 for n in self.prompt_sets()
             },
@@ -297,25 +406,16 @@ class FeatureStore:
         }
 
 
-def _open_read(path: Path) -> h5py.File:
-    try:
-        return h5py.File(path, "r", locking=False)
-    except OSError as e:
-        if "already open" not in str(e):
-            raise
-        # A partial file whose SWMR writer is running or was killed: readable up to its last flush.
-        return h5py.File(path, "r", swmr=True, libver="latest", locking=False)
-
-
 def open_store(path: str | os.PathLike, allow_incomplete: bool = False) -> FeatureStore:
     """Open a feature store for reading (refuses an incomplete one unless asked)."""
     return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
 # ---------------------------------------------------------------------------------------
-# Writing
+# Writing the layout: shared by every writer (clip_heads.writer: write_store, add_prompt_sets,
+# merge_stores; clip_heads.journal: the encode stream's builder).
 # ---------------------------------------------------------------------------------------
-def _create_layout(
+def create_layout(
     f: h5py.File,
     *,
     dim: int,
@@ -323,36 +423,45 @@ def _create_layout(
     dtype: str,
     extras: Mapping[str, tuple[tuple[int, ...], Any, list[str] | None]],
     attrs: Mapping[str, Any],
+    rows: int = 0,
+    skipped: int = 0,
 ) -> None:
-    """Create every dataset up front: SWMR writers may not create datasets later."""
+    """Create every dataset of a store with ``rows`` image rows and ``skipped`` skip records:
+    chunked, resizable, numeric ones with Fletcher-32 checksums. Rows are filled by the caller,
+    then :func:`write_strings` digests and ``progress`` are set."""
     f.attrs["schema_version"] = SCHEMA_VERSION
     for k, v in attrs.items():
-        f.attrs[k] = json.dumps(v, sort_keys=True) if k in _JSON_ATTRS else v
+        if v is not None:
+            f.attrs[k] = json.dumps(v, sort_keys=True) if k in JSON_ATTRS else v
     f.attrs["dim"] = int(dim)
     f.attrs["dtype"] = dtype
     f.attrs["complete"] = False
-    f.attrs.setdefault("created", now())
-    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=STR)
+    if "created" not in f.attrs:
+        f.attrs["created"] = now()
+    write_strings(f, "classes", list(classes))
     g = f.create_group("images")
-    g.create_dataset("embeds", shape=(0, dim), maxshape=(None, dim), chunks=(min(ROW_CHUNK, 256), dim), dtype=dtype)
-    g.create_dataset("keys", shape=(0,), maxshape=(None,), chunks=(ROW_CHUNK,), dtype=STR)
-    g.create_dataset("labels", shape=(0,), maxshape=(None,), chunks=(ROW_CHUNK,), dtype="i8")
+    g.create_dataset("embeds", shape=(rows, dim), maxshape=(None, dim), chunks=(EMBED_CHUNK, dim), dtype=dtype, fletcher32=True)
+    g.create_dataset("keys", shape=(rows,), maxshape=(None,), chunks=(ROW_CHUNK,), dtype=STR)
+    g.create_dataset("labels", shape=(rows,), maxshape=(None,), chunks=(ROW_CHUNK,), dtype="i8", fletcher32=True)
     ge = g.create_group("extras")
     for name, (tail, edtype, columns) in extras.items():
-        d = ge.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=(ROW_CHUNK, *tail), dtype=edtype)
+        is_str = h5py.check_string_dtype(np.dtype(edtype)) is not None
+        d = ge.create_dataset(name, shape=(rows, *tail), maxshape=(None, *tail), chunks=(ROW_CHUNK, *tail), dtype=edtype,
+                              fletcher32=not is_str)
         if columns:
             d.attrs["columns"] = json.dumps(list(columns))
     s = f.create_group("skipped")
-    s.create_dataset("keys", shape=(0,), maxshape=(None,), chunks=(256,), dtype=STR)
-    s.create_dataset("reasons", shape=(0,), maxshape=(None,), chunks=(256,), dtype=STR)
+    for name in ("keys", "reasons"):
+        s.create_dataset(name, shape=(skipped,), maxshape=(None,), chunks=(256,), dtype=STR)
     f.create_dataset("progress", data=np.zeros(3, np.int64))
 
 
-def _append(d: h5py.Dataset, values) -> None:
-    n = d.shape[0]
-    values = np.asarray(values, dtype=object) if h5py.check_string_dtype(d.dtype) else np.asarray(values)
-    d.resize(n + len(values), axis=0)
-    d[n:] = values
+def write_strings(g: h5py.Group, name: str, values: Sequence[str]) -> h5py.Dataset:
+    """A string dataset with its sha256 digest (readers check it)."""
+    values = [str(v) for v in values]
+    d = g.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
+    d.attrs[DIGEST_ATTR] = string_digest(values)
+    return d
 
 
 def extras_spec(extras: Mapping[str, np.ndarray], columns: Mapping[str, list[str]] | None = None):
@@ -365,123 +474,52 @@ def extras_spec(extras: Mapping[str, np.ndarray], columns: Mapping[str, list[str
     return spec
 
 
-def _write_prompt_set(f: h5py.File, ps: PromptSet, overwrite: bool = False) -> None:
+def validate_prompt_set_name(name: str) -> str:
+    """A prompt set name, or ValueError quoting the rule."""
+    if not isinstance(name, str) or not PROMPT_SET_NAME.fullmatch(name) or name in RESERVED_NAMES:
+        raise StoreError(f"invalid prompt set name {name!r}: use a letter or digit followed by letters, digits, '.', '_' "
+                         f"or '-' (at most 128), other than {', '.join(sorted(RESERVED_NAMES))}")
+    return name
+
+
+def check_prompt_set(ps: PromptSet, dim: int) -> None:
+    """Refuse a prompt set that cannot be stored as it is, before anything is written."""
+    validate_prompt_set_name(ps.name)
+    emb = np.asarray(ps.embeds)
+    n = len(ps.texts)
+    if emb.ndim != 2 or emb.shape[1] != dim:
+        raise StoreError(f"prompt embeddings of shape {emb.shape} do not fit a store of dim {dim}")
+    tid, cid = np.asarray(ps.template_id), np.asarray(ps.class_id)
+    if len(emb) != n or tid.shape != (n,) or cid.shape != (n,):
+        raise StoreError(f"prompt set {ps.name!r}: {n} texts but {len(emb)} embeddings, {tid.shape} template ids, {cid.shape} class ids")
+    for what, ids, limit in (("class_id", cid, len(ps.classes)), ("template_id", tid, len(ps.templates))):
+        if n and (ids.min() < 0 or ids.max() >= limit):
+            raise StoreError(f"prompt set {ps.name!r}: {what} values {int(ids.min())}..{int(ids.max())} out of range 0..{limit - 1}")
+
+
+def write_prompt_set(f: h5py.File, ps: PromptSet, overwrite: bool = False) -> None:
+    check_prompt_set(ps, int(f.attrs["dim"]))
     name = ps.name
-    if not name or "/" in name:
-        raise StoreError(f"invalid prompt set name {name!r}: use a non-empty name without '/'")
     if f"prompts/{name}" in f:
         if not overwrite:
             raise StoreError(f"prompt set {name!r} already exists in {f.filename}; pick another --name or pass --overwrite")
         del f[f"prompts/{name}"]
-    emb = np.asarray(ps.embeds, np.float32)
-    if emb.ndim != 2 or emb.shape[1] != int(f.attrs["dim"]):
-        raise StoreError(f"prompt embeddings of shape {emb.shape} do not fit a store of dim {int(f.attrs['dim'])}")
     g = f.create_group(f"prompts/{name}")
-    g.create_dataset("texts", data=np.array(ps.texts, dtype=object), dtype=STR)
-    g.create_dataset("embeds", data=emb.astype(f["images/embeds"].dtype))
-    g.create_dataset("template_id", data=np.asarray(ps.template_id, np.int32))
-    g.create_dataset("class_id", data=np.asarray(ps.class_id, np.int32))
-    g.create_dataset("classes", data=np.array(ps.classes, dtype=object), dtype=STR)
-    g.create_dataset("templates", data=np.array(ps.templates, dtype=object), dtype=STR)
+    write_strings(g, "texts", ps.texts)
+    g.create_dataset("embeds", data=np.asarray(ps.embeds, np.float32).astype(f["images/embeds"].dtype), fletcher32=True)
+    g.create_dataset("template_id", data=np.asarray(ps.template_id, np.int32), fletcher32=True)
+    g.create_dataset("class_id", data=np.asarray(ps.class_id, np.int32), fletcher32=True)
+    write_strings(g, "classes", ps.classes)
+    write_strings(g, "templates", ps.templates)
     for k, v in ps.attrs.items():
         g.attrs[k] = v
     g.attrs["created"] = now()
 
 
-def add_prompt_sets(path: str | os.PathLike, prompt_sets: Iterable[PromptSet], overwrite: bool = False) -> None:
-    """Add prompt sets to a complete store without touching its images.
+def __getattr__(name: str):
+    # The writers live in clip_heads.writer (they read stores too); they stay importable from here.
+    if name in ("write_store", "add_prompt_sets", "merge_stores"):
+        from . import writer
 
-    The change is made on a copy that replaces the store only once written, so a crash
-    mid-write leaves the store as it was."""
-    path = Path(path)
-    with FeatureStore(path):
-        pass  # validates: exists, is a store, is complete
-    tmp = Path(f"{path}.tmp-prompts")
-    shutil.copyfile(path, tmp)
-    try:
-        with h5py.File(tmp, "a", locking=False) as f:
-            for ps in prompt_sets:
-                _write_prompt_set(f, ps, overwrite=overwrite)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_store(
-    path: str | os.PathLike,
-    X: np.ndarray,
-    y: Sequence[int] | None = None,
-    classes: Sequence[str] | None = None,
-    *,
-    keys: Sequence[str] | None = None,
-    model_id: str = "unknown",
-    model_hash: str | None = None,
-    normalized: bool | None = None,
-    dtype: str = "float32",
-    extras: Mapping[str, np.ndarray] | None = None,
-    extras_columns: Mapping[str, list[str]] | None = None,
-    prompt_sets: Iterable[PromptSet] = (),
-    source: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a complete store from arrays a user already has.
-
-    Parameters
-    ----------
-    X : (n_samples, dim) embeddings.
-    y : (n_samples,) integer labels into ``classes`` (or -1 for unlabelled); default all -1.
-    classes : class names; default ``class_0..`` up to ``max(y)``.
-    keys : one stable string id per row; default ``"0", "1", ...``.
-    normalized : whether rows are L2-normalised; detected from the data by default.
-    model_hash : the weights' hash if known; by default ``"declared:<model_id>"``, which says the
-        model is the writer's word, not a measured identity.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n_samples, dim); got shape {X.shape}")
-    n = len(X)
-    y = np.full(n, -1, np.int64) if y is None else np.asarray(y, np.int64)
-    if y.shape != (n,):
-        raise ValueError(f"y has shape {y.shape}; expected ({n},) to match X")
-    if classes is None:
-        classes = [f"class_{i}" for i in range(int(y.max()) + 1 if n and y.max() >= 0 else 0)]
-    if n and y.max() >= len(classes):
-        raise ValueError(f"label {int(y.max())} is out of range for {len(classes)} classes")
-    keys = [str(i) for i in range(n)] if keys is None else [str(k) for k in keys]
-    if len(keys) != n or len(set(keys)) != n:
-        raise ValueError(f"keys must be {n} unique strings; got {len(keys)} with {len(set(keys))} unique")
-    if normalized is None:
-        normalized = bool(n) and bool(np.allclose(np.linalg.norm(X.astype(np.float32), axis=1), 1.0, atol=1e-3))
-    extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
-    for k, v in extras.items():
-        if len(v) != n:
-            raise ValueError(f"extra column {k!r} has {len(v)} rows; expected {n}")
-    attrs = {
-        "model_id": model_id,
-        "model_hash": model_hash or f"declared:{model_id}",
-        "normalized": bool(normalized),
-        "preprocess": {},
-        "versions": library_versions(),
-        "source": dict(source or {"format": "arrays"}),
-        "source_fingerprint": "",
-    }
-    tmp = Path(f"{path}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(tmp, "w", locking=False) as f:
-        _create_layout(f, dim=X.shape[1], classes=classes, dtype=dtype, extras=extras_spec(extras, extras_columns), attrs=attrs)
-        g = f["images"]
-        _append(g["embeds"], X.astype(dtype))
-        _append(g["keys"], keys)
-        _append(g["labels"], y)
-        for k, v in extras.items():
-            _append(g[f"extras/{k}"], v)
-        f["progress"][:] = [n, n, 0]
-        for ps in prompt_sets:
-            _write_prompt_set(f, ps)
-        f.attrs["complete"] = True
-        f.attrs["completed"] = now()
-    os.replace(tmp, path)
-    return path
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

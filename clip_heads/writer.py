@@ -1,137 +1,212 @@
-"""Writing stores as a stream: the crash-safe encode writer, and joining shard stores.
+"""Every way a store file gets written besides the encode stream: from arrays, with added prompt
+sets, and by joining shards. None edits a store in place: each builds a new file beside its
+destination in a child process (:func:`write_isolated`; HDF5 cannot survive its own failed writes)
+and renames it over the old one, holding the destination's writer lock.
 
-:class:`StoreWriter` appends batches to ``<store>.partial`` in HDF5's SWMR mode, where the file
-stays readable up to its last flush even if the process is SIGKILLed; :meth:`StoreWriter.resume`
-copies that committed prefix into a fresh partial file (a killed SWMR writer leaves the file
-flagged as open) and writing goes on. :func:`merge_stores` joins the shards of one encode.
+The encode stream itself is :mod:`clip_heads.journal`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
 
+from .fsutil import DiskFullError, durable_replace, exclusive_lock, fsync_file, run_isolated, temp_sibling
+from .integrity import DIGEST_ATTR, digest_update, string_digest
 from .store import (
-    _JSON_ATTRS,
-    STR,
+    LIBVER,
     FeatureStore,
     PromptSet,
     StoreError,
-    _append,
-    _create_layout,
-    _write_prompt_set,
+    check_prompt_set,
+    create_layout,
+    extras_spec,
+    library_versions,
     now,
+    write_prompt_set,
 )
 
 logger = logging.getLogger(__name__)
 
+_BLOCK_ROWS = 8192
 
-class StoreWriter:
-    """Streams rows into ``<path>.partial`` and renames it to ``path`` once complete.
 
-    ``StoreWriter.create`` starts a new partial file; ``StoreWriter.resume`` continues one left
-    by an interrupted run. Rows are appended with :meth:`append`, unreadable items recorded with
-    :meth:`skip`, and :meth:`commit` advances the resume cursor after a flush. Everything before
-    the last commit survives SIGKILL.
+def write_isolated(fn, path: Path, *args, what: str) -> None:
+    """Run ``fn(tmp, *args)`` that builds a store file at a fresh sibling ``tmp`` of ``path`` in a
+    child process (:func:`clip_heads.fsutil.run_isolated`: HDF5 cannot survive its own failed
+    writes), then sync it and rename it over ``path``. On any failure ``path`` is untouched
+    and the sibling is removed; a full disk raises :class:`DiskFullError` naming ``path``."""
+    tmp = temp_sibling(path, "build")
+    try:
+        def build() -> None:
+            fn(tmp, *args)
+            fsync_file(tmp)
+
+        try:
+            run_isolated(build, what=what, errors={"StoreError": StoreError})
+        except DiskFullError:
+            raise DiskFullError(f"disk full writing {path}: it was left as it was; free space and rerun") from None
+        durable_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Remove temporary files that killed writers of ``path`` left beside it (call holding its
+    lock): siblings named by :func:`clip_heads.fsutil.temp_sibling` whose process is gone."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}(\.partial)?\.(build|new)-(\d+)-[0-9a-f]+")
+    for p in path.parent.glob(f".{path.name}.*"):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_file():
+            continue
+        pid = int(m.group(3))
+        try:
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                continue  # its writer is alive (and not ours to judge)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        logger.debug("removing %s, left by a killed writer", p)
+        p.unlink(missing_ok=True)
+
+
+def add_prompt_sets(path: str | os.PathLike, prompt_sets: Iterable[PromptSet], overwrite: bool = False) -> None:
+    """Add prompt sets to a complete store without touching its images.
+
+    The sets are written into a copy that replaces the store in one rename, under the store's
+    writer lock: a crash leaves the store as it was, a concurrent writer is refused at once."""
+    path = Path(path)
+    sets = list(prompt_sets)
+    with exclusive_lock(path, "adding prompt sets", reentrant=True):
+        with FeatureStore(path) as s:  # validates: exists, is a sound, complete store
+            dim, existing = s.dim, set(s.prompt_sets())
+        names = [ps.name for ps in sets]
+        for ps in sets:
+            check_prompt_set(ps, dim)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        clash = sorted(existing & set(names)) if not overwrite else []
+        if dup or clash:
+            raise StoreError(f"prompt set {(dup or clash)[0]!r} already exists in {path}; pick another --name or pass --overwrite")
+        remove_stale_siblings(path)
+        write_isolated(_copy_with_prompts, path, path, sets, overwrite, what=f"adding prompt sets to {path}")
+
+
+def _copy_with_prompts(tmp: Path, path: Path, sets: list[PromptSet], overwrite: bool) -> None:
+    shutil.copyfile(path, tmp)
+    with h5py.File(tmp, "a", locking=False) as f:
+        for ps in sets:
+            write_prompt_set(f, ps, overwrite=overwrite)
+
+
+def write_store(
+    path: str | os.PathLike,
+    X: np.ndarray,
+    y: Sequence[int] | None = None,
+    classes: Sequence[str] | None = None,
+    *,
+    keys: Sequence[str] | None = None,
+    model_id: str = "unknown",
+    model_hash: str | None = None,
+    normalized: bool | None = None,
+    dtype: str = "float32",
+    extras: Mapping[str, np.ndarray] | None = None,
+    extras_columns: Mapping[str, list[str]] | None = None,
+    prompt_sets: Iterable[PromptSet] = (),
+    source: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete store from arrays a user already has.
+
+    Parameters
+    ----------
+    X : (n_samples, dim) embeddings.
+    y : (n_samples,) integer labels into ``classes`` (or -1 for unlabelled); default all -1.
+    classes : class names; default ``class_0..`` up to ``max(y)``.
+    keys : one stable string id per row; default ``"0", "1", ...``.
+    normalized : whether rows are L2-normalised; detected from the data by default.
+    model_hash : the weights' hash if known; by default ``"declared:<model_id>"``, which says the
+        model is the writer's word, not a measured identity.
     """
-
-    def __init__(self, path: Path, f: h5py.File):
-        self.path, self._f = path, f
-        self.progress = [int(v) for v in f["progress"][:]]
-        self._f.swmr_mode = True
-
-    @staticmethod
-    def partial_path(path: str | os.PathLike) -> Path:
-        return Path(f"{path}.partial")
-
-    @classmethod
-    def create(cls, path, *, dim, classes, dtype="float16", extras=None, attrs=None) -> "StoreWriter":
-        path = Path(path)
-        part = cls.partial_path(path)
-        part.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(part, "w", libver="latest", locking=False)
-        _create_layout(f, dim=dim, classes=classes, dtype=dtype, extras=extras or {}, attrs=attrs or {})
-        f.flush()
-        return cls(path, f)
-
-    @classmethod
-    def resume(cls, path) -> "StoreWriter":
-        """Reopen an interrupted encode. A killed SWMR writer leaves the file flagged as open,
-        so the committed prefix is copied into a fresh partial file and writing goes on there."""
-        path = Path(path)
-        part = cls.partial_path(path)
-        fresh = Path(f"{part}.resume")
-        with h5py.File(part, "r", swmr=True, libver="latest", locking=False) as old, h5py.File(
-            fresh, "w", libver="latest", locking=False
-        ) as new:
-            items, rows, skipped = (int(v) for v in old["progress"][:])
-            for k, v in old.attrs.items():
-                new.attrs[k] = v
-            new.create_dataset("classes", data=old["classes"][:], dtype=STR)
-            for name in ("images/embeds", "images/keys", "images/labels", "skipped/keys", "skipped/reasons") + tuple(
-                f"images/extras/{e}" for e in old.get("images/extras", {})
-            ):
-                d = old[name]
-                n = skipped if name.startswith("skipped") else rows
-                nd = new.create_dataset(name, data=d[:n], maxshape=d.maxshape, chunks=d.chunks, dtype=d.dtype)
-                for k, v in d.attrs.items():
-                    nd.attrs[k] = v
-            new.require_group("images/extras")
-            new.create_dataset("progress", data=np.array([items, rows, skipped], np.int64))
-        os.replace(fresh, part)
-        logger.info("resuming %s after %d items (%d rows, %d skipped)", part, items, rows, skipped)
-        return cls(path, h5py.File(part, "a", libver="latest", locking=False))
-
-    @staticmethod
-    def read_partial_attrs(path) -> dict[str, Any]:
-        with h5py.File(StoreWriter.partial_path(path), "r", swmr=True, libver="latest", locking=False) as f:
-            return {k: (json.loads(v) if k in _JSON_ATTRS else v) for k, v in f.attrs.items()}
-
-    def append(self, embeds: np.ndarray, keys: Sequence[str], labels: Sequence[int], extras: Mapping[str, np.ndarray] | None = None) -> None:
-        g = self._f["images"]
-        _append(g["embeds"], np.asarray(embeds).astype(g["embeds"].dtype))
-        _append(g["keys"], list(keys))
-        _append(g["labels"], np.asarray(labels, np.int64))
-        for name, values in (extras or {}).items():
-            _append(g[f"extras/{name}"], values)
-        self.progress[1] += len(keys)
-
-    def skip(self, key: str, reason: str) -> None:
-        _append(self._f["skipped/keys"], [key])
-        _append(self._f["skipped/reasons"], [reason])
-        self.progress[2] += 1
-
-    def commit(self, items_done: int) -> None:
-        """Make everything appended so far durable, then move the resume cursor."""
-        self._f.flush()
-        self.progress[0] = items_done
-        self._f["progress"][:] = np.array(self.progress, np.int64)
-        self._f.flush()
-
-    def finish(self, prompt_sets: Iterable[PromptSet] = (), default_prompts: str | None = None) -> Path:
-        """Close the stream, add the prompt sets, mark complete and move into place."""
-        self._f.close()
-        part = self.partial_path(self.path)
-        with h5py.File(part, "a", libver="latest", locking=False) as f:
-            for ps in prompt_sets:
-                _write_prompt_set(f, ps)
-            if default_prompts:
-                f.attrs["default_prompts"] = default_prompts
-            f.attrs["complete"] = True
-            f.attrs["completed"] = now()
-        os.replace(part, self.path)
-        return self.path
-
-    def close(self) -> None:
-        if self._f.id.valid:
-            self._f.close()
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_samples, dim); got shape {X.shape}")
+    n = len(X)
+    y = np.full(n, -1, np.int64) if y is None else np.asarray(y, np.int64)
+    if y.shape != (n,):
+        raise ValueError(f"y has shape {y.shape}; expected ({n},) to match X")
+    if classes is None:
+        classes = [f"class_{i}" for i in range(int(y.max()) + 1 if n and y.max() >= 0 else 0)]
+    if n and (y.max() >= len(classes) or y.min() < -1):
+        bad = int(y.max()) if y.max() >= len(classes) else int(y.min())
+        raise ValueError(f"label {bad} is out of range for {len(classes)} classes (valid: -1..{len(classes) - 1})")
+    keys = [str(i) for i in range(n)] if keys is None else [str(k) for k in keys]
+    if len(keys) != n or len(set(keys)) != n:
+        raise ValueError(f"keys must be {n} unique strings; got {len(keys)} with {len(set(keys))} unique")
+    if normalized is None:
+        normalized = bool(n) and bool(np.allclose(np.linalg.norm(X.astype(np.float32), axis=1), 1.0, atol=1e-3))
+    extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
+    for k, v in extras.items():
+        if len(v) != n:
+            raise ValueError(f"extra column {k!r} has {len(v)} rows; expected {n}")
+    sets = list(prompt_sets)
+    for ps in sets:
+        check_prompt_set(ps, X.shape[1])
+    attrs = {
+        "model_id": model_id,
+        "model_hash": model_hash or f"declared:{model_id}",
+        "normalized": bool(normalized),
+        "preprocess": {},
+        "versions": library_versions(),
+        "source": dict(source or {"format": "arrays"}),
+        "source_fingerprint": "",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(path, "write_store"):
+        layout = dict(dim=X.shape[1], classes=list(classes), dtype=dtype, extras=extras_spec(extras, extras_columns), attrs=attrs)
+        write_isolated(_write_arrays, path, layout, X, y, keys, extras, sets, what=f"writing {path}")
+    return path
 
 
+def _write_arrays(tmp: Path, layout: dict, X, y, keys, extras, sets) -> None:
+    n = len(X)
+    with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
+        create_layout(f, rows=n, **layout)
+        g = f["images"]
+        g["embeds"][:] = X.astype(layout["dtype"])
+        g["keys"][:] = np.array(keys, dtype=object)
+        g["keys"].attrs[DIGEST_ATTR] = string_digest(keys)
+        g["labels"][:] = y
+        for k, v in extras.items():
+            d = g[f"extras/{k}"]
+            if h5py.check_string_dtype(d.dtype):
+                d[:] = np.asarray([str(s) for s in v], dtype=object)
+                d.attrs[DIGEST_ATTR] = string_digest(str(s) for s in v)
+            else:
+                d[:] = v
+        for name in ("keys", "reasons"):
+            f[f"skipped/{name}"].attrs[DIGEST_ATTR] = string_digest([])
+        f["progress"][:] = [n, n, 0]
+        for ps in sets:
+            write_prompt_set(f, ps)
+        f.attrs["complete"] = True
+        f.attrs["completed"] = now()
+
+# ---------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------
 def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], overwrite: bool = False) -> Path:
     """Concatenate the shard stores of one encode (``encode --shard I/N``) into one store.
 
@@ -139,48 +214,74 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
     rows are copied in shard order, a chunk at a time, so the result lists images in source order.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    stores = [FeatureStore(p) for p in shards]
+    for p in shards:
+        if Path(p).resolve() == out.resolve() or (out.exists() and os.path.samefile(p, out)):
+            raise ValueError(f"the merged store {out} is also one of the shards ({p}); write it to another path")
+    with exclusive_lock(out, "merge"):
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        stores = [FeatureStore(p) for p in shards]
+        try:
+            first = stores[0].attrs if stores else {}
+            n_total = first.get("shard_count")
+            found = sorted(int(s.attrs.get("shard_index", -1)) for s in stores)
+            if not stores or n_total is None or found != list(range(int(n_total))):
+                raise StoreError(f"need every shard 0..N-1 of one encode exactly once; got shard indices {found} of {n_total}")
+            for s in stores[1:]:
+                for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count"):
+                    if str(s.attrs.get(k)) != str(first.get(k)):
+                        raise StoreError(f"{s.path} has {k}={s.attrs.get(k)!r} but {stores[0].path} has {first.get(k)!r}")
+            stores.sort(key=lambda s: int(s.attrs["shard_index"]))
+            paths = [s.path for s in stores]
+        finally:
+            for s in stores:
+                s.close()
+        remove_stale_siblings(out)
+        write_isolated(_merge_into, out, paths, what=f"merging into {out}")
+        return out
+
+
+def _merge_into(tmp: Path, paths: list[Path]) -> None:
+    stores = [FeatureStore(p) for p in paths]
     try:
-        first = stores[0].attrs if stores else {}
-        n_total = first.get("shard_count")
-        found = sorted(int(s.attrs.get("shard_index", -1)) for s in stores)
-        if not stores or n_total is None or found != list(range(int(n_total))):
-            raise StoreError(f"need every shard 0..N-1 of one encode exactly once; got shard indices {found} of {n_total}")
-        for s in stores[1:]:
-            for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count"):
-                if str(s.attrs.get(k)) != str(first.get(k)):
-                    raise StoreError(f"{s.path} has {k}={s.attrs.get(k)!r} but {stores[0].path} has {first.get(k)!r}")
-        stores.sort(key=lambda s: int(s.attrs["shard_index"]))
-        attrs = {k: v for k, v in stores[0].attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed", "schema_version", "dim", "dtype")}
-        extras = {name: (stores[0]._f[f"images/extras/{name}"].shape[1:], stores[0]._f[f"images/extras/{name}"].dtype,
-                         stores[0].extra_columns(name)) for name in stores[0].extra_names()}
-        tmp = Path(f"{out}.tmp")
-        with h5py.File(tmp, "w", locking=False) as f:
-            _create_layout(f, dim=stores[0].dim, classes=stores[0].classes, dtype=str(first["dtype"]), extras=extras, attrs=attrs)
-            rows = skipped = 0
+        s0 = stores[0]
+        attrs = {k: v for k, v in s0.attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed",
+                                                                 "schema_version", "dim", "dtype", "merged_from")}
+        extras = s0.extras_layout()
+        rows, skipped = sum(len(s) for s in stores), sum(s.progress["skipped"] for s in stores)
+        with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
+            create_layout(f, dim=s0.dim, classes=s0.classes, dtype=str(s0.attrs["dtype"]), extras=extras,
+                          attrs=attrs, rows=rows, skipped=skipped)
+            names = ["images/embeds", "images/keys", "images/labels"] + [f"images/extras/{e}" for e in extras]
+            hashes = {n: hashlib.sha256() for n in names if h5py.check_string_dtype(f[n].dtype)}
+            at = 0
             for s in stores:
                 n = len(s)
-                for a in range(0, n, 8192):
-                    b = min(n, a + 8192)
-                    _append(f["images/embeds"], s._f["images/embeds"][a:b])
-                    _append(f["images/keys"], s._f["images/keys"].asstr()[a:b])
-                    _append(f["images/labels"], s._f["images/labels"][a:b])
-                    for name in extras:
-                        _append(f[f"images/extras/{name}"], s._f[f"images/extras/{name}"][a:b])
-                for key, reason in s.skipped():
-                    _append(f["skipped/keys"], [key])
-                    _append(f["skipped/reasons"], [reason])
-                rows, skipped = rows + n, skipped + s.progress["skipped"]
+                for a in range(0, n, _BLOCK_ROWS):
+                    b = min(n, a + _BLOCK_ROWS)
+                    for name in names:
+                        values = s.rows(name, a, b)
+                        f[name][at + a:at + b] = values
+                        if name in hashes:
+                            digest_update(hashes[name], values)
+                at += n
+            skips = [kr for s in stores for kr in s.skipped()]
+            for i, name in enumerate(("skipped/keys", "skipped/reasons")):
+                values = [kr[i] for kr in skips]
+                if values:
+                    f[name][:] = np.array(values, dtype=object)
+                hashes[name] = hashlib.sha256()
+                digest_update(hashes[name], values)
+            for name, h in hashes.items():
+                f[name].attrs[DIGEST_ATTR] = h.hexdigest()
             f["progress"][:] = [rows + skipped, rows, skipped]
-            for name in stores[0].prompt_sets():
-                _write_prompt_set(f, stores[0].prompt_set(name))
-            f.attrs["merged_from"] = json.dumps([str(s.path) for s in stores])
+            for name in s0.prompt_sets():
+                write_prompt_set(f, s0.prompt_set(name))
+            if s0.attrs.get("default_prompts"):
+                f.attrs["default_prompts"] = s0.attrs["default_prompts"]
+            f.attrs["merged_from"] = json.dumps([str(p) for p in paths])
             f.attrs["complete"] = True
             f.attrs["completed"] = now()
-        os.replace(tmp, out)
-        return out
     finally:
         for s in stores:
             s.close()

@@ -154,7 +154,7 @@ def test_loader_lets_bugs_propagate():
 
 def test_a_preprocessing_bug_stops_the_encode(tiny_clip, tmp_path, monkeypatch):
     from clip_heads.encode import encode
-    from clip_heads.writer import StoreWriter
+    from clip_heads.journal import StoreWriter
 
     for i in range(3):
         _img(tmp_path / "data" / "cat" / f"{i}.png")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clip_heads.store import PromptSet, StoreError, add_prompt_sets, l2_normalize, open_store, write_store
-from clip_heads.writer import StoreWriter
+from clip_heads.journal import StoreWriter
 
 
 def _prompts(classes, dim, templates=("a photo of a {}.", "a {}"), name="default", seed=0):
@@ -130,7 +130,7 @@ def test_incomplete_store_is_refused_unless_asked(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from clip_heads.writer import StoreWriter
+    from clip_heads.journal import StoreWriter
     w = StoreWriter.create(sys.argv[1], dim=4, classes=["a"], dtype="float32", extras={}, attrs={"model_id": "m", "normalized": False})
     i = 0
     while True:
