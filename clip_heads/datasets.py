@@ -3,13 +3,16 @@
 Every format is a :class:`clip_heads.source.Source` (a map-style, picklable listing whose
 :meth:`~clip_heads.source.Source.load` decodes one image with :func:`clip_heads.images.open_rgb`).
 This module holds the folder-like formats (plain class folders, FI, WEBEmo, Emotion6, CSV
-manifests); CIFAR-100's python format is in :mod:`clip_heads.cifar`. The walking and checking
-file-backed formats share is in :mod:`clip_heads.folders`. Formats are looked up by name in
-:data:`SOURCES`; :func:`open_source` opens a path, detecting the format when asked for ``"auto"``.
+manifests); the others have a module each: CIFAR-100's python format (:mod:`clip_heads.cifar`),
+EmoSet (:mod:`clip_heads.emoset`), ArtPhoto and Abstract (:mod:`clip_heads.art_datasets`),
+Twitter I (:mod:`clip_heads.twitter`), EmotionROI (:mod:`clip_heads.emotionroi`) and Hugging Face
+datasets on disk (:mod:`clip_heads.hf_source`); the walking and checking they share is in
+:mod:`clip_heads.folders`. Formats are looked up by name in :data:`SOURCES`; :func:`open_source`
+opens a path, detecting the format when asked for ``"auto"``.
 
 Item order is part of the contract (an interrupted encode resumes by index): file-backed
-sources list classes sorted by name and keys sorted within each class; CIFAR-100 keeps
-the official label ids and the official item order.
+sources list classes sorted by name and keys sorted within each class; CIFAR-100 and Hugging
+Face datasets keep their own label ids and row order.
 
 Sources stay inside their root unless opened with ``allow_outside_root=True``: a class
 folder or a manifest row that resolves outside it is an error when the source is opened; a
@@ -29,11 +32,16 @@ from typing import Any, Union
 
 import numpy as np
 
+from .art_datasets import ABSTRACT_GROUND_TRUTH, AbstractSource, ArtPhotoSource, looks_like_artphoto
 from .cifar import Cifar100Source, find_cifar_dir
+from .emoset import EMOSET_SPLITS, EmoSetSource
+from .emotionroi import EMOTIONROI_SPLIT_DIR, EmotionROISource
 from .emotions import EKMAN_EMOTIONS, MIKELS_EMOTIONS
 from .folders import check_inside, check_listed_file, collect, match_names, open_text, require_dir, subdirs
+from .hf_source import HFSource, is_hf_dataset
 from .images import ImageLimits, file_kind
 from .source import Source
+from .twitter import TWITTER_IMAGES, TWITTER_LISTS, TwitterISource
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +252,12 @@ SOURCES: dict[str, type[Source]] = {
     "fi": FISource,
     "webemo": WebEmoSource,
     "cifar100": Cifar100Source,
+    "emoset": EmoSetSource,
+    "artphoto": ArtPhotoSource,
+    "abstract": AbstractSource,
+    "twitter1": TwitterISource,
+    "emotionroi": EmotionROISource,
+    "hf": HFSource,
 }
 
 
@@ -264,9 +278,24 @@ def detect_format(path: str) -> str:
                          f"manifest or a cifar-100-python .tar.gz")
     if find_cifar_dir(path):
         return "cifar100"
+    def has(name: str) -> bool:
+        return os.path.exists(os.path.join(path, name))
+
     if os.path.isfile(os.path.join(path, "ground_truth.txt")) and os.path.isdir(os.path.join(path, "images")):
         return "emotion6"
+    if any(has(f"{s}.json") for s in EMOSET_SPLITS) and os.path.isdir(os.path.join(path, "image")):
+        return "emoset"
+    if has(ABSTRACT_GROUND_TRUTH):
+        return "abstract"
+    if os.path.isdir(os.path.join(path, TWITTER_IMAGES)) and any(has(f) for f in TWITTER_LISTS.values()):
+        return "twitter1"
+    if os.path.isdir(os.path.join(path, "images")) and os.path.isdir(os.path.join(path, EMOTIONROI_SPLIT_DIR)):
+        return "emotionroi"
+    if is_hf_dataset(path):
+        return "hf"
     dirs = {d.lower() for d in subdirs(path)}
+    if not dirs and looks_like_artphoto(path):
+        return "artphoto"
     if dirs == set(FI_CLASSES):
         logger.info("'%s' has the FI class folders; opening as a plain folder (use format='fi' to validate)", path)
     return "folder"
@@ -282,8 +311,12 @@ def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", *, a
         Folder, manifest file or archive (a regular file or a folder).
     format : str
         One of :func:`list_formats`; ``"auto"`` detects cifar100 (tarball or folder with
-        train/test/meta), emotion6 (ground_truth.txt + images/), csv (.csv/.tsv) and
-        otherwise folder. FI and WEBEmo must be named.
+        train/test/meta), emotion6 (ground_truth.txt + images/), emoset (train/val/test.json +
+        image/), abstract (ABSTRACT_groundTruth.csv), twitter1 (Agg_AMT_Candidates/ + an
+        *_agree.txt), emotionroi (images/ + training_testing_split/), hf (dataset_dict.json,
+        state.json + dataset_info.json, or *.parquet at the top or in data/), artphoto (no
+        subfolders, every image named <emotion>_...), csv (.csv/.tsv) and otherwise folder.
+        FI and WEBEmo must be named.
     allow_outside_root : bool
         Read files that resolve outside the source's folder (manifest paths with ``..`` or
         absolute paths elsewhere, symlinks out of the root). Off by default.
@@ -291,7 +324,10 @@ def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", *, a
         Size, pixel and aspect limits for decoding images (default :data:`DEFAULT_LIMITS`).
     **options
         Format options; ``None`` values mean "default". cifar100: ``split`` ("test",
-        "train", "all"), ``label_level`` ("fine", "coarse"); webemo: ``level`` (2, 7, 25).
+        "train", "all"), ``label_level`` ("fine", "coarse"); webemo: ``level`` (2, 7, 25);
+        emoset: ``split`` ("all", "train", "val", "test"), ``attributes`` (bool); abstract:
+        ``ties`` ("drop", "first"); twitter1: ``agreement`` (3, 4, 5); hf: ``image_column``,
+        ``label_column``, ``split``.
 
     Returns
     -------
