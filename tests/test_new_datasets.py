@@ -7,11 +7,14 @@ import io
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from clip_heads.cli import main
 from clip_heads.datasets import detect_format, open_source
 from clip_heads.emotions import EKMAN_EMOTIONS, MIKELS_EMOTIONS
 from clip_heads.encode import encode
@@ -519,3 +522,20 @@ def test_encode_hf_and_emoset_equal_plain_folder(tiny_clip, tmp_path):
         k = [int(key.rsplit("_", 1)[1][:5]) for key in s.keys]
         assert np.array_equal(s.embeddings(), np.stack([ref[f"c{i % 2}/{i}.jpg"] for i in k]))
 
+
+def test_cli_source_options(tiny_clip, tmp_path):
+    twitter(tmp_path / "tw", jpegs(6))
+    runner = CliRunner()
+    r = runner.invoke(main, ["-q", "encode", str(tmp_path / "tw"), "-o", str(tmp_path / "tw.h5"), "-m", tiny_clip,
+                             "-O", "agreement=5", "--workers", "0", "--device", "cpu", "-t", "bp-photo"])
+    assert r.exit_code == 0, r.output
+    with open_store(tmp_path / "tw.h5") as s:
+        assert s.keys == ["7.jpg", "101.jpg"] and s.extra("agreement").tolist() == [5, 5]
+        assert s.attrs["source"]["format"] == "twitter1" and s.attrs["source"]["options"] == {"agreement": 5}
+    r = runner.invoke(main, ["-q", "encode", str(tmp_path / "tw"), "-o", str(tmp_path / "x.h5"), "-O", "agreement"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
+    r = runner.invoke(main, ["-q", "encode", str(tmp_path / "tw"), "-o", str(tmp_path / "x.h5"), "-O", "level=5"])
+    assert r.exit_code == 1 and "format 'twitter1' does not take option(s) ['level']; valid: agreement" in r.output
+    shutil.rmtree(tmp_path / "tw/Agg_AMT_Candidates")
+    r = runner.invoke(main, ["-q", "encode", str(tmp_path / "tw"), "-o", str(tmp_path / "x.h5"), "--format", "twitter1"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "lacks Agg_AMT_Candidates/" in r.output
