@@ -216,6 +216,8 @@ class HFSource(Source):
             key, target = outside[0]
             raise ValueError(f"hf: parquet file '{key}' resolves outside the source root '{path}' (to '{target}'); "
                              "open it with allow_outside_root=True (--allow-outside-root) to read it anyway")
+        for f in files:  # a FIFO named x.parquet would block the reader; a device would never end
+            check_listed_file(os.path.join(path, f), f, path, f"hf parquet file '{f}'", self._confine)
         if not files:
             raise ValueError(f"hf source '{path}' is not a Hugging Face dataset on disk: expected dataset_dict.json, "
                              "or state.json + dataset_info.json + *.arrow (save_to_disk), or *.parquet files")

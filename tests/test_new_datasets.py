@@ -442,6 +442,23 @@ def test_hf_rows_without_bytes_and_bad_columns(tmp_path):
     one_line(e)
 
 
+def test_hf_refuses_special_files_without_blocking(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import threading
+
+    import pyarrow.parquet as pq
+
+    pq.write_table(hf_table(pa, [(jpegs(1)[0], None)], [0]), tmp_path / "a.parquet")
+    os.mkfifo(tmp_path / "b.parquet")  # opening a FIFO for reading blocks until a writer comes
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("error", pytest.raises(ValueError, open_source, tmp_path)),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "opening a folder holding a FIFO named .parquet blocked"
+    assert "hf parquet file 'b.parquet': 'b.parquet' is not a regular file (FIFO)" in str(out["error"].value)
+
+
 def test_hf_reads_memory_mapped(tmp_path):
     """Opening and loading a row allocates nothing in Arrow's pool: the 8 MB of other columns stay on disk."""
     pa = pytest.importorskip("pyarrow")
