@@ -120,34 +120,46 @@ _ALLOW_OUTSIDE = click.option(
 @click.option("--no-normalize", is_flag=True, help="Store raw projections instead of L2-normalised vectors.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Encode a seeded sample of this many images.")
 @click.option("--seed", default=0, help="Seed of the --limit sample.")
-@click.option("--split", default=None, help="CIFAR-100: test, train or all. [default: test]")
+@click.option("--split", default=None, help="CIFAR-100: test, train or all [default: test]; EmoSet: all, train, val or test; hf: one split of a DatasetDict.")
 @click.option("--label-level", default=None, help="CIFAR-100: fine or coarse; WEBEmo: 2, 7 or 25.")
+@click.option("--source-option", "-O", "source_opts", multiple=True, metavar="KEY=VALUE",
+              help="Any other option of the format (repeatable), e.g. -O agreement=5 (twitter1), -O ties=first (abstract), "
+                   "-O attributes=false (emoset), -O image_column=img -O label_column=emotion (hf).")
 @click.option("--shard", default=None, metavar="I/N", help="Encode only slice I of N (one process per GPU or machine); join with `clip-heads merge`.")
 @click.option("--overwrite", is_flag=True, help="Start over, discarding an existing or unfinished store at --out.")
 @_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, shard, overwrite, allow_outside_root):
+def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, overwrite, allow_outside_root):
     """Encode every image of SOURCE and its prompts with a frozen CLIP into the store --out.
 
     An interrupted run resumes when rerun with the same arguments; a complete store is left as is.
     """
     from .encode import encode as run
 
-    options = _source_options(fmt, split, label_level, allow_outside_root)
+    options = _source_options(fmt, split, label_level, allow_outside_root, source_opts)
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
             device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
             limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"])
     click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped)")
 
 
-def _source_options(fmt: str, split: str | None, label_level: str | None, allow_outside_root: bool = False) -> dict:
-    """--split / --label-level (CIFAR-100 and WEBEmo) and --allow-outside-root as the source's options."""
+def _source_options(fmt: str, split: str | None, label_level: str | None, allow_outside_root: bool = False,
+                    pairs: tuple[str, ...] = ()) -> dict:
+    """--split / --label-level (CIFAR-100 and WEBEmo), --allow-outside-root and -O KEY=VALUE as the source's options."""
     options: dict = {"allow_outside_root": True} if allow_outside_root else {}
     if split is not None:
         options["split"] = split
     if label_level is not None:
         options["level" if fmt == "webemo" else "label_level"] = int(label_level) if label_level.isdigit() else label_level
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{pair!r}: use KEY=VALUE, e.g. agreement=5", param_hint="--source-option")
+        if key in options or key == "allow_outside_root":
+            raise click.BadParameter(f"{key!r} is given twice (or has its own flag)", param_hint="--source-option")
+        options[key] = value.strip()
     return options
 
 

@@ -3,26 +3,28 @@
 Every format is a :class:`clip_heads.source.Source` (a map-style, picklable listing whose
 :meth:`~clip_heads.source.Source.load` decodes one image with :func:`clip_heads.images.open_rgb`).
 This module holds the folder-like formats (plain class folders, FI, WEBEmo, Emotion6, CSV
-manifests); CIFAR-100's python format is in :mod:`clip_heads.cifar`. Formats are looked up by
-name in :data:`SOURCES`; :func:`open_source` opens a path, detecting the format when asked for
-``"auto"``.
+manifests); the others have a module each: CIFAR-100's python format (:mod:`clip_heads.cifar`),
+EmoSet (:mod:`clip_heads.emoset`), ArtPhoto and Abstract (:mod:`clip_heads.art_datasets`),
+Twitter I (:mod:`clip_heads.twitter`), EmotionROI (:mod:`clip_heads.emotionroi`) and Hugging Face
+datasets on disk (:mod:`clip_heads.hf_source`); the walking and checking they share is in
+:mod:`clip_heads.folders`. Formats are looked up by name in :data:`SOURCES`; :func:`open_source`
+opens a path, detecting the format when asked for ``"auto"``.
 
 Item order is part of the contract (an interrupted encode resumes by index): file-backed
-sources list classes sorted by name and keys sorted within each class; CIFAR-100 keeps
-the official label ids and the official item order.
+sources list classes sorted by name and keys sorted within each class; CIFAR-100 and Hugging
+Face datasets keep their own label ids and row order.
 
 Sources stay inside their root unless opened with ``allow_outside_root=True``: a class
 folder or a manifest row that resolves outside it is an error when the source is opened; a
 file found by walking that is a symlink out of the root is listed but refused when loaded, so
 an encode records it among the skipped images with the reason. Folders are walked without
-recursion, to at most :data:`MAX_FOLDER_DEPTH` levels, and symlinked subfolders below a class
-folder are not entered.
+recursion, to at most :data:`clip_heads.folders.MAX_FOLDER_DEPTH` levels, and symlinked
+subfolders below a class folder are not entered.
 """
 from __future__ import annotations
 
 import csv
 import inspect
-import io
 import logging
 import os
 import stat
@@ -30,20 +32,23 @@ from typing import Any, Union
 
 import numpy as np
 
+from .art_datasets import ABSTRACT_GROUND_TRUTH, AbstractSource, ArtPhotoSource, looks_like_artphoto
 from .cifar import Cifar100Source, find_cifar_dir
-from .images import DEFAULT_LIMITS, ImageLimits, RefusedFile, file_kind, read_regular
-from .source import Source, is_inside, outside_root
+from .emoset import EMOSET_SPLITS, EmoSetSource
+from .emotionroi import EMOTIONROI_SPLIT_DIR, EmotionROISource
+from .emotions import EKMAN_EMOTIONS, MIKELS_EMOTIONS
+from .folders import check_inside, check_listed_file, collect, match_names, open_text, require_dir, subdirs
+from .hf_source import HFSource, is_hf_dataset
+from .images import ImageLimits, file_kind
+from .source import Source
+from .twitter import TWITTER_IMAGES, TWITTER_LISTS, TwitterISource
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-MAX_FOLDER_DEPTH = 128  # levels of subfolders below a class folder; deeper is refused, not walked
-_ALLOW_HINT = "open it with allow_outside_root=True (--allow-outside-root) to read it anyway"
-
-EMOTION6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise"]
+EMOTION6_CLASSES = EKMAN_EMOTIONS
 EMOTION6_DISTRIBUTION = EMOTION6_CLASSES + ["neutral"]
 
-FI_CLASSES = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
+FI_CLASSES = MIKELS_EMOTIONS
 
 # WEBEmo (Panda et al., ECCV 2018) labels stock images with 25 emotions from Parrott's
 # tree, grouped into 7 "primary" emotions (Parrott's six plus confusion) and 2 polarities.
@@ -68,126 +73,18 @@ WEBEMO_LEVELS = (2, 7, 25)
 
 # --------------------------------------------------------------------------- folder-like sources
 
-def _subdirs(folder: str) -> list[str]:
-    try:
-        with os.scandir(folder) as it:
-            return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
-    except OSError as e:
-        raise ValueError(f"cannot list folder '{folder}': {e.strerror or e}") from e
-
-
-def _short(rel: str, n: int = 80) -> str:
-    return rel if len(rel) <= n else rel[:n] + "..."
-
-
-def _images_under(root: str, rel: str, confine: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
-    """Sorted keys ('/'-separated, relative to root) of the images anywhere under root/rel,
-    and the (key, target) of those that are symlinks resolving outside ``confine``.
-
-    An explicit stack, not recursion: depth costs no Python frames, and is capped at
-    :data:`MAX_FOLDER_DEPTH` with a one-line error. Symlinked subfolders are not entered (so
-    no loop, and nothing outside the root through them); symlinked files are listed.
-    """
-    out, outside = [], []
-    stack = [(rel, 0)]
-    while stack:
-        d, depth = stack.pop()
-        try:
-            with os.scandir(os.path.join(root, d)) as it:
-                entries = sorted((e.name, e.is_dir(), e.is_symlink()) for e in it if not e.name.startswith("."))
-        except OSError as e:
-            raise ValueError(f"cannot list folder '{os.path.join(root, _short(d))}': {e.strerror or e}") from e
-        for name, is_dir, is_link in entries:
-            key = f"{d}/{name}"
-            if is_dir:
-                if is_link:
-                    continue
-                if depth >= MAX_FOLDER_DEPTH:
-                    raise ValueError(f"folder '{os.path.join(root, rel)}' nests subfolders deeper than "
-                                     f"{MAX_FOLDER_DEPTH} levels (at '{_short(key)}')")
-                stack.append((key, depth + 1))
-            elif name.lower().endswith(IMAGE_EXTENSIONS):
-                out.append(key)
-                if is_link and confine is not None:
-                    target = outside_root(os.path.join(root, key), confine)
-                    if target is not None:
-                        outside.append((key, target))
-    return sorted(out), outside
-
-
-def _require_dir(path: str, fmt: str) -> None:
-    if not os.path.isdir(path):
-        raise ValueError(f"{fmt} source must be a folder, got file '{path}'")
-
-
-def _check_inside(path: str, confine: str | None, what: str, root: str) -> None:
-    """An error naming ``what`` when ``path`` resolves outside the resolved root ``confine``."""
-    if confine is not None:
-        target = outside_root(path, confine)
-        if target is not None:
-            raise ValueError(f"{what} resolves outside the source root '{root}' (to '{target}'); {_ALLOW_HINT}")
-
-
-def _collect(root: str, class_dirs: dict[str, list[str]], classes: list[str],
-             confine: str | None = None) -> tuple[list[str], list[int]]:
-    """Flatten {class: [folders]} into sorted keys and labels; an imageless folder is an error,
-    and so is a class folder resolving outside ``confine`` (the resolved source root)."""
-    keys: list[str] = []
-    labels: list[int] = []
-    outside: list[tuple[str, str]] = []
-    for label, name in enumerate(classes):
-        found: list[str] = []
-        for rel in class_dirs.get(name, []):
-            _check_inside(os.path.join(root, rel), confine, f"class folder '{rel}' in '{root}'", root)
-            imgs, out = _images_under(root, rel, confine)
-            if not imgs:
-                raise ValueError(f"class folder '{rel}' in '{root}' has no images "
-                                 f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
-            found += imgs
-            outside += out
-        keys += sorted(found)
-        labels += [label] * len(found)
-    if outside:
-        key, target = outside[0]
-        logger.warning("%d file(s) in '%s' are symlinks resolving outside the source root (e.g. '%s' -> '%s'): "
-                       "they will be skipped; open the source with allow_outside_root=True (--allow-outside-root) "
-                       "to read them", len(outside), root, key, target)
-    return keys, labels
-
-
-def _match_names(root: str, dirs: list[str], valid: list[str], fmt: str,
-                 aliases: dict[str, str] | None = None) -> dict[str, str]:
-    """Map folder names to canonical class names (case-insensitive); refuse extra or missing ones."""
-    aliases = aliases or {}
-    mapping, seen, extra = {}, {}, []
-    for d in dirs:
-        name = aliases.get(d.lower(), d.lower())
-        if name not in valid:
-            extra.append(d)
-        elif name in seen:
-            raise ValueError(f"{fmt}: folders '{seen[name]}' and '{d}' in '{root}' are both class '{name}'")
-        else:
-            mapping[d], seen[name] = name, d
-    if extra:
-        raise ValueError(f"{fmt}: unexpected class folder(s) {extra} in '{root}'; valid: {', '.join(valid)}")
-    missing = [c for c in valid if c not in seen]
-    if missing:
-        raise ValueError(f"{fmt}: missing class folder(s) {missing} in '{root}'")
-    return mapping
-
-
 class FolderSource(Source):
     """``root/<class>/<images>``; images in nested subfolders belong to their top class folder."""
 
     format = "folder"
 
     def __init__(self, path: str, allow_outside_root: bool = False) -> None:
-        _require_dir(path, self.format)
+        require_dir(path, self.format)
         self._set_root_policy(path, allow_outside_root)
-        classes = _subdirs(path)
+        classes = subdirs(path)
         if not classes:
             raise ValueError(f"folder source '{path}' has no class folders (expected root/<class>/<images>)")
-        keys, labels = _collect(path, {c: [c] for c in classes}, classes, self._confine)
+        keys, labels = collect(path, {c: [c] for c in classes}, classes, self._confine)
         self._finish(path, path, classes, keys, labels)
 
 
@@ -197,10 +94,10 @@ class FISource(Source):
     format = "fi"
 
     def __init__(self, path: str, allow_outside_root: bool = False) -> None:
-        _require_dir(path, self.format)
+        require_dir(path, self.format)
         self._set_root_policy(path, allow_outside_root)
-        mapping = _match_names(path, _subdirs(path), FI_CLASSES, self.format)
-        keys, labels = _collect(path, {c: [d] for d, c in mapping.items()}, FI_CLASSES, self._confine)
+        mapping = match_names(path, subdirs(path), FI_CLASSES, self.format)
+        keys, labels = collect(path, {c: [d] for d, c in mapping.items()}, FI_CLASSES, self._confine)
         self._finish(path, path, FI_CLASSES, keys, labels)
 
 
@@ -216,32 +113,32 @@ class WebEmoSource(Source):
     format = "webemo"
 
     def __init__(self, path: str, level: int | str = 7, allow_outside_root: bool = False) -> None:
-        _require_dir(path, self.format)
+        require_dir(path, self.format)
         self._set_root_policy(path, allow_outside_root)
         if str(level).strip() not in {str(v) for v in WEBEMO_LEVELS}:
             raise ValueError(f"webemo level must be one of 2, 7, 25; got {level!r}")
         level = int(level)
         up = {f: (p, m) for p, mids in WEBEMO_HIERARCHY.items() for m, fs in mids.items() for f in fs}
         fine_names = sorted(up)
-        top = _subdirs(path)
+        top = subdirs(path)
         if top and {d.lower() for d in top} <= set(WEBEMO_HIERARCHY):
             fine_dirs = {}
-            for p_dir, parent in _match_names(path, top, sorted(WEBEMO_HIERARCHY), self.format).items():
+            for p_dir, parent in match_names(path, top, sorted(WEBEMO_HIERARCHY), self.format).items():
                 mids = sorted(WEBEMO_HIERARCHY[parent])
-                for m_dir, mid in _match_names(os.path.join(path, p_dir), _subdirs(os.path.join(path, p_dir)),
+                for m_dir, mid in match_names(os.path.join(path, p_dir), subdirs(os.path.join(path, p_dir)),
                                                mids, self.format).items():
                     sub = os.path.join(path, p_dir, m_dir)
-                    for f_dir, fine in _match_names(sub, _subdirs(sub), sorted(WEBEMO_HIERARCHY[parent][mid]),
+                    for f_dir, fine in match_names(sub, subdirs(sub), sorted(WEBEMO_HIERARCHY[parent][mid]),
                                                     self.format, WEBEMO_ALIASES).items():
                         fine_dirs[f"{p_dir}/{m_dir}/{f_dir}"] = fine
         else:
-            fine_dirs = _match_names(path, top, fine_names, self.format, WEBEMO_ALIASES)
+            fine_dirs = match_names(path, top, fine_names, self.format, WEBEMO_ALIASES)
         name_at = {25: lambda f: f, 7: lambda f: up[f][1], 2: lambda f: up[f][0]}[level]
         classes = sorted({name_at(f) for f in fine_names})
         by_class: dict[str, list[str]] = {}
         for rel, fine in fine_dirs.items():
             by_class.setdefault(name_at(fine), []).append(rel)
-        keys, labels = _collect(path, by_class, classes, self._confine)
+        keys, labels = collect(path, by_class, classes, self._confine)
         self._finish(path, path, classes, keys, labels, options={"level": level})
 
 
@@ -256,18 +153,18 @@ class Emotion6Source(Source):
     format = "emotion6"
 
     def __init__(self, path: str, allow_outside_root: bool = False) -> None:
-        _require_dir(path, self.format)
+        require_dir(path, self.format)
         self._set_root_policy(path, allow_outside_root)
         images, gt_file = os.path.join(path, "images"), os.path.join(path, "ground_truth.txt")
         for p in (images, gt_file):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"emotion6 source '{path}' lacks '{os.path.basename(p)}'")
-            _check_inside(p, self._confine, f"'{os.path.basename(p)}'", path)
-        mapping = _match_names(images, _subdirs(images), EMOTION6_CLASSES, self.format)
-        keys, labels = _collect(images, {c: [d] for d, c in mapping.items()}, EMOTION6_CLASSES, self._confine)
+            check_inside(p, self._confine, f"'{os.path.basename(p)}'", path)
+        mapping = match_names(images, subdirs(images), EMOTION6_CLASSES, self.format)
+        keys, labels = collect(images, {c: [d] for d, c in mapping.items()}, EMOTION6_CLASSES, self._confine)
         rows: dict[str, list[float]] = {}
         try:
-            for lineno, line in enumerate(_open_text(gt_file, "emotion6 ground truth"), 1):
+            for lineno, line in enumerate(open_text(gt_file, "emotion6 ground truth"), 1):
                 if not line.strip() or line.startswith("["):
                     continue  # header "[image_filename]\t[valence]..."
                 cols = line.rstrip("\r\n").split("\t")
@@ -312,7 +209,7 @@ class CsvSource(Source):
         base = os.path.dirname(path)
         self._set_root_policy(base, allow_outside_root)
         delim = "\t" if path.lower().endswith(".tsv") else ","
-        f = _open_text(path, "manifest", newline="")
+        f = open_text(path, "manifest", newline="")
         reader = csv.reader(f, delimiter=delim)
         row_no = 0
         try:
@@ -329,7 +226,7 @@ class CsvSource(Source):
                 where = f"manifest '{path}' row {row_no} (line {reader.line_num})"
                 if not key or not vals["label"]:
                     raise ValueError(f"{where}: missing {'path' if not key else 'label'} in {row}")
-                self._check_entry(os.path.join(base, key), key, base, where)
+                check_listed_file(os.path.join(base, key), key, base, where, self._confine, "the manifest's folder")
                 if key in seen:
                     raise ValueError(f"{where}: '{key}' already listed in row {seen[key]}")
                 seen[key] = row_no
@@ -345,32 +242,6 @@ class CsvSource(Source):
         extras = {"split": np.asarray([s for _, _, s in items], dtype=str)} if "split" in col else {}
         self._finish(path, base, classes, [k for _, k, _ in items], labels, extras)
 
-    def _check_entry(self, full: str, key: str, base: str, where: str) -> None:
-        # An explicit row naming something unreadable is an error now, not a skip later.
-        if self._confine is not None:
-            target = outside_root(full, self._confine)
-            if target is not None:
-                rule = "is an absolute path" if os.path.isabs(key) else "resolves"
-                raise ValueError(f"{where}: '{key}' {rule} outside the manifest's folder '{base}' "
-                                 f"(to '{target}'); paths must stay inside it, or {_ALLOW_HINT}")
-        try:
-            mode = os.stat(full).st_mode
-        except FileNotFoundError:
-            raise ValueError(f"{where}: file '{key}' not found relative to '{base}'") from None
-        except OSError as e:
-            raise ValueError(f"{where}: cannot stat '{key}' relative to '{base}': {e.strerror or e}") from e
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"{where}: '{key}' is not a regular file ({file_kind(mode)})")
-
-
-def _open_text(path: str, what: str, newline: str | None = None) -> io.TextIOWrapper:
-    """A small text file read whole (bounded, regular files only) as UTF-8 (BOM tolerated)."""
-    try:
-        data = read_regular(path, DEFAULT_LIMITS.max_file_bytes)
-    except RefusedFile as e:
-        raise ValueError(f"cannot read {what} '{path}': {e}") from e
-    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline=newline)
-
 
 # --------------------------------------------------------------------------- registry
 
@@ -381,6 +252,12 @@ SOURCES: dict[str, type[Source]] = {
     "fi": FISource,
     "webemo": WebEmoSource,
     "cifar100": Cifar100Source,
+    "emoset": EmoSetSource,
+    "artphoto": ArtPhotoSource,
+    "abstract": AbstractSource,
+    "twitter1": TwitterISource,
+    "emotionroi": EmotionROISource,
+    "hf": HFSource,
 }
 
 
@@ -401,9 +278,24 @@ def detect_format(path: str) -> str:
                          f"manifest or a cifar-100-python .tar.gz")
     if find_cifar_dir(path):
         return "cifar100"
+    def has(name: str) -> bool:
+        return os.path.exists(os.path.join(path, name))
+
     if os.path.isfile(os.path.join(path, "ground_truth.txt")) and os.path.isdir(os.path.join(path, "images")):
         return "emotion6"
-    dirs = {d.lower() for d in _subdirs(path)}
+    if any(has(f"{s}.json") for s in EMOSET_SPLITS) and os.path.isdir(os.path.join(path, "image")):
+        return "emoset"
+    if has(ABSTRACT_GROUND_TRUTH):
+        return "abstract"
+    if os.path.isdir(os.path.join(path, TWITTER_IMAGES)) and any(has(f) for f in TWITTER_LISTS.values()):
+        return "twitter1"
+    if os.path.isdir(os.path.join(path, "images")) and os.path.isdir(os.path.join(path, EMOTIONROI_SPLIT_DIR)):
+        return "emotionroi"
+    if is_hf_dataset(path):
+        return "hf"
+    dirs = {d.lower() for d in subdirs(path)}
+    if not dirs and looks_like_artphoto(path):
+        return "artphoto"
     if dirs == set(FI_CLASSES):
         logger.info("'%s' has the FI class folders; opening as a plain folder (use format='fi' to validate)", path)
     return "folder"
@@ -419,8 +311,12 @@ def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", *, a
         Folder, manifest file or archive (a regular file or a folder).
     format : str
         One of :func:`list_formats`; ``"auto"`` detects cifar100 (tarball or folder with
-        train/test/meta), emotion6 (ground_truth.txt + images/), csv (.csv/.tsv) and
-        otherwise folder. FI and WEBEmo must be named.
+        train/test/meta), emotion6 (ground_truth.txt + images/), emoset (train/val/test.json +
+        image/), abstract (ABSTRACT_groundTruth.csv), twitter1 (Agg_AMT_Candidates/ + an
+        *_agree.txt), emotionroi (images/ + training_testing_split/), hf (dataset_dict.json,
+        state.json + dataset_info.json, or *.parquet at the top or in data/), artphoto (no
+        subfolders, every image named <emotion>_...), csv (.csv/.tsv) and otherwise folder.
+        FI and WEBEmo must be named.
     allow_outside_root : bool
         Read files that resolve outside the source's folder (manifest paths with ``..`` or
         absolute paths elsewhere, symlinks out of the root). Off by default.
@@ -428,7 +324,10 @@ def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", *, a
         Size, pixel and aspect limits for decoding images (default :data:`DEFAULT_LIMITS`).
     **options
         Format options; ``None`` values mean "default". cifar100: ``split`` ("test",
-        "train", "all"), ``label_level`` ("fine", "coarse"); webemo: ``level`` (2, 7, 25).
+        "train", "all"), ``label_level`` ("fine", "coarse"); webemo: ``level`` (2, 7, 25);
+        emoset: ``split`` ("all", "train", "val", "test"), ``attributes`` (bool); abstract:
+        ``ties`` ("drop", "first"); twitter1: ``agreement`` (3, 4, 5); hf: ``image_column``,
+        ``label_column``, ``split``.
 
     Returns
     -------

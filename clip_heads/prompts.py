@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 EMOTION_DEFAULTS = ("bp-emotion", "bp-emotion-variants", "clip-e")
 OBJECT_DEFAULTS = ("bp-photo", "clip-cifar100")
-EMOTION_FORMATS = ("emotion6", "fi", "webemo")
+EMOTION_FORMATS = ("emotion6", "fi", "webemo", "emoset", "artphoto", "abstract", "twitter1", "emotionroi")
 
 # Built-in label sets, for querying a store with classes other than its own (text-side heads).
 LABEL_SETS: dict[str, list[str]] = {
