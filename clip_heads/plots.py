@@ -291,7 +291,8 @@ def wise_ft_figure(result: dict, points: Sequence[dict] | None = None, title: st
 
     ``result`` is :func:`clip_heads.wise_ft.generalisation`'s (or its ``generalisation.json``):
     ``rows`` of ``alpha, a_accuracy, a_macro_f1, b_accuracy, b_macro_f1`` (A empty when nothing
-    was held out). ``points`` (:func:`paper_points`) are drawn as stars with their label.
+    was held out). ``points`` (:func:`paper_points`) are drawn as stars with their label, on
+    the sides that have a curve.
     """
     rows = sorted(result["rows"], key=lambda r: r["alpha"])
     if not rows:
@@ -299,16 +300,18 @@ def wise_ft_figure(result: dict, points: Sequence[dict] | None = None, title: st
     fig = _figure(7.5, 4.8)
     ax = fig.add_subplot()
     alpha = [r["alpha"] for r in rows]
+    drawn = set()
     for side, name in zip(("a", "b"), names):
         for metric, style in (("accuracy", "-"), ("macro_f1", "--")):
             vals = [r.get(f"{side}_{metric}") for r in rows]
             if all(v is None for v in vals):
                 continue
             v = np.array([np.nan if x is None else x for x in vals])
+            drawn.add(side)
             ax.plot(alpha, v, style, marker="o" if metric == "accuracy" else None, color=COLORS[side],
                     alpha=1.0 if metric == "accuracy" else 0.6,
                     label=f"{name}: {'accuracy' if metric == 'accuracy' else 'macro-F1'}")
-    for p in points or ():
+    for p in (p for p in points or () if p["side"] in drawn):  # no curve on A (nothing held out): no A points
         ax.scatter([p["alpha"]], [p["accuracy"]], marker="*", s=160, color=COLORS[p["side"]], edgecolor="black",
                    linewidth=0.6, zorder=5)
         ax.annotate(f"{p['label']}\n({names[p['side'] == 'b']} {p['accuracy']:.2f})", (p["alpha"], p["accuracy"]),
@@ -317,6 +320,7 @@ def wise_ft_figure(result: dict, points: Sequence[dict] | None = None, title: st
     ax.set_xlabel("alpha  (0 = zero-shot CLIP, 1 = fine-tuned)")
     ax.set_ylabel("score")
     ax.set_xlim(-0.05, 1.05)
+    ax.margins(y=0.15)  # room for the stars' labels
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or "WiSE-FT: zero-shot on held-out A and on B along the blend"

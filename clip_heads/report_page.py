@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 INDEX = "index.html"
 PRF = ("precision", "recall", "f1")
+COLLAPSE_CLASSES = 30  # past this many classes the per-class table starts folded
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:2em auto;max-width:1250px;
@@ -41,7 +42,7 @@ table.metrics th.n{text-align:right}table.metrics tr.avg td{background:#fafafa}t
 table.prov th{width:13em;font-weight:600;background:none;color:#444}table.prov table{margin:0}table.prov table td,table.prov table th{border:none;padding:.05em .6em .05em 0}
 code{font-size:.92em;background:#f4f4f4;padding:0 .25em;border-radius:3px;word-break:break-all}
 figure{margin:1.2em 0 2em}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.92em}
-.note{color:#666;font-size:.92em}
+.note{color:#666;font-size:.92em}details{margin:.4em 0 1em}summary{cursor:pointer;color:#345}
 """
 
 
@@ -82,8 +83,9 @@ def metrics_table(report: dict, key: Sequence[Any] = (), digits: int = 3) -> str
     cv = report.get("kind") == "cv"
     mean, std = (report["mean"], report["std"]) if cv else (report, None)
     mkey = key + ("mean",) if cv else key
-    rows = ['<table class="metrics"><tr><th></th>' + "".join(f'<th class="n">{h}</th>' for h in
-                                                             ("Precision", "Recall", "F1-Score", "Support")) + "</tr>"]
+    header = '<table class="metrics"><tr><th></th>' + "".join(f'<th class="n">{h}</th>' for h in
+                                                             ("Precision", "Recall", "F1-Score", "Support")) + "</tr>"
+    rows = [header]
     for c in mean["classes"]:
         pc = mean["per_class"][c]
         cells = "".join(f'<td class="n">{_cell(mean, std, ("per_class", c, m), mkey, digits)}</td>' for m in PRF)
@@ -96,6 +98,11 @@ def metrics_table(report: dict, key: Sequence[Any] = (), digits: int = 3) -> str
     rows.append(f'<tr class="avg"><td>Accuracy</td><td></td><td></td>'
                 f'<td class="n">{_cell(mean, std, ("accuracy",), mkey, digits)}</td><td class="n">{n}</td></tr>')
     rows.append("</table>")
+    C = len(mean["classes"])
+    if C > COLLAPSE_CLASSES:
+        # Many classes: the averages first, the full table (same layout) one click away.
+        summary = [header] + rows[1 + C:]
+        rows = summary + [f"<details><summary>the table with all {C} classes</summary>"] + rows + ["</details>"]
     extra = [f"balanced accuracy {_cell(mean, std, ('balanced_accuracy',), mkey, digits)}"]
     for t in mean.get("top_k_accuracy", {}):
         extra.append(f"top-{_e(t)} accuracy {_cell(mean, std, ('top_k_accuracy', t), mkey, digits)}")
@@ -237,7 +244,7 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
         link = f' · <a href="{_e(svg.relative_to(root).as_posix())}">SVG</a>' if svg.is_file() and svg != full else ""
         caption = full.stem.replace("_", " ")
         size = _png_css_width(full)
-        figures.append(f'<figure><img src="{_e(rel)}" alt="{_e(caption)}"{size}>'
+        figures.append(f'<figure><a href="{_e(rel)}"><img src="{_e(rel)}" alt="{_e(caption)}"{size}></a>'
                        f"<figcaption>{_e(rel)}{link}</figcaption></figure>")
     command = (provenance.get("command") or "results")
     what = [str(provenance[k]) for k in ("head",) if provenance.get(k)]

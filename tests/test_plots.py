@@ -174,7 +174,10 @@ def test_wise_ft_curve_and_the_paper_points():
     assert {tuple(s) for s in stars.tolist()} == {(p["alpha"], p["accuracy"]) for p in points}
     # No held-out A (B&P's Table 5 setting): only B is drawn.
     no_a = [dict(r, a_accuracy=None, a_macro_f1=None) for r in rows]
-    assert {ln.get_label() for ln in plots.wise_ft_figure({"rows": no_a}).axes[0].get_lines()} == {"B: accuracy", "B: macro-F1"}
+    ax = plots.wise_ft_figure({"rows": no_a}, points).axes[0]
+    assert {ln.get_label() for ln in ax.get_lines()} == {"B: accuracy", "B: macro-F1"}
+    stars = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert {tuple(s) for s in stars.tolist()} == {(p["alpha"], p["accuracy"]) for p in points if p["side"] == "b"}
     with pytest.raises(ValueError, match="known"):
         plots.paper_points("fi-on-emotion6")
 

@@ -19,12 +19,14 @@ class Page(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.tags, self.refs, self.nums, self.stack, self.text = [], [], [], [], []
+        self.tags, self.refs, self.imgs, self.nums, self.text = [], [], [], [], []
         self._num = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         self.tags.append(tag)
+        if tag == "img":
+            self.imgs.append(a["src"])
         for k in ("src", "href"):
             if k in a:
                 self.refs.append(a[k])
@@ -55,9 +57,9 @@ def lookup(d, key):
     return d
 
 
-def check_page(out: Path, digits: int = 3) -> tuple[Page, dict]:
+def check_page(out: Path, digits: int = 3, source: str = "metrics.json") -> tuple[Page, dict]:
     page = parse(out / "index.html")
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / source).read_text())
     assert page.tags[0] == "html" and "script" not in page.tags and "link" not in page.tags
     for ref in page.refs:
         assert not ref.startswith(("http:", "https:", "//", "/")), ref  # nothing from the network, all relative
@@ -82,7 +84,7 @@ def test_train_head_cv_page(store, tmp_path):
     train_head("linear", store, tmp_path / "lin", cv=3, seed=4)
     index = render_folder(tmp_path / "lin")
     page, metrics = check_page(tmp_path / "lin")
-    imgs = [r for r in page.refs if r.endswith(".png")]
+    imgs = page.imgs
     assert sorted(imgs) == sorted(f"plots/cv/{s}.png" for s in ("confusion_matrix", "per_class", "fold_spread"))
     assert all(Path(index.parent, r).with_suffix(".svg").name in {Path(x).name for x in page.refs} for r in imgs)
     keys = {tuple(n["key"]) for n in page.nums}
@@ -106,7 +108,7 @@ def test_zero_shot_and_ablation_pages(store, tmp_path):
     render_folder(tmp_path / "zs")
     page, metrics = check_page(tmp_path / "zs")
     assert ("accuracy",) in {tuple(n["key"]) for n in page.nums}
-    assert sorted(r for r in page.refs if r.endswith(".png")) == ["plots/confusion_matrix.png", "plots/per_class.png"]
+    assert sorted(page.imgs) == ["plots/confusion_matrix.png", "plots/per_class.png"]
 
     ablate_prompts(store, out_dir=tmp_path / "abl")
     render_folder(tmp_path / "abl", digits=4)
@@ -114,7 +116,7 @@ def test_zero_shot_and_ablation_pages(store, tmp_path):
     keys = {tuple(n["key"]) for n in page.nums}
     assert {("rows", i, "accuracy") for i in range(len(metrics["rows"]))} <= keys
     assert ("rank1", "macro", "f1") in keys
-    assert "plots/ablation.png" in page.refs
+    assert "plots/ablation.png" in page.imgs
 
 
 def test_write_index_escapes_names_shows_calibration_and_checks_plots(tmp_path):
@@ -164,3 +166,29 @@ def test_provenance_says_when_the_store_is_gone(store, tmp_path):
     assert provenance_from_metrics(rep.metrics)["model weights hash"] == "declared:m"
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         render_folder(tmp_path)
+
+
+def test_generalisation_page_with_the_paper_points(tmp_path):
+    out = tmp_path / "emotion-clip-on-cifar100"  # reproduce's folder name: the paper's Table 5 applies
+    out.mkdir()
+    rows = [{"alpha": a, "a_accuracy": None, "a_macro_f1": None, "b_accuracy": 0.6 - 0.2 * a, "b_macro_f1": 0.5 - 0.2 * a}
+            for a in (0.0, 0.5, 1.0)]
+    (out / "generalisation.json").write_text(json.dumps({"settings": {"model": "tiny", "seed": 0}, "rows": rows}))
+    render_folder(out)
+    page, _ = check_page(out, source="generalisation.json")
+    keys = {tuple(n["key"]) for n in page.nums}
+    assert {("rows", i, "b_accuracy") for i in range(3)} <= keys
+    assert page.imgs == ["plots/wise_ft.png"]
+
+
+def test_many_classes_put_the_averages_first_and_keep_every_row(tmp_path):
+    classes = [f"class_{i:03d}" for i in range(40)]
+    y = np.arange(200) % 40
+    rep = classification_report(y, (y + (np.arange(200) % 3 == 0)) % 40, classes)
+    html = metrics_table(rep)
+    assert html.index("Macro Avg.") < html.index("<details>") < html.index("class_000")
+    page = Page()
+    page.feed(html)
+    keys = [tuple(n["key"]) for n in page.nums]
+    assert all(("per_class", c, "f1") in keys for c in classes)
+    assert keys.count(("accuracy",)) == 2  # in the summary and in the full table, the same value
