@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
-
-logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 INDEX = "index.html"
