@@ -374,6 +374,29 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--by", default="head,model,prompt_set,store", help="Attributes that make a row (any of head, model, prompt_set, store); the protocol always does.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for comparison.csv, comparison.md and comparison.png.")
+@click.option("--allow-mixed-data", is_flag=True, help="Merge runs on different data (store fingerprints) into one row; the row says so.")
+@click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds another comparison or other results.")
+@friendly
+def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite):
+    """One table across the results folders RUN_DIRS (train-head, zero-shot, evaluate, ablate-prompts, finetune --cv)."""
+    from .compare import MixedDataError, compare_runs, parse_by
+
+    try:
+        fields = parse_by(by)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--by") from None
+    try:
+        comp = compare_runs(run_dirs, by=fields, out_dir=out_dir, allow_mixed_data=allow_mixed_data, overwrite=overwrite)
+    except MixedDataError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(comp.to_markdown())
+    click.echo(f"written to {out_dir}")
+
+
+@main.command()
 @click.option("--source", default=None, type=click.Path(exists=True), help="Local cifar-100-python tarball or extracted folder, or an image-folder copy (skips the download).")
 @click.option("--model", "-m", default=DEFAULT_MODEL, help="Hugging Face CLIP id or local directory.")
 @click.option("--limit", default=1000, type=click.IntRange(min=1), help="Seeded sample of test images to encode.")

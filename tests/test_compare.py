@@ -1,0 +1,149 @@
+"""compare: means and stds over folds and seeds, one row per data set unless asked, honest about what it skips."""
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from clip_heads.cli import main
+from clip_heads.compare import MixedDataError, compare_runs, read_run
+from clip_heads.evaluate import run_zero_shot, train_head
+from clip_heads.metrics import classification_report, summarize_folds
+from test_evaluate import blob_store
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    blob_store(root / "s.h5", n=20, sep=2.0)
+    blob_store(root / "t.h5", n=20, sep=2.0, seed=7)  # other data
+    for seed in (0, 1, 2):
+        train_head("linear", root / "s.h5", root / f"lin-s{seed}", cv=3, seed=seed)
+    train_head("linear", root / "t.h5", root / "lin-t", cv=3, seed=0)
+    train_head("linear", root / "s.h5", root / "lin-fit", seed=0)  # no CV: resubstitution only
+    run_zero_shot(root / "s.h5", out_dir=root / "zs")
+    return root
+
+
+def cv_metrics(folder):
+    return json.loads((folder / "metrics.json").read_text())["cv"]
+
+
+def test_three_seeds_give_mean_and_std_over_the_runs(runs, tmp_path):
+    dirs = [runs / f"lin-s{s}" for s in (0, 1, 2)]
+    comp = compare_runs(dirs, out_dir=tmp_path / "out")
+    assert len(comp.rows) == 1
+    row = comp.rows[0]
+    assert row["n"] == 3 and row["over"] == "seeds" and not row["mixed_data"]
+    for m, path in (("accuracy", ("accuracy",)), ("macro_f1", ("macro", "f1")), ("weighted_f1", ("weighted", "f1"))):
+        per_run = []
+        for d in dirs:
+            v = cv_metrics(d)["mean"]
+            for p in path:
+                v = v[p]
+            per_run.append(v)
+        assert row[f"{m}_mean"] == pytest.approx(np.mean(per_run), abs=1e-12)
+        assert row[f"{m}_std"] == pytest.approx(np.std(per_run), abs=1e-12)
+    assert len({round(v, 9) for v in per_run}) > 1  # the seeds differ, so the std is not trivially 0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "comparison.csv").read_text())))
+    assert float(rows[0]["accuracy_mean"]) == pytest.approx(row["accuracy_mean"]) and rows[0]["n"] == "3"
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}" in md and "3 seeds" in md
+    with Image.open(tmp_path / "out" / "comparison.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 900
+    assert (tmp_path / "out" / "comparison.svg").is_file()
+
+
+def test_one_cv_run_gives_mean_and_std_over_its_folds(runs):
+    row = compare_runs([runs / "lin-s1"]).rows[0]
+    cv = cv_metrics(runs / "lin-s1")
+    assert row["n"] == 3 and row["over"] == "folds" and row["protocol"] == "3-fold cv"
+    assert row["accuracy_mean"] == pytest.approx(cv["mean"]["accuracy"], abs=1e-12)
+    assert row["accuracy_std"] == pytest.approx(cv["std"]["accuracy"], abs=1e-12)
+    assert row["macro_f1_std"] == pytest.approx(cv["std"]["macro"]["f1"], abs=1e-12)
+
+
+def test_different_stores_are_never_merged_unless_asked(runs):
+    dirs = [runs / "lin-s0", runs / "lin-t"]
+    assert len(compare_runs(dirs).rows) == 2  # grouped by store by default
+    with pytest.raises(MixedDataError, match="different"):
+        compare_runs(dirs, by="head,model,prompt_set")
+    rows = compare_runs(dirs, by="head", allow_mixed_data=True).rows
+    assert len(rows) == 1 and rows[0]["mixed_data"] and len(rows[0]["data"].split(";")) == 2
+    md = compare_runs(dirs, by="head", allow_mixed_data=True).to_markdown()
+    assert "**mixed data**" in md
+
+
+def test_protocols_stay_apart_and_headers_say_what(runs):
+    comp = compare_runs([runs / "lin-s0", runs / "lin-fit", runs / "zs"], by="head,store")
+    got = {(r["head"], r["protocol"]) for r in comp.rows}
+    assert got == {("linear", "3-fold cv"), ("linear", "resubstitution"), ("zero-shot", "test")}
+    zs = next(r for r in comp.rows if r["head"] == "zero-shot")
+    assert zs["accuracy_mean"] == json.loads((runs / "zs" / "metrics.json").read_text())["accuracy"]
+    assert zs["n"] == 1 and zs["accuracy_std"] is None
+
+
+def test_unreadable_folders_are_named_and_all_unreadable_is_an_error(runs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.json").write_text(json.dumps({"info": {"run": {"command": "zero-shot"}}}))
+    comp = compare_runs([runs / "zs", empty, broken], out_dir=tmp_path / "out")
+    reasons = dict(comp.unreadable)
+    assert "no metrics.json" in reasons[str(empty)] and "lacks" in reasons[str(broken)]
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "Not read:" in md and str(empty) in md
+    with pytest.raises(ValueError, match="no run could be read"):
+        compare_runs([empty, broken])
+    with pytest.raises(ValueError, match="not among"):
+        compare_runs([runs / "zs"], by="head,dataset")
+
+
+def test_finetune_cv_folder_and_unknown_data(tmp_path):
+    rng = np.random.default_rng(0)
+    folds = []
+    for _ in range(4):
+        y = rng.integers(0, 3, 30)
+        folds.append(classification_report(y, np.where(rng.random(30) < 0.7, y, 0), ["a", "b", "c"]))
+    summary = summarize_folds(folds)
+    for name, identity in (("ft1", {"model_id": "tiny", "source": "abc123", "seed": 0, "templates": ["a photo of {}"]}),
+                           ("ft2", None), ("ft3", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(summary))
+        if identity:
+            (tmp_path / name / "fold-00").mkdir()
+            (tmp_path / name / "fold-00" / "train_log.json").write_text(json.dumps({"identity": identity}))
+    [e] = read_run(tmp_path / "ft1")
+    assert e.attrs["head"] == "finetune" and e.attrs["model"] == "tiny" and e.data == "source:abc123"
+    assert e.values["accuracy"] == [f["accuracy"] for f in folds]
+    # Two fine-tunes whose data is not recorded cannot be told to be on the same data.
+    with pytest.raises(MixedDataError, match="unrecorded"):
+        compare_runs([tmp_path / "ft2", tmp_path / "ft3"])
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_exit_codes_and_files(runs, tmp_path):
+    ok = run_cli("-q", "compare", str(runs / "lin-s0"), str(runs / "lin-s1"), "--out", str(tmp_path / "c"))
+    assert ok.exit_code == 0, ok.output
+    assert {p.name for p in (tmp_path / "c").iterdir()} == {"comparison.csv", "comparison.md", "comparison.png",
+                                                            "comparison.svg", "metrics.json"}
+    mixed = run_cli("compare", str(runs / "lin-s0"), str(runs / "lin-t"), "--by", "head", "--out", str(tmp_path / "m"))
+    assert mixed.exit_code == 2 and "--allow-mixed-data" in mixed.output and "Traceback" not in mixed.output
+    assert not (tmp_path / "m").exists()
+    bad_by = run_cli("compare", str(runs / "zs"), "--by", "colour", "--out", str(tmp_path / "b"))
+    assert bad_by.exit_code == 2 and "colour" in bad_by.output
+    (tmp_path / "e").mkdir()
+    nothing = run_cli("compare", str(tmp_path / "e"), "--out", str(tmp_path / "n"))
+    assert nothing.exit_code == 1 and "no run could be read" in nothing.output
+    over = run_cli("compare", str(runs / "zs"), "--out", str(runs))
+    assert over.exit_code == 1 and "holds the run folder" in over.output
+    # Another comparison in --out is not replaced silently.
+    again = run_cli("compare", str(runs / "zs"), "--out", str(tmp_path / "c"))
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert "lin-s0" in (tmp_path / "c" / "comparison.csv").read_text()
