@@ -277,12 +277,12 @@ def test_a_reachable_hub_pins_the_revision_it_answers(hub, monkeypatch, caplog):
     # The online path, without a network: the hub's answer is stubbed, the files come from the cache.
     import huggingface_hub
 
-    import clip_heads.backbone as backbone
+    import clip_heads.identity as identity
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE")
-    monkeypatch.setattr(backbone, "_hub_down", {})
-    monkeypatch.setattr(backbone, "_said", set())
+    monkeypatch.setattr(identity, "_hub_down", {})
+    monkeypatch.setattr(identity, "_said", set())
     asked, fetched = [], []
     snapshots = hub["cache"] / "models--org--tiny" / "snapshots"
 
@@ -302,7 +302,7 @@ def test_a_reachable_hub_pins_the_revision_it_answers(hub, monkeypatch, caplog):
     ident = model_identity(REPO)  # refs/main says A, the hub says B: the hub's answer is what is loaded
     assert ident["model_revision"] == REV_B
     assert ident["model_hash"] == sha256(hub["models"][REV_B] / "model.safetensors")
-    assert asked == [(REPO, backbone.HUB_PROBE_TIMEOUT)] and fetched == [(REPO, REV_B, backbone.HUB_FILES)]
+    assert asked == [(REPO, identity.HUB_PROBE_TIMEOUT)] and fetched == [(REPO, REV_B, identity.HUB_FILES)]
 
     from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -312,6 +312,6 @@ def test_a_reachable_hub_pins_the_revision_it_answers(hub, monkeypatch, caplog):
         raise RepositoryNotFoundError("404", response=http.Response(404, request=http.Request("GET", "http://x")))
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", refused)
-    caplog.set_level(logging.INFO, logger="clip_heads.backbone")
+    caplog.set_level(logging.INFO, logger="clip_heads.identity")
     assert model_identity(REPO)["model_revision"] == REV_A  # the cached copy, and one line saying why
     assert any("answered 404" in r.getMessage() and "cached copy" in r.getMessage() for r in caplog.records)
