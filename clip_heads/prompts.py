@@ -23,13 +23,17 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .datasets import EMOTION6_CLASSES, EMOTION6_DISTRIBUTION, FI_CLASSES
-from .store import PromptSet, add_prompt_sets, open_store, validate_prompt_set_name
+from .kinds import is_emotion_data
+from .store import PromptSet, open_store, validate_prompt_set_name
 
 logger = logging.getLogger(__name__)
 
-EMOTION_DEFAULTS = ("bp-emotion", "bp-emotion-variants", "clip-e")
-OBJECT_DEFAULTS = ("bp-photo", "clip-cifar100")
-EMOTION_FORMATS = ("emotion6", "fi", "webemo", "emoset", "artphoto", "abstract", "twitter1", "emotionroi")
+__all__ = ["EMOTION_DEFAULTS", "OBJECT_DEFAULTS", "LABEL_SETS", "list_template_sets", "parse_templates", "load_templates",
+           "load_classes", "load_synonyms", "class_phrase", "build_texts", "encode_prompt_set", "default_template_sets",
+           "add_prompts"]
+
+EMOTION_DEFAULTS = ("bp-emotion", "bp-emotion-variants", "clip-e")  # the first is B&P's emotion caption
+OBJECT_DEFAULTS = ("bp-photo", "clip-cifar100")  # the first is B&P's CIFAR-100 caption
 
 # Built-in label sets, for querying a store with classes other than its own (text-side heads).
 LABEL_SETS: dict[str, list[str]] = {
@@ -128,8 +132,11 @@ def encode_prompt_set(backbone, templates: str, classes: Sequence[str], synonyms
     return PromptSet(name or set_name, list(classes), tpls, texts, embeds, tid, cid, attrs)
 
 
-def default_template_sets(source_format: str) -> tuple[str, ...]:
-    return EMOTION_DEFAULTS if source_format in EMOTION_FORMATS else OBJECT_DEFAULTS
+def default_template_sets(source_format: str, classes: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The template sets for a dataset of this format (and these classes): the emotion sets for
+    emotion data (:func:`clip_heads.kinds.is_emotion_data`), the photo sets otherwise. The first
+    is Bondielli & Passaro's caption for that kind, the fine-tune's default."""
+    return EMOTION_DEFAULTS if is_emotion_data(source_format, classes) else OBJECT_DEFAULTS
 
 
 def add_prompts(
@@ -158,7 +165,9 @@ def add_prompts(
 
 
 def _add_prompts(store_path, templates, classes, synonyms, name, device, overwrite, progress) -> list[str]:
-    from .backbone import Backbone, check_identity, resolve_model
+    from .backbone import Backbone
+    from .identity import check_identity, resolve_model
+    from .writer import add_prompt_sets
 
     with open_store(store_path) as s:
         recorded, existing = s.attrs, s.prompt_sets()
