@@ -2,11 +2,12 @@
 
 :func:`ablate_prompts` is ``clip-heads ablate-prompts STORE``; :func:`ablate` is its core on
 arrays in memory, every template of every prompt set scored in one matmul per chunk of rows.
+The class vectors are the zero-shot kernel's (:mod:`clip_heads.zeroshot`), so an ablation row
+is exactly what ``clip-heads zero-shot`` with that template (or set) measures.
 """
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,19 +15,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clip_heads.evaluate import PathLike, Report, prompt_columns, run_zero_shot
-from clip_heads.metrics import confusion_matrices, json_default, metrics_from_confusion
-from clip_heads.results import results_dir, write_section
-from clip_heads.store import PromptSet, l2_normalize, open_store
+from clip_heads import zeroshot
+from clip_heads.evaluate import run_zero_shot
+from clip_heads.metrics import confusion_matrices, metrics_from_confusion
+from clip_heads.results import METRICS, REPORT, PathLike, Report, results_dir, write_json, write_section
+from clip_heads.store import PromptSet, open_store
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["ablate", "ablate_prompts"]
 
 
 def ablate(X: np.ndarray, y: np.ndarray, classes: Sequence[str], prompt_sets: Sequence[PromptSet],
            chunk: int | None = None) -> list[dict[str, Any]]:
     """Zero-shot accuracy, macro- and weighted-F1 of each template alone and of each set's ensemble.
 
-    All per-template class vectors are stacked into one ``(dim, M * C)`` matrix, scored in one
+    All per-template class vectors (:func:`clip_heads.zeroshot.template_vectors`) and each set's
+    ensemble (:func:`clip_heads.zeroshot.class_vectors`) are stacked into one ``(dim, M * C)`` matrix, scored in one
     matmul per chunk of rows (``chunk`` rows; by default as many as keep the score block near
     64 MB), and metrics come from the stacked confusion matrices
     (:func:`metrics.metrics_from_confusion`). Rows are ranked by accuracy, then macro-F1.
@@ -34,28 +39,22 @@ def ablate(X: np.ndarray, y: np.ndarray, classes: Sequence[str], prompt_sets: Se
     C = len(classes)
     blocks, meta = [], []
     for ps in prompt_sets:
-        cols = prompt_columns(ps, classes)
-        E = l2_normalize(ps.embeds).astype(np.float64)
-        T, Cp = len(ps.templates), len(ps.classes)
-        sums = np.zeros((T, Cp, E.shape[1]))
-        np.add.at(sums, (ps.template_id, ps.class_id), E)
-        counts = np.bincount(ps.template_id * Cp + ps.class_id, minlength=T * Cp).reshape(T, Cp)
-        sums, full = sums[:, cols], (counts[:, cols] > 0).all(1)
+        per_template, full = zeroshot.template_vectors(ps, classes)
         for t in np.flatnonzero(~full):
             logger.warning("prompt set %r template %d lacks some classes; left out of the ablation", ps.name, t)
         for t in np.flatnonzero(full):
-            blocks.append(sums[t])
+            blocks.append(per_template[t])
             meta.append({"prompt_set": ps.name, "template_id": int(t), "template": ps.templates[t], "n_templates": 1})
-        blocks.append(ps.class_vectors()[cols])
+        blocks.append(zeroshot.class_vectors(ps, classes=classes))
         meta.append({"prompt_set": ps.name, "template_id": None,
                      "template": f"(ensemble of {len(ps.templates)} templates)", "n_templates": len(ps.templates)})
-    W = l2_normalize(np.stack(blocks)).reshape(-1, X.shape[1]).T.astype(np.float32)  # (D, M*C)
+    W = np.stack(blocks).reshape(-1, X.shape[1]).T.astype(np.float32)  # (D, M*C), unit columns
     M = len(blocks)
     y = np.asarray(y, np.int64)
     chunk = chunk or max(64, 2**24 // (M * C))
     cm = np.zeros((M, C, C), np.int64)
     for i in range(0, len(X), chunk):
-        S = l2_normalize(X[i:i + chunk]) @ W
+        S = zeroshot.cosine(X[i:i + chunk], W.T)
         cm += confusion_matrices(y[i:i + chunk], S.reshape(len(S), M, C).argmax(-1), C)
     m = metrics_from_confusion(cm)
     rows = [dict(meta[j], **{k: float(v[j]) for k, v in m.items()}) for j in range(M)]
@@ -86,7 +85,7 @@ def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = Non
     usable, skipped = [], []
     for ps in sets:
         try:
-            prompt_columns(ps, classes)
+            zeroshot.prompt_columns(ps, classes)
             usable.append(ps)
         except ValueError as e:
             if prompt_sets:
@@ -100,7 +99,7 @@ def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = Non
     # The rank-1 prompt scored in full, so the folder has the per-class files of every results folder.
     top = rows[0]
     best = run_zero_shot(path, prompt_set=top["prompt_set"],
-                         templates=None if top["template_id"] is None else [top["template_id"]])
+                         template_ids=None if top["template_id"] is None else [top["template_id"]])
     w = max(len("Template"), *(len(r["template"]) for r in rows))
     ws = max(len("Prompt set"), *(len(r["prompt_set"]) for r in rows))
     lines = [f"Prompt ablation, zero-shot on {path.name} ({len(y)} images, {len(classes)} classes), ranked by accuracy",
@@ -124,8 +123,8 @@ def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = Non
     if out is not None:
         with results_dir(out, run, overwrite) as stage:
             write_section(stage, metrics["rank1"], best.text, best.predictions)
-            (stage / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
-            (stage / "report.txt").write_text(text)
+            write_json(stage / METRICS, metrics)
+            (stage / REPORT).write_text(text)
             fields = ["rank", "prompt_set", "template_id", "template", "n_templates", "accuracy", "macro_f1",
                       "weighted_f1", "macro_precision", "macro_recall", "weighted_precision", "weighted_recall"]
             with open(stage / "ablation.csv", "w", newline="") as f:

@@ -1,26 +1,34 @@
-"""Results folders: one layout for every evaluation command, and a record of the data measured.
+"""Results: one layout for every command's folder, one result type, and a record of the data measured.
 
-Every command that scores something writes its output folder through this module, so the
-layout is the same everywhere (README, "Evaluation")::
+Every command writes its output folder through this module, so the layout is the same
+everywhere (README, "Evaluation")::
 
     OUT/report.txt            what the command printed
-    OUT/metrics.json          every number; ``info.run`` says what was evaluated, ``info.data``
-                              on which data (store, split, number of images, fingerprint)
+    OUT/metrics.json          every number; ``info.run`` says what was run, ``info.data`` on
+                              which data (store or source, split, number of images, fingerprint)
     OUT/per_class.csv         \
-    OUT/confusion_matrix.csv   > of the evaluation the folder holds
+    OUT/confusion_matrix.csv   > of the evaluation the folder holds, if it holds one
     OUT/predictions.csv       /  (key, label, prediction[, fold])
 
-``zero-shot`` and ``evaluate`` hold one evaluation; ``ablate-prompts`` adds ``ablation.csv``
-and its three CSVs are those of the rank-1 prompt; ``train-head`` keeps the head
-(``config.json``, ``model.safetensors``) and one sub-folder per evaluation, each in this
-layout (``cv/`` with ``folds.csv``, ``eval/`` or ``train/``); ``demo`` and ``reproduce``
-have ``report.txt`` and ``metrics.json`` at the top and one sub-folder per step.
+``zero-shot``, ``evaluate`` and ``finetune --cv`` hold one evaluation (the CV's predictions are
+out of fold, with ``folds.csv`` beside them); ``ablate-prompts`` adds ``ablation.csv`` and its
+three CSVs are those of the rank-1 prompt; ``train-head`` keeps the head (``config.json``,
+``model.safetensors``) and one sub-folder per evaluation, each in this layout (``cv/`` with
+``folds.csv``, ``eval/`` or ``train/``); ``demo``, ``reproduce`` and ``generalisation`` have
+``report.txt`` and ``metrics.json`` at the top and their steps below; ``finetune`` and
+``wise-ft`` write them beside the model they save.
 
-A folder is built beside its destination and swapped in whole (:func:`clip_heads.fsutil.staged_dir`),
-so an interrupted run leaves the previous results as they were. A folder already holding the
-results of a *different* run (another store, prompt set, template choice or label map) is not
-replaced unless asked (``overwrite=True``, ``--overwrite``); rerunning the same evaluation
-replaces its own results.
+An evaluation folder is built beside its destination and swapped in whole
+(:func:`results_dir`, :func:`clip_heads.fsutil.staged_dir`), so an interrupted run leaves the
+previous results as they were. A folder already holding the results of a *different* run
+(another store, prompt set, template choice or label map) is not replaced unless asked
+(``overwrite=True``, ``--overwrite``); rerunning the same evaluation replaces its own results.
+A folder that also holds a run's resumable work (fine-tune folds, a WiSE-FT curve's caches, a
+model) is not swapped: :func:`results_files` replaces its result files one by one, each
+atomically, ``metrics.json`` last; that command checks its own folder before writing.
+
+Every evaluation command returns a :class:`Report` (``text``, ``metrics``, ``out_dir``); it
+reads like the ``metrics`` mapping it wrote.
 """
 from __future__ import annotations
 
@@ -30,17 +38,78 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-from clip_heads.metrics import json_default, write_report
+from clip_heads.tables import json_default, write_report
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["PathLike", "REPORT", "METRICS", "PREDICTIONS", "Report", "store_fingerprint", "data_record", "source_record",
+           "describe_data", "previous_run", "check_target", "results_dir", "results_files", "write_section",
+           "write_summary", "write_json", "slug", "default_out_dir"]
+
 PathLike = Union[str, "os.PathLike[str]"]
 REPORT, METRICS, PREDICTIONS = "report.txt", "metrics.json", "predictions.csv"
+
+
+# ---------------------------------------------------------------------------------------
+# What a command returns
+# ---------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Report(MappingABC):
+    """What an evaluation command returns: ``text`` is what it prints, ``metrics`` what
+    metrics.json holds, ``predictions`` the columns of predictions.csv (``key, label,
+    prediction``), ``out_dir`` where it wrote. Reads as the mapping ``metrics``
+    (``report["accuracy"]``), so callers of the dicts some commands returned before still work.
+    """
+
+    kind: str
+    text: str
+    metrics: dict[str, Any]
+    out_dir: Path | None = None
+    cv: Any = None  # clip_heads.crossval.CVResult of train-head --cv
+    predictions: dict[str, list] | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metrics[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+    @property
+    def rows(self) -> list[dict]:
+        """The ranked rows of an ablation or a WiSE-FT curve (empty for other reports)."""
+        return list(self.metrics.get("rows", []))
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers: accuracy, macro-/weighted-F1 (``*_std`` too for CV) per section."""
+        def head(r: dict) -> dict[str, float]:
+            return {"accuracy": r["accuracy"], "macro_f1": r["macro"]["f1"], "weighted_f1": r["weighted"]["f1"]}
+
+        def cv(r: dict) -> dict[str, float]:
+            return dict(head(r["mean"]), **{f"{k}_std": v for k, v in head(r["std"]).items()})
+
+        m = self.metrics
+        if self.kind == "ablation":
+            return dict(m["rows"][0]) if m.get("rows") else {}
+        if self.kind == "train":
+            out: dict[str, Any] = {"cv": cv(m["cv"])} if "cv" in m else {}
+            return dict(out, **{sec: head(m[sec]) for sec in ("eval", "train") if sec in m})
+        if "mean" in m and "std" in m:
+            return cv(m)
+        return head(m) if "accuracy" in m else {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,10 +170,20 @@ def data_record(store: PathLike, split: str | None = None) -> dict[str, Any]:
     return record
 
 
+def source_record(src: Any, positions: Sequence[int] | None = None) -> dict[str, Any]:
+    """What a result measured on a dataset read straight from its images (a fine-tune's
+    zero-shot folds): root, format, split, images used of those there, classes, fingerprint."""
+    options = dict(getattr(src, "options", None) or {})
+    return {"source_root": str(src.root), "source_format": src.format, "split": options.get("split"),
+            "n_images": int(len(src) if positions is None else len(positions)), "source_images": int(len(src)),
+            "n_classes": len(src.classes), "fingerprint": src.fingerprint()}
+
+
 def describe_data(record: Mapping[str, Any]) -> str:
     """One line: ``N images (split S) of STORE, fingerprint abcdef123456``."""
     split = f", split {record['split']}" if record.get("split") else ""
-    return (f"{record['n_images']} images{split} of {Path(str(record['store'])).name}, "
+    where = record.get("store") or record.get("source_root")
+    return (f"{record['n_images']} images{split} of {Path(str(where)).name}, "
             f"fingerprint {str(record['fingerprint'])[:12]}")
 
 
@@ -168,6 +247,33 @@ def results_dir(out: PathLike, run: Mapping[str, Any], overwrite: bool = False,
         yield stage
 
 
+@contextlib.contextmanager
+def results_files(out: PathLike) -> Iterator[Path]:
+    """Write result files into ``out``, a folder that also holds a run's resumable work.
+
+    The block writes into a staging folder inside ``out`` (as with :func:`results_dir`); when it
+    ends without an error, each file is moved over its namesake in ``out`` atomically and
+    durably, ``metrics.json`` last, and nothing else in ``out`` is touched. On an error ``out``
+    keeps its previous files. The caller has checked that ``out`` is its own run's folder.
+    """
+    from clip_heads.fsutil import durable_replace, temp_sibling
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = temp_sibling(out / "results", "staging")
+    stage.mkdir()
+    try:
+        yield stage
+        files = sorted(p for p in stage.iterdir())
+        folders = [p.name for p in files if not p.is_file()]
+        if folders:
+            raise ValueError(f"results_files writes files only; {folders} are folders")
+        for p in sorted(files, key=lambda p: p.name == METRICS):  # metrics.json last: it marks them complete
+            durable_replace(p, out / p.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def write_section(out: PathLike, report: dict, text: str,
                   predictions: Mapping[str, Sequence[Any]] | None = None) -> Path:
     """One evaluation in the layout: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``,
@@ -188,8 +294,15 @@ def write_summary(out: PathLike, metrics: dict, text: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT).write_text(text)
-    (out / METRICS).write_text(json.dumps(metrics, indent=2, default=json_default))
+    write_json(out / METRICS, metrics)
     return out
+
+
+def write_json(path: PathLike, data: Any) -> Path:
+    """``data`` as indented JSON (numpy values and paths as plain JSON)."""
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, default=json_default))
+    return path
 
 
 def slug(value: Any, limit: int = 40) -> str:

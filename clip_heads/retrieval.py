@@ -9,25 +9,34 @@ from typing import Any, Callable
 
 import numpy as np
 
-from clip_heads.evaluate import PathLike, resolve_templates
-from clip_heads.metrics import json_default
-from clip_heads.store import l2_normalize, open_store
+from clip_heads import zeroshot
+from clip_heads.fsutil import atomic_write_text
+from clip_heads.images import BadImage
+from clip_heads.results import PathLike
+from clip_heads.store import open_store
+from clip_heads.tables import json_default
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["top_k_images"]
 
-def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None, templates: Any = None,
-                 out_dir: PathLike | None = None, thumb: int = 96) -> dict[str, list[tuple[str, float]]]:
+
+def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None, template_ids: Any = None,
+                 out_dir: PathLike | None = None, thumb: int = 96, *,
+                 templates: Any = None) -> dict[str, list[tuple[str, float]]]:
     """The ``k`` images most similar (cosine) to each class prompt: ``{class: [(key, score), ...]}``.
 
-    Classes are the prompt set's; within a class, best first (ties by store order). With
-    ``out_dir``, writes ``top_k.json`` and, when the images can be found again from the store's
-    recorded source, ``top_k.png`` (one row per class, its name at the left).
+    Classes are the prompt set's (its ``template_ids``, default all: the ensemble; ``templates``
+    is their older name); within a class, best first (ties by store order). The score is the
+    cosine, which every scoring rule ranks by. With ``out_dir``, writes ``top_k.json`` and,
+    when the images can be found again from the store's recorded source, ``top_k.png`` (one
+    row per class, its name at the left).
     """
+    template_ids = zeroshot.template_ids_argument(template_ids, templates, "top_k_images")
     with open_store(store_path) as s:
         X, keys, source = s.embeddings(), s.keys, s.attrs.get("source") or {}
         ps = s.prompt_set(prompt_set)
-    S = l2_normalize(X) @ ps.class_vectors(resolve_templates(ps, templates)).T
+    S = zeroshot.cosine(X, zeroshot.class_vectors(ps, zeroshot.resolve_template_ids(ps, template_ids)))
     k = max(1, min(int(k), len(keys)))
     result = {}
     for c, name in enumerate(ps.classes):
@@ -39,30 +48,30 @@ def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         doc = {"prompt_set": ps.name, "k": k, "top_k": result}
-        (out / "top_k.json").write_text(json.dumps(doc, indent=2, default=json_default))
+        atomic_write_text(out / "top_k.json", json.dumps(doc, indent=2, default=json_default))
         _write_grid(result, source, out / "top_k.png", thumb)
     return result
 
 
 def _image_loader(source: dict) -> Callable[[str], Any] | None:
     """key -> PIL image, by reopening the recorded source, else as a file under its root."""
-    from PIL import Image
+    from clip_heads.datasets import open_source
+    from clip_heads.images import open_rgb
 
     root = source.get("root")
     if not root or not os.path.exists(root):
         return None
     try:
-        from clip_heads.datasets import open_source
-
         src = open_source(root, format=source.get("format", "auto"), **(source.get("options") or {}))
+    except (ValueError, OSError, TypeError) as e:  # an arrays-only store, a moved dataset...: fall back to root/key
+        logger.debug("reopening source %s failed (%s); looking for files under it", root, e)
+    else:
         pos = {key: i for i, key in enumerate(src.keys)}
         return lambda key: src.load(pos[key]) if key in pos else None
-    except Exception as e:  # an arrays-only store, a moved dataset...: fall back to root/key
-        logger.debug("reopening source %s failed (%s); looking for files under it", root, e)
 
     def load(key: str):
         p = Path(root) / key
-        return Image.open(p).convert("RGB") if p.is_file() else None
+        return open_rgb(p) if p.is_file() else None
 
     return load
 
@@ -76,7 +85,7 @@ def _write_grid(result: dict[str, list[tuple[str, float]]], source: dict, path: 
         for key in {key for row in result.values() for key, _ in row}:
             try:
                 images[key] = load(key)
-            except Exception as e:
+            except (BadImage, OSError, ValueError) as e:  # a grid tile drawn grey, not a failed retrieval
                 logger.debug("cannot read %s: %s", key, e)
     found = sum(v is not None for v in images.values())
     if not found:

@@ -11,7 +11,7 @@ from clip_heads.ablation import ablate_prompts
 from clip_heads.crossval import cross_validate, read_folds, stratified_folds
 from clip_heads.evaluate import evaluate_head, run_zero_shot, train_head
 from clip_heads.label_maps import align_labels, list_label_maps, load_label_map
-from clip_heads.metrics import read_confusion_csv
+from clip_heads.tables import read_confusion_csv
 from clip_heads.store import PromptSet, write_store
 
 ABCD = ["a", "b", "c", "d"]

@@ -9,13 +9,11 @@ from sklearn import metrics as skm
 from clip_heads.metrics import (
     classification_report,
     confusion_matrices,
-    format_table,
     metrics_from_confusion,
-    read_confusion_csv,
     soft_label_report,
     summarize_folds,
-    write_report,
 )
+from clip_heads.tables import format_table, read_confusion_csv, write_report
 
 CLASSES = ["amusement", "anger", "awe", "contentment", "disgust"]
 
