@@ -22,7 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .backbone import DEFAULT_MODEL
+from .catalog import DEFAULT_MODEL
+from .results import Report
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def download(url: str, dest: str | os.PathLike, md5: str, progress: bool = True,
     """
     from tqdm.auto import tqdm
 
+    from .fsutil import durable_replace
+
     dest = Path(dest)
     if dest.exists():
         if md5_of(dest) == md5:
@@ -68,7 +71,7 @@ def download(url: str, dest: str | os.PathLike, md5: str, progress: bool = True,
     if got != md5:
         part.unlink(missing_ok=True)
         raise ValueError(f"checksum mismatch for {url}: MD5 {got}, expected {md5}; the download was discarded")
-    os.replace(part, dest)
+    durable_replace(part, dest)
     return dest
 
 
@@ -117,8 +120,9 @@ def run_demo(
     url: str = CIFAR100_URL,
     md5: str = CIFAR100_MD5,
     progress: bool = True,
-) -> dict:
-    """Run the demo; returns the summary also written to ``out_dir/metrics.json``.
+) -> Report:
+    """Run the demo; returns a :class:`~clip_heads.results.Report` whose ``metrics`` are the
+    summary also written to ``out_dir/metrics.json``.
 
     ``source`` must look like CIFAR-100 (100 classes; see :func:`demo_source` for the layouts
     understood); anything else is refused before encoding. The summary's ``data`` records what
@@ -128,8 +132,7 @@ def run_demo(
     from .datasets import open_source
     from .encode import encode
     from .evaluate import run_zero_shot, train_head
-    from .fsutil import atomic_write_text
-    from .results import data_record
+    from .results import METRICS, REPORT, data_record, results_files, write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,10 +176,13 @@ def run_demo(
         sections.append(f"== {head} head, stratified {cv}-fold CV ==\n" + rep.text)
     summary["headline"] = _headline(summary, cv)
     report = "\n\n".join(sections)
-    atomic_write_text(out / "report.txt", report + "\n")
     summary["report"] = report
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
-    return summary
+    run = {"command": "demo", "source": str(source), "model": model, "limit": limit, "cv": cv, "seed": seed}
+    summary["info"] = {"run": run, "data": data}
+    with results_files(out) as stage:
+        (stage / REPORT).write_text(report + "\n")
+        write_json(stage / METRICS, json.loads(json.dumps(summary, default=str)))
+    return Report("demo", report, summary, out)
 
 
 def _data_text(data: dict) -> str:

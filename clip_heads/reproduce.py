@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .backbone import DEFAULT_MODEL
+from .catalog import DEFAULT_MODEL
+from .results import Report
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def reproduce(
     workers: int | None = None,
     finetune_options: dict[str, Any] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Report:
     """Run B&P's experiments (and the heads) and write ``out_dir/tables.md`` + ``metrics.json``.
 
     Parameters
@@ -120,15 +121,15 @@ def reproduce(
 
     Every step writes into its own folder and is skipped on a rerun when complete (stores,
     fine-tune folds and WiSE-FT blends resume), so an interrupted reproduction continues.
-    ``metrics.json`` (``data``) and the top of ``tables.md`` state what was measured: per
-    dataset the split, number of images and store fingerprint; a CIFAR-100 split smaller than
-    the official one is flagged, so a sample cannot pass for the paper's data. ``report.txt``
-    holds the same text as ``tables.md``.
+    ``metrics.json`` (``data``, and ``info.run`` / ``info.data`` as every results folder) and the
+    top of ``tables.md`` state what was measured: per dataset the split, number of images and
+    store fingerprint; a CIFAR-100 split smaller than the official one is flagged, so a sample
+    cannot pass for the paper's data. ``report.txt`` holds the same text as ``tables.md``.
+    Returns a :class:`~clip_heads.results.Report` whose ``metrics`` are what metrics.json holds.
     """
     from .encode import encode
     from .evaluate import run_zero_shot, train_head
-    from .fsutil import atomic_write_text
-    from .results import data_record
+    from .results import METRICS, REPORT, data_record, results_files, write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,14 +163,15 @@ def reproduce(
             results["heads"][f"{name}/{head}"] = {"mean": rep.metrics["cv"]["mean"], "std": rep.metrics["cv"]["std"]}
 
     if finetune:
-        from .finetune import cross_validate_finetune
+        from .finetune_cv import cross_validate_finetune
         from .wise_ft import generalisation
 
         ft = dict(finetune_options or {}, device=device, workers=workers, progress=progress)
         results["finetune_cv"] = {
-            "fi": cross_validate_finetune(str(fi), out / "finetune" / "fi-cv", model, cv=cv, seed=seed, format="fi", **ft),
+            "fi": cross_validate_finetune(str(fi), out / "finetune" / "fi-cv", model, cv=cv, seed=seed, format="fi",
+                                          **ft).metrics,
             "cifar100": cross_validate_finetune(str(cifar), out / "finetune" / "cifar100-cv", model, cv=cv, seed=seed,
-                                                format="cifar100", source_options=cifar_opts, **ft),
+                                                format="cifar100", source_options=cifar_opts, **ft).metrics,
         }
         gen = {
             "emotion-clip-on-cifar100": generalisation(str(fi), str(cifar), out / "table5" / "emotion-clip-on-cifar100", model,
@@ -182,11 +184,14 @@ def reproduce(
         results["table5"] = {k: {"rows": v["rows"], "finetuned_b": v["reports"][f"{1.0:.2f}"]["b"]} for k, v in gen.items()}
 
     text = tables_markdown(results)
-    atomic_write_text(out / "tables.md", text)
-    atomic_write_text(out / "report.txt", text)
-    atomic_write_text(out / "metrics.json", json.dumps(results, indent=2, default=str))
-    results["text"] = text
-    return results
+    run = {"command": "reproduce", "fi": str(fi), "cifar": str(cifar), "model": model, "cv": cv, "seed": seed,
+           "heads": list(heads), "finetune": finetune, "alphas": list(alphas), "cifar_split": cifar_split}
+    results = dict(results, info={"run": run, "data": results["data"]}, text=text)
+    with results_files(out) as stage:
+        (stage / "tables.md").write_text(text)
+        (stage / REPORT).write_text(text)
+        write_json(stage / METRICS, json.loads(json.dumps(results, default=str)))
+    return Report("reproduce", text, results, out)
 
 
 def _data_notes(data: dict[str, Any]) -> list[str]:

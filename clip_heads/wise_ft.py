@@ -3,7 +3,11 @@
 * :func:`interpolate` / :func:`interpolate_sweep` write WiSE-FT weight-space ensembles
   ``(1 - alpha) * zero-shot + alpha * fine-tuned`` (Wortsman et al., CVPR 2022).
 * :func:`generalisation` runs B&P's Table 5 along the WiSE-FT curve: fine-tune on A (with
-  :mod:`clip_heads.finetune`), then zero-shot on held-out A and on B for every alpha.
+  :mod:`clip_heads.finetune`), then zero-shot on held-out A and on B for every alpha
+  (:mod:`clip_heads.finetune_eval`).
+
+Both write ``report.txt`` and ``metrics.json`` (:mod:`clip_heads.results`): a blend beside its
+model, a sweep at the top of its folder, the generalisation table at the top of its folder.
 """
 from __future__ import annotations
 
@@ -15,17 +19,21 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .backbone import DEFAULT_MODEL, ModelFiles, Preprocess, load_clip, resolve_device, resolve_model
+from .backbone import Preprocess, load_clip, resolve_device
+from .catalog import DEFAULT_MODEL
 from .encode import default_workers
-from .finetune import (PathLike, as_source, default_caption_templates, finetune_loaded, model_lineage,
-                       resolve_finetune_options, zero_shot_report)
+from .finetune import finetune_loaded, model_lineage
+from .finetune_config import FinetuneConfig, PathLike, as_source, default_caption_templates
+from .finetune_eval import zero_shot_report
 from .fsutil import atomic_write_text, exclusive_lock, staged_dir
+from .identity import ModelFiles, resolve_model
 from .prompts import load_templates
+from .results import METRICS, REPORT, Report, results_files, source_record, write_json
 from .source import Source
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["interpolate", "interpolate_sweep", "generalisation"]
+__all__ = ["interpolate", "interpolate_sweep", "generalisation", "check_alpha"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -35,7 +43,7 @@ __all__ = ["interpolate", "interpolate_sweep", "generalisation"]
 _VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_commit_hash"}
 
 
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1] (0 = zero-shot, 1 = fine-tuned); got {alpha!r}")
     return float(alpha)
@@ -108,8 +116,7 @@ def _check_replaceable(out: Path) -> None:
 class _Pair:
     """A zero-shot and a fine-tuned CLIP, checked to be interpolable; ``model`` carries the blend."""
 
-    def __init__(self, zero_shot: str | ModelFiles, finetuned: str | ModelFiles,
-                 device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, zero_shot: str | ModelFiles, finetuned: str | ModelFiles, device: torch.device | str = "cpu") -> None:
         zs = load_clip(zero_shot, device, dtype=torch.float32)
         ft = load_clip(finetuned, device, dtype=torch.float32)
         _check_compatible(zs.model, ft.model, zs.files.model_id, ft.files.model_id)
@@ -133,12 +140,27 @@ class _Pair:
     def save(self, alpha: float, out_dir: PathLike) -> Path:
         """Write the blend as a model folder, built aside and swapped in whole."""
         out = Path(out_dir)
+        record = self.record(alpha)
         with staged_dir(out) as tmp:
             self.blend(alpha).save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
-            (tmp / "wise_ft.json").write_text(json.dumps(self.record(alpha)))
+            (tmp / "wise_ft.json").write_text(json.dumps(record))
+            (tmp / REPORT).write_text(_blend_text(record) + "\n")
+            write_json(tmp / METRICS, {"info": {"run": self.run([alpha])}, "kind": "wise-ft", **record})
         return out
+
+    def run(self, alphas: Sequence[float]) -> dict:
+        """The ``info.run`` record of a WiSE-FT command."""
+        return {"command": "wise-ft", "zero_shot": self.zero_shot.model_id, "finetuned": self.finetuned.model_id,
+                "alphas": list(alphas)}
+
+
+def _blend_text(record: dict) -> str:
+    zs, ft = record["zero_shot"], record["finetuned"]
+    return (f"WiSE-FT blend (1 - {record['alpha']:g}) * {zs['model_id']} + {record['alpha']:g} * {ft['model_id']}\n"
+            f"  zero-shot endpoint  {zs['model_hash']}  (revision {zs['model_revision']})\n"
+            f"  fine-tuned endpoint {ft['model_hash']}  (revision {ft['model_revision']})")
 
 
 def interpolate(zero_shot_dir: str, finetuned_dir: str, alpha: float, out_dir: PathLike) -> Path:
@@ -150,15 +172,26 @@ def interpolate(zero_shot_dir: str, finetuned_dir: str, alpha: float, out_dir: P
     an input. The tokenizer and image processor come from ``finetuned_dir``. Returns ``out_dir``,
     loadable like a hub id; its ``wise_ft.json`` records both endpoints.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     return _write_blends(zero_shot_dir, finetuned_dir, [alpha], Path(out_dir), [Path(out_dir)])[0]
 
 
 def interpolate_sweep(zero_shot_dir: str, finetuned_dir: str, alphas: Sequence[float], out_root: PathLike) -> list[Path]:
     """:func:`interpolate` for each alpha into ``out_root/alpha-0.50/`` etc.; both models are loaded once."""
-    alphas = [_check_alpha(a) for a in alphas]
+    alphas = [check_alpha(a) for a in alphas]
     root = Path(out_root)
     return _write_blends(zero_shot_dir, finetuned_dir, alphas, root, [root / f"alpha-{a:.2f}" for a in alphas])
+
+
+def _check_sweep_root(root: Path) -> None:
+    # A sweep writes report.txt and metrics.json at the top of its folder: never over someone else's.
+    try:
+        kind = json.loads((root / METRICS).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None if (root / METRICS).exists() or (root / REPORT).exists() else "wise-ft"
+    if kind != "wise-ft":
+        raise ValueError(f"--out {root} holds a {REPORT} or {METRICS} that a WiSE-FT sweep did not write; writing "
+                         "the sweep would replace it: choose a new folder")
 
 
 def _write_blends(zero_shot: str, finetuned: str, alphas: Sequence[float], root: Path, outs: Sequence[Path]) -> list[Path]:
@@ -166,21 +199,31 @@ def _write_blends(zero_shot: str, finetuned: str, alphas: Sequence[float], root:
     _check_out(root, [zs, ft])
     for out in outs:
         _check_replaceable(out)
+    if outs != [root]:
+        _check_sweep_root(root)
     with exclusive_lock(root, "clip-heads wise-ft"):
         pair = _Pair(zs, ft)
-        return [pair.save(a, out) for a, out in zip(alphas, outs)]
+        written = [pair.save(a, out) for a, out in zip(alphas, outs)]
+        if outs != [root]:  # a sweep: what its folder holds, at its top
+            with results_files(root) as stage:
+                lines = [f"WiSE-FT sweep of {zs.model_id} (alpha 0) and {ft.model_id} (alpha 1):"]
+                lines += [f"  alpha {a:.2f}: {p}" for a, p in zip(alphas, written)]
+                (stage / REPORT).write_text("\n".join(lines) + "\n")
+                write_json(stage / METRICS, {"info": {"run": pair.run(alphas)}, "kind": "wise-ft",
+                                             "blends": {f"{a:.2f}": str(p) for a, p in zip(alphas, written)}})
+        return written
 
 
 # ---------------------------------------------------------------------------------------
 # Generalisation: B&P Table 5 along the WiSE-FT curve
 # ---------------------------------------------------------------------------------------
 def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out_dir: PathLike,
-                   model: str = DEFAULT_MODEL, *,
+                   model: str = DEFAULT_MODEL, config: FinetuneConfig | None = None, *,
                    alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), holdout: int | None = 10, seed: int = 0,
                    finetuned: str | None = None, a_format: str = "auto", b_format: str = "auto",
                    a_options: dict | None = None, b_options: dict | None = None, a_templates: str | None = None,
                    b_templates: str | None = None, save_models: bool = False, eval_batch_size: int = 64,
-                   **finetune_options: Any) -> dict:
+                   progress: bool = True, **options: Any) -> Report:
     """Fine-tune on A, then zero-shot held-out A and all of B with every WiSE-FT blend.
 
     Parameters
@@ -191,23 +234,26 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         and the rest trains (fold 0 of the CV run with ``cv=holdout``). ``None`` trains on all
         of A, as B&P did for Table 5, and leaves the A columns empty.
     finetuned : an existing fine-tuned model to use instead of training one (it must not have
-        seen A-test); otherwise it is trained into ``out_dir/finetuned`` with ``finetune_options``.
+        seen A-test); otherwise it is trained into ``out_dir/finetuned`` with ``config`` and
+        ``options`` (:class:`~clip_heads.finetune_config.FinetuneConfig`; ``a_templates`` are
+        its captions, ``seed`` its seed).
     alphas : WiSE-FT mixing weights; 0 is the zero-shot model, 1 the fine-tuned one.
 
-    Writes ``generalisation.json`` (rows, reports, settings), ``generalisation.csv`` and
-    ``generalisation.txt`` (the table), and ``alpha-X.XX.json`` per alpha (reused by a rerun);
-    with ``save_models``, every blend as ``alpha-X.XX/`` model directory. Returns
-    ``{"rows": [...], "text": table, "reports": {...}}``.
+    Writes ``report.txt`` (the table) and ``metrics.json`` (``info``, settings, rows, reports),
+    ``generalisation.json``, ``generalisation.csv`` and ``generalisation.txt`` (as before), and
+    ``alpha-X.XX.json`` per alpha (reused by a rerun); with ``save_models``, every blend as
+    ``alpha-X.XX/`` model directory. Returns a :class:`~clip_heads.results.Report` whose
+    ``metrics`` hold ``settings``, ``rows``, ``reports`` and ``text``.
     """
     from .crossval import stratified_folds
 
-    alphas = [_check_alpha(a) for a in alphas]
+    alphas = [check_alpha(a) for a in alphas]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src_a, src_b = as_source(a_source, a_format, a_options), as_source(b_source, b_format, b_options)
-    opts = resolve_finetune_options(dict(finetune_options, seed=seed, templates=a_templates))
-    dev = resolve_device(opts["device"])
-    workers = default_workers(dev) if opts["workers"] is None else opts["workers"]
+    config = FinetuneConfig.from_options(options, base=config).replace(seed=seed, templates=a_templates)
+    dev = resolve_device(config.device)
+    workers = default_workers(dev) if config.workers is None else config.workers
     if holdout:
         folds = stratified_folds(src_a.labels, holdout, seed)
         train_a, test_a = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
@@ -215,7 +261,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         train_a, test_a = np.arange(len(src_a)), None
     if finetuned is None:
         finetuned = str(out / "finetuned")
-        finetune_loaded(src_a, finetuned, model, **dict(opts, train_indices=train_a))
+        finetune_loaded(src_a, finetuned, model, config, train_indices=train_a, progress=progress)
     _, tpl_a = load_templates(a_templates or default_caption_templates(src_a))
     _, tpl_b = load_templates(b_templates or default_caption_templates(src_b))
     pair = _Pair(model, finetuned, dev)
@@ -229,7 +275,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         found = json.loads(cache.read_text()) if cache.is_file() else None
         if found is None or found["settings"] != settings:
             clip = pair.blend(alpha)
-            args = (dev, opts["precision"], eval_batch_size, workers, opts["progress"])
+            args = (dev, config.precision, eval_batch_size, workers, progress)
             a = zero_shot_report(clip, pair.tokenizer, preprocess, src_a, test_a, tpl_a, *args) if test_a is not None else None
             b = zero_shot_report(clip, pair.tokenizer, preprocess, src_b, np.arange(len(src_b)), tpl_b, *args)
             found = {"settings": settings, "alpha": alpha, "a": a, "b": b}
@@ -247,12 +293,18 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         logger.info("alpha %.2f: %s", alpha, row)
     text = _table(rows, _name(src_a), _name(src_b), holdout)
     result = {"settings": settings, "rows": rows, "text": text, "reports": reports}
-    atomic_write_text(out / "generalisation.json", json.dumps(result, indent=1))
+    run = {"command": "generalisation", "a": str(src_a.root), "b": str(src_b.root), "model": str(model),
+           "finetuned": str(finetuned), "alphas": alphas, "holdout": holdout, "seed": seed}
+    data = {"a": source_record(src_a, test_a), "b": source_record(src_b)}
     cols = list(rows[0])
     lines = [",".join(cols)] + [",".join("" if r[c] is None else f"{r[c]:.6g}" for c in cols) for r in rows]
-    atomic_write_text(out / "generalisation.csv", "\n".join(lines) + "\n")
-    atomic_write_text(out / "generalisation.txt", text + "\n")
-    return result
+    with results_files(out) as stage:
+        (stage / "generalisation.json").write_text(json.dumps(result, indent=1))
+        (stage / "generalisation.csv").write_text("\n".join(lines) + "\n")
+        (stage / "generalisation.txt").write_text(text + "\n")
+        (stage / REPORT).write_text(text + "\n")
+        write_json(stage / METRICS, dict(result, info={"run": run, "data": data}, kind="generalisation"))
+    return Report("generalisation", text, dict(result, info={"run": run, "data": data}), out)
 
 
 def _name(src: Source) -> str:

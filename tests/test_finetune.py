@@ -25,7 +25,9 @@ from clip_heads.backbone import model_identity
 from clip_heads.datasets import open_source
 from clip_heads.encode import encode
 from clip_heads.crossval import stratified_folds
-from clip_heads.finetune import _CaptionLoss, contrastive_loss, cross_validate_finetune, evaluate_zero_shot, finetune
+from clip_heads.finetune import _CaptionLoss, contrastive_loss, finetune
+from clip_heads.finetune_cv import cross_validate_finetune
+from clip_heads.finetune_eval import evaluate_zero_shot
 from clip_heads.store import open_store
 from clip_heads.wise_ft import generalisation, interpolate, interpolate_sweep
 from conftest import build_tiny_clip

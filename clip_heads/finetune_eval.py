@@ -1,0 +1,88 @@
+"""Zero-shot a loaded CLIP on images straight from a source: how fine-tunes are scored.
+
+The rule is ``clip-heads zero-shot``'s on a store that ``model`` encoded, through the same
+kernel (:mod:`clip_heads.zeroshot`): each class's caption templates are encoded and ensembled
+into one unit vector, and each image gets the class of highest cosine. Used by the fine-tune's
+k-fold protocol (:mod:`clip_heads.finetune_cv`) and the WiSE-FT curve (:mod:`clip_heads.wise_ft`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import zeroshot
+from .backbone import Preprocess, as_embeddings, autocast_for, load_clip, resolve_device
+from .encode import default_workers
+from .finetune_config import PathLike, as_source, default_caption_templates
+from .loading import DecodedBatches
+from .prompts import build_texts, load_templates
+from .source import Source
+
+__all__ = ["caption_vectors", "zero_shot_report", "evaluate_zero_shot"]
+
+
+@torch.inference_mode()
+def caption_vectors(clip: Any, tokenizer: Any, templates: Sequence[str], classes: Sequence[str],
+                    device: torch.device, precision: str) -> torch.Tensor:
+    """Unit class vectors ``(C, dim)``: every template x class caption through the text tower,
+    ensembled per class by the kernel (:func:`clip_heads.zeroshot.ensemble`)."""
+    texts, _, cid = build_texts(templates, classes)
+    tok = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with autocast_for(device, precision):
+        E = as_embeddings(clip.get_text_features(input_ids=tok["input_ids"].to(device),
+                                                 attention_mask=tok["attention_mask"].to(device))).float()
+    return zeroshot.ensemble(E, cid, len(classes), list(classes), "the captions")
+
+
+@torch.inference_mode()
+def zero_shot_report(clip: Any, tokenizer: Any, preprocess: Preprocess, src: Source, positions: np.ndarray,
+                     templates: Sequence[str], device: torch.device, precision: str, batch_size: int, workers: int,
+                     progress: bool = False) -> dict:
+    """Zero-shot a loaded CLIP on ``positions`` of ``src`` (see :func:`evaluate_zero_shot`)."""
+    from tqdm.auto import tqdm
+
+    from .metrics import classification_report
+
+    clip.eval()
+    V = caption_vectors(clip, tokenizer, templates, src.classes, device, precision)
+    loader = DataLoader(DecodedBatches(src, np.asarray(positions), batch_size, preprocess), batch_size=None,
+                        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    good, preds, skipped = [], [], {}
+    for item in tqdm(loader, unit="batch", desc=f"zero-shot {Path(src.root).name}", disable=not progress):
+        for i, reason in item["bad"]:
+            skipped[src.keys[i]] = reason
+        if item["good"]:
+            with autocast_for(device, precision):
+                img = as_embeddings(clip.get_image_features(pixel_values=item["pixels"].to(device))).float()
+            preds.append(zeroshot.predict(img, V).cpu())
+            good += item["good"]
+    if not good:
+        raise ValueError(f"no readable image among the {len(positions)} to evaluate in {src.root}")
+    y_pred = torch.cat(preds).numpy()
+    report = classification_report(src.labels[good], y_pred, src.classes)
+    report.update(templates=list(templates), skipped=skipped, positions=[int(i) for i in good], y_pred=y_pred.tolist())
+    return report
+
+
+def evaluate_zero_shot(model: str, source: PathLike | Source, *, format: str = "auto", source_options: dict | None = None,
+                       indices: Sequence[int] | None = None, templates: str | None = None, batch_size: int = 64,
+                       workers: int | None = None, device: str = "auto", precision: str = "auto") -> dict:
+    """Zero-shot classification of ``source`` (or its ``indices``) by cosine to the class captions.
+
+    ``templates`` is a caption template *set* (name or file; default per data kind, as the
+    fine-tune's). The same rule as ``clip-heads zero-shot`` on a store encoded with ``model``;
+    here images go straight through the model. Returns a
+    :func:`clip_heads.metrics.classification_report` plus ``templates``, ``skipped``
+    ({key: reason}), ``positions`` and ``y_pred``.
+    """
+    src = as_source(source, format, source_options)
+    dev = resolve_device(device)
+    loaded = load_clip(model, dev, dtype=torch.float32)
+    positions = np.arange(len(src)) if indices is None else np.asarray(indices, np.int64)
+    _, tpls = load_templates(templates or default_caption_templates(src))
+    return zero_shot_report(loaded.model, loaded.tokenizer, Preprocess.from_processor(loaded.processor), src, positions,
+                            tpls, dev, precision, batch_size, default_workers(dev) if workers is None else workers)
