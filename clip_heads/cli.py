@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .backbone import DEFAULT_MODEL, PRECISIONS
+from .catalog import DEFAULT_MODEL, PRECISIONS
 
 logger = logging.getLogger("clip_heads")
 
@@ -259,7 +259,7 @@ def verify(store):
 
 
 def _heads() -> list[str]:
-    from .heads import list_heads
+    from .catalog import list_heads
 
     return [h for h in list_heads() if h != "zero-shot"]
 
@@ -459,7 +459,8 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
     """
     from pathlib import Path
 
-    from .finetune import cross_validate_finetune, finetune as run
+    from .finetune import finetune as run
+    from .finetune_cv import cross_validate_finetune
 
     opts = dict(format=fmt, source_options=_source_options(fmt, split, label_level, allow_outside_root), templates=templates, epochs=epochs,
                 batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, warmup=warmup,
