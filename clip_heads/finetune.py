@@ -395,7 +395,7 @@ def _write_report(out: Path, src: Source, plan: FinetunePlan, result: FinetuneRe
              "loss per epoch: " + ", ".join("-" if v is None else f"{v:.4f}" for v in losses),
              f"skipped images: {len(result.skipped)}",
              f"encode with: clip-heads encode SOURCE --model {out}"]
-    metrics = {"info": info, "kind": "finetune", "status": result.status, "steps": result.steps,
+    metrics = {"info": info, "kind": "finetune", "status": result.status, "n_steps": result.steps,
                "n_train": result.n_train, "identity": log["identity"], "epochs": log["epochs"],
                "skipped": result.skipped}
     with results_files(out) as stage:

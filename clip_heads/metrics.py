@@ -13,6 +13,7 @@ confusion matrix.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ from sklearn.metrics import (
 )
 
 __all__ = ["AVERAGES", "PRF", "classification_report", "confusion_matrices", "metrics_from_confusion",
-           "soft_label_report", "defined_in_fold", "summarize_folds", "is_cv_report"]
+           "soft_label_report", "defined_in_fold", "summarize_folds", "is_cv_report", "json_default"]
 
 AVERAGES = ("macro", "weighted")
 PRF = ("precision", "recall", "f1")
@@ -267,3 +268,12 @@ def summarize_folds(fold_reports: Sequence[dict], pooled: dict | None = None) ->
 def is_cv_report(report: dict) -> bool:
     """Whether ``report`` is a CV report (:func:`summarize_folds`) rather than a single one."""
     return report.get("kind") == "cv"
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps`` fallback: numpy values and paths as plain JSON."""
+    if isinstance(o, (np.ndarray, np.generic)):
+        return o.tolist()
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")

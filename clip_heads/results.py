@@ -46,7 +46,8 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-from clip_heads.tables import json_default, write_report
+from clip_heads.metrics import json_default
+from clip_heads.tables import write_report
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import numpy as np
 from clip_heads import zeroshot
 from clip_heads.fsutil import atomic_write_text
 from clip_heads.images import BadImage
+from clip_heads.metrics import json_default
 from clip_heads.results import PathLike
 from clip_heads.store import open_store
-from clip_heads.tables import json_default
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from clip_heads.metrics import PRF, is_cv_report
+from clip_heads.metrics import PRF, is_cv_report, json_default
 
-__all__ = ["format_table", "format_soft_labels", "write_report", "json_default", "read_confusion_csv"]
+__all__ = ["format_table", "format_soft_labels", "write_report", "read_confusion_csv"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,15 +144,6 @@ def write_report(report: dict, out_dir: str | os.PathLike, title: str = "", digi
                 w.writerow([c, *row])
     (out / "report.txt").write_text(text if text is not None else format_table(report, title, digits))
     return out
-
-
-def json_default(o: Any) -> Any:
-    """``json.dumps`` fallback: numpy values and paths as plain JSON."""
-    if isinstance(o, (np.ndarray, np.generic)):
-        return o.tolist()
-    if isinstance(o, os.PathLike):
-        return os.fspath(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def read_confusion_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
