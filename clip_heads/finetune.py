@@ -44,8 +44,8 @@ from . import zeroshot
 from .backbone import Preprocess, as_embeddings, load_clip, resolve_device
 from .catalog import DEFAULT_MODEL, PRECISIONS
 from .encode import default_workers
-from .finetune_config import FinetuneConfig, FinetuneIdentity, FinetunePlan, PathLike, as_source, plan_finetune
-from .fsutil import atomic_write_text, exclusive_lock, staged_dir
+from .finetune_config import FinetuneConfig, FinetuneIdentity, FinetunePlan, as_source, plan_finetune
+from .fsutil import PathLike, atomic_write_text, exclusive_lock, staged_dir
 from .heads.contrastive import multi_positive_clip_loss
 from .identity import ModelFiles
 from .loading import DecodedBatches

@@ -19,11 +19,12 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .catalog import PRECISIONS
+from .fsutil import PathLike
 from .identity import ModelFiles, check_identity, resolve_model
 from .kinds import is_emotion_data
 from .prompts import default_template_sets, load_templates
@@ -32,7 +33,6 @@ from .source import Source
 __all__ = ["EMOTION_EPOCHS", "OTHER_EPOCHS", "REMEDY", "FinetuneConfig", "FinetuneIdentity", "FinetunePlan",
            "plan_finetune", "as_source", "default_caption_templates", "default_epochs"]
 
-PathLike = Union[str, "os.PathLike[str]"]
 EMOTION_EPOCHS, OTHER_EPOCHS = 3, 1  # B&P: Emotion-CLIP 3 epochs, CIFAR100-CLIP 1
 REMEDY = "use another out dir, or overwrite=True (--overwrite) to start over"
 

@@ -25,9 +25,9 @@ from .catalog import DEFAULT_MODEL
 from .crossval import stratified_folds, write_folds
 from .encode import default_workers
 from .finetune import TRAIN_LOG, finetune_loaded
-from .finetune_config import FinetuneConfig, PathLike, as_source, plan_finetune
+from .finetune_config import FinetuneConfig, as_source, plan_finetune
 from .finetune_eval import zero_shot_report
-from .fsutil import exclusive_lock
+from .fsutil import PathLike, exclusive_lock
 from .identity import ModelFiles, resolve_model
 from .metrics import classification_report, summarize_folds
 from .results import METRICS, REPORT, Report, results_files, source_record, write_json, write_section

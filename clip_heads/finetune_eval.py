@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from . import zeroshot
 from .backbone import Preprocess, as_embeddings, autocast_for, load_clip, resolve_device
 from .encode import default_workers
-from .finetune_config import PathLike, as_source, default_caption_templates
+from .finetune_config import as_source, default_caption_templates
+from .fsutil import PathLike
 from .loading import DecodedBatches
 from .prompts import build_texts, load_templates
 from .source import Source

@@ -23,9 +23,9 @@ from .backbone import Preprocess, load_clip, resolve_device
 from .catalog import DEFAULT_MODEL
 from .encode import default_workers
 from .finetune import finetune_loaded, model_lineage
-from .finetune_config import FinetuneConfig, PathLike, as_source, default_caption_templates
+from .finetune_config import FinetuneConfig, as_source, default_caption_templates
 from .finetune_eval import zero_shot_report
-from .fsutil import atomic_write_text, exclusive_lock, staged_dir
+from .fsutil import PathLike, atomic_write_text, exclusive_lock, staged_dir
 from .identity import ModelFiles, resolve_model
 from .prompts import load_templates
 from .results import METRICS, REPORT, Report, results_files, source_record, write_json

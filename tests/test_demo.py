@@ -96,6 +96,7 @@ def test_demo_downloads_verifies_and_reports(tiny_clip, tmp_path, server):
     assert data["fingerprint"] == store_fingerprint(summary["store"]) and data["n_classes"] == 100
     assert any("64 test images, a part of CIFAR-100's 10,000" in n for n in data["notes"])
     assert "48 of 64 images (a seeded sample, seed 0)" in res.output and data["fingerprint"][:12] in res.output
+    assert summary["info"]["run"]["command"] == "demo" and summary["info"]["data"] == data
     # Visibly different colours: the heads' 3-fold CV must be far above chance (0.25), even
     # with 32 training images a fold.
     assert summary["linear_cv3"]["cv"]["accuracy"] >= 0.8

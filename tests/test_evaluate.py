@@ -105,9 +105,15 @@ def test_zero_shot_planted_prompts_and_bad_template_ranks_last(tmp_path):
     path, X, y, means = blob_store(tmp_path / "s.h5")
     rep = run_zero_shot(path, out_dir=tmp_path / "zs")
     assert rep.metrics["accuracy"] > 0.9
-    alone = run_zero_shot(path, templates="0")
+    alone = run_zero_shot(path, template_ids="0")
     assert alone.metrics["accuracy"] > 0.9 and alone.metrics["info"]["templates"] == ["a photo of {}."]
-    assert run_zero_shot(path, templates=["a bad {} template"]).metrics["accuracy"] < 0.1
+    assert run_zero_shot(path, template_ids=["a bad {} template"]).metrics["accuracy"] < 0.1
+    # The older keyword still works, with a warning, and means the same.
+    with pytest.warns(DeprecationWarning, match="template_ids"):
+        old = run_zero_shot(path, templates="0")
+    assert old.metrics["confusion_matrix"] == alone.metrics["confusion_matrix"]
+    with pytest.raises(TypeError, match="template_ids only"):
+        run_zero_shot(path, template_ids="0", templates="0")
     abl = ablate_prompts(path, out_dir=tmp_path / "abl")
     rows = abl.rows
     assert abl.summary()["rank"] == 1 and abl.summary()["accuracy"] == max(r["accuracy"] for r in rows)
@@ -137,7 +143,7 @@ def test_zero_shot_matches_prompts_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"no prompt for store classes \['c'\]"):
         run_zero_shot(tmp_path / "t.h5")
     with pytest.raises(ValueError, match="has no template '7'.*0: a photo of"):
-        run_zero_shot(tmp_path / "t.h5", templates="7")
+        run_zero_shot(tmp_path / "t.h5", template_ids="7")
     # Prompts of another label set, met through a label map: classes a, b -> "low"; c -> "high".
     write_store(tmp_path / "u.h5", X, (y == 2).astype(int), ["low", "high"], prompt_sets=[ps])
     lm = {"from": {"A": "low", "B": "low", "C": "high", "other": "low"}}
@@ -446,7 +452,7 @@ def test_every_evaluation_writes_one_layout_and_refuses_to_replace_another_run(t
     assert {"report.txt", "metrics.json", "config.json", "model.safetensors", "cv"} <= {p.name for p in (tmp_path / "head").iterdir()}
     # The ablation's per-class files are those of its rank-1 prompt, scored in full.
     top = abl.rows[0]
-    best = run_zero_shot(A, templates=None if top["template_id"] is None else [top["template_id"]])
+    best = run_zero_shot(A, template_ids=None if top["template_id"] is None else [top["template_id"]])
     assert json.loads((tmp_path / "abl" / "metrics.json").read_text())["rank1"]["accuracy"] == best.metrics["accuracy"] == top["accuracy"]
     assert read_confusion_csv(tmp_path / "abl" / "confusion_matrix.csv")[1].tolist() == best.metrics["confusion_matrix"]
     # Each records what was run and on which data.
@@ -470,7 +476,7 @@ def test_every_evaluation_writes_one_layout_and_refuses_to_replace_another_run(t
     evaluate_head(tmp_path / "head", A, out_dir=tmp_path / "ev", label_map=lm, overwrite=True)
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["info"]["run"]["label_map"] == "<dict>"
     with pytest.raises(FileExistsError, match="holds the results of another run"):
-        run_zero_shot(A, templates="0", out_dir=tmp_path / "zs")
+        run_zero_shot(A, template_ids="0", out_dir=tmp_path / "zs")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="files that are not results"):

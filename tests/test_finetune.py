@@ -272,7 +272,22 @@ def test_cross_validation_uses_the_heads_folds_and_the_original_weights(tuned, t
     accs = [r["accuracy"] for r in summary["folds"]]
     assert summary["k"] == 3 and summary["mean"]["accuracy"] == pytest.approx(np.mean(accs))
     assert summary["std"]["accuracy"] == pytest.approx(np.std(accs))
-    assert json.loads((tmp_path / "cv" / "metrics.json").read_text())["kind"] == "cv"
+    written = json.loads((tmp_path / "cv" / "metrics.json").read_text())
+    assert written["kind"] == "cv" and written["info"]["run"]["command"] == "finetune --cv"
+    assert written["info"]["data"]["fingerprint"] == src.fingerprint() and written["info"]["run"]["config"]["epochs"] == 1
+    # One evaluation in the results layout: the out-of-fold predictions, each image once, by its fold.
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "cv" / "predictions.csv")))
+    broken = src.keys.index("red/zz_broken.png")
+    assert [r["key"] for r in rows] == [k for i, k in enumerate(src.keys) if i != broken]
+    assert [int(r["fold"]) for r in rows] == [int(folds[src.keys.index(r["key"])]) + 1 for r in rows]
+    assert sum(r["label"] == r["prediction"] for r in rows) / len(rows) == pytest.approx(summary["pooled"]["accuracy"])
+    assert (tmp_path / "cv" / "report.txt").read_text() == summary.text
+    for name in ("per_class.csv", "confusion_matrix.csv", "folds.csv"):
+        assert (tmp_path / "cv" / name).is_file()
+    fold0 = json.loads((tmp_path / "cv" / "fold-00" / "metrics.json").read_text())
+    assert fold0["accuracy"] == accs[0] and "Fold 1 of 3" in (tmp_path / "cv" / "fold-00" / "report.txt").read_text()
 
 
 # -- WiSE-FT ---------------------------------------------------------------------------------
@@ -280,6 +295,9 @@ def test_interpolation_endpoints_are_exact_and_midpoint_is_the_mean(tuned, tiny_
     zs, ft = weights(tiny_clip), weights(tuned["out"])
     dirs = interpolate_sweep(tiny_clip, str(tuned["out"]), [0.0, 1.0], tmp_path / "sweep")
     a0, a1 = weights(dirs[0]), weights(dirs[1])
+    sweep = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
+    assert sweep["kind"] == "wise-ft" and sweep["blends"] == {"0.00": str(dirs[0]), "1.00": str(dirs[1])}
+    assert json.loads((dirs[1] / "metrics.json").read_text())["alpha"] == 1.0 and (dirs[1] / "report.txt").is_file()
     assert all(torch.equal(a0[k], zs[k]) for k in zs) and all(torch.equal(a1[k], ft[k]) for k in ft)
     mid = weights(interpolate(tiny_clip, str(tuned["out"]), 0.5, tmp_path / "mid"))
     for k in zs:
@@ -309,12 +327,18 @@ def test_generalisation_table_along_the_wise_ft_curve(tuned, tiny_clip, tmp_path
     # alpha 0 is the zero-shot model and alpha 1 the fine-tuned one, on the same held-out fold.
     assert rows[0]["a_accuracy"] == pytest.approx(tuned["before"]["accuracy"])
     assert rows[-1]["a_accuracy"] == pytest.approx(tuned["after"]["accuracy"])
-    assert rows[0]["b_accuracy"] == pytest.approx(
-        evaluate_zero_shot(tiny_clip, b, templates="bp-photo", workers=0)["accuracy"])
-    assert all(0 <= r["b_macro_f1"] <= 1 for r in rows)
+    zs_b = evaluate_zero_shot(tiny_clip, b, templates="bp-photo", workers=0)
+    ft_b = evaluate_zero_shot(str(tuned["out"]), b, templates="bp-photo", workers=0)
+    assert rows[0]["b_accuracy"] == pytest.approx(zs_b["accuracy"])
+    assert (rows[0]["b_macro_f1"], rows[-1]["b_macro_f1"]) == pytest.approx((zs_b["macro"]["f1"], ft_b["macro"]["f1"]))
     csv = (tmp_path / "gen" / "generalisation.csv").read_text().splitlines()
     assert csv[0].startswith("alpha,a_accuracy,a_macro_f1") and len(csv) == 4
     assert "alpha" in result["text"] and (tmp_path / "gen" / "alpha-0.50.json").is_file()
+    # The results layout on top: report.txt is the table, metrics.json says what was run on what.
+    assert (tmp_path / "gen" / "report.txt").read_text() == result.text + "\n"
+    written = json.loads((tmp_path / "gen" / "metrics.json").read_text())
+    assert written["info"]["run"]["command"] == "generalisation" and written["rows"] == rows
+    assert written["info"]["data"]["a"]["n_images"] == len(tuned["test"]) and written["info"]["data"]["b"]["n_images"] == 12
     with pytest.raises(ValueError, match="alpha"):
         generalisation(tuned["src"], b, tmp_path / "gen", tiny_clip, alphas=[2.0], finetuned=str(tuned["out"]))
 

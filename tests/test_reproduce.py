@@ -65,7 +65,13 @@ def test_reproduce_writes_every_table(tiny_clip, tmp_path, finetune, one_thread)
     assert "**Measured on:**" in text and f"fingerprint `{data['fi']['fingerprint'][:12]}`" in text
     assert "32 images, not the official 60,000" in text
     assert "Table 1: zero-shot (CIFAR-100: 32 images; FI: 48 images)" in text
+    # The results layout's record on top, as in every command's folder.
+    assert results["info"]["run"]["command"] == "reproduce" and results["info"]["data"] == data
+    assert results["info"]["run"]["finetune"] == finetune and results["text"] == text
     if finetune:
         rows = results["table5"]["emotion-clip-on-cifar100"]["rows"]
         assert [r["alpha"] for r in rows] == [0.0, 1.0]
-        assert len(results["finetune_cv"]["fi"]["folds"]) == 2
+        cv = results["finetune_cv"]["fi"]
+        assert len(cv["folds"]) == 2 and cv["info"]["run"]["command"] == "finetune --cv"
+        assert cv["mean"]["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in cv["folds"]]))
+        assert f"| accuracy | {cv['mean']['accuracy']:.2f} | 0.67 |" in text
