@@ -66,3 +66,31 @@ def test_top_k_grid_finds_emotion6_images_through_the_source(tmp_path):
 
     grid = np.asarray(Image.open(tmp_path / "top_k.png").convert("L"), float)
     assert grid.shape[0] == 2 * 100 + 4 and grid[10:90, -90:].std() > 5  # a real photo, not a grey tile
+
+
+def test_top_k_grid_draws_an_unreadable_image_grey_but_a_bug_is_not_swallowed(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import clip_heads.retrieval as retrieval
+
+    root = tmp_path / "images"
+    keys = ["a/0.png", "a/1.png", "b/0.png", "b/1.png"]
+    for key in keys:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (10, 200, 10)).save(root / key)
+    (root / "a" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # a decode error: drawn grey
+    X = np.eye(4, 4)[[0, 0, 1, 1]] + 0.01 * np.arange(4)[:, None]
+    ps = PromptSet("p", ["a", "b"], ["{}"], ["a", "b"], np.eye(4)[:2].astype(np.float32), np.zeros(2, int), np.arange(2))
+    write_store(tmp_path / "s.h5", X, None, keys=keys, prompt_sets=[ps], source={"format": "folder", "root": str(root)})
+    top_k_images(tmp_path / "s.h5", k=2, out_dir=tmp_path / "out")
+    grid = Image.open(tmp_path / "out" / "top_k.png").convert("RGB")
+    label_w = grid.width - 2 * (96 + 4)
+    tiles = [grid.getpixel((label_w + j * 100 + 48, 4 + 48)) for j in range(2)]  # row "a": its two images
+    assert sorted(tiles) == sorted([(10, 200, 10), (211, 211, 211)])  # one green, the broken one light grey
+
+    def bug(source):
+        return lambda key: (_ for _ in ()).throw(RuntimeError("a bug in the loader"))
+
+    monkeypatch.setattr(retrieval, "_image_loader", bug)
+    with pytest.raises(RuntimeError, match="a bug in the loader"):
+        top_k_images(tmp_path / "s.h5", k=2, out_dir=tmp_path / "out-bug")
