@@ -65,7 +65,8 @@ def zero_shot_report(clip: Any, tokenizer: Any, preprocess: Preprocess, src: Sou
         raise ValueError(f"no readable image among the {len(positions)} to evaluate in {src.root}")
     y_pred = torch.cat(preds).numpy()
     report = classification_report(src.labels[good], y_pred, src.classes)
-    report.update(templates=list(templates), skipped=skipped, positions=[int(i) for i in good], y_pred=y_pred.tolist())
+    report.update(templates=list(templates), skipped=skipped, positions=[int(i) for i in good], y_pred=y_pred.tolist(),
+                  scoring=zeroshot.ScoringRule.from_model(clip).to_dict())  # the model's own scale, as it stands
     return report
 
 
