@@ -244,9 +244,13 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir):
 def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_set, params, seed):
     """Train HEAD on the cached vectors of STORE and save it to --out."""
     from .evaluate import train_head
+    from .heads import ParameterError
 
-    rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
-                     head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
+    try:
+        rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
+                         head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
+    except ParameterError as e:  # a --param value: bad usage, exit 2
+        raise click.BadParameter(str(e), param_hint="--param") from None
     click.echo(rep.text)
     click.echo(f"head and reports written to {out_dir}")
 

@@ -18,7 +18,6 @@ saves the folds per key.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import os
@@ -259,17 +258,18 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, templates
 
 def _head_factory(head_cls: type, params: dict | None, seed: int, prompts: PromptSet | None,
                   classes: list[str]) -> Callable[[], Any]:
+    from clip_heads.heads import make_head
+
     params = dict(params or {})
-    sig = inspect.signature(head_cls.__init__).parameters
-    if "random_state" in sig:
-        params.setdefault("random_state", seed)
-    if "prompt_embeds" in sig and params.get("prompt_embeds") is None:
+    make_head(head_cls.name, params)  # a bad parameter fails now, before any fold is trained
+    params.setdefault("random_state", seed)  # every head takes one
+    if head_cls.uses_prompts and params.get("prompt_embeds") is None:
         if prompts is None:
             raise ValueError(f"head {getattr(head_cls, 'name', head_cls.__name__)!r} needs class prompts, "
                              f"but the store has no prompt set (add one with `clip-heads prompts`)")
         V = prompts.class_vectors()[prompt_columns(prompts, classes)]
         params["prompt_embeds"] = {c: v for c, v in zip(classes, V)}  # by name: no row-order ambiguity
-    return lambda: head_cls(**params)
+    return lambda: make_head(head_cls.name, params)
 
 
 def _predict(head: Any, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -287,7 +287,7 @@ def _score_head(head: Any, d: _Data, label_map: LabelMapSpec | None, desc: str) 
     the store's own prompts for a text-side head (one with ``with_prompts``)."""
     head_names = {norm(c) for c in head.classes_}
     native = None
-    if label_map is None and not all(norm(c) in head_names for c in d.classes) and hasattr(head, "with_prompts"):
+    if label_map is None and not all(norm(c) in head_names for c in d.classes) and head.can_requery:
         native = _prompts(d)
         V = native.class_vectors()[prompt_columns(native, d.classes)]
         head = head.with_prompts({c: v for c, v in zip(d.classes, V)}, classes=d.classes)
