@@ -89,11 +89,11 @@ def main() -> None:
     rows = {"mlp head (defaults)": [], "sklearn MLPClassifier(early_stopping=True): validation plateau": [],
             "sklearn MLPClassifier(): its default, all data until the training loss plateaus": []}
     for seed in range(args.seeds):
-        head, t = timed(lambda: MLPHead(hidden=args.hidden, random_state=seed).fit(Xtr, ytr))
+        head, t = timed(lambda s=seed: MLPHead(hidden=args.hidden, random_state=s).fit(Xtr, ytr))
         rows["mlp head (defaults)"].append((head.predict(Xte), t, f"{head.n_epochs_} epochs, {head.stop_reason_}"))
         for (label, kw) in zip(list(rows)[1:], ({"early_stopping": True}, {})):
             if kw or seed == 0:  # sklearn's default rule is slow: one seed
-                ref, t = timed(lambda: MLPClassifier(hidden_layer_sizes=(args.hidden,), random_state=seed, **kw)
+                ref, t = timed(lambda s=seed, kw=kw: MLPClassifier(hidden_layer_sizes=(args.hidden,), random_state=s, **kw)
                                .fit(unit(Xtr), ytr))
                 rows[label].append((ref.predict(unit(Xte)), t, f"{ref.n_iter_} epochs"))
     t_ours = np.mean([t for _, t, _ in rows["mlp head (defaults)"]])
@@ -120,7 +120,7 @@ def main() -> None:
     prompts = unit(means)
     for name, make in (("contrastive", lambda: ContrastiveHead(prompt_embeds=prompts, hidden=args.hidden)),
                        ("tip-adapter", lambda: TipAdapterHead(prompt_embeds=prompts))):
-        head, t = timed(lambda: make().fit(Xtr, ytr))
+        head, t = timed(lambda make=make: make().fit(Xtr, ytr))
         extra = f", {head.n_epochs_} epochs (stopped: {head.stop_reason_})" if name == "contrastive" else ""
         print(f"{name} fit: {t:.2f} s{extra}; {quality(head.predict(Xte))}")
 

@@ -100,3 +100,27 @@ def test_capabilities_are_declared():
     assert {n for n, h in HEADS.items() if h.can_requery} == {"zero-shot", "contrastive"}
     assert all(hasattr(h, "with_prompts") == h.can_requery for h in HEADS.values())
     assert ZeroShotHead.can_requery and not TipAdapterHead.can_requery
+
+
+@pytest.mark.parametrize("param, needle", [
+    ("epochs=0", "'epochs' parameter of MLPHead must be an int in the range [1, inf). Got 0 instead."),
+    ("hidden=0", "'hidden' parameter of MLPHead must be an int in the range [1, inf). Got 0 instead."),
+    ("patience=-1", "'patience' parameter of MLPHead must be an int in the range [1, inf) or None. Got -1"),
+    ("hiddn=256", "the 'mlp' head has no parameter 'hiddn' (did you mean 'hidden'?); its parameters are"),
+    ("epochs=one", "'epochs' parameter of MLPHead must be an int in the range [1, inf). Got 'one' instead."),
+])
+def test_train_head_refuses_a_bad_param_with_one_line_and_exit_2(param, needle, tmp_path):
+    from click.testing import CliRunner
+
+    from clip_heads.cli import main
+    from clip_heads.store import write_store
+
+    rng = np.random.default_rng(0)
+    write_store(tmp_path / "s.h5", rng.normal(size=(40, 8)), np.arange(40) % 2, ["a", "b"], model_id="m",
+                model_hash="sha256:0")
+    res = CliRunner().invoke(main, ["train-head", "mlp", str(tmp_path / "s.h5"), "--out", str(tmp_path / "h"),
+                                    "--param", param])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and needle in errors[0], res.output
+    assert not (tmp_path / "h" / "config.json").exists()  # refused before any work
