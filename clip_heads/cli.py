@@ -5,6 +5,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -38,7 +39,17 @@ def friendly(fn):
             raise
         except KeyboardInterrupt:
             click.echo(INTERRUPTED, err=True)
-            sys.exit(130)
+            # Not sys.exit: a Ctrl-C that landed inside C-level code (an extension running
+            # Python source while torch imports, say) leaves CPython's "unhandled interrupt"
+            # flag set, and the interpreter would then end itself by SIGINT instead of 130.
+            # Everything of ours was closed by the finally blocks the interrupt went through.
+            from .interrupts import running_as_cli
+
+            if not running_as_cli():  # click's test runner, or a program calling main() itself
+                sys.exit(130)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         except LockedError as e:
             raise click.ClickException(str(e)) from None
         except _USER_ERRORS as e:
@@ -325,9 +336,13 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite
 def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_set, params, seed):
     """Train HEAD on the cached vectors of STORE and save it to --out."""
     from .evaluate import train_head
+    from .heads import ParameterError
 
-    rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
-                     head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
+    try:
+        rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
+                         head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
+    except ParameterError as e:  # a --param value: bad usage, exit 2
+        raise click.BadParameter(str(e), param_hint="--param") from None
     click.echo(rep.text)
     click.echo(f"head and reports written to {out_dir}")
 

@@ -21,7 +21,6 @@ labelled resubstitution (optimistic), as train-head labels its own training-data
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import shutil
@@ -102,27 +101,22 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, template_
 # ---------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------
-def _uses_prompts(head_cls: type) -> bool:
-    # A head declares it (``uses_prompts = True``); heads that do not yet are asked by their signature.
-    declared = getattr(head_cls, "uses_prompts", None)
-    return bool(declared) if declared is not None else "prompt_embeds" in inspect.signature(head_cls.__init__).parameters
-
-
 def _head_factory(head_cls: type, params: dict | None, seed: int, prompts: PromptSet | None,
                   classes: list[str], scoring: zeroshot.ScoringRule) -> Callable[[], Any]:
+    from clip_heads.heads import make_head
+
     params = dict(params or {})
-    accepts = inspect.signature(head_cls.__init__).parameters
-    if "random_state" in accepts:
-        params.setdefault("random_state", seed)
-    if "logit_scale" in accepts:  # a prompt-based head scores at the store's own scale
+    make_head(head_cls.name, params)  # a bad parameter fails now, before any fold is trained
+    params.setdefault("random_state", seed)  # every head takes one
+    if "logit_scale" in head_cls().get_params():  # a prompt-based head scores at the store's own scale
         params.setdefault("logit_scale", scoring.logit_scale)
-    if _uses_prompts(head_cls) and params.get("prompt_embeds") is None:
+    if head_cls.uses_prompts and params.get("prompt_embeds") is None:
         if prompts is None:
             raise ValueError(f"head {getattr(head_cls, 'name', head_cls.__name__)!r} needs class prompts, "
                              f"but the store has no prompt set (add one with `clip-heads prompts`)")
         V = zeroshot.class_vectors(prompts, classes=classes)
         params["prompt_embeds"] = {c: v for c, v in zip(classes, V)}  # by name: no row-order ambiguity
-    return lambda: head_cls(**params)
+    return lambda: make_head(head_cls.name, params)
 
 
 def _predict(head: Any, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -140,7 +134,7 @@ def _score_head(head: Any, d: EvalData, label_map: LabelMapSpec | None, desc: st
     the store's own prompts for a text-side head (one with ``with_prompts``)."""
     head_names = {norm(c) for c in head.classes_}
     native = None
-    if label_map is None and not all(norm(c) in head_names for c in d.classes) and hasattr(head, "with_prompts"):
+    if label_map is None and not all(norm(c) in head_names for c in d.classes) and head.can_requery:
         native = require_prompts(d)
         V = zeroshot.class_vectors(native, classes=d.classes)
         head = head.with_prompts({c: v for c, v in zip(d.classes, V)}, classes=d.classes)
