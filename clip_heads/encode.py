@@ -113,7 +113,7 @@ def encode(
     devices : several devices of this machine (``"cuda:0,cuda:1"``, ``"cpu,cpu"``, ``"all"``),
         one worker process each, ending with one store.
     ray_options : for ``engine="ray"``: ``address``, ``num_gpus_per_worker``, ``decode_cpus``,
-        ``embed_workers``, ``threads`` (see :func:`clip_heads.ray_engine.ray_blocks`).
+        ``embed_workers``, ``threads`` (see :class:`clip_heads.ray_engine.RayEngine`).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")

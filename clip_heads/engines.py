@@ -14,7 +14,7 @@ the same for every engine, and a run started by one engine can be finished by an
 * :func:`device_blocks` - one worker process per device (``--devices cuda:0,cuda:1`` or
   ``cpu,cpu``), blocks dealt round robin; each worker's results come back through its own
   bounded queue, read in block order, so memory stays flat however uneven the devices are.
-* :func:`clip_heads.ray_engine.ray_blocks` - a Ray Data pipeline (``--engine ray``).
+* :class:`clip_heads.ray_engine.RayEngine` - a Ray Data pipeline (``--engine ray``).
 """
 from __future__ import annotations
 

@@ -81,19 +81,22 @@ def test_slurm_array_shards_merge_over_the_shard_files_into_one_encode(tiny_clip
     full = tmp_path / "full.h5"
     assert CliRunner().invoke(main, ["-q", "encode", *common, "--out", str(full)]).exit_code == 0
 
+    # Two tasks of one array (sbatch --array=0-1), the same command line: task 0 in a process of
+    # its own, task 1 in this one, at the same time.
     out = tmp_path / "run" / "data.h5"
     cmd = [sys.executable, "-m", "clip_heads.cli", "-q", "encode", *common, "--out", str(out), "--shard", "auto"]
-    procs = [subprocess.Popen(cmd, env=_env(SLURM_ARRAY_TASK_ID=str(i), SLURM_ARRAY_TASK_COUNT="2"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    task0 = subprocess.Popen(cmd, env=_env(SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="2"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    res = CliRunner().invoke(main, ["-q", "encode", *common, "--out", str(out), "--shard", "auto"])
+    assert res.exit_code == 0, res.output
+    assert task0.wait(timeout=300) == 0, task0.stdout.read()
     shards = [shard_path(out, i, 2) for i in range(2)]
     assert [p.name for p in shards] == ["data.shard-00000-of-00002.h5", "data.shard-00001-of-00002.h5"]
     assert all(p.is_file() and Path(f"{p}.done").is_file() for p in shards)
 
     # A rerun of the array: the finished shard lists nothing, loads nothing, writes nothing.
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     enc = sys.modules["clip_heads.encode"]  # the package's `encode` attribute is the function
 
     def no_listing(*a, **k):
@@ -283,6 +286,26 @@ def test_hostile_webdataset_members_are_refused_not_followed(tmp_path):
                          (tmp_path / "{a,missing}.tar", "missing.tar"), (big_label, "label member")):
         with pytest.raises((ValueError, FileNotFoundError), match=needle):
             open_source(str(spec), format="webdataset")
+
+
+def test_a_parquet_path_column_stays_inside_its_folder(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    jpeg = jpeg_folder(tmp_path / "imgs", n_per_class=1) / "joy" / "000.jpg"
+    (tmp_path / "table").mkdir()
+    shutil.copyfile(jpeg, tmp_path / "table" / "in.jpg")
+    pq.write_table(pa.Table.from_pylist([{"path": p} for p in ("in.jpg", "../imgs/joy/000.jpg", str(jpeg), None)]),
+                   tmp_path / "table" / "t.parquet")
+    src = open_source(str(tmp_path / "table" / "t.parquet"))
+    assert src.image_column == "path" and src.classes == [] and src.labels.tolist() == [-1] * 4
+    assert src.load(0).mode == "RGB"
+    for i in (1, 2):
+        with pytest.raises(BadImage, match="outside the source root"):
+            src.load(i)
+    with pytest.raises(BadImage, match="empty cell|no image"):
+        src.load(3)
+    assert open_source(str(tmp_path / "table" / "t.parquet"), allow_outside_root=True).load(1).mode == "RGB"
 
 
 # -- predict -------------------------------------------------------------------------------------
