@@ -121,7 +121,7 @@ class RayEngine:
                 kwargs["address"] = address
             logger.info("starting Ray%s", f" at {address}" if address else " on this machine")
             ray.init(**kwargs)
-            self.started = address is None
+            self.started = True  # ours to shut down after the run (for a cluster: to disconnect from it)
         elif address:
             logger.info("Ray is already running in this process; using it rather than %s", address)
         try:

@@ -91,7 +91,10 @@ def pattern_root(pattern: str) -> str:
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is the name up to the first dot of its file name."""
+    """webdataset's rule: the key is the name up to the first dot of its file name (a leading
+    ``./``, as ``tar cf x.tar .`` writes, is not part of it)."""
+    while name.startswith("./"):
+        name = name[2:]
     folder, base = os.path.split(name)
     if "." not in base:
         return name, ""

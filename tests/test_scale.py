@@ -73,6 +73,22 @@ def test_shard_auto_without_a_scheduler_is_a_usage_error(tiny_clip, tmp_path, mo
     assert not list(tmp_path.glob("s*.h5*"))
 
 
+def test_devices_are_named_one_kind_at_a_time():
+    import torch
+
+    from clip_heads.engines import parse_devices
+
+    assert parse_devices("cpu, cpu") == ["cpu", "cpu"] and parse_devices(None) is None
+    for text, needle in (("cpu,mps", "mps device"), ("", "names no device"), ("cuda", "index")):
+        with pytest.raises(ValueError, match=needle):
+            parse_devices(text)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            parse_devices("all")
+        with pytest.raises(ValueError, match="cuda:0 does not exist"):
+            parse_devices("cpu,cuda:0")
+
+
 # -- a Slurm array, its done-markers, and merges over the shard files --------------------------------------
 def test_slurm_array_shards_merge_over_the_shard_files_into_one_encode(tiny_clip, tmp_path, monkeypatch):
     root = jpeg_folder(tmp_path / "imgs", n_per_class=4)
