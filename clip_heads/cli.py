@@ -136,23 +136,56 @@ _ALLOW_OUTSIDE = click.option(
 @click.option("--source-option", "-O", "source_opts", multiple=True, metavar="KEY=VALUE",
               help="Any other option of the format (repeatable), e.g. -O agreement=5 (twitter1), -O ties=first (abstract), "
                    "-O attributes=false (emoset), -O image_column=img -O label_column=emotion (hf).")
-@click.option("--shard", default=None, metavar="I/N", help="Encode only slice I of N (one process per GPU or machine); join with `clip-heads merge`.")
+@click.option("--shard", default=None, metavar="I/N|auto", help="Encode only slice I of N (one process per GPU or machine); join with `clip-heads merge`. auto: this Slurm array task's or torchrun rank's shard, written to OUT-stem.shard-I-of-N.h5; finished shards are skipped on a rerun.")
+@click.option("--devices", default=None, metavar="LIST", help="One worker per device of this machine, one store: cuda:0,cuda:1,... or all (every GPU); cpu,cpu runs two CPU workers.")
+@click.option("--engine", default="local", type=click.Choice(["local", "ray"]), help="local: this machine; ray: a Ray Data pipeline (pip install 'clip-heads[ray]').")
+@click.option("--address", default=None, help="--engine ray: the Ray cluster to join (auto, or ray://HOST:10001). [default: start Ray on this machine]")
+@click.option("--num-gpus-per-worker", default=None, type=click.FloatRange(min=0), help="--engine ray: GPUs per embedding worker; 0 for CPU workers. [default: 1 when the cluster has GPUs, else 0]")
+@click.option("--embed-workers", default=None, type=click.IntRange(min=1), help="--engine ray: embedding workers. [default: as many as the GPUs allow; 1 on CPU]")
+@click.option("--decode-cpus", default=None, type=click.IntRange(min=1), help="--engine ray: decoding workers, one CPU each. [default: the CPUs left, at most 8 per embedding worker]")
 @click.option("--overwrite", is_flag=True, help="Start over, discarding an existing or unfinished store at --out.")
 @_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, overwrite, allow_outside_root):
+def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
     """Encode every image of SOURCE and its prompts with a frozen CLIP into the store --out.
 
-    An interrupted run resumes when rerun with the same arguments; a complete store is left as is.
+    An interrupted run resumes when rerun with the same arguments (with any engine); a complete
+    store is left as is.
     """
     from .encode import encode as run
 
     options = _source_options(fmt, split, label_level, allow_outside_root, source_opts)
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
             device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
-            limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"])
-    click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped)")
+            limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"],
+            devices=_parse_devices(devices, engine),
+            engine=engine, ray_options=_ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus))
+    click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped"
+               + (f"; {r.batches} batches encoded by this run" if r.status == "resumed" else "") + ")")
+
+
+def _parse_devices(text: str | None, engine: str) -> list[str] | None:
+    from .engines import parse_devices
+
+    if text is not None and engine != "local":
+        raise click.BadParameter(f"--devices places one worker per device of this machine; --engine {engine} places "
+                                 "its own workers", param_hint="--devices")
+    try:
+        return parse_devices(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--devices") from None
+
+
+def _ray_options(engine: str, address, num_gpus, embed_workers, decode_cpus) -> dict | None:
+    given = {k: v for k, v in (("address", address), ("num_gpus_per_worker", num_gpus), ("embed_workers", embed_workers),
+                               ("decode_cpus", decode_cpus)) if v is not None}
+    if engine != "ray":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise click.BadParameter(f"{flag} is an option of --engine ray", param_hint=flag)
+        return None
+    return given
 
 
 def _source_options(fmt: str, split: str | None, label_level: str | None, allow_outside_root: bool = False,
@@ -174,9 +207,17 @@ def _source_options(fmt: str, split: str | None, label_level: str | None, allow_
     return options
 
 
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
+def _parse_shard(text: str | None) -> tuple[int, int] | str | None:
     if text is None:
         return None
+    if text.strip().lower() == "auto":
+        from .sharding import auto_shard
+
+        try:
+            auto_shard()  # the scheduler's variables are there, or this is a usage error
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--shard") from None
+        return "auto"
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
@@ -186,17 +227,71 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 @main.command()
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("shards", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--copy", is_flag=True, help="Copy every vector into one self-contained file instead of a store over the shard files.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def merge(out, shards, overwrite):
-    """Join the shard stores of one `encode --shard I/N` run into the store OUT, in source order."""
+def merge(out, shards, copy, overwrite):
+    """Join the shard stores of one `encode --shard` run into the store OUT, in source order.
+
+    Without SHARDS, the ones `--shard auto` wrote for OUT (OUT-stem.shard-I-of-N.h5). By default
+    OUT reads the shards' rows in place (HDF5 virtual datasets, no vector copied): keep the
+    shards beside it, and move them together with it.
+    """
+    from .sharding import find_shards
     from .store import open_store
     from .writer import merge_stores
 
-    merge_stores(out, shards, overwrite=overwrite)
+    shards = list(shards) or [str(p) for p in find_shards(out)]
+    merge_stores(out, shards, overwrite=overwrite, copy=copy)
     with open_store(out) as s:
-        click.echo(f"merged {len(shards)} shards into {out} ({len(s)} images)")
+        how = "copied" if copy else "over the shard files, nothing copied"
+        click.echo(f"merged {len(shards)} shards into {out} ({len(s)} images; {how})")
+
+
+@main.command()
+@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Predictions file to write (.parquet).")
+@click.option("--model", "-m", default=None, help="CLIP to embed with. [default: the head's own backbone]")
+@click.option("--format", "fmt", default="auto", type=click.Choice(_formats()), help="Dataset format; auto detects the obvious ones.")
+@click.option("--top-k", default=0, type=click.IntRange(min=0), help="Also keep the top-k images per class, on the fly (OUT-stem.topK.json).")
+@click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes decoding images. [default: half the cores on GPU, none on CPU]")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", default="auto", type=click.Choice(PRECISIONS), help="auto = fp16 autocast on GPU, fp32 on CPU.")
+@click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Round vectors as the head's training store did.")
+@click.option("--no-normalize", is_flag=True, help="The head was trained on raw (not L2-normalised) vectors.")
+@click.option("--split", default=None, help="As for encode.")
+@click.option("--label-level", default=None, help="As for encode.")
+@click.option("--source-option", "-O", "source_opts", multiple=True, metavar="KEY=VALUE", help="Any other option of the format (repeatable).")
+@click.option("--devices", default=None, metavar="LIST", help="One worker per device of this machine: cuda:0,cuda:1,..., all, or cpu,cpu.")
+@click.option("--engine", default="local", type=click.Choice(["local", "ray"]), help="local: this machine; ray: a Ray Data pipeline.")
+@click.option("--address", default=None, help="--engine ray: the Ray cluster to join.")
+@click.option("--num-gpus-per-worker", default=None, type=click.FloatRange(min=0), help="--engine ray: GPUs per embedding worker.")
+@click.option("--embed-workers", default=None, type=click.IntRange(min=1), help="--engine ray: embedding workers.")
+@click.option("--decode-cpus", default=None, type=click.IntRange(min=1), help="--engine ray: decoding workers.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_ALLOW_OUTSIDE
+@click.pass_context
+@friendly
+def predict(ctx, head_dir, source, out, model, fmt, top_k, batch_size, workers, device, precision, dtype, no_normalize, split,
+            label_level, source_opts, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite,
+            allow_outside_root):
+    """Encode SOURCE and classify it with the saved head HEAD_DIR in one streaming pass: one parquet row per image.
+
+    No store is written: rows (key, prediction, probability, p_<class>, skipped) are appended as
+    the images come, so memory stays flat however many there are.
+    """
+    from .predict import predict as run
+
+    r = run(head_dir, source, out, model=model, format=fmt, top_k=top_k, batch_size=batch_size, workers=workers,
+            device=device, precision=precision, dtype=dtype, normalize=not no_normalize,
+            source_options=_source_options(fmt, split, label_level, allow_outside_root, source_opts),
+            devices=_parse_devices(devices, engine), engine=engine,
+            ray_options=_ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus),
+            overwrite=overwrite, progress=ctx.obj["progress"])
+    click.echo(f"wrote {r.path}: {r.n_rows} rows ({r.n_skipped} skipped)" + (f"; top {top_k} per class in {r.top_k_path}" if r.top_k_path else ""))
 
 
 @main.command()

@@ -130,6 +130,12 @@ def damaged(path: Path, d: h5py.Dataset, err: Exception) -> StoreError:
                       f"(`clip-heads verify {path}` lists every problem)")
 
 
+def _parts_match(raw, parts) -> bool:
+    from .virtual import parts_match
+
+    return parts_match(raw, parts)
+
+
 def _read_checked(path: Path, d: h5py.Dataset, sel=slice(None)):
     try:
         return d[sel]
@@ -180,6 +186,10 @@ class FeatureStore:
         if problems:
             more = f" (and {len(problems) - 1} more; `clip-heads verify {self.path}` lists them)" if len(problems) > 1 else ""
             raise StoreError(f"{self.path} is not a sound store: {problems[0]}{more}")
+        if "virtual_sources" in self._f.attrs:  # a merged store over shard files: they must all be there
+            from .virtual import check_sources
+
+            check_sources(self._f, self.path)
         if not self.complete:
             msg = f"store {self.path} is incomplete ({self.progress['items']} items encoded so far)"
             if not allow_incomplete:
@@ -206,7 +216,8 @@ class FeatureStore:
         d = self._f[name]
         raw = _read_checked(self.path, d)
         want = d.attrs.get(DIGEST_ATTR)
-        if want is not None and string_digest(raw) != str(want):
+        parts = d.attrs.get("sha256_parts")  # a virtual dataset: its shards' digests, shard by shard
+        if (want is not None and string_digest(raw) != str(want)) or (parts is not None and not _parts_match(raw, parts)):
             raise StoreError(f"{self.path}: {d.name} does not match its sha256 checksum; the file is corrupt: restore it "
                              "or re-encode")
         return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in raw[:n]]
@@ -246,7 +257,12 @@ class FeatureStore:
     @property
     def checksums(self) -> bool:
         """Whether the numeric row datasets carry per-chunk checksums (stores before 0.2 do not)."""
-        return bool(self._f["images/embeds"].fletcher32)
+        d = self._f["images/embeds"]
+        if d.is_virtual:
+            from .virtual import sources_checksummed
+
+            return sources_checksummed(self._f, self.path)
+        return bool(d.fletcher32)
 
     @property
     def progress(self) -> dict[str, int]:
