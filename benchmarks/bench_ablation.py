@@ -17,7 +17,8 @@ import numpy as np
 
 from clip_heads.ablation import ablate, ablate_prompts
 from clip_heads.evaluate import run_zero_shot
-from clip_heads.store import PromptSet, l2_normalize, open_store, write_store
+from clip_heads.store import PromptSet, l2_normalize, open_store
+from clip_heads.writer import write_store
 
 N, D, T, C = 23_308, 512, 80, 8
 FI = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]

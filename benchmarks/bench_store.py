@@ -20,7 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from clip_heads.store import l2_normalize, open_store, write_store
+from clip_heads.store import l2_normalize, open_store
+from clip_heads.writer import write_store
 
 
 def strip_checksums(src: Path, dst: Path) -> None:

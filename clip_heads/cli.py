@@ -356,7 +356,7 @@ def info(store, as_json):
 @friendly
 def verify(store):
     """Read every chunk of STORE and check its counts, ranges and checksums (exit 1 on any problem)."""
-    from .integrity import verify_store
+    from .verify import verify_store
 
     rep = verify_store(store)
     click.echo(rep.text)

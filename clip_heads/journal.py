@@ -35,10 +35,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from .fsutil import DiskFullError, fsync_dir, is_disk_full, temp_sibling
+from .fsutil import DiskFullError, fsync_dir, is_disk_full, remove_stale_siblings, temp_sibling
 from .integrity import DIGEST_ATTR, Problem, digest_update
-from .store import LIBVER, STR, PromptSet, StoreError, check_prompt_set, create_layout, now, write_prompt_set
-from .writer import remove_stale_siblings, write_isolated
+from .schema import (LIBVER, STR, PromptSet, StoreError, check_prompt_set, create_layout, now, write_isolated,
+                     write_prompt_set)
 
 logger = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ def predict(
     from .fsutil import durable_replace, exclusive_lock, temp_sibling
     from .heads.base import Head
     from .store import l2_normalize
-    from .writer import remove_stale_siblings
+    from .fsutil import remove_stale_siblings
 
     pa, pq = _pyarrow()
     if batch_size < 1:

@@ -16,11 +16,13 @@ import pytest
 
 import importlib
 import clip_heads.journal as journal_mod
+import clip_heads.schema as schema_mod
 import clip_heads.writer as writer_mod
 from clip_heads.fsutil import DiskFullError, LockedError, exclusive_lock, run_isolated
 from clip_heads.interrupts import INTERRUPTED
-from clip_heads.store import PromptSet, StoreError, add_prompt_sets, l2_normalize, open_store, write_store
-from clip_heads.integrity import verify_store
+from clip_heads.store import PromptSet, StoreError, l2_normalize, open_store
+from clip_heads.writer import add_prompt_sets, write_store
+from clip_heads.verify import verify_store
 from clip_heads.journal import StoreWriter, journal_progress
 from faultkit import assert_same_store, invoke, make_emotion6, one_line_error, run_forked
 
@@ -175,7 +177,7 @@ def _arm(monkeypatch, point, sig):
             time.sleep(5)
         monkeypatch.setattr(journal_mod, "_build_store", build)
     elif point in ("before-rename", "after-rename"):
-        real = writer_mod.durable_replace
+        real = schema_mod.durable_replace
 
         def replace(src, dst):
             if point == "before-rename":
@@ -183,7 +185,7 @@ def _arm(monkeypatch, point, sig):
             real(src, dst)
             if point == "after-rename":
                 _kill_self(sig)
-        monkeypatch.setattr(writer_mod, "durable_replace", replace)
+        monkeypatch.setattr(schema_mod, "durable_replace", replace)
 
 
 @pytest.mark.parametrize("point", ["before-build", "in-build", "before-rename", "after-rename"])

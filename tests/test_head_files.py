@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from clip_heads.cli import main
 from clip_heads.fsutil import LockedError, exclusive_lock
 from clip_heads.heads import Head, HeadFileError, LinearHead, MLPHead, TipAdapterHead
-from clip_heads.store import write_store
+from clip_heads.writer import write_store
 from conftest import make_blobs
 
 DIM = 8

@@ -21,7 +21,7 @@ from clip_heads.datasets import open_source
 from clip_heads.encode import encode
 from clip_heads.engines import plan_blocks
 from clip_heads.images import BadImage, ImageLimits
-from clip_heads.integrity import verify_store
+from clip_heads.verify import verify_store
 from clip_heads.sharding import auto_shard, find_shards, shard_path
 from clip_heads.store import StoreError, open_store
 from clip_heads.webdataset_source import expand_braces

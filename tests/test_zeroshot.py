@@ -15,7 +15,8 @@ from clip_heads.ablation import ablate_prompts
 from clip_heads.evaluate import run_zero_shot, train_head
 from clip_heads.heads import class_prompt_vectors
 from clip_heads.retrieval import top_k_images
-from clip_heads.store import PromptSet, open_store, write_store
+from clip_heads.store import PromptSet, open_store
+from clip_heads.writer import write_store
 from clip_heads.zeroshot import ScoringRule
 from conftest import make_blobs
 
