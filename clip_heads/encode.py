@@ -27,11 +27,12 @@ import numpy as np
 
 from .backbone import DEFAULT_MODEL, Backbone, check_identity, model_identity, resolve_precision
 from .datasets import open_source
-from .engines import ENGINES, BlockResult, EmbedJob, Runner, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
+from .engines import ENGINES, BlockResult, EmbedJob, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
 from .fsutil import exclusive_lock
 from .prompts import default_template_sets, encode_prompt_set, load_templates
 from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
 from .journal import StoreWriter
+from .runner import Runner
 
 logger = logging.getLogger(__name__)
 

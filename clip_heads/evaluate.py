@@ -108,8 +108,9 @@ def _head_factory(head_cls: type, params: dict | None, seed: int, prompts: Promp
     params = dict(params or {})
     make_head(head_cls.name, params)  # a bad parameter fails now, before any fold is trained
     params.setdefault("random_state", seed)  # every head takes one
-    if "logit_scale" in head_cls().get_params():  # a prompt-based head scores at the store's own scale
-        params.setdefault("logit_scale", scoring.logit_scale)
+    if head_cls.zero_shot_scoring:  # it scores with the store's own rule (the model's scale and bias)
+        for k in ("scoring", "logit_scale", "logit_bias"):
+            params.setdefault(k, getattr(scoring, k))
     if head_cls.uses_prompts and params.get("prompt_embeds") is None:
         if prompts is None:
             raise ValueError(f"head {getattr(head_cls, 'name', head_cls.__name__)!r} needs class prompts, "

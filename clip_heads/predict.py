@@ -114,7 +114,8 @@ def predict(
 
     from .backbone import Backbone, resolve_precision
     from .datasets import open_source
-    from .engines import ENGINES, EmbedJob, Runner, parse_devices, plan_blocks, worker_model
+    from .engines import ENGINES, EmbedJob, parse_devices, plan_blocks, worker_model
+    from .runner import Runner
     from .fsutil import durable_replace, exclusive_lock, temp_sibling
     from .heads.base import Head
     from .store import l2_normalize
