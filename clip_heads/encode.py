@@ -160,7 +160,7 @@ def encode(
             positions = np.array_split(positions, shard[1])[shard[0]]
         desc = dict(src.describe(), limit=limit, seed=seed if limit else None)
         fingerprint = src.fingerprint() + (f":limit={limit}:seed={seed}" if limit and limit < len(src) else "")
-        template_sets = list(templates) if templates else list(default_template_sets(src.format))
+        template_sets = list(templates) if templates else list(default_template_sets(src.format, src.classes))
         for t in template_sets:  # a bad template fails now, not after the images
             validate_prompt_set_name(load_templates(t)[0])
 

@@ -220,7 +220,7 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
     plots : image files inside ``out_dir`` (PNG shown; an SVG of the same name is linked).
     digits : decimals shown (the exact value is in each number's ``data-value``).
     """
-    from clip_heads import __version__
+    from clip_heads.version import __version__
     from clip_heads.fsutil import atomic_write_text
 
     out = Path(out_dir)
