@@ -31,6 +31,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from .errors import BadValueError
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -40,8 +42,8 @@ CHART_METRICS = ("accuracy", "macro_f1", "weighted_f1")
 UNKNOWN = "unknown"
 
 
-class MixedDataError(ValueError):
-    """Runs on different data would be merged into one row."""
+class MixedDataError(BadValueError):
+    """Runs on different data would be merged into one row (a bad value: pass --allow-mixed-data)."""
 
 
 @dataclass
