@@ -99,7 +99,7 @@ def bench_merge(args) -> None:
             times = {}
             for copy in (False, True):
                 runs = []
-                for k in range(args.repeats):
+                for _ in range(args.repeats):
                     out = Path(tmp) / f"m{int(copy)}.h5"
                     t = time.perf_counter()
                     merge_stores(out, paths, overwrite=True, copy=copy)

@@ -116,7 +116,7 @@ def _head_factory(head_cls: type, params: dict | None, seed: int, prompts: Promp
             raise ValueError(f"head {getattr(head_cls, 'name', head_cls.__name__)!r} needs class prompts, "
                              f"but the store has no prompt set (add one with `clip-heads prompts`)")
         V = zeroshot.class_vectors(prompts, classes=classes)
-        params["prompt_embeds"] = {c: v for c, v in zip(classes, V)}  # by name: no row-order ambiguity
+        params["prompt_embeds"] = {c: v for c, v in zip(classes, V, strict=True)}  # by name: no row-order ambiguity
     return lambda: make_head(head_cls.name, params)
 
 
@@ -138,7 +138,7 @@ def _score_head(head: Any, d: EvalData, label_map: LabelMapSpec | None, desc: st
     if label_map is None and not all(norm(c) in head_names for c in d.classes) and head.can_requery:
         native = require_prompts(d)
         V = zeroshot.class_vectors(native, classes=d.classes)
-        head = head.with_prompts({c: v for c, v in zip(d.classes, V)}, classes=d.classes)
+        head = head.with_prompts({c: v for c, v in zip(d.classes, V, strict=True)}, classes=d.classes)
         logger.info("no label map: scoring %s over the classes of %s via its prompt set %r",
                     desc, d.path.name, native.name)
     pred, P, names = _predict(head, d.X)

@@ -350,7 +350,7 @@ class StoreWriter:
             return False
         old_meta, old_arrays = self.sealed
         return json.loads(json.dumps(meta, default=_jsonable)) == old_meta and len(arrays) == len(old_arrays) and all(
-            a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(arrays, old_arrays))
+            a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(arrays, old_arrays, strict=True))
 
     def sealed_prompt_sets(self, sources: Sequence[str]) -> tuple[list[PromptSet], str | None] | None:
         """The prompt sets of the seal, when it was made for these ``sources``; else None."""
@@ -426,7 +426,7 @@ def _fill(f: h5py.File, part: Path, j: _Journal, complete: bool) -> None:
             columns["images/keys"].append(meta["keys"])
             columns["images/labels"].append(np.asarray(meta["labels"], np.int64))
             columns["images/embeds"].append(arrays[0])
-            for m, arr in zip(numeric, arrays[1:]):
+            for m, arr in zip(numeric, arrays[1:], strict=True):
                 columns[f"images/extras/{m}"].append(arr)
             for m in strs:
                 columns[f"images/extras/{m}"].append(meta["strs"][m])

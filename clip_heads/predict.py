@@ -64,7 +64,7 @@ class TopK:
         self.keys = np.take_along_axis(names, idx, 1)
 
     def table(self) -> dict[str, list[dict[str, Any]]]:
-        return {c: [{"key": str(k), "probability": float(s)} for k, s in zip(self.keys[i], self.scores[i])]
+        return {c: [{"key": str(k), "probability": float(s)} for k, s in zip(self.keys[i], self.scores[i], strict=True)]
                 for i, c in enumerate(self.classes)}
 
 

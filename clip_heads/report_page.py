@@ -370,7 +370,7 @@ def render_folder(out_dir: PathLike, digits: int = 3) -> Path:
             written += P.save_figure(P.wise_ft_figure(metrics, points), stage, "wise_ft")
         if "rows" in metrics and metrics["rows"] and "rank" in metrics["rows"][0]:
             written += P.save_figure(P.ablation_figure(metrics["rows"]), stage, "ablation")
-        for name, key, rep in evaluation_sections(metrics):
+        for _name, key, rep in evaluation_sections(metrics):
             sub = stage / key[0] if key else stage
             written += P.write_run_plots(rep, sub)
     final = [out / "plots" / p.relative_to(stage) for p in written]

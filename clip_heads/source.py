@@ -121,7 +121,7 @@ class Source:
 
     def _stamp(self, h: Any) -> None:
         # stat only, never decode: this must stay cheap on 100k files.
-        for i, (key, label) in enumerate(zip(self.keys, self.labels.tolist())):
+        for i, (key, label) in enumerate(zip(self.keys, self.labels.tolist(), strict=True)):
             try:
                 st = os.stat(self.path(i))
                 stamp = f"{st.st_size}:{st.st_mtime_ns}"

@@ -297,7 +297,7 @@ class FeatureStore:
         n = self.progress["skipped"]
         if "skipped/keys" not in self._f:
             return []
-        return list(zip(self._strings("skipped/keys", n), self._strings("skipped/reasons", n)))
+        return list(zip(self._strings("skipped/keys", n), self._strings("skipped/reasons", n), strict=True))
 
     # -- prompt side -------------------------------------------------------------------
     def prompt_sets(self) -> list[str]:

@@ -243,7 +243,7 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
         extras = s0.extras_layout()
         rows, skipped = sum(len(s) for s in stores), sum(s.progress["skipped"] for s in stores)
         names = ["images/embeds", "images/keys", "images/labels"] + [f"images/extras/{e}" for e in extras]
-        for p, g in zip(paths, files):
+        for p, g in zip(paths, files, strict=True):
             if "virtual_sources" in g.attrs:  # a store over other files is not a shard
                 raise StoreError(f"{p} is itself a merged store over shard files; merge the shards it lists")
         rels = [relative_name(p, out) for p in paths]
@@ -253,7 +253,7 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
             for name in names:  # the empty row datasets create_layout made give way to virtual ones
                 attrs = dict(f[name].attrs)
                 del f[name]
-                layout, parts = layout_over([(rel, g[name]) for rel, g in zip(rels, files)], name)
+                layout, parts = layout_over([(rel, g[name]) for rel, g in zip(rels, files, strict=True)], name)
                 d = f.create_virtual_dataset(name, layout)
                 for k, v in attrs.items():
                     d.attrs[k] = v
@@ -266,7 +266,7 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
             f.attrs["virtual_sources"] = json.dumps(rels)
             f.attrs[SHARDS_ATTR] = json.dumps([
                 {"file": rel, "rows": len(s), "skipped": s.progress["skipped"], "created": str(s.attrs.get("created"))}
-                for rel, s in zip(rels, stores)])
+                for rel, s in zip(rels, stores, strict=True)])
             _finish_merge(f, s0, paths, rows, skipped)
     finally:
         for s in stores:

@@ -366,7 +366,7 @@ def test_changed_key_string_is_caught_by_its_digest(tmp_path):
     p.write_bytes(raw[:i] + b"dog/7.jpg" + raw[i + 9:])  # a flipped bit inside HDF5's string heap
     with open_store(p) as s:
         with pytest.raises(StoreError, match="/images/keys does not match its sha256"):
-            s.keys
+            s.keys  # noqa: B018  (reading the property is the test)
         np.testing.assert_array_equal(s.embeddings(), np.eye(4))
     assert [q.dataset for q in verify_store(p).problems] == ["/images/keys"]
 

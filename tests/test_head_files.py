@@ -36,7 +36,7 @@ def blobs():
 def saved(kind: str, blobs, out: Path) -> Path:
     X, y, means = blobs
     head = {"linear": lambda: LinearHead(C=1.0), "mlp": lambda: MLPHead(hidden=16, patience=2),
-            "tip-adapter": lambda: TipAdapterHead(prompt_embeds=dict(zip(["cat", "dog", "eel"], means)))}[kind]()
+            "tip-adapter": lambda: TipAdapterHead(prompt_embeds=dict(zip(["cat", "dog", "eel"], means, strict=True)))}[kind]()
     head.fit(X, y).set_backbone(*BACKBONE).save_pretrained(out)
     return out
 

@@ -230,7 +230,7 @@ def test_webdataset_and_parquet_encode_to_the_folder_vectors(tiny_clip, tmp_path
 
     root = jpeg_folder(tmp_path / "imgs", n_per_class=4)
     folder = open_source(str(root))
-    files = [(k, (root / k).read_bytes(), int(y)) for k, y in zip(folder.keys, folder.labels)]
+    files = [(k, (root / k).read_bytes(), int(y)) for k, y in zip(folder.keys, folder.labels, strict=True)]
     wds = tmp_path / "wds"
     wds.mkdir()
     for s in range(3):  # labels as .cls integers in two shards, as .json in the third
