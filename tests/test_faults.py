@@ -444,7 +444,7 @@ def test_prompt_set_names_follow_the_documented_rule(tmp_path, name):
 
 def test_prompts_cli_refuses_a_bad_name_in_one_line(e6, tmp_path):
     code, output = invoke(["prompts", str(e6["ref"]), "-t", "bp-photo", "--name", ".", "--overwrite"])
-    assert code == 1
+    assert code == 2  # a bad value (issue 9: exit 2)
     one_line_error(output, "invalid prompt set name '.'")
 
 
