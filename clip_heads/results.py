@@ -339,11 +339,11 @@ def plots_enabled(plots: bool | None = None) -> bool:
 
 def render(out: PathLike, plots: bool | None = None, final: PathLike | None = None, title: str | None = None) -> Path:
     """Draw the figures of the results folder ``out`` into ``out/plots/`` and write
-    ``out/index.html`` (:func:`clip_heads.report_page.render_folder`), from what its
+    ``out/index.html`` (:func:`clip_heads.report_folder.render_folder`), from what its
     ``metrics.json`` holds. Every command calls it on the folder it writes, last, inside its
     staging folder where it has one (``final`` is the folder the staging folder becomes, whose
     name the page shows). ``plots=False`` writes the page without figures."""
-    from clip_heads.report_page import render_folder
+    from clip_heads.report_folder import render_folder
 
     return render_folder(out, plots=plots_enabled(plots), title=title,
                          name=Path(final).name if final is not None else None)

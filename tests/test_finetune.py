@@ -302,6 +302,13 @@ def test_interpolation_endpoints_are_exact_and_midpoint_is_the_mean(tuned, tiny_
     sweep = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
     assert sweep["kind"] == "wise-ft" and sweep["blends"] == {"0.00": str(dirs[0]), "1.00": str(dirs[1])}
     assert json.loads((dirs[1] / "metrics.json").read_text())["alpha"] == 1.0 and (dirs[1] / "report.txt").is_file()
+    from test_report_page import parse  # the sweep's page links each blend's, which names its endpoints
+
+    page = parse(tmp_path / "sweep" / "index.html")
+    assert {"alpha-0.00/index.html", "alpha-1.00/index.html"} <= set(page.refs)
+    record = json.loads((dirs[1] / "wise_ft.json").read_text())
+    blend_page = (dirs[1] / "index.html").read_text()
+    assert record["finetuned"]["model_hash"] in blend_page and record["zero_shot"]["model_hash"] in blend_page
     assert all(torch.equal(a0[k], zs[k]) for k in zs) and all(torch.equal(a1[k], ft[k]) for k in ft)
     mid = weights(interpolate(tiny_clip, str(tuned["out"]), 0.5, tmp_path / "mid"))
     for k in zs:

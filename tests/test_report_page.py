@@ -10,7 +10,8 @@ from clip_heads.ablation import ablate_prompts
 from clip_heads.calibration import calibration_report
 from clip_heads.evaluate import run_zero_shot, train_head
 from clip_heads.metrics import classification_report
-from clip_heads.report_page import metrics_table, provenance_from_metrics, render_folder, write_index
+from clip_heads.report_folder import provenance_from_metrics, render_folder
+from clip_heads.report_page import metrics_table, write_index
 from test_evaluate import blob_store
 
 
