@@ -8,7 +8,8 @@ everywhere (README, "Evaluation")::
                               which data (store or source, split, number of images, fingerprint)
     OUT/per_class.csv         \
     OUT/confusion_matrix.csv   > of the evaluation the folder holds, if it holds one
-    OUT/predictions.csv       /  (key, label, prediction[, fold])
+    OUT/predictions.csv       /  (key, label, prediction[, fold], proba_<class>...)
+    OUT/index.html            the run's page, and OUT/plots/ its figures (:func:`render`)
 
 ``zero-shot``, ``evaluate`` and ``finetune --cv`` hold one evaluation (the CV's predictions are
 out of fold, with ``folds.csv`` beside them); ``ablate-prompts`` adds ``ablation.csv`` and its
@@ -70,7 +71,8 @@ PLOTS_ENV = "CLIP_HEADS_PLOTS"  # "0" turns figures off where a call does not sa
 class Report(MappingABC):
     """What an evaluation command returns: ``text`` is what it prints, ``metrics`` what
     metrics.json holds, ``predictions`` the columns of predictions.csv (``key, label,
-    prediction``), ``out_dir`` where it wrote. Reads as the mapping ``metrics``
+    prediction``, and ``proba``: the ``(n, n_classes)`` probabilities where the head has them),
+    ``out_dir`` where it wrote (with its ``index.html``). Reads as the mapping ``metrics``
     (``report["accuracy"]``), so callers of the dicts some commands returned before still work.
     """
 
@@ -79,7 +81,7 @@ class Report(MappingABC):
     metrics: dict[str, Any]
     out_dir: Path | None = None
     cv: Any = None  # clip_heads.crossval.CVResult of train-head --cv
-    predictions: dict[str, list] | None = None
+    predictions: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         return self.text
