@@ -278,7 +278,7 @@ def _drop_finished_journal(out: Path, found: dict) -> None:
     except StoreError as e:
         logger.warning("%s is left as it is: %s", part, e)
         return
-    same = all(str(theirs.get(k)) == str(found.get(k)) for k in _IDENTITY + _MODEL_IDENTITY + ("created",))
+    same = all(str(theirs.get(k)) == str(found.get(k)) for k in _IDENTITY + _MODEL_IDENTITY + ("created", "store_id"))
     if same:
         logger.info("removing %s: the store it built is in place", part)
         StoreWriter.discard(out)

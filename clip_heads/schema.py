@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -51,6 +52,17 @@ ISOLATED_ERRORS = {"StoreError": StoreError, "PromptSetNameError": PromptSetName
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_store_id() -> str:
+    """A store's birth name: random, so a store rewritten within the same second is another store."""
+    return uuid.uuid4().hex
+
+
+def birth(attrs) -> str:
+    """What tells one store file from another written at the same path: its ``created`` stamp
+    and ``store_id`` (older stores have only the stamp)."""
+    return f"{attrs.get('created')} {attrs.get('store_id', '')}".strip()
 
 
 def library_versions() -> dict[str, str]:
@@ -126,6 +138,8 @@ def create_layout(
     f.attrs["complete"] = False
     if "created" not in f.attrs:
         f.attrs["created"] = now()
+    if "store_id" not in f.attrs:  # `created` has one-second resolution: two stores may share it
+        f.attrs["store_id"] = new_store_id()
     write_strings(f, "classes", list(classes))
     g = f.create_group("images")
     g.create_dataset("embeds", shape=(rows, dim), maxshape=(None, dim), chunks=(EMBED_CHUNK, dim), dtype=dtype, fletcher32=True)

@@ -4,7 +4,7 @@ Layout (schema version 1)::
 
     /                     attrs: schema_version, model_id, model_hash, dim, normalized, dtype,
                                  preprocess (json), versions (json), source (json),
-                                 source_fingerprint, precision, batch_size, created, completed,
+                                 source_fingerprint, precision, batch_size, created, store_id, completed,
                                  complete, default_prompts, [virtual_sources (json)]
     /classes              (C,) str
     /images/embeds        (N, D) float16|float32, chunked, maxshape (None, D)
@@ -61,7 +61,9 @@ from .schema import (  # noqa: F401
     create_layout,
     extras_spec,
     l2_normalize,
+    birth,
     library_versions,
+    new_store_id,
     now,
     validate_prompt_set_name,
     write_prompt_set,

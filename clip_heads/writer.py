@@ -206,7 +206,7 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
 
 
 def _merged_attrs(s0: FeatureStore) -> dict:
-    return {k: v for k, v in s0.attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed",
+    return {k: v for k, v in s0.attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed", "store_id",
                                                          "schema_version", "dim", "dtype", "merged_from",
                                                          "virtual_sources", "virtual_shards")}
 
@@ -265,7 +265,8 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
                 f[name].attrs[DIGEST_ATTR] = h.hexdigest()
             f.attrs["virtual_sources"] = json.dumps(rels)
             f.attrs[SHARDS_ATTR] = json.dumps([
-                {"file": rel, "rows": len(s), "skipped": s.progress["skipped"], "created": str(s.attrs.get("created"))}
+                {"file": rel, "rows": len(s), "skipped": s.progress["skipped"], "created": str(s.attrs.get("created")),
+                 "store_id": str(s.attrs.get("store_id", ""))}
                 for rel, s in zip(rels, stores, strict=True)])
             _finish_merge(f, s0, paths, rows, skipped)
     finally:

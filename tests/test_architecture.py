@@ -187,7 +187,7 @@ def _python(code: str) -> str:
     return res.stdout
 
 
-HEAVY = "sorted(m for m in ('torch', 'sklearn', 'transformers', 'h5py') if m in sys.modules)"
+HEAVY = "sorted(m for m in ('torch', 'sklearn', 'transformers', 'h5py', 'matplotlib') if m in sys.modules)"
 
 
 def test_import_clip_heads_loads_neither_torch_nor_sklearn():
