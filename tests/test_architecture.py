@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "clip_heads"
 # The modules whose shape part A of issue 9 settled; part B extends the checks to every module.
-CHECKED = {"clip_heads", "ablation", "backbone", "catalog", "crossval", "demo", "evaluate", "finetune",
+CHECKED = {"clip_heads", "ablation", "backbone", "backbones", "catalog", "crossval", "demo", "evaluate", "finetune",
            "finetune_config", "finetune_cv", "finetune_eval", "identity", "kinds", "label_maps", "metrics", "prompts",
            "reproduce", "results", "retrieval", "scoring", "tables", "wise_ft", "zeroshot"}
 
