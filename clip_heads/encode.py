@@ -21,19 +21,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .backbone import DEFAULT_MODEL, Backbone, check_identity, model_identity, resolve_precision
+from .backbones.model import Backbone, resolve_precision
+from .catalog import DEFAULT_MODEL, parse_features
+from .identity import check_identity, model_identity
 from .datasets import open_source
 from .fsutil import exclusive_lock
 from .loading import DecodedBatches
 from .prompts import default_template_sets, encode_prompt_set, load_templates
-from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
+from .store import PRE_EMBEDS, FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
 from .journal import StoreWriter
 
 logger = logging.getLogger(__name__)
 
 # Attributes that must agree between a partial or complete store and the run asked for, besides
 # the model's identity (model_id, model_revision, model_hash), which backbone.check_identity compares.
-_IDENTITY = ("source_fingerprint", "normalized", "dtype", "shard_index", "shard_count")
+_IDENTITY = ("source_fingerprint", "normalized", "dtype", "shard_index", "shard_count", "features")
 _MODEL_IDENTITY = ("model_id", "model_revision", "model_hash")
 _REMEDY = "use another --out, or --overwrite to start over"
 
@@ -66,6 +68,7 @@ def default_workers(device: torch.device | str = "cpu") -> int:
 
 
 def _check_matches(found: dict, wanted: dict, path: Path) -> None:
+    found = dict(found, features=found.get("features") or "projected")  # stores before schema 2: projected only
     for k in _IDENTITY:
         if str(found.get(k)) != str(wanted.get(k)):
             raise StoreError(
@@ -93,6 +96,7 @@ def encode(
     shard: tuple[int, int] | None = None,
     progress: bool = True,
     backbone: Backbone | None = None,
+    features: str | Sequence[str] = "projected",
 ) -> EncodeResult:
     """Encode every image of ``source`` and its prompt sets into the store ``out``.
 
@@ -107,11 +111,16 @@ def encode(
     normalize : store L2-normalised vectors (the default; the attribute records it).
     shard : ``(i, n)``: encode only the i-th of n contiguous slices of the images, so n
         processes (one per GPU or machine) share the work; join them with :func:`merge_stores`.
+    features : "projected" (default), or "projected,pre-projection" to also store the image
+        tower's pooled output before the projection (``/images/pre_embeds``) and the projection
+        itself (``/projection``; SigLIP has none: its pre-projection features are its embeddings,
+        not normalised).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
     if dtype not in ("float16", "float32"):
         raise ValueError(f"unknown dtype {dtype!r}; valid: float16, float32")
+    features = parse_features(features)
     out = Path(out)
     part = StoreWriter.partial_path(out)
     # One writer per store, from the first moment: a second encode (or `prompts`) of the same
@@ -130,8 +139,12 @@ def encode(
         for t in template_sets:  # a bad template fails now, not after the images
             validate_prompt_set_name(load_templates(t)[0])
 
+        if PRE_EMBEDS in src.extras:
+            raise ValueError(f"{source} has a column named {PRE_EMBEDS!r}, the name a store keeps pre-projection "
+                             "features under; rename that column")
         wanted = {"source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype,
-                  "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None}
+                  "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None,
+                  "features": ",".join(features)}
 
         if out.exists() and not overwrite:
             with FeatureStore(out) as s:
@@ -168,7 +181,7 @@ def encode(
                 logger.info("starting over (--overwrite): %s", e)
         if writer is None:
             attrs = dict(
-                backbone.provenance(),
+                backbone.provenance(features),
                 normalized=normalize,
                 versions=library_versions(),
                 source=desc,
@@ -179,12 +192,15 @@ def encode(
             if shard is not None:
                 attrs.update(shard_index=shard[0], shard_count=shard[1])
             extras = {k: v[:1] for k, v in src.extras.items()}
-            writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype,
-                                        extras=extras_spec(extras, getattr(src, "extras_meta", None)), attrs=attrs)
+            spec = extras_spec(extras, getattr(src, "extras_meta", None))
+            if "pre-projection" in features:  # one more per-image column, at /images/pre_embeds
+                spec[PRE_EMBEDS] = ((backbone.pre_dim,), np.dtype(dtype), None)
+            writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype, extras=spec, attrs=attrs)
             status = "encoded"
 
         try:
-            _stream(src, positions, writer, backbone, batch_size, workers, normalize, progress)
+            _stream(src, positions, writer, backbone, batch_size, workers, normalize, progress,
+                    "pre-projection" in features)
             sealed = writer.sealed_prompt_sets(template_sets)
             if sealed is not None:  # a run killed while finishing already encoded them
                 sets, default = sealed
@@ -237,7 +253,8 @@ def _drop_finished_journal(out: Path, found: dict) -> None:
                        "use --overwrite to replace %s with it)", part, out)
 
 
-def _stream(src, positions, writer: StoreWriter, backbone: Backbone, batch_size, workers, normalize, progress) -> None:
+def _stream(src, positions, writer: StoreWriter, backbone: Backbone, batch_size, workers, normalize, progress,
+            pre_projection: bool = False) -> None:
     from tqdm.auto import tqdm
 
     done = writer.progress[0]
@@ -269,9 +286,16 @@ def _stream(src, positions, writer: StoreWriter, backbone: Backbone, batch_size,
         for batch in loader(pos, size):
             good = batch["good"]
             if good:
-                emb = backbone.encode_pixels(batch["pixels"]).cpu().numpy()
+                if pre_projection:
+                    emb, pre = backbone.image_features(batch["pixels"], pre_projection=True)
+                else:
+                    emb, pre = backbone.encode_pixels(batch["pixels"]), None
+                emb = emb.cpu().numpy()
                 emb = l2_normalize(emb) if normalize else emb
-                writer.append(emb, [src.keys[i] for i in good], src.labels[good], {k: v[good] for k, v in extras.items()})
+                cols = {k: v[good] for k, v in extras.items()}
+                if pre is not None:
+                    cols[PRE_EMBEDS] = pre.cpu().numpy()
+                writer.append(emb, [src.keys[i] for i in good], src.labels[good], cols)
             for i, reason in batch["bad"]:
                 logger.warning("skipped %s: %s", src.keys[i], reason)
                 writer.skip(src.keys[i], reason)
