@@ -132,12 +132,17 @@ class Preprocess:
                 canvas.paste(img, (max(0, -left), max(0, -top)))
                 img, top, left = canvas, max(top, 0), max(left, 0)
             img = img.crop((left, top, left + self.crop_width, top + self.crop_height))
-        x = np.asarray(img, dtype=np.float32)
-        if self.do_rescale:
-            x = x * np.float32(self.rescale_factor)
+        # Channels first while still uint8 (a cheap copy), then rescale and normalise as one affine
+        # map in place: (x * rescale - mean) / std == x * (rescale / std) - mean / std.
+        x = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)).astype(np.float32)
+        scale = np.float32(self.rescale_factor) if self.do_rescale else np.float32(1.0)
         if self.do_normalize:
-            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+            mean, std = np.asarray(self.image_mean, np.float32), np.asarray(self.image_std, np.float32)
+            x *= (scale / std)[:, None, None]
+            x -= (mean / std)[:, None, None]
+        elif self.do_rescale:
+            x *= scale
+        return x
 
     def example(self, n: int):
         """``n`` random preprocessed images as the model takes them (for warm-ups and benchmarks)."""
