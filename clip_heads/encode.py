@@ -1,4 +1,4 @@
-"""One pass of a frozen CLIP over a dataset's images and its prompts, into a feature store.
+"""One pass of a frozen vision-language model (any family of :mod:`clip_heads.backbones`) over a dataset's images and its prompts, into a feature store.
 
 Images are decoded and preprocessed in DataLoader worker processes a whole batch at a time
 (order preserved), embedded under ``inference_mode`` and appended to the store as they come,

@@ -90,7 +90,7 @@ FAMILIES: dict[str, FamilySpec] = {
                    hub_ids=("google/siglip2-base-patch16-224", "google/siglip2-so400m-patch14-384",
                             "google/siglip2-base-patch16-naflex")),
         FamilySpec("metaclip_2", "MetaCLIP 2", {"metaclip_2": "MetaClip2Model"}, max_logit_scale=CLIP_LOGIT_SCALE,
-                   hub_ids=("facebook/metaclip-2-worldwide-huge-quickgelu",)),
+                   hub_ids=("facebook/metaclip-2-worldwide-b32", "facebook/metaclip-2-worldwide-huge-quickgelu")),
         FamilySpec("altclip", "AltCLIP", {"altclip": "AltCLIPModel"}, position_offset=2, max_logit_scale=CLIP_LOGIT_SCALE,
                    hub_ids=("BAAI/AltCLIP",)),
         FamilySpec("chinese_clip", "Chinese-CLIP", {"chinese_clip": "ChineseCLIPModel"}, max_logit_scale=CLIP_LOGIT_SCALE,
