@@ -386,6 +386,12 @@ class FeatureStore:
         come back as utf-8 bytes. For copying a store's columns as they are."""
         return self._read(name, slice(start, len(self) if stop is None else stop))
 
+    @staticmethod
+    def extra_dataset(name: str) -> str:
+        """Where an extra column's rows lie: ``images/extras/<name>``, but ``images/pre_embeds``
+        for the pre-projection features (which /images/extras/pre_embeds only links to)."""
+        return f"images/{PRE_EMBEDS}" if name == PRE_EMBEDS else f"images/extras/{name}"
+
     def extras_layout(self) -> dict[str, tuple[tuple[int, ...], Any, list[str] | None]]:
         """Shape tail, HDF5 dtype and column names of each extra, as :func:`create_layout` takes them."""
         return {n: (self._f[f"images/extras/{n}"].shape[1:], self._f[f"images/extras/{n}"].dtype, self.extra_columns(n))
