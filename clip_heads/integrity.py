@@ -151,6 +151,8 @@ def structure_problems(f: h5py.File, path: Path) -> list[Problem]:
     row_sets = ["images/embeds", "images/keys", "images/labels"]
     if isinstance(f.get("images/extras"), h5py.Group):
         row_sets += [f"images/extras/{n}" for n in f["images/extras"]]
+    if "images/pre_embeds" in f:  # schema 2: checked where its rows lie, whatever /images/extras links to
+        row_sets.append("images/pre_embeds")
     for name, want in [(n, rows) for n in row_sets] + [(n, skipped) for n in ("skipped/keys", "skipped/reasons") if n in f]:
         d = f[name]
         if not isinstance(d, h5py.Dataset) or d.ndim < 1:
@@ -174,6 +176,13 @@ def structure_problems(f: h5py.File, path: Path) -> list[Problem]:
     g = f.get("prompts")
     for set_name in (g if isinstance(g, h5py.Group) else []):
         problems += _prompt_problems(g[set_name], f"/prompts/{set_name}", int(emb.shape[1]))
+    if "projection" in f:
+        proj, pre = f["projection"], f.get("images/pre_embeds")
+        want = (int(emb.shape[1]), int(pre.shape[1]) if isinstance(pre, h5py.Dataset) and pre.ndim == 2 else None)
+        if not isinstance(proj, h5py.Dataset) or proj.ndim != 2 or proj.shape[0] != want[0] or (
+                want[1] is not None and proj.shape[1] != want[1]):
+            problems.append(Problem("/projection", f"has shape {getattr(proj, 'shape', None)}; the store's vectors need "
+                                                   f"({want[0]}, {want[1] if want[1] is not None else 'pre_dim'})"))
     return problems
 
 
@@ -315,9 +324,14 @@ def _read_all(d: h5py.Dataset) -> list[Problem]:
 
 
 def _vector_problems(f: h5py.File) -> list[Problem]:
-    d = f["images/embeds"]
+    out = _rows_problems(f["images/embeds"], bool(f.attrs.get("normalized", False)))
+    if isinstance(f.get("images/pre_embeds"), h5py.Dataset):  # never normalised
+        out += _rows_problems(f["images/pre_embeds"], False)
+    return out
+
+
+def _rows_problems(d: h5py.Dataset, normalized: bool) -> list[Problem]:
     out: list[Problem] = []
-    normalized = bool(f.attrs.get("normalized", False))
     step = d.chunks[0] if d.chunks else max(1, d.shape[0])
     for a in range(0, d.shape[0], step):
         try:
@@ -329,6 +343,6 @@ def _vector_problems(f: h5py.File) -> list[Problem]:
             bad |= np.abs(np.linalg.norm(np.nan_to_num(x), axis=1) - 1.0) > 1e-2
         if bad.any():
             i = np.flatnonzero(bad)
-            out.append(Problem("/images/embeds", f"has {len(i)} vectors that are {'not finite or not unit length' if normalized else 'not finite'} "
+            out.append(Problem(d.name, f"has {len(i)} vectors that are {'not finite or not unit length' if normalized else 'not finite'} "
                                                  f"(first at row {a + int(i[0])})", (a + int(i[0]), a + int(i[-1]) + 1)))
     return out

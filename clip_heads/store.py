@@ -1,19 +1,32 @@
 """The HDF5 feature store: one file per (image source, model), self-describing.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
     /                     attrs: schema_version, model_id, model_hash, dim, normalized, dtype,
                                  preprocess (json), versions (json), source (json),
                                  source_fingerprint, precision, batch_size, created, completed,
-                                 complete, default_prompts, [virtual_sources (json)]
+                                 complete, default_prompts, [virtual_sources (json)],
+                                 family, scoring, logit_scale, [logit_bias], text_padding,
+                                 text_max_length, text_lowercase, features, [pre_dim, projection]
     /classes              (C,) str
     /images/embeds        (N, D) float16|float32, chunked, maxshape (None, D)
     /images/keys          (N,) str      stable id: path relative to the source root, or the dataset's id
     /images/labels        (N,) int64    index into /classes, or -1 (unlabelled)
     /images/extras/<name> (N, ...)      optional per-image columns (soft labels, valence, split...)
+    /images/pre_embeds    (N, D') optional: the image tower's pooled output before the projection
+                                  (encode --features projected,pre-projection); writers carry it as
+                                  the extra column ``pre_embeds`` (/images/extras/pre_embeds is a
+                                  soft link to it)
+    /projection           (D, D') float32, optional: the image projection, embeds = pre_embeds @ P.T
+                                  (attr projection names it; "none" where the family has none: SigLIP)
     /skipped/keys, /skipped/reasons     images that could not be read, and why
     /progress             (3,) int64    items consumed, rows written, items skipped
     /prompts/<set>/texts, embeds (P, D), template_id (P,), class_id (P,), classes (C',), templates (T,)
+
+The model family's attributes (schema 2) say how its vectors are scored: ``family`` (``clip``,
+``siglip``, ``siglip2``, ...), ``scoring`` (softmax or sigmoid), the model's own learned
+``logit_scale`` (a temperature) and ``logit_bias`` (sigmoid families), and how its prompts were
+tokenized. A schema 1 store records none of them and reads as CLIP.
 
 A prompt set carries its own class list, so prompts for another label set (FI's eight emotions
 queried against an Emotion6 store, say) live beside the dataset's own. Zero-shot with one
@@ -50,9 +63,14 @@ from .integrity import DIGEST_ATTR, bad_chunk_rows, string_digest, structure_pro
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the model family's attributes and optional pre-projection features (issue 10)
 STR = h5py.string_dtype()
 JSON_ATTRS = ("preprocess", "versions", "source")
+PRE_EMBEDS = "pre_embeds"  # the extra column of pre-projection features, stored at /images/pre_embeds
+# Attributes given to create_layout that are arrays, written as root datasets of that name: a
+# record {"shape", "dtype": "<f4", "data": base64} (clip_heads.backbones.model.encode_array),
+# which a journal's JSON layout can carry.
+ARRAY_ATTRS = {"projection_weight": "projection"}
 ROW_CHUNK = 1024
 EMBED_CHUNK = 256
 # HDF5 1.10 file format: checksummed metadata (superblock, object headers, chunk indexes),
@@ -61,7 +79,7 @@ LIBVER = ("v110", "v110")
 # Prompt set names: a letter or digit, then letters, digits, '.', '_' or '-'; the names of the
 # store's own groups are reserved so a path never reads as two things.
 PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_NAMES = frozenset({"classes", "images", "progress", "prompts", "skipped"})
+RESERVED_NAMES = frozenset({"classes", "images", "progress", "prompts", "skipped", "projection"})
 _READ_BLOCK = 8192  # rows per block of a converting read (32 embedding chunks)
 
 
@@ -290,6 +308,32 @@ class FeatureStore:
         """What a head needs to check it is used with the model it was trained on."""
         return {"model_id": self.model_id, "model_hash": self.model_hash, "dim": self.dim}
 
+    @property
+    def family(self) -> str:
+        """The model family that encoded the store (``clip`` for stores before schema 2)."""
+        return str(self._f.attrs.get("family") or "clip")
+
+    @property
+    def has_pre_embeds(self) -> bool:
+        return f"images/{PRE_EMBEDS}" in self._f
+
+    def pre_embeddings(self, dtype=np.float32, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Pre-projection image features ``(n_samples, pre_dim)`` (never normalised), all rows or
+        the selected ones; only in stores encoded with ``--features projected,pre-projection``."""
+        if not self.has_pre_embeds:
+            raise StoreError(f"store {self.path} has no pre-projection features; re-encode it with "
+                             "--features projected,pre-projection")
+        x = self._read(f"images/{PRE_EMBEDS}", slice(0, len(self)) if rows is None else rows)
+        return x.astype(dtype, copy=False)
+
+    def projection(self) -> np.ndarray | None:
+        """The image projection ``(dim, pre_dim)`` float32 (``embeds = pre_embeds @ P.T``, before
+        normalisation), or None: a family without one (SigLIP: the pooled output is the
+        embedding), or a store without pre-projection features."""
+        if "projection" not in self._f or not isinstance(self._f["projection"], h5py.Dataset):
+            return None
+        return self._read("projection").astype(np.float32)
+
     # -- image side --------------------------------------------------------------------
     def __len__(self) -> int:
         return self.progress["rows"]
@@ -341,6 +385,12 @@ class FeatureStore:
         ``"images/extras/valence"`` ...) for rows ``[start, stop)``, checksums checked; strings
         come back as utf-8 bytes. For copying a store's columns as they are."""
         return self._read(name, slice(start, len(self) if stop is None else stop))
+
+    @staticmethod
+    def extra_dataset(name: str) -> str:
+        """Where an extra column's rows lie: ``images/extras/<name>``, but ``images/pre_embeds``
+        for the pre-projection features (which /images/extras/pre_embeds only links to)."""
+        return f"images/{PRE_EMBEDS}" if name == PRE_EMBEDS else f"images/extras/{name}"
 
     def extras_layout(self) -> dict[str, tuple[tuple[int, ...], Any, list[str] | None]]:
         """Shape tail, HDF5 dtype and column names of each extra, as :func:`create_layout` takes them."""
@@ -415,7 +465,10 @@ class FeatureStore:
             "n_skipped": self.progress["skipped"],
             "skipped": self.skipped()[:20],
             "classes": counts,
-            "extras": self.extra_names(),
+            "extras": [n for n in self.extra_names() if n != PRE_EMBEDS],
+            "family": self.family,
+            "scoring": {k: a.get(k) for k in ("scoring", "logit_scale", "logit_bias") if a.get(k) is not None},
+            "features": a.get("features") or "projected",
             "prompt_sets": {
                 n: {
                     "templates": len(self._f[f"prompts/{n}/templates"]),
@@ -459,7 +512,10 @@ def create_layout(
     then :func:`write_strings` digests and ``progress`` are set."""
     f.attrs["schema_version"] = SCHEMA_VERSION
     for k, v in attrs.items():
-        if v is not None:
+        if k in ARRAY_ATTRS:
+            if v is not None:
+                f.create_dataset(ARRAY_ATTRS[k], data=_array_record(v, k), fletcher32=True)
+        elif v is not None:
             f.attrs[k] = json.dumps(v, sort_keys=True) if k in JSON_ATTRS else v
     f.attrs["dim"] = int(dim)
     f.attrs["dtype"] = dtype
@@ -476,14 +532,31 @@ def create_layout(
     ge = g.create_group("extras")
     for name, (tail, edtype, columns) in extras.items():
         is_str = h5py.check_string_dtype(np.dtype(edtype)) is not None
-        d = ge.create_dataset(name, shape=(rows, *tail), maxshape=(None, *tail), chunks=(ROW_CHUNK, *tail), dtype=edtype,
-                              fletcher32=not is_str)
+        where, chunk = (g, EMBED_CHUNK) if name == PRE_EMBEDS else (ge, ROW_CHUNK)
+        d = where.create_dataset(name, shape=(rows, *tail), maxshape=(None, *tail), chunks=(chunk, *tail), dtype=edtype,
+                                 fletcher32=not is_str)
+        if name == PRE_EMBEDS:
+            # Writers fill every extra column by its path under /images/extras: the link takes them there.
+            ge[name] = h5py.SoftLink(d.name)
         if columns:
             d.attrs["columns"] = json.dumps(list(columns))
     s = f.create_group("skipped")
     for name in ("keys", "reasons"):
         s.create_dataset(name, shape=(skipped,), maxshape=(None,), chunks=(256,), dtype=STR)
     f.create_dataset("progress", data=np.zeros(3, np.int64))
+
+
+def _array_record(v: Any, name: str) -> np.ndarray:
+    """An array from its JSON record (``shape``, ``dtype`` "<f4", base64 ``data``) or as given."""
+    import base64
+
+    if isinstance(v, Mapping):
+        try:
+            a = np.frombuffer(base64.b64decode(v["data"]), dtype=np.dtype(v["dtype"])).reshape(v["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"attribute {name} is not an array record ({type(e).__name__}: {e})") from e
+        return a.astype(np.float32)
+    return np.asarray(v, np.float32)
 
 
 def write_strings(g: h5py.Group, name: str, values: Sequence[str]) -> h5py.Dataset:
