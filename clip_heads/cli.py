@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .catalog import DEFAULT_MODEL, PRECISIONS
+from .catalog import DEFAULT_MODEL, FEATURES, PRECISIONS
 
 logger = logging.getLogger("clip_heads")
 
@@ -132,9 +132,11 @@ _ALLOW_OUTSIDE = click.option(
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Store file to write (.h5).")
-@click.option("--model", "-m", default=DEFAULT_MODEL, help="Hugging Face CLIP id or local directory saved with save_pretrained.")
+@click.option("--model", "-m", default=DEFAULT_MODEL, help="Hugging Face id or local directory saved with save_pretrained, of any supported family (CLIP, SigLIP, SigLIP 2, MetaCLIP 2, AltCLIP, Chinese-CLIP).")
 @click.option("--format", "fmt", default="auto", type=click.Choice(_formats()), help="Dataset format; auto detects the obvious ones.")
 @click.option("--templates", "-t", multiple=True, help="Template set name or file (repeatable). Default: the dataset kind's sets.")
+@click.option("--features", default="projected", metavar="LIST", callback=lambda ctx, param, value: _features(value),
+              help=f"Image features to store: projected, or projected,pre-projection (also the image tower's pooled output before its projection, and the projection). Names: {', '.join(FEATURES)}.")
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes decoding images. [default: half the cores]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
@@ -159,8 +161,8 @@ _ALLOW_OUTSIDE = click.option(
 @_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
-    """Encode every image of SOURCE and its prompts with a frozen CLIP into the store --out.
+def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
+    """Encode every image of SOURCE and its prompts with a frozen vision-language model into the store --out.
 
     An interrupted run resumes when rerun with the same arguments (with any engine); a complete
     store is left as is.
@@ -171,7 +173,7 @@ def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device,
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
             device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
             limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"],
-            devices=_parse_devices(devices, engine),
+            features=features, devices=_parse_devices(devices, engine),
             engine=engine, ray_options=_ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus))
     click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped"
                + (f"; {r.batches} batches encoded by this run" if r.status == "resumed" else "") + ")")
@@ -198,6 +200,15 @@ def _ray_options(engine: str, address, num_gpus, embed_workers, decode_cpus) -> 
             raise click.BadParameter(f"{flag} is an option of --engine ray", param_hint=flag)
         return None
     return given
+
+
+def _features(value: str) -> str:
+    from .catalog import parse_features
+
+    try:
+        return ",".join(parse_features(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--features") from None
 
 
 def _source_options(fmt: str, split: str | None, label_level: str | None, allow_outside_root: bool = False,
@@ -340,6 +351,10 @@ def info(store, as_json):
         return
     click.echo(f"store      {d['path']}  (schema {d['schema_version']}, {'complete' if d['complete'] else 'INCOMPLETE'})")
     click.echo(f"model      {d['model_id']}  {d['model_hash']}")
+    rule = d.get("scoring") or {}
+    click.echo(f"family     {d.get('family', 'clip')}, scoring {rule.get('scoring', 'softmax')} at logit_scale "
+               f"{rule.get('logit_scale', 'unrecorded (100)')}" + (f", logit_bias {rule['logit_bias']}" if "logit_bias" in rule else "")
+               + f"; features {d.get('features', 'projected')}")
     click.echo(f"vectors    {d['n_images']} x {d['dim']} {d['dtype']}, {'L2-normalised' if d['normalized'] else 'raw'}")
     src = d.get("source") or {}
     click.echo(f"source     {src.get('format', '?')} at {src.get('root', '?')}  (fingerprint {str(d['source_fingerprint'])[:12]})")

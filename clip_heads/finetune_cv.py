@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import Preprocess, load_clip, resolve_device
+from .backbones.model import load_backbone, resolve_device
+from .backbones.preprocess import image_recipe
 from .catalog import DEFAULT_MODEL
 from .crossval import stratified_folds, write_folds
 from .encode import default_workers
@@ -109,10 +110,10 @@ def _fold(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, fol
     logger.info("fold %d/%d: fine-tuning on %d images", f + 1, cv, len(train))
     res, loaded = finetune_loaded(src, here, files, config, train_indices=train, overwrite=False, progress=progress)
     if loaded is None:
-        reloaded = load_clip(here, dev, dtype=torch.float32)
+        reloaded = load_backbone(here, dev, precision="fp32", dtype=torch.float32)
         loaded = reloaded.model, reloaded.tokenizer, reloaded.processor
     clip, tokenizer, processor = loaded
-    rep = zero_shot_report(clip, tokenizer, Preprocess.from_processor(processor), src, np.flatnonzero(folds == f),
+    rep = zero_shot_report(clip, tokenizer, image_recipe(processor), src, np.flatnonzero(folds == f),
                            res.log["identity"]["templates"], dev, config.precision, eval_batch_size, workers, progress)
     rep["fold"] = f  # the fold id of folds.csv; messages count folds from 1
     # The fine-tune's own report.txt / metrics.json give way to the fold's held-out evaluation.

@@ -1,4 +1,4 @@
-"""WiSE-FT and the generalisation experiment: blends of a zero-shot and a fine-tuned CLIP.
+"""WiSE-FT and the generalisation experiment: blends of a zero-shot and a fine-tuned model.
 
 * :func:`interpolate` / :func:`interpolate_sweep` write WiSE-FT weight-space ensembles
   ``(1 - alpha) * zero-shot + alpha * fine-tuned`` (Wortsman et al., CVPR 2022).
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .backbone import Preprocess, load_clip, resolve_device
+from .backbones.model import Backbone, load_backbone, resolve_device
 from .catalog import DEFAULT_MODEL
 from .encode import default_workers
 from .finetune import finetune_loaded, model_lineage
@@ -113,15 +113,26 @@ def _check_replaceable(out: Path) -> None:
                          "replace what it holds: choose a new folder")
 
 
+def _check_family(zs: Backbone, ft: Backbone) -> None:
+    """Refuse two endpoints of different families (CLIP and SigLIP, say) by name."""
+    if zs.spec.name != ft.spec.name:
+        raise ValueError(f"cannot interpolate {zs.files.model_id} ({zs.spec.title}) and {ft.files.model_id} "
+                         f"({ft.spec.title}): WiSE-FT blends two checkpoints of the same family and architecture, "
+                         "a model and its own fine-tune")
+
+
 class _Pair:
-    """A zero-shot and a fine-tuned CLIP, checked to be interpolable; ``model`` carries the blend."""
+    """A zero-shot and a fine-tuned model of one family, checked to be interpolable; ``model``
+    carries the blend, ``preprocess`` its image recipe."""
 
     def __init__(self, zero_shot: str | ModelFiles, finetuned: str | ModelFiles, device: torch.device | str = "cpu") -> None:
-        zs = load_clip(zero_shot, device, dtype=torch.float32)
-        ft = load_clip(finetuned, device, dtype=torch.float32)
+        zs = load_backbone(zero_shot, device, precision="fp32", dtype=torch.float32)
+        ft = load_backbone(finetuned, device, precision="fp32", dtype=torch.float32)
+        _check_family(zs, ft)
         _check_compatible(zs.model, ft.model, zs.files.model_id, ft.files.model_id)
         _check_related(zs.files, ft.files)
-        self.model, self.tokenizer, self.processor = ft.model, ft.tokenizer, ft.processor
+        self.model, self.tokenizer, self.processor, self.preprocess = ft.model, ft.tokenizer, ft.processor, ft.preprocess
+        self.spec = ft.spec
         self.zero_shot, self.finetuned = zs.files, ft.files
         self.zs_state = {k: v.detach().clone() for k, v in zs.model.state_dict().items()}
         self.ft_state = {k: v.detach().clone() for k, v in ft.model.state_dict().items()}
@@ -167,8 +178,10 @@ def _blend_text(record: dict) -> str:
 def interpolate(zero_shot_dir: str, finetuned_dir: str, alpha: float, out_dir: PathLike) -> Path:
     """Write the WiSE-FT model ``(1 - alpha) * zero_shot + alpha * finetuned`` to ``out_dir``.
 
-    Every floating-point tensor is interpolated, other buffers are copied; the two models must
-    have the same architecture, config and tensor shapes (the first mismatch is named), and a
+    Every floating-point tensor is interpolated (SigLIP's ``logit_scale`` and ``logit_bias``
+    too), other buffers are copied; the two models must be of the same family (CLIP and SigLIP
+    are refused by name) with the same architecture, config and tensor shapes (the first
+    mismatch is named), and a
     warning says when neither was fine-tuned from the other. ``out_dir`` may not be or overlap
     an input. The tokenizer and image processor come from ``finetuned_dir``. Returns ``out_dir``,
     loadable like a hub id; its ``wise_ft.json`` records both endpoints.
@@ -269,7 +282,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     _, tpl_a = load_templates(a_templates or default_caption_templates(src_a))
     _, tpl_b = load_templates(b_templates or default_caption_templates(src_b))
     pair = _Pair(model, finetuned, dev)
-    preprocess = Preprocess.from_processor(pair.processor)
+    preprocess = pair.preprocess
     settings = {"model": str(model), "model_revision": pair.zero_shot.revision, "model_hash": pair.zero_shot.weights_hash,
                 "finetuned": str(finetuned), "finetuned_hash": pair.finetuned.weights_hash, "a": src_a.fingerprint(),
                 "b": src_b.fingerprint(), "holdout": holdout, "seed": seed, "a_templates": tpl_a, "b_templates": tpl_b}
