@@ -27,8 +27,8 @@ def parse_features(features) -> tuple[str, ...]:
                          f"(valid names: {', '.join(FEATURES)})")
     return tuple(f for f in FEATURES if f in names)
 
-# Registry key -> "module:class" of every head, in the order the CLI lists them.
-# clip_heads.heads.HEADS holds the classes themselves (tests/test_architecture.py keeps the two equal).
+# Registry key -> "module:class" of every head, in the order the CLI lists them: THE registry of
+# heads (clip_heads.heads.HEADS is built from it; a new head is registered here alone).
 HEAD_CLASSES: dict[str, str] = {
     "zero-shot": "clip_heads.heads.zero_shot:ZeroShotHead",
     "linear": "clip_heads.heads.linear:LinearHead",

@@ -307,4 +307,3 @@ def _raise_worker_error(device: str, kind: str, message: str, tb: str):
     if kind == "KeyboardInterrupt":
         raise KeyboardInterrupt
     raise RuntimeError(f"the encode worker on {device} failed with {kind}: {message}\n{tb}")
-

@@ -64,7 +64,7 @@ class TopK:
         self.keys = np.take_along_axis(names, idx, 1)
 
     def table(self) -> dict[str, list[dict[str, Any]]]:
-        return {c: [{"key": str(k), "probability": float(s)} for k, s in zip(self.keys[i], self.scores[i])]
+        return {c: [{"key": str(k), "probability": float(s)} for k, s in zip(self.keys[i], self.scores[i], strict=True)]
                 for i, c in enumerate(self.classes)}
 
 
@@ -119,7 +119,7 @@ def predict(
     from .fsutil import durable_replace, exclusive_lock, temp_sibling
     from .heads.base import Head
     from .store import l2_normalize
-    from .writer import remove_stale_siblings
+    from .fsutil import remove_stale_siblings
 
     pa, pq = _pyarrow()
     if batch_size < 1:

@@ -79,7 +79,7 @@ class _Decoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas, pixels = [], []
-        for k, pos in zip(batch["block"], batch["positions"]):
+        for _block, pos in zip(batch["block"], batch["positions"], strict=True):
             d = decode_block(self.source, np.asarray(pos, np.int64), self.preprocess)
             layout, raw = pack_arrays(d["pixels"]) if d["good"] else ([], b"")
             metas.append(json.dumps({"n": d["n"], "good": d["good"], "bad": d["bad"], "layout": layout}))
@@ -108,7 +108,7 @@ class _Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas, embeds, pres = [], [], []
-        for meta, raw in zip(batch["meta"], batch["pixels"]):
+        for meta, raw in zip(batch["meta"], batch["pixels"], strict=True):
             m = json.loads(meta)
             x = unpack_arrays(m["layout"], raw) if m["good"] else None
             e, pre = embed_pixels(self.backbone, x, len(m["good"]), self.pre_projection)
@@ -200,7 +200,7 @@ class RayEngine:
             it = iter(ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))
             try:
                 for batch in it:
-                    for k, meta, raw, raw_pre in zip(batch["block"], batch["meta"], batch["embeds"], batch["pre"]):
+                    for k, meta, raw, raw_pre in zip(batch["block"], batch["meta"], batch["embeds"], batch["pre"], strict=True):
                         if int(k) != expected:
                             raise RuntimeError(f"Ray returned block {int(k)} where block {expected} was due")
                         m = json.loads(meta)

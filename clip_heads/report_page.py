@@ -257,7 +257,7 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
         printed) or markdown tables (``.md`` headings, tables, lists; reproduce's tables.md).
     digits : decimals shown (the exact value is in each number's ``data-value``).
     """
-    from clip_heads import __version__
+    from clip_heads.version import __version__
     from clip_heads.fsutil import atomic_write_text
 
     out = Path(out_dir)

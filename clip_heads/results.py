@@ -298,7 +298,7 @@ def write_section(out: PathLike, report: dict, text: str,
     out = write_report(report, out, text=text)
     if predictions is not None:
         columns = [c for c in predictions if c != PROBA]
-        rows: Any = zip(*(predictions[c] for c in columns))
+        rows: Any = zip(*(predictions[c] for c in columns), strict=True)
         P = predictions.get(PROBA)
         header = list(columns)
         if P is not None:
@@ -307,7 +307,7 @@ def write_section(out: PathLike, report: dict, text: str,
             if P.shape[1] != len(classes):
                 raise ValueError(f"{P.shape[1]} probability columns for the report's {len(classes)} classes")
             header += [f"proba_{c}" for c in classes]
-            rows = (list(r) + [format(v, ".9g") for v in p] for r, p in zip(rows, P.tolist()))
+            rows = (list(r) + [format(v, ".9g") for v in p] for r, p in zip(rows, P.tolist(), strict=True))
         with open(out / PREDICTIONS, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)

@@ -230,7 +230,7 @@ def test_a_planted_separable_siglip_store_is_classified_by_the_zero_shot_heads(t
 # -- pre-projection features --------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_pre_projection_features_are_the_pooled_output_and_project_to_the_embeddings(kind, tiny_families, tmp_path):
-    from clip_heads.integrity import verify_store
+    from clip_heads.verify import verify_store
 
     path = tiny_families[kind]
     imgs = colours(tmp_path / "imgs")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from clip_heads.cli import main
 from clip_heads.encode import encode
-from clip_heads.integrity import verify_store
+from clip_heads.verify import verify_store
 from clip_heads.ray_engine import pack_arrays, unpack_arrays
 from clip_heads.store import open_store
 from clip_heads.writer import merge_stores

@@ -8,7 +8,8 @@ from conftest import SHARED_DATASETS, requires_shared
 
 import clip_heads.retrieval as retrieval
 from clip_heads.retrieval import top_k_images
-from clip_heads.store import PromptSet, write_store
+from clip_heads.store import PromptSet
+from clip_heads.writer import write_store
 
 
 def test_top_k_returns_planted_keys_in_order_and_draws_grid(tmp_path, caplog):
