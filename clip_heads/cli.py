@@ -76,13 +76,59 @@ def friendly(fn):
     return wrapper
 
 
+class _FailedWork(click.ClickException):
+    """Failed work found while parsing (a path that is not there): exit 1, as the library's own."""
+
+    exit_code = 1
+
+
+class Existing(click.Path):
+    """A path that must exist. A missing or unreadable one is failed work (issue 9: exit 1, one
+    line naming the argument), the same code the library's FileNotFoundError gets; click's own
+    ``Path(exists=True)`` would make it a usage error (exit 2)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(exists=True, **kwargs)
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name if param else "path"
+            raise _FailedWork(f"{name}: {e.message}") from None
+
+
+class Renamed(click.Option):
+    """An option that still accepts its former spelling ``old`` (kept for users' scripts): hidden
+    from --help, and a one-line deprecation warning when used."""
+
+    def __init__(self, *args, old: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.old = old
+
+    def add_to_parser(self, parser, ctx) -> None:
+        super().add_to_parser(parser, ctx)
+        parser.add_option(obj=self, opts=[self.old], dest=f"{self.name}__old",
+                          action="append" if self.multiple else "store", nargs=self.nargs)
+
+    def handle_parse_result(self, ctx, opts, args):
+        old_dest = f"{self.name}__old"
+        if old_dest in opts:
+            opts = dict(opts)
+            if self.name in opts:
+                raise click.UsageError(f"give {self.opts[0]} only ({self.old} is its former name)", ctx=ctx)
+            opts[self.name] = opts.pop(old_dest)
+            click.echo(f"Warning: {self.old} is deprecated; use {self.opts[0]}", err=True)  # shown under -q too
+        return super().handle_parse_result(ctx, opts, args)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="clip-heads")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no INFO lines; warnings and errors still shown.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
 def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
-    """Encode a dataset once with a frozen CLIP, then train and evaluate light heads in seconds."""
+    """Encode a dataset once with a frozen vision-language model, then train and evaluate light heads in seconds."""
     # -q silences progress, never warnings: a user must still see "k is larger than a class".
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -124,6 +170,17 @@ def _formats() -> list[str]:
     return list_formats()
 
 
+# Options several commands share, with one meaning and one help text each.
+_WORKERS = click.option(
+    "--workers", "-w", default=None, type=click.IntRange(min=0),
+    help="DataLoader worker processes decoding images. [default: on a GPU half the cores, 1 to 8; on a CPU none "
+         "up to 4 cores, else one per 8 cores]")
+_SPLIT = click.option(
+    "--split", default=None,
+    help="The source's split to read: CIFAR-100 test, train or all [default: test]; EmoSet all, train, val or test; "
+         "hf one split of a DatasetDict.")
+_LABEL_LEVEL = click.option("--label-level", default=None, help="CIFAR-100: fine or coarse; WEBEmo: 2, 7 or 25.")
+
 _ALLOW_OUTSIDE = click.option(
     "--allow-outside-root", is_flag=True,
     help="Read files that resolve outside the source's folder (manifest paths with .. or absolute paths elsewhere, symlinks out of the root).")
@@ -138,15 +195,15 @@ _ALLOW_OUTSIDE = click.option(
 @click.option("--features", default="projected", metavar="LIST", callback=lambda ctx, param, value: _features(value),
               help=f"Image features to store: projected, or projected,pre-projection (also the image tower's pooled output before its projection, and the projection). Names: {', '.join(FEATURES)}.")
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes decoding images. [default: half the cores]")
+@_WORKERS
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--precision", default="auto", type=click.Choice(PRECISIONS), help="auto = fp16 autocast on GPU, fp32 on CPU.")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Stored image vector type.")
 @click.option("--no-normalize", is_flag=True, help="Store raw projections instead of L2-normalised vectors.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Encode a seeded sample of this many images.")
 @click.option("--seed", default=0, help="Seed of the --limit sample.")
-@click.option("--split", default=None, help="CIFAR-100: test, train or all [default: test]; EmoSet: all, train, val or test; hf: one split of a DatasetDict.")
-@click.option("--label-level", default=None, help="CIFAR-100: fine or coarse; WEBEmo: 2, 7 or 25.")
+@_SPLIT
+@_LABEL_LEVEL
 @click.option("--source-option", "-O", "source_opts", multiple=True, metavar="KEY=VALUE",
               help="Any other option of the format (repeatable), e.g. -O agreement=5 (twitter1), -O ties=first (abstract), "
                    "-O attributes=false (emoset), -O image_column=img -O label_column=emotion (hf).")
@@ -250,7 +307,7 @@ def _parse_shard(text: str | None) -> tuple[int, int] | str | None:
 
 @main.command()
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.argument("shards", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.argument("shards", nargs=-1, type=Existing(dir_okay=False))
 @click.option("--copy", is_flag=True, help="Copy every vector into one self-contained file instead of a store over the shard files.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @friendly
@@ -273,20 +330,20 @@ def merge(out, shards, copy, overwrite):
 
 
 @main.command()
-@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("head_dir", type=Existing(file_okay=False))
 @click.argument("source", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Predictions file to write (.parquet).")
 @click.option("--model", "-m", default=None, help="CLIP to embed with. [default: the head's own backbone]")
 @click.option("--format", "fmt", default="auto", type=click.Choice(_formats()), help="Dataset format; auto detects the obvious ones.")
 @click.option("--top-k", default=0, type=click.IntRange(min=0), help="Also keep the top-k images per class, on the fly (OUT-stem.topK.json).")
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes decoding images. [default: half the cores on GPU, none on CPU]")
+@_WORKERS
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--precision", default="auto", type=click.Choice(PRECISIONS), help="auto = fp16 autocast on GPU, fp32 on CPU.")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Round vectors as the head's training store did.")
 @click.option("--no-normalize", is_flag=True, help="The head was trained on raw (not L2-normalised) vectors.")
-@click.option("--split", default=None, help="As for encode.")
-@click.option("--label-level", default=None, help="As for encode.")
+@_SPLIT
+@_LABEL_LEVEL
 @click.option("--source-option", "-O", "source_opts", multiple=True, metavar="KEY=VALUE", help="Any other option of the format (repeatable).")
 @click.option("--devices", default=None, metavar="LIST", help="One worker per device of this machine: cuda:0,cuda:1,..., all, or cpu,cpu.")
 @click.option("--engine", default="local", type=click.Choice(["local", "ray"]), help="local: this machine; ray: a Ray Data pipeline.")
@@ -318,10 +375,10 @@ def predict(ctx, head_dir, source, out, model, fmt, top_k, batch_size, workers, 
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("store", type=Existing(dir_okay=False))
 @click.option("--templates", "-t", multiple=True, required=True, help="Template set name or file (repeatable).")
 @click.option("--classes", default=None, help="Label set to write prompts for: a built-in name (fi, emotion6, ...), a file, or a comma list. [default: the store's classes]")
-@click.option("--synonyms", default=None, type=click.Path(exists=True, dir_okay=False), help="JSON {class: [phrases]} expanding each class.")
+@click.option("--synonyms", default=None, type=Existing(dir_okay=False), help="JSON {class: [phrases]} expanding each class.")
 @click.option("--name", default=None, help="Name of the prompt set (one --templates only). [default: the template set's name]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--overwrite", is_flag=True, help="Replace prompt sets of the same name.")
@@ -337,7 +394,7 @@ def prompts(ctx, store, templates, classes, synonyms, name, device, overwrite):
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("store", type=Existing(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly
 def info(store, as_json):
@@ -379,7 +436,7 @@ def info(store, as_json):
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("store", type=Existing(dir_okay=False))
 @friendly
 def verify(store):
     """Read every chunk of STORE and check its counts, ranges and checksums (exit 1 on any problem)."""
@@ -422,7 +479,7 @@ def _params(pairs: tuple[str, ...]) -> dict:
     return out
 
 
-def _templates(text: str | None):
+def _template_ids(text: str | None):
     # "0,3" -> template ids; anything else is passed on as given (a name or a template text).
     if text is None:
         return None
@@ -431,16 +488,17 @@ def _templates(text: str | None):
 
 
 @main.command("zero-shot")
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("store", type=Existing(dir_okay=False))
 @click.option("--prompts", "prompt_set", default=None, help="Prompt set of the store. [default: the store's default set]")
-@click.option("--templates", default=None, help="Template ids of the set, e.g. 0 or 0,3. [default: the ensemble of all]")
+@click.option("--template-ids", "template_ids", cls=Renamed, old="--templates", default=None,
+              help="Template ids of the prompt set (see `clip-heads info`), e.g. 0 or 0,3. [default: the ensemble of all]")
 @click.option("--label-map", default=None, help="Built-in label map name or JSON file mapping the store's classes.")
 @click.option("--top-k", default=0, type=click.IntRange(min=0), help="Also write the top-k images per class (JSON, and a PNG grid when images are reachable).")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/zero-shot/<store>[-<prompts>][-t<templates>][-<label map>]]")
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/zero-shot/<store>[-<prompts>][-t<template ids>][-<label map>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
 @_NO_PLOTS
 @friendly
-def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite, no_plots):
+def zero_shot(store, prompt_set, template_ids, label_map, top_k, out_dir, overwrite, no_plots):
     """Zero-shot classification of STORE by cosine to its prompt embeddings."""
     from pathlib import Path
 
@@ -448,8 +506,8 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite
     from .results import default_out_dir
 
     out_dir = out_dir or str(default_out_dir("zero-shot", Path(store).stem, prompt_set,
-                                             templates and f"t{templates}", label_map))
-    rep = run_zero_shot(store, prompt_set=prompt_set, template_ids=_templates(templates), out_dir=out_dir,
+                                             template_ids and f"t{template_ids}", label_map))
+    rep = run_zero_shot(store, prompt_set=prompt_set, template_ids=_template_ids(template_ids), out_dir=out_dir,
                         label_map=label_map, top_k=top_k, overwrite=overwrite, plots=False if no_plots else None)
     click.echo(rep.text)
     click.echo(f"written to {out_dir}; {_page(out_dir)}")
@@ -457,10 +515,10 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite
 
 @main.command("train-head")
 @click.argument("head", type=click.Choice(_heads()))
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the head (config.json + model.safetensors) and its reports.")
+@click.argument("store", type=Existing(dir_okay=False))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the head (config.json + model.safetensors) and its reports.")
 @click.option("--cv", default=None, type=click.IntRange(min=2), help="Stratified K-fold cross-validation before the final fit (the papers use 10).")
-@click.option("--eval-store", default=None, type=click.Path(exists=True, dir_okay=False), help="Evaluate the final head on another store (cross-dataset).")
+@click.option("--eval-store", default=None, type=Existing(dir_okay=False), help="Evaluate the final head on another store (cross-dataset).")
 @click.option("--label-map", default=None, help="Built-in label map name or JSON file from --eval-store's classes to STORE's.")
 @click.option("--prompts", "prompt_set", default=None, help="Prompt set for text-side heads (contrastive, tip-adapter). [default: the store's default set]")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Head parameter, e.g. --param hidden=256 --param dropout=0.2 (repeatable).")
@@ -480,11 +538,11 @@ def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_
 
 
 @main.command()
-@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("head_dir", type=Existing(file_okay=False))
+@click.argument("store", type=Existing(dir_okay=False))
 @click.option("--label-map", default=None, help="Built-in label map name or JSON file from STORE's classes to the head's.")
 @click.option("--prompts", "prompt_set", default=None, help="Prompt set of STORE for text-side heads queried with its classes.")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/evaluate/<head>-on-<store>[-<label map>][-<prompts>]]")
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/evaluate/<head>-on-<store>[-<label map>][-<prompts>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
 @_NO_PLOTS
 @friendly
@@ -504,9 +562,9 @@ def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite, no_plot
 
 
 @main.command("ablate-prompts")
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.argument("store", type=Existing(dir_okay=False))
 @click.option("--prompts", "prompt_sets", multiple=True, help="Prompt sets to ablate (repeatable). [default: all in the store]")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/ablate-prompts/<store>[-<prompt sets>]]")
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/ablate-prompts/<store>[-<prompt sets>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
 @_NO_PLOTS
 @friendly
@@ -525,9 +583,9 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite, no_plots):
 
 
 @main.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, type=Existing(file_okay=False))
 @click.option("--by", default="head,model,prompt_set,store", help="Attributes that make a row (any of head, model, prompt_set, store); the protocol always does.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for comparison.csv, comparison.md and comparison.png.")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for comparison.csv, comparison.md and comparison.png.")
 @click.option("--allow-mixed-data", is_flag=True, help="Merge runs on different data (store fingerprints) into one row; the row says so.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds another comparison or other results.")
 @_NO_PLOTS
@@ -547,15 +605,15 @@ def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite, no_plots):
 
 
 @main.command()
-@click.option("--source", default=None, type=click.Path(exists=True), help="Local cifar-100-python tarball or extracted folder, or an image-folder copy (skips the download).")
+@click.option("--source", default=None, type=Existing(), help="Local cifar-100-python tarball or extracted folder, or an image-folder copy (skips the download).")
 @click.option("--model", "-m", default=DEFAULT_MODEL, help="Hugging Face CLIP id or local directory.")
 @click.option("--limit", default=1000, type=click.IntRange(min=1), help="Seeded sample of test images to encode.")
 @click.option("--cv", default=10, type=click.IntRange(min=2), help="Folds of the heads' cross-validation.")
 @click.option("--seed", default=0, help="Seed of the sample, the folds and training.")
-@click.option("--out", "out_dir", default="cache/demo", type=click.Path(file_okay=False), help="Folder for the store and every report.")
+@click.option("--out", "-o", "out_dir", default="cache/demo", type=click.Path(file_okay=False), help="Folder for the store and every report.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
+@_WORKERS
 @click.option("--url", default=None, hidden=True, help="Download URL of the tarball (tests).")
 @click.option("--md5", default=None, hidden=True, help="Expected MD5 of the tarball (tests).")
 @_NO_PLOTS
@@ -584,8 +642,8 @@ def _floats(text: str) -> list[float]:
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write (loadable by `encode --model`).")
 @click.option("--model", "-m", default=DEFAULT_MODEL, help="CLIP to start from: hub id or local directory.")
 @click.option("--format", "fmt", default="auto", type=click.Choice(_formats()), help="Dataset format.")
-@click.option("--split", default=None, help="CIFAR-100: test, train or all.")
-@click.option("--label-level", default=None, help="CIFAR-100: fine or coarse; WEBEmo: 2, 7 or 25.")
+@_SPLIT
+@_LABEL_LEVEL
 @click.option("--templates", "-t", default=None, help="Caption template set or file. [default: bp-emotion for emotion data, bp-photo otherwise]")
 @click.option("--cv", default=None, type=click.IntRange(min=2), help="Run the paper's K-fold protocol (fine-tune on K-1 folds, zero-shot the held-out fold) instead of one fine-tune on everything.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="[default: 3 for emotion data, 1 otherwise, as the paper]")
@@ -597,7 +655,7 @@ def _floats(text: str) -> list[float]:
 @click.option("--precision", default="auto", type=click.Choice(PRECISIONS), help="auto = bf16/fp16 autocast on GPU, fp32 on CPU.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
-@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
+@_WORKERS
 @click.option("--seed", default=0, help="Seed of training and of the folds (the heads' folds for the same seed).")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming a run in --out (with --cv: discard the scored folds).")
 @_ALLOW_OUTSIDE
@@ -609,8 +667,6 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
 
     An interrupted run resumes from its last checkpoint when rerun with the same arguments.
     """
-    from pathlib import Path
-
     from .finetune import finetune as run
     from .finetune_cv import cross_validate_finetune
 
@@ -619,8 +675,8 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
                 precision=precision, device=device, gradient_checkpointing=gradient_checkpointing, workers=workers,
                 progress=ctx.obj["progress"])
     if cv:
-        cross_validate_finetune(source, out_dir, model, cv=cv, seed=seed, overwrite=overwrite, **opts)
-        click.echo((Path(out_dir) / "report.txt").read_text())
+        rep = cross_validate_finetune(source, out_dir, model, cv=cv, seed=seed, overwrite=overwrite, **opts)
+        click.echo(rep.text)
         click.echo(f"{cv}-fold results written to {out_dir}")
         return
     r = run(source, out_dir, model, seed=seed, overwrite=overwrite, **opts)
@@ -630,8 +686,8 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
 
 @main.command("wise-ft")
 @click.argument("zero_shot_model")
-@click.argument("finetuned_model", type=click.Path(exists=True, file_okay=False))
-@click.option("--alpha", "alphas", default="0.5", help="Mixing weight(s) in [0, 1], comma-separated: 0 = zero-shot, 1 = fine-tuned.")
+@click.argument("finetuned_model", type=Existing(file_okay=False))
+@click.option("--alphas", "alphas", cls=Renamed, old="--alpha", default="0.5", help="Mixing weight(s) in [0, 1], comma-separated: 0 = zero-shot, 1 = fine-tuned.")
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory (one alpha) or folder of alpha-X.XX/ directories (several); never an input.")
 @friendly
 def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
@@ -656,11 +712,11 @@ def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
 @click.option("--model", "-m", default=DEFAULT_MODEL, help="CLIP to start from.")
 @click.option("--a-format", default="auto", type=click.Choice(_formats()), help="Format of A (fine-tuned on).")
 @click.option("--b-format", default="auto", type=click.Choice(_formats()), help="Format of B (zero-shot only).")
-@click.option("--a-split", default=None, help="CIFAR-100 split of A.")
-@click.option("--b-split", default=None, help="CIFAR-100 split of B.")
+@click.option("--a-split", default=None, help="--split of A (the source's split, as for encode).")
+@click.option("--b-split", default=None, help="--split of B.")
 @click.option("--alphas", default="0,0.25,0.5,0.75,1", help="WiSE-FT mixing weights to score.")
 @click.option("--holdout", default="10", help="Hold out 1/K of A to score in-domain accuracy, or 'none' to train on all of A (the paper's Table 5).")
-@click.option("--finetuned", default=None, type=click.Path(exists=True, file_okay=False), help="Use this fine-tuned model instead of training one.")
+@click.option("--finetuned", default=None, type=Existing(file_okay=False), help="Use this fine-tuned model instead of training one.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="[default: 3 for emotion data, 1 otherwise]")
 @click.option("--batch-size", default=256, type=click.IntRange(min=2), help="Contrastive batch.")
 @click.option("--micro-batch", default=None, type=click.IntRange(min=1), help="Gradient accumulation micro-batch.")
@@ -690,8 +746,8 @@ def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, 
 
 
 @main.command()
-@click.option("--fi", required=True, type=click.Path(exists=True, file_okay=False), help="FI / Image-Emotion dataset: the eight emotion class folders.")
-@click.option("--cifar", required=True, type=click.Path(exists=True), help="CIFAR-100 python tarball or extracted folder.")
+@click.option("--fi", required=True, type=Existing(file_okay=False), help="FI / Image-Emotion dataset: the eight emotion class folders.")
+@click.option("--cifar", required=True, type=Existing(), help="CIFAR-100 python tarball or extracted folder.")
 @click.option("--out", "-o", "out_dir", default="cache/reproduce", type=click.Path(file_okay=False), help="Folder for stores, runs and tables.md.")
 @click.option("--model", "-m", default=DEFAULT_MODEL, help="CLIP id or directory (the paper: openai/clip-vit-base-patch32).")
 @click.option("--cv", default=10, type=click.IntRange(min=2), help="Folds of every cross-validation (the paper: 10).")
@@ -704,7 +760,7 @@ def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, 
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass when encoding.")
 @click.option("--ft-batch-size", default=256, type=click.IntRange(min=2), help="Fine-tune contrastive batch (the paper: 256).")
 @click.option("--micro-batch", default=None, type=click.IntRange(min=1), help="Fine-tune gradient accumulation micro-batch.")
-@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
+@_WORKERS
 @_NO_PLOTS
 @click.pass_context
 @friendly
