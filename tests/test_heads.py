@@ -80,6 +80,47 @@ def test_linear_chooses_C_on_a_validation_split(data):
     assert head.val_scores_[1e-3] < head.val_scores_[head.C_]
 
 
+def test_coarse_then_fine_C_search_chooses_the_full_grids_C_on_unimodal_curves():
+    from clip_heads.heads.linear import search_grid
+
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        m = int(rng.integers(1, 16))
+        peak = int(rng.integers(0, m))
+        # Rising to a peak (or a flat top of random width), then falling; scores in 1/100ths so that ties happen.
+        top = int(rng.integers(0, 3))
+        up = np.sort(rng.integers(0, 60, size=peak))
+        down = np.sort(rng.integers(0, 60, size=max(0, m - peak - 1 - top)))[::-1]
+        curve = np.concatenate([up, [60] * (1 + top), down])[:m] / 100.0
+        grid = np.logspace(-3, 3, m)
+        calls = []
+        C, scores = search_grid(grid, lambda c, g=list(grid), v=curve: (calls.append(c), v[g.index(c)])[1])
+        full = grid[int(np.argmax(curve))]  # the first maximum: the smallest C among ties
+        assert C == full, (trial, curve.tolist(), C, full)
+        assert len(calls) == len(set(calls)) and scores == {c: curve[list(grid).index(c)] for c in calls}
+        if m >= 9 and peak <= 2 and top == 0:  # an early peak: the coarse pass stops well short of the grid's end
+            assert len(calls) < m
+    # Not unimodal, a second higher peak beyond the patience: the search stops before it (the price).
+    curve = [0.5, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.9]
+    assert search_grid(range(1, 10), lambda c: curve[int(c) - 1])[0] == 2
+
+
+def test_linear_fits_unit_rows_of_a_split_without_copying_them(data):
+    from clip_heads.heads.linear import fit_logistic
+
+    X, y = torch.from_numpy(data["Xtr"]), torch.from_numpy(data["ytr"]).long()
+    rows = torch.arange(0, len(X), 3)
+    unit = torch.nn.functional.normalize(X, dim=1)
+    # Blocks of 64 rows: the loss is summed over gathered blocks.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("clip_heads.heads.linear.FIT_BLOCK", 64)
+        W, b, _, ok = fit_logistic(X, y, N_CLASSES, 1.0, rows=rows, row_scale=1 / X.norm(dim=1), tol=1e-7)
+    W_ref, b_ref, _, ok_ref = fit_logistic(unit[rows], y[rows], N_CLASSES, 1.0, tol=1e-7)
+    assert ok and ok_ref
+    torch.testing.assert_close(W, W_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(b, b_ref, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", list_heads())
 def test_save_load_round_trip_gives_identical_predictions(name, data, tmp_path):
     names = np.array(["anger", "awe", "fear", "joy"])  # string labels must survive the trip

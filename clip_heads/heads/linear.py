@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,24 +14,68 @@ from clip_heads.heads.params import FRACTION, POSITIVE, POSITIVE_INT, check_grid
 logger = logging.getLogger(__name__)
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 13))
-# The search walks C upwards and stops once this many grid points past the best score below it:
-# past the peak, larger C only overfits more, and those weakly regularised fits are the slowest.
-SEARCH_PATIENCE = 3
+# The search walks every other C of the grid upwards (a coarse pass), stopping once this many
+# coarse points past the best have scored below it - past the peak, larger C only overfits more,
+# and those weakly regularised fits are the slowest - then fits the best one's two neighbours.
+SEARCH_PATIENCE = 2
+# Rows per block of the loss and its gradient: the training rows are gathered (or sliced) a block
+# at a time, scaled to unit length inside the product, so no copy of the features is made.
+FIT_BLOCK = 16384
+
+
+def search_grid(Cs: Sequence[float], score: Callable[[float], float],
+                patience: int = SEARCH_PATIENCE) -> tuple[float, dict[float, float]]:
+    """The C of best ``score(C)`` over ``Cs``, coarse then fine; returns it and every score taken.
+
+    Coarse: every other C in increasing order (the largest always among them), stopping
+    ``patience`` coarse points past the best. Fine: the best one's neighbours in ``Cs``. Ties go
+    to the smaller, more regularised C. On a unimodal curve this is the full grid's choice:
+    the best coarse point is the peak or next to it. ``score`` is called in the order the C
+    values are visited (increasing on the coarse pass), so a caller may warm-start each fit.
+    """
+    grid = sorted(float(c) for c in Cs)
+    coarse = list(range(0, len(grid), 2))
+    if coarse[-1] != len(grid) - 1:
+        coarse.append(len(grid) - 1)
+    scores: dict[float, float] = {}
+    best, worse = None, 0
+    for i in coarse:
+        scores[grid[i]] = score(grid[i])
+        if best is None or scores[grid[i]] > scores[grid[best]]:
+            best, worse = i, 0
+        elif scores[grid[i]] < scores[grid[best]]:
+            worse += 1
+            if worse == patience:
+                break
+    for j in (best - 1, best + 1):
+        if 0 <= j < len(grid) and grid[j] not in scores:
+            scores[grid[j]] = score(grid[j])
+    top = max(scores.values())
+    return min(c for c, v in scores.items() if v == top), dict(sorted(scores.items()))
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, init: tuple | None = None,
-                 max_iter: int = 500, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+                 max_iter: int = 500, tol: float = 1e-5, rows: torch.Tensor | None = None,
+                 row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Minimise ``sum_i logloss_i + ||W||^2 / (2C)`` (bias unpenalised), sklearn's objective.
 
     The loss is divided by ``n_samples`` before optimising, which leaves the minimiser unchanged
     and keeps gradients O(1) so that one tolerance works for any data size.
+
+    Parameters
+    ----------
+    X : (N, dim) float32; y : (N,) class indices.
+    rows : optional indices of the training rows (default all), gathered a block at a time.
+    row_scale : optional (N,) factors applied to the rows inside the product (``1 / |x|`` fits
+        unit rows without a normalised copy).
 
     Returns
     -------
     W : (n_classes, dim), b : (n_classes,), number of L-BFGS iterations, and whether it
     converged (False: ``max_iter`` iterations or their function-evaluation budget ran out first).
     """
-    n, d = X.shape
+    d = X.shape[1]
+    n = len(X) if rows is None else len(rows)
     if init is None:
         W = torch.zeros(n_classes, d, dtype=X.dtype, device=X.device)
         b = torch.zeros(n_classes, dtype=X.dtype, device=X.device)
@@ -42,14 +86,18 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, ini
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
     l2 = 0.5 / (C * n)
+    blocks = [slice(i, i + FIT_BLOCK) if rows is None else rows[i:i + FIT_BLOCK] for i in range(0, n, FIT_BLOCK)]
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        # F.linear keeps W as (n_classes, dim): its backward is grad.T @ X, several times
-        # faster on CPU than the X.T @ grad a (dim, n_classes) layout would need.
-        loss = F.cross_entropy(F.linear(X, W, b), y) + l2 * (W * W).sum()
-        loss.backward()
-        return loss
+        total = l2 * (W * W).sum()
+        total.backward()
+        total = total.detach()
+        for blk in blocks:  # one backward per block: only a block's activations are ever held
+            loss = F.cross_entropy(_block_logits(X, W, b, blk, row_scale), y[blk], reduction="sum") / n
+            loss.backward()
+            total += loss.detach()
+        return total
 
     with torch.enable_grad():  # also when called under a caller's no_grad()
         opt.step(closure)
@@ -60,13 +108,30 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, ini
     return W.detach(), b.detach(), state["n_iter"], not capped
 
 
+def _block_logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor, blk: slice | torch.Tensor,
+                  row_scale: torch.Tensor | None) -> torch.Tensor:
+    # F.linear keeps W as (n_classes, dim): its backward is grad.T @ X, several times faster on
+    # CPU than the X.T @ grad a (dim, n_classes) layout would need.
+    z = F.linear(X[blk] if isinstance(blk, slice) else X.index_select(0, blk), W)
+    return (z if row_scale is None else z * row_scale[blk, None]) + b
+
+
+def _accuracy(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
+              row_scale: torch.Tensor | None) -> float:
+    hits = sum(int((_block_logits(X, W, b, rows[i:i + FIT_BLOCK], row_scale).argmax(1) == y[rows[i:i + FIT_BLOCK]])
+                   .sum()) for i in range(0, len(rows), FIT_BLOCK))
+    return hits / len(rows)
+
+
 class LinearHead(Head):
     """Multinomial logistic regression on (L2-normalised) image vectors.
 
-    Without a fixed ``C``, the values of ``Cs`` are fitted in increasing order on a stratified
-    split of the training data (each warm-started from the previous one) and scored on the
-    held-out part, stopping once three Cs past the best have scored below it; the best C is
-    then refitted on all of the training data.
+    Without a fixed ``C``, every other value of ``Cs`` is fitted in increasing order on a
+    stratified split of the training data (each warm-started from the previous one) and scored
+    on the held-out part, stopping once two of them past the best have scored below it; then the
+    best one's two neighbours in ``Cs`` are fitted too (:func:`search_grid`), and the best C is
+    refitted on all of the training data. Fits are full-batch L-BFGS in float32, the rows taken
+    a block at a time and scaled to unit length inside the product: no copy of ``X`` is made.
 
     Parameters
     ----------
@@ -118,40 +183,41 @@ class LinearHead(Head):
         self.random_state = random_state
         self.device = device
 
-    def _prepare(self, X: torch.Tensor) -> torch.Tensor:
-        X = X.to(self.device, torch.float32)
-        return l2_normalize(X) if self.normalize else X
-
     def _check_params(self) -> None:
         super()._check_params()
         check_grid(type(self).__name__, "Cs", self.Cs)
 
     def _fit(self, X_np: np.ndarray, y_np: np.ndarray) -> None:
-        X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
+        X, y = torch.from_numpy(X_np).to(self.device, torch.float32), torch.from_numpy(y_np).to(self.device)
+        # Unit rows by scaling each row's logits (1 / |x|), never by a normalised copy of X.
+        scale = 1 / X.norm(dim=1).clamp_min(1e-12) if self.normalize else None
         k = len(self.classes_)
         self.val_scores_: dict[float, float] = {}
         init = None
         if self.C is not None:
             self.C_ = float(self.C)
         else:
-            Cs = sorted(float(c) for c in self.Cs)
             tr, va = validation_split(y_np, self.validation_fraction, seed_from(self.random_state))
             tr, va = torch.from_numpy(tr).to(self.device), torch.from_numpy(va).to(self.device)
-            best, path, worse = -1.0, None, 0
-            for C in Cs:
-                path = fit_logistic(X[tr], y[tr], k, C, path[:2] if path else None, self.max_iter, self.tol)
-                acc = (F.linear(X[va], *path[:2]).argmax(1) == y[va]).double().mean().item()
-                self.val_scores_[C] = acc
-                logger.debug("C=%g: val accuracy %.4f (%d iterations%s)", C, acc, path[2],
-                             "" if path[3] else f", stopped at max_iter={self.max_iter}")
-                if acc > best:  # strict: ties keep the smaller, more regularised C
-                    best, self.C_, init, worse = acc, C, path[:2], 0
-                elif acc < best:
-                    worse += 1
-                    if worse == SEARCH_PATIENCE:
-                        break
-            logger.info("linear head: C=%g chosen, val accuracy %.4f", self.C_, best)
-        W, b, self.n_iter_, self.converged_ = fit_logistic(X, y, k, self.C_, init, self.max_iter, self.tol)
+            fits: dict[float, tuple] = {}
+
+            def score(C: float) -> float:
+                # Warm start from the fit of the nearest C below (or, refining below the best,
+                # of the nearest above): the path moves little between neighbouring Cs.
+                below = [c for c in fits if c < C]
+                start = fits[max(below)] if below else (fits[min(fits)] if fits else None)
+                fits[C] = fit = fit_logistic(X, y, k, C, start[:2] if start else None, self.max_iter, self.tol,
+                                             rows=tr, row_scale=scale)
+                acc = _accuracy(X, y, fit[0], fit[1], va, scale)
+                logger.debug("C=%g: val accuracy %.4f (%d iterations%s)", C, acc, fit[2],
+                             "" if fit[3] else f", stopped at max_iter={self.max_iter}")
+                return acc
+
+            self.C_, self.val_scores_ = search_grid(self.Cs, score)
+            init = fits[self.C_][:2]
+            logger.info("linear head: C=%g chosen, val accuracy %.4f", self.C_, self.val_scores_[self.C_])
+        W, b, self.n_iter_, self.converged_ = fit_logistic(X, y, k, self.C_, init, self.max_iter, self.tol,
+                                                           row_scale=scale)
         if not self.converged_:
             logger.warning("linear head: L-BFGS stopped at its iteration cap (max_iter=%d) before converging "
                            "(tol=%g) at C=%g: raise max_iter", self.max_iter, self.tol, self.C_)
