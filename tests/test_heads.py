@@ -94,7 +94,7 @@ def test_coarse_then_fine_C_search_chooses_the_full_grids_C_on_unimodal_curves()
         curve = np.concatenate([up, [60] * (1 + top), down])[:m] / 100.0
         grid = np.logspace(-3, 3, m)
         calls = []
-        C, scores = search_grid(grid, lambda c, g=list(grid), v=curve: (calls.append(c), v[g.index(c)])[1])
+        C, scores = search_grid(grid, lambda c, g=list(grid), v=curve, k=calls: (k.append(c), v[g.index(c)])[1])
         full = grid[int(np.argmax(curve))]  # the first maximum: the smallest C among ties
         assert C == full, (trial, curve.tolist(), C, full)
         assert len(calls) == len(set(calls)) and scores == {c: curve[list(grid).index(c)] for c in calls}
