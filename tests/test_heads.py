@@ -105,20 +105,20 @@ def test_coarse_then_fine_C_search_chooses_the_full_grids_C_on_unimodal_curves()
     assert search_grid(range(1, 10), lambda c: curve[int(c) - 1])[0] == 2
 
 
-def test_linear_fits_unit_rows_of_a_split_without_copying_them(data):
-    from clip_heads.heads.linear import fit_logistic
+def test_linear_fit_in_blocks_is_the_whole_batch_fit(data, monkeypatch):
+    from clip_heads.heads import linear
 
     X, y = torch.from_numpy(data["Xtr"]), torch.from_numpy(data["ytr"]).long()
-    rows = torch.arange(0, len(X), 3)
-    unit = torch.nn.functional.normalize(X, dim=1)
-    # Blocks of 64 rows: the loss is summed over gathered blocks.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("clip_heads.heads.linear.FIT_BLOCK", 64)
-        W, b, _, ok = fit_logistic(X, y, N_CLASSES, 1.0, rows=rows, row_scale=1 / X.norm(dim=1), tol=1e-7)
-    W_ref, b_ref, _, ok_ref = fit_logistic(unit[rows], y[rows], N_CLASSES, 1.0, tol=1e-7)
-    assert ok and ok_ref
-    torch.testing.assert_close(W, W_ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(b, b_ref, rtol=1e-3, atol=1e-3)
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(X)))
+    unit = linear.working_copy(X, order, normalize=True, block=7)  # built 7 rows at a time
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(X[order], dim=1), rtol=0, atol=0)
+    assert linear.working_copy(X, None, normalize=False) is X  # nothing to change: no copy
+    whole = linear.fit_logistic(unit, y[order], N_CLASSES, 0.1, tol=1e-6)
+    monkeypatch.setattr(linear, "FIT_BLOCK", 64)  # the loss summed over 10 blocks
+    blocked = linear.fit_logistic(unit, y[order], N_CLASSES, 0.1, tol=1e-6)
+    assert whole[3] and blocked[3]
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", list_heads())

@@ -18,9 +18,9 @@ DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 13))
 # coarse points past the best have scored below it - past the peak, larger C only overfits more,
 # and those weakly regularised fits are the slowest - then fits the best one's two neighbours.
 SEARCH_PATIENCE = 2
-# Rows per block of the loss and its gradient: the training rows are gathered (or sliced) a block
-# at a time, scaled to unit length inside the product, so no copy of the features is made.
-FIT_BLOCK = 16384
+# Rows per block of the loss and its gradient: a block's logits and their gradient are all the
+# activations ever held (n_samples x n_classes of them would be 0.8x a 512-d X at 100 classes).
+FIT_BLOCK = 65536
 
 
 def search_grid(Cs: Sequence[float], score: Callable[[float], float],
@@ -55,27 +55,19 @@ def search_grid(Cs: Sequence[float], score: Callable[[float], float],
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, init: tuple | None = None,
-                 max_iter: int = 500, tol: float = 1e-5, rows: torch.Tensor | None = None,
-                 row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+                 max_iter: int = 500, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Minimise ``sum_i logloss_i + ||W||^2 / (2C)`` (bias unpenalised), sklearn's objective.
 
     The loss is divided by ``n_samples`` before optimising, which leaves the minimiser unchanged
-    and keeps gradients O(1) so that one tolerance works for any data size.
-
-    Parameters
-    ----------
-    X : (N, dim) float32; y : (N,) class indices.
-    rows : optional indices of the training rows (default all), gathered a block at a time.
-    row_scale : optional (N,) factors applied to the rows inside the product (``1 / |x|`` fits
-        unit rows without a normalised copy).
+    and keeps gradients O(1) so that one tolerance works for any data size. Rows are taken
+    :data:`FIT_BLOCK` at a time (contiguous slices: no copy).
 
     Returns
     -------
     W : (n_classes, dim), b : (n_classes,), number of L-BFGS iterations, and whether it
     converged (False: ``max_iter`` iterations or their function-evaluation budget ran out first).
     """
-    d = X.shape[1]
-    n = len(X) if rows is None else len(rows)
+    n, d = X.shape
     if init is None:
         W = torch.zeros(n_classes, d, dtype=X.dtype, device=X.device)
         b = torch.zeros(n_classes, dtype=X.dtype, device=X.device)
@@ -86,15 +78,21 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, ini
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
     l2 = 0.5 / (C * n)
-    blocks = [slice(i, i + FIT_BLOCK) if rows is None else rows[i:i + FIT_BLOCK] for i in range(0, n, FIT_BLOCK)]
+    blocks = [slice(i, i + FIT_BLOCK) for i in range(0, n, FIT_BLOCK)]
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
+        # F.linear keeps W as (n_classes, dim): its backward is grad.T @ X, several times
+        # faster on CPU than the X.T @ grad a (dim, n_classes) layout would need.
+        if len(blocks) == 1:
+            loss = F.cross_entropy(F.linear(X, W, b), y) + l2 * (W * W).sum()
+            loss.backward()
+            return loss
         total = l2 * (W * W).sum()
         total.backward()
         total = total.detach()
         for blk in blocks:  # one backward per block: only a block's activations are ever held
-            loss = F.cross_entropy(_block_logits(X, W, b, blk, row_scale), y[blk], reduction="sum") / n
+            loss = F.cross_entropy(F.linear(X[blk], W, b), y[blk], reduction="sum") / n
             loss.backward()
             total += loss.detach()
         return total
@@ -108,19 +106,23 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, ini
     return W.detach(), b.detach(), state["n_iter"], not capped
 
 
-def _block_logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor, blk: slice | torch.Tensor,
-                  row_scale: torch.Tensor | None) -> torch.Tensor:
-    # F.linear keeps W as (n_classes, dim): its backward is grad.T @ X, several times faster on
-    # CPU than the X.T @ grad a (dim, n_classes) layout would need.
-    z = F.linear(X[blk] if isinstance(blk, slice) else X.index_select(0, blk), W)
-    return (z if row_scale is None else z * row_scale[blk, None]) + b
+def working_copy(X: torch.Tensor, order: torch.Tensor | None, normalize: bool, block: int = FIT_BLOCK) -> torch.Tensor:
+    """``X[order]`` with unit rows if ``normalize``, built a block at a time: the one copy of the
+    features a fit makes (none without ``order`` and ``normalize``: then it is ``X``)."""
+    if order is None and not normalize:
+        return X
+    n = len(X) if order is None else len(order)
+    out = torch.empty(n, X.shape[1], dtype=X.dtype, device=X.device)
+    for i in range(0, n, block):
+        rows = X[i:i + block] if order is None else X.index_select(0, order[i:i + block])
+        out[i:i + block] = l2_normalize(rows) if normalize else rows
+    return out
 
 
-def _accuracy(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
-              row_scale: torch.Tensor | None) -> float:
-    hits = sum(int((_block_logits(X, W, b, rows[i:i + FIT_BLOCK], row_scale).argmax(1) == y[rows[i:i + FIT_BLOCK]])
-                   .sum()) for i in range(0, len(rows), FIT_BLOCK))
-    return hits / len(rows)
+def _accuracy(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> float:
+    hits = sum(int((F.linear(X[i:i + FIT_BLOCK], W, b).argmax(1) == y[i:i + FIT_BLOCK]).sum())
+               for i in range(0, len(X), FIT_BLOCK))
+    return hits / len(X)
 
 
 class LinearHead(Head):
@@ -130,8 +132,8 @@ class LinearHead(Head):
     stratified split of the training data (each warm-started from the previous one) and scored
     on the held-out part, stopping once two of them past the best have scored below it; then the
     best one's two neighbours in ``Cs`` are fitted too (:func:`search_grid`), and the best C is
-    refitted on all of the training data. Fits are full-batch L-BFGS in float32, the rows taken
-    a block at a time and scaled to unit length inside the product: no copy of ``X`` is made.
+    refitted on all of the training data. Fits are full-batch L-BFGS in float32 on one working
+    copy of ``X`` (unit rows, the split's training rows first), the loss taken a block at a time.
 
     Parameters
     ----------
@@ -189,26 +191,28 @@ class LinearHead(Head):
 
     def _fit(self, X_np: np.ndarray, y_np: np.ndarray) -> None:
         X, y = torch.from_numpy(X_np).to(self.device, torch.float32), torch.from_numpy(y_np).to(self.device)
-        # Unit rows by scaling each row's logits (1 / |x|), never by a normalised copy of X.
-        scale = 1 / X.norm(dim=1).clamp_min(1e-12) if self.normalize else None
         k = len(self.classes_)
         self.val_scores_: dict[float, float] = {}
         init = None
         if self.C is not None:
             self.C_ = float(self.C)
+            X = working_copy(X, None, self.normalize)
         else:
             tr, va = validation_split(y_np, self.validation_fraction, seed_from(self.random_state))
-            tr, va = torch.from_numpy(tr).to(self.device), torch.from_numpy(va).to(self.device)
+            # One working copy, training rows first: the split's two parts are slices of it.
+            order = torch.from_numpy(np.concatenate([tr, va])).to(self.device)
+            X, y = working_copy(X, order, self.normalize), y[order]
+            fit_part, val_part = slice(0, len(tr)), slice(len(tr), None)
             fits: dict[float, tuple] = {}
 
             def score(C: float) -> float:
-                # Warm start from the fit of the nearest C below (or, refining below the best,
-                # of the nearest above): the path moves little between neighbouring Cs.
+                # Warm start from the fit of the nearest C below (refining below the best, from
+                # the nearest above): the solution moves little between neighbouring Cs.
                 below = [c for c in fits if c < C]
                 start = fits[max(below)] if below else (fits[min(fits)] if fits else None)
-                fits[C] = fit = fit_logistic(X, y, k, C, start[:2] if start else None, self.max_iter, self.tol,
-                                             rows=tr, row_scale=scale)
-                acc = _accuracy(X, y, fit[0], fit[1], va, scale)
+                fits[C] = fit = fit_logistic(X[fit_part], y[fit_part], k, C, start[:2] if start else None,
+                                             self.max_iter, self.tol)
+                acc = _accuracy(X[val_part], y[val_part], fit[0], fit[1])
                 logger.debug("C=%g: val accuracy %.4f (%d iterations%s)", C, acc, fit[2],
                              "" if fit[3] else f", stopped at max_iter={self.max_iter}")
                 return acc
@@ -216,8 +220,7 @@ class LinearHead(Head):
             self.C_, self.val_scores_ = search_grid(self.Cs, score)
             init = fits[self.C_][:2]
             logger.info("linear head: C=%g chosen, val accuracy %.4f", self.C_, self.val_scores_[self.C_])
-        W, b, self.n_iter_, self.converged_ = fit_logistic(X, y, k, self.C_, init, self.max_iter, self.tol,
-                                                           row_scale=scale)
+        W, b, self.n_iter_, self.converged_ = fit_logistic(X, y, k, self.C_, init, self.max_iter, self.tol)
         if not self.converged_:
             logger.warning("linear head: L-BFGS stopped at its iteration cap (max_iter=%d) before converging "
                            "(tol=%g) at C=%g: raise max_iter", self.max_iter, self.tol, self.C_)
