@@ -115,15 +115,16 @@ def _first_order_start(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: floa
     b -= b.mean()
     prior = torch.softmax(b, 0)
     # Gradient of the mean cross-entropy at W = 0: mean_i (p - onehot(y_i)) x_i^T.
-    g = torch.zeros(n_classes, d, dtype=X.dtype, device=X.device)
+    total = torch.zeros(d, dtype=X.dtype, device=X.device)
+    per_class = torch.zeros(n_classes, d, dtype=X.dtype, device=X.device)
     for blk in blocks:
-        g += prior[:, None] * X[blk].sum(0)[None, :]
-        g.index_add_(0, y[blk], X[blk], alpha=-1.0)
-    g /= n
+        total += X[blk].sum(0)
+        per_class.index_add_(0, y[blk], X[blk])  # (an alpha= here would scale a copy of the block)
+    g = (prior[:, None] * total[None, :] - per_class) / n
     return -g * (C * n / (1 + C * n / d)), b
 
 
-def working_copy(X: torch.Tensor, order: torch.Tensor | None, normalize: bool, block: int = FIT_BLOCK) -> torch.Tensor:
+def working_copy(X: torch.Tensor, order: torch.Tensor | None, normalize: bool, block: int = 2048) -> torch.Tensor:
     """``X[order]`` with unit rows if ``normalize``, built a block at a time: the one copy of the
     features a fit makes (none without ``order`` and ``normalize``: then it is ``X``)."""
     if order is None and not normalize:

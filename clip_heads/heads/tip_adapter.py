@@ -202,9 +202,13 @@ class TipAdapterHead(Head):
             raise ValueError(f"prompt vectors have dim {self.class_embeds_.shape[1]} but image vectors "
                              f"{X_np.shape[1]}: zero-shot logits need both from the same CLIP")
         seed = seed_from(self.random_state)
-        X = l2_normalize(torch.from_numpy(X_np).to(self.device))
+        # The cache (the one copy of X it keeps), normalised a block at a time: no temporaries of X's size.
+        X_in, X = torch.from_numpy(X_np).to(self.device), torch.empty(X_np.shape, device=self.device)
+        for i in range(0, len(X), QUERY_BLOCK * 8):
+            X[i:i + QUERY_BLOCK * 8] = l2_normalize(X_in[i:i + QUERY_BLOCK * 8])
         y = torch.from_numpy(y_np).to(self.device)
-        zs = self._zero_shot(X)
+        # A block at a time: the zero-shot kernel normalises its input, a copy of the whole X at once.
+        zs = torch.cat([self._zero_shot(X[i:i + QUERY_BLOCK * 8]) for i in range(0, len(X), QUERY_BLOCK * 8)])
         values = F.one_hot(y, len(self.classes_)).float()
         search = self.alpha is None or self.beta is None
         alpha, beta = self.alpha, self.beta
