@@ -214,3 +214,47 @@ def test_decode_resolution(tiny_clip, monkeypatch):
         resolve_decode("simplejpeg", bb.preprocess)
     with pytest.raises(ValueError, match=r"unknown --decode 'turbo'; valid: auto, exact, draft, simplejpeg"):
         resolve_decode("turbo", bb.preprocess)
+
+
+# -- the commit thread ---------------------------------------------------------------------------
+def test_commit_thread_commits_in_order_and_hands_back_the_writers_error():
+    import threading
+
+    from clip_heads.overlap import CommitThread
+
+    done = []
+    with CommitThread(done.append, depth=2) as ct:
+        for i in range(50):
+            ct.put(i)
+    assert done == list(range(50))
+
+    def failing(i):
+        if i == 3:
+            raise OSError(28, "No space left on device")
+        done.append(i)
+
+    done.clear()
+    with pytest.raises(OSError, match="No space left"):
+        with CommitThread(failing, depth=1) as ct:
+            for i in range(50):
+                ct.put(i)
+    assert done == [0, 1, 2]  # nothing after the failed block is committed
+
+    # Leaving by an exception: the commit in progress ends whole, the queued ones are dropped.
+    started, release = threading.Event(), threading.Event()
+    done.clear()
+
+    def slow(i):
+        started.set()
+        release.wait(10)
+        done.append(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        with CommitThread(slow, depth=2) as ct:
+            ct.put(0)
+            started.wait(10)
+            ct.put(1)
+            ct.put(2)
+            threading.Timer(0.3, release.set).start()
+            raise KeyboardInterrupt
+    assert done == [0]
