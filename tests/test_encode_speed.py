@@ -258,3 +258,12 @@ def test_commit_thread_commits_in_order_and_hands_back_the_writers_error():
             threading.Timer(0.3, release.set).start()
             raise KeyboardInterrupt
     assert done == [0]
+
+
+def test_recorded_precision_names_resolve_to_themselves():
+    for short, recorded in prec.PRECISION_NAMES.items():
+        dev = "cpu" if short in ("fp32", "int8", "bf16-weights", "bf16") else "cuda"
+        assert prec.resolve_precision(dev, recorded) == recorded == prec.resolve_precision(dev, short)
+    assert prec.autocast_for("cpu", "bf16-autocast").fast_dtype == torch.bfloat16
+    assert prec.autocast_for("cpu", "bf16").fast_dtype == torch.bfloat16
+    assert not hasattr(prec.autocast_for("cpu", "fp32"), "fast_dtype")

@@ -68,11 +68,15 @@ def cpu_bf16_unit() -> str | None:
 
 
 def resolve_precision(device: Any, precision: str = "auto") -> str:
-    """The recorded name of what a run at ``precision`` on ``device`` computes (see the table above)."""
+    """The recorded name of what a run at ``precision`` on ``device`` computes (see the table
+    above). A recorded name (a worker given the writer's) resolves to itself."""
     import torch
 
     from ..catalog import ENCODE_PRECISIONS
 
+    recorded = {v: k for k, v in PRECISION_NAMES.items()}
+    if precision in recorded and precision not in ENCODE_PRECISIONS:  # a recorded name: what it says
+        precision = recorded[precision]
     if precision not in ENCODE_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(ENCODE_PRECISIONS)}")
     kind = torch.device(device).type
@@ -93,13 +97,12 @@ def same_precision(a: Any, b: Any) -> bool:
 
 
 def autocast_for(device: Any, precision: str = "auto"):
-    """The autocast context of ``precision`` on ``device`` (a null context where none applies)."""
+    """The autocast context of ``precision`` (short or recorded name) on ``device``; a null
+    context where none applies."""
     import torch
 
     device = torch.device(device)
-    used = precision if precision in _AUTOCAST or precision in PRECISION_NAMES.values() else \
-        resolve_precision(device, precision)
-    dtype = _AUTOCAST.get(_LEGACY.get(used, used))
+    dtype = _AUTOCAST.get(resolve_precision(device, _LEGACY.get(precision, precision)))
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
