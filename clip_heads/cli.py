@@ -5,6 +5,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -38,7 +39,17 @@ def friendly(fn):
             raise
         except KeyboardInterrupt:
             click.echo(INTERRUPTED, err=True)
-            sys.exit(130)
+            # Not sys.exit: a Ctrl-C that landed inside C-level code (an extension running
+            # Python source while torch imports, say) leaves CPython's "unhandled interrupt"
+            # flag set, and the interpreter would then end itself by SIGINT instead of 130.
+            # Everything of ours was closed by the finally blocks the interrupt went through.
+            from .interrupts import running_as_cli
+
+            if not running_as_cli():  # click's test runner, or a program calling main() itself
+                sys.exit(130)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         except LockedError as e:
             raise click.ClickException(str(e)) from None
         except _USER_ERRORS as e:
@@ -127,15 +138,22 @@ _ALLOW_OUTSIDE = click.option(
 @click.option("--source-option", "-O", "source_opts", multiple=True, metavar="KEY=VALUE",
               help="Any other option of the format (repeatable), e.g. -O agreement=5 (twitter1), -O ties=first (abstract), "
                    "-O attributes=false (emoset), -O image_column=img -O label_column=emotion (hf).")
-@click.option("--shard", default=None, metavar="I/N", help="Encode only slice I of N (one process per GPU or machine); join with `clip-heads merge`.")
+@click.option("--shard", default=None, metavar="I/N|auto", help="Encode only slice I of N (one process per GPU or machine); join with `clip-heads merge`. auto: this Slurm array task's or torchrun rank's shard, written to OUT-stem.shard-I-of-N.h5; finished shards are skipped on a rerun.")
+@click.option("--devices", default=None, metavar="LIST", help="One worker per device of this machine, one store: cuda:0,cuda:1,... or all (every GPU); cpu,cpu runs two CPU workers.")
+@click.option("--engine", default="local", type=click.Choice(["local", "ray"]), help="local: this machine; ray: a Ray Data pipeline (pip install 'clip-heads[ray]').")
+@click.option("--address", default=None, help="--engine ray: the Ray cluster to join (auto, or ray://HOST:10001). [default: start Ray on this machine]")
+@click.option("--num-gpus-per-worker", default=None, type=click.FloatRange(min=0), help="--engine ray: GPUs per embedding worker; 0 for CPU workers. [default: 1 when the cluster has GPUs, else 0]")
+@click.option("--embed-workers", default=None, type=click.IntRange(min=1), help="--engine ray: embedding workers. [default: as many as the GPUs allow; 1 on CPU]")
+@click.option("--decode-cpus", default=None, type=click.IntRange(min=1), help="--engine ray: decoding workers, one CPU each. [default: the CPUs left, at most 8 per embedding worker]")
 @click.option("--overwrite", is_flag=True, help="Start over, discarding an existing or unfinished store at --out.")
 @_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, overwrite, allow_outside_root):
+def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
     """Encode every image of SOURCE and its prompts with a frozen vision-language model into the store --out.
 
-    An interrupted run resumes when rerun with the same arguments; a complete store is left as is.
+    An interrupted run resumes when rerun with the same arguments (with any engine); a complete
+    store is left as is.
     """
     from .encode import encode as run
 
@@ -143,8 +161,33 @@ def encode(ctx, source, out, model, fmt, templates, features, batch_size, worker
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
             device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
             limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"],
-            features=features)
-    click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped)")
+            features=features, devices=_parse_devices(devices, engine),
+            engine=engine, ray_options=_ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus))
+    click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped"
+               + (f"; {r.batches} batches encoded by this run" if r.status == "resumed" else "") + ")")
+
+
+def _parse_devices(text: str | None, engine: str) -> list[str] | None:
+    from .engines import parse_devices
+
+    if text is not None and engine != "local":
+        raise click.BadParameter(f"--devices places one worker per device of this machine; --engine {engine} places "
+                                 "its own workers", param_hint="--devices")
+    try:
+        return parse_devices(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--devices") from None
+
+
+def _ray_options(engine: str, address, num_gpus, embed_workers, decode_cpus) -> dict | None:
+    given = {k: v for k, v in (("address", address), ("num_gpus_per_worker", num_gpus), ("embed_workers", embed_workers),
+                               ("decode_cpus", decode_cpus)) if v is not None}
+    if engine != "ray":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise click.BadParameter(f"{flag} is an option of --engine ray", param_hint=flag)
+        return None
+    return given
 
 
 def _features(value: str) -> str:
@@ -175,9 +218,17 @@ def _source_options(fmt: str, split: str | None, label_level: str | None, allow_
     return options
 
 
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
+def _parse_shard(text: str | None) -> tuple[int, int] | str | None:
     if text is None:
         return None
+    if text.strip().lower() == "auto":
+        from .sharding import auto_shard
+
+        try:
+            auto_shard()  # the scheduler's variables are there, or this is a usage error
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--shard") from None
+        return "auto"
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
@@ -187,17 +238,71 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 @main.command()
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("shards", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--copy", is_flag=True, help="Copy every vector into one self-contained file instead of a store over the shard files.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @friendly
-def merge(out, shards, overwrite):
-    """Join the shard stores of one `encode --shard I/N` run into the store OUT, in source order."""
+def merge(out, shards, copy, overwrite):
+    """Join the shard stores of one `encode --shard` run into the store OUT, in source order.
+
+    Without SHARDS, the ones `--shard auto` wrote for OUT (OUT-stem.shard-I-of-N.h5). By default
+    OUT reads the shards' rows in place (HDF5 virtual datasets, no vector copied): keep the
+    shards beside it, and move them together with it.
+    """
+    from .sharding import find_shards
     from .store import open_store
     from .writer import merge_stores
 
-    merge_stores(out, shards, overwrite=overwrite)
+    shards = list(shards) or [str(p) for p in find_shards(out)]
+    merge_stores(out, shards, overwrite=overwrite, copy=copy)
     with open_store(out) as s:
-        click.echo(f"merged {len(shards)} shards into {out} ({len(s)} images)")
+        how = "copied" if copy else "over the shard files, nothing copied"
+        click.echo(f"merged {len(shards)} shards into {out} ({len(s)} images; {how})")
+
+
+@main.command()
+@click.argument("head_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Predictions file to write (.parquet).")
+@click.option("--model", "-m", default=None, help="CLIP to embed with. [default: the head's own backbone]")
+@click.option("--format", "fmt", default="auto", type=click.Choice(_formats()), help="Dataset format; auto detects the obvious ones.")
+@click.option("--top-k", default=0, type=click.IntRange(min=0), help="Also keep the top-k images per class, on the fly (OUT-stem.topK.json).")
+@click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes decoding images. [default: half the cores on GPU, none on CPU]")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", default="auto", type=click.Choice(PRECISIONS), help="auto = fp16 autocast on GPU, fp32 on CPU.")
+@click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Round vectors as the head's training store did.")
+@click.option("--no-normalize", is_flag=True, help="The head was trained on raw (not L2-normalised) vectors.")
+@click.option("--split", default=None, help="As for encode.")
+@click.option("--label-level", default=None, help="As for encode.")
+@click.option("--source-option", "-O", "source_opts", multiple=True, metavar="KEY=VALUE", help="Any other option of the format (repeatable).")
+@click.option("--devices", default=None, metavar="LIST", help="One worker per device of this machine: cuda:0,cuda:1,..., all, or cpu,cpu.")
+@click.option("--engine", default="local", type=click.Choice(["local", "ray"]), help="local: this machine; ray: a Ray Data pipeline.")
+@click.option("--address", default=None, help="--engine ray: the Ray cluster to join.")
+@click.option("--num-gpus-per-worker", default=None, type=click.FloatRange(min=0), help="--engine ray: GPUs per embedding worker.")
+@click.option("--embed-workers", default=None, type=click.IntRange(min=1), help="--engine ray: embedding workers.")
+@click.option("--decode-cpus", default=None, type=click.IntRange(min=1), help="--engine ray: decoding workers.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_ALLOW_OUTSIDE
+@click.pass_context
+@friendly
+def predict(ctx, head_dir, source, out, model, fmt, top_k, batch_size, workers, device, precision, dtype, no_normalize, split,
+            label_level, source_opts, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite,
+            allow_outside_root):
+    """Encode SOURCE and classify it with the saved head HEAD_DIR in one streaming pass: one parquet row per image.
+
+    No store is written: rows (key, prediction, probability, p_<class>, skipped) are appended as
+    the images come, so memory stays flat however many there are.
+    """
+    from .predict import predict as run
+
+    r = run(head_dir, source, out, model=model, format=fmt, top_k=top_k, batch_size=batch_size, workers=workers,
+            device=device, precision=precision, dtype=dtype, normalize=not no_normalize,
+            source_options=_source_options(fmt, split, label_level, allow_outside_root, source_opts),
+            devices=_parse_devices(devices, engine), engine=engine,
+            ray_options=_ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus),
+            overwrite=overwrite, progress=ctx.obj["progress"])
+    click.echo(f"wrote {r.path}: {r.n_rows} rows ({r.n_skipped} skipped)" + (f"; top {top_k} per class in {r.top_k_path}" if r.top_k_path else ""))
 
 
 @main.command()
@@ -274,6 +379,17 @@ def verify(store):
         sys.exit(1)
 
 
+_NO_PLOTS = click.option(
+    "--no-plots", is_flag=True,
+    help="Skip the figures (PNG + SVG in plots/) for speed; index.html and every number are written as always.")
+
+
+def _page(out_dir) -> str:
+    from pathlib import Path
+
+    return f"report page: {Path(out_dir) / 'index.html'}"
+
+
 def _heads() -> list[str]:
     from .catalog import list_heads
 
@@ -310,8 +426,9 @@ def _templates(text: str | None):
 @click.option("--top-k", default=0, type=click.IntRange(min=0), help="Also write the top-k images per class (JSON, and a PNG grid when images are reachable).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/zero-shot/<store>[-<prompts>][-t<templates>][-<label map>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
+@_NO_PLOTS
 @friendly
-def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite):
+def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite, no_plots):
     """Zero-shot classification of STORE by cosine to its prompt embeddings."""
     from pathlib import Path
 
@@ -320,10 +437,10 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite
 
     out_dir = out_dir or str(default_out_dir("zero-shot", Path(store).stem, prompt_set,
                                              templates and f"t{templates}", label_map))
-    rep = run_zero_shot(store, prompt_set=prompt_set, templates=_templates(templates), out_dir=out_dir, label_map=label_map,
-                        top_k=top_k, overwrite=overwrite)
+    rep = run_zero_shot(store, prompt_set=prompt_set, template_ids=_templates(templates), out_dir=out_dir,
+                        label_map=label_map, top_k=top_k, overwrite=overwrite, plots=False if no_plots else None)
     click.echo(rep.text)
-    click.echo(f"written to {out_dir}")
+    click.echo(f"written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command("train-head")
@@ -336,16 +453,22 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite
 @click.option("--prompts", "prompt_set", default=None, help="Prompt set for text-side heads (contrastive, tip-adapter). [default: the store's default set]")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Head parameter, e.g. --param hidden=256 --param dropout=0.2 (repeatable).")
 @click.option("--seed", default=0, help="Seed of the folds and of training.")
+@_NO_PLOTS
 @click.pass_context
 @friendly
-def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_set, params, seed):
+def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_set, params, seed, no_plots):
     """Train HEAD on the cached vectors of STORE and save it to --out."""
     from .evaluate import train_head
+    from .heads import ParameterError
 
-    rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
-                     head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
+    try:
+        rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
+                         head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"],
+                         plots=False if no_plots else None)
+    except ParameterError as e:  # a --param value: bad usage, exit 2
+        raise click.BadParameter(str(e), param_hint="--param") from None
     click.echo(rep.text)
-    click.echo(f"head and reports written to {out_dir}")
+    click.echo(f"head and reports written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command()
@@ -355,8 +478,9 @@ def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_
 @click.option("--prompts", "prompt_set", default=None, help="Prompt set of STORE for text-side heads queried with its classes.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/evaluate/<head>-on-<store>[-<label map>][-<prompts>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
+@_NO_PLOTS
 @friendly
-def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite):
+def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite, no_plots):
     """Evaluate a saved head (HEAD_DIR) on STORE."""
     from pathlib import Path
 
@@ -365,9 +489,10 @@ def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite):
 
     out_dir = out_dir or str(default_out_dir("evaluate", f"{Path(head_dir).resolve().name}-on-{Path(store).stem}",
                                              label_map, prompt_set))
-    rep = evaluate_head(head_dir, store, out_dir=out_dir, label_map=label_map, prompt_set=prompt_set, overwrite=overwrite)
+    rep = evaluate_head(head_dir, store, out_dir=out_dir, label_map=label_map, prompt_set=prompt_set, overwrite=overwrite,
+                        plots=False if no_plots else None)
     click.echo(rep.text)
-    click.echo(f"written to {out_dir}")
+    click.echo(f"written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command("ablate-prompts")
@@ -375,8 +500,9 @@ def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite):
 @click.option("--prompts", "prompt_sets", multiple=True, help="Prompt sets to ablate (repeatable). [default: all in the store]")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/ablate-prompts/<store>[-<prompt sets>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
+@_NO_PLOTS
 @friendly
-def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
+def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite, no_plots):
     """Rank every template (alone) and every prompt set (ensemble) of STORE by zero-shot accuracy."""
     from pathlib import Path
 
@@ -384,9 +510,10 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
     from .results import default_out_dir
 
     out_dir = out_dir or str(default_out_dir("ablate-prompts", Path(store).stem, *prompt_sets))
-    rep = ablate_prompts(store, prompt_sets=list(prompt_sets) or None, out_dir=out_dir, overwrite=overwrite)
+    rep = ablate_prompts(store, prompt_sets=list(prompt_sets) or None, out_dir=out_dir, overwrite=overwrite,
+                         plots=False if no_plots else None)
     click.echo(rep.text)
-    click.echo(f"written to {out_dir}")
+    click.echo(f"written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command()
@@ -395,9 +522,10 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for comparison.csv, comparison.md and comparison.png.")
 @click.option("--allow-mixed-data", is_flag=True, help="Merge runs on different data (store fingerprints) into one row; the row says so.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds another comparison or other results.")
+@_NO_PLOTS
 @friendly
-def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite):
-    """One table across the results folders RUN_DIRS (train-head, zero-shot, evaluate, ablate-prompts, finetune --cv)."""
+def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite, no_plots):
+    """One table across the results folders RUN_DIRS (train-head, zero-shot, evaluate, ablate-prompts, finetune --cv, generalisation)."""
     from .compare import MixedDataError, compare_runs, parse_by
 
     try:
@@ -405,11 +533,12 @@ def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--by") from None
     try:
-        comp = compare_runs(run_dirs, by=fields, out_dir=out_dir, allow_mixed_data=allow_mixed_data, overwrite=overwrite)
+        comp = compare_runs(run_dirs, by=fields, out_dir=out_dir, allow_mixed_data=allow_mixed_data, overwrite=overwrite,
+                            plots=False if no_plots else None)
     except MixedDataError as e:
         raise click.UsageError(str(e)) from None
     click.echo(comp.to_markdown())
-    click.echo(f"written to {out_dir}")
+    click.echo(f"written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command()
@@ -424,16 +553,18 @@ def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite):
 @click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
 @click.option("--url", default=None, hidden=True, help="Download URL of the tarball (tests).")
 @click.option("--md5", default=None, hidden=True, help="Expected MD5 of the tarball (tests).")
+@_NO_PLOTS
 @click.pass_context
 @friendly
-def demo(ctx, source, model, limit, cv, seed, out_dir, device, batch_size, workers, url, md5):
+def demo(ctx, source, model, limit, cv, seed, out_dir, device, batch_size, workers, url, md5, no_plots):
     """The whole tool on real data: CIFAR-100 (downloaded, MD5-checked), encode, zero-shot, prompt ablation, 10-fold CV of heads."""
     from .demo import CIFAR100_MD5, CIFAR100_URL, run_demo
 
     summary = run_demo(out_dir, source=source, model=model, limit=limit, cv=cv, seed=seed, device=device, batch_size=batch_size,
-                       workers=workers, url=url or CIFAR100_URL, md5=md5 or CIFAR100_MD5, progress=ctx.obj["progress"])
+                       workers=workers, url=url or CIFAR100_URL, md5=md5 or CIFAR100_MD5, progress=ctx.obj["progress"],
+                       plots=False if no_plots else None)
     click.echo(summary["headline"])
-    click.echo(f"full tables (the papers' layout) in {out_dir}/report.txt")
+    click.echo(f"full tables (the papers' layout) in {out_dir}/report.txt; {_page(out_dir)}")
 
 
 def _floats(text: str) -> list[float]:
@@ -531,10 +662,11 @@ def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--seed", default=0, help="Seed of the hold-out fold and of training.")
 @_ALLOW_OUTSIDE
+@_NO_PLOTS
 @click.pass_context
 @friendly
 def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, a_split, b_split, alphas, holdout, finetuned,
-                   epochs, batch_size, micro_batch, device, seed, allow_outside_root):
+                   epochs, batch_size, micro_batch, device, seed, allow_outside_root, no_plots):
     """B&P Table 5 and the WiSE-FT curve: fine-tune on A, zero-shot held-out A and all of B at every alpha."""
     from .wise_ft import generalisation as run
 
@@ -547,9 +679,9 @@ def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, 
     result = run(a_source, b_source, out_dir, model, alphas=_floats(alphas), holdout=hold, seed=seed, finetuned=finetuned,
                  a_format=a_format, b_format=b_format, a_options=_source_options(a_format, a_split, None, allow_outside_root),
                  b_options=_source_options(b_format, b_split, None, allow_outside_root), epochs=epochs, batch_size=batch_size,
-                 micro_batch=micro_batch, device=device, progress=ctx.obj["progress"])
+                 micro_batch=micro_batch, device=device, progress=ctx.obj["progress"], plots=False if no_plots else None)
     click.echo(result["text"])
-    click.echo(f"written to {out_dir}/generalisation.txt")
+    click.echo(f"written to {out_dir}/generalisation.txt; {_page(out_dir)}")
 
 
 @main.command()
@@ -568,9 +700,10 @@ def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, 
 @click.option("--ft-batch-size", default=256, type=click.IntRange(min=2), help="Fine-tune contrastive batch (the paper: 256).")
 @click.option("--micro-batch", default=None, type=click.IntRange(min=1), help="Fine-tune gradient accumulation micro-batch.")
 @click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
+@_NO_PLOTS
 @click.pass_context
 @friendly
-def reproduce(ctx, fi, cifar, out_dir, model, cv, seed, heads, no_finetune, cifar_split, alphas, device, batch_size, ft_batch_size, micro_batch, workers):
+def reproduce(ctx, fi, cifar, out_dir, model, cv, seed, heads, no_finetune, cifar_split, alphas, device, batch_size, ft_batch_size, micro_batch, workers, no_plots):
     """Bondielli & Passaro's Tables 1-5 (ours beside the paper's) and the frozen-CLIP heads, in one run."""
     from .heads import list_heads
     from .reproduce import reproduce as run
@@ -581,9 +714,10 @@ def reproduce(ctx, fi, cifar, out_dir, model, cv, seed, heads, no_finetune, cifa
         raise click.BadParameter(f"unknown heads {unknown}; valid: {', '.join(list_heads())}", param_hint="--heads")
     result = run(fi, cifar, out_dir, model=model, cv=cv, seed=seed, heads=names, finetune=not no_finetune, alphas=_floats(alphas),
                  cifar_split=cifar_split, device=device, batch_size=batch_size, workers=workers,
-                 finetune_options={"batch_size": ft_batch_size, "micro_batch": micro_batch}, progress=ctx.obj["progress"])
+                 finetune_options={"batch_size": ft_batch_size, "micro_batch": micro_batch}, progress=ctx.obj["progress"],
+                 plots=False if no_plots else None)
     click.echo(result["text"])
-    click.echo(f"written to {out_dir}/tables.md")
+    click.echo(f"written to {out_dir}/tables.md; {_page(out_dir)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

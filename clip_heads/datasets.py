@@ -5,8 +5,9 @@ Every format is a :class:`clip_heads.source.Source` (a map-style, picklable list
 This module holds the folder-like formats (plain class folders, FI, WEBEmo, Emotion6, CSV
 manifests); the others have a module each: CIFAR-100's python format (:mod:`clip_heads.cifar`),
 EmoSet (:mod:`clip_heads.emoset`), ArtPhoto and Abstract (:mod:`clip_heads.art_datasets`),
-Twitter I (:mod:`clip_heads.twitter`), EmotionROI (:mod:`clip_heads.emotionroi`) and Hugging Face
-datasets on disk (:mod:`clip_heads.hf_source`); the walking and checking they share is in
+Twitter I (:mod:`clip_heads.twitter`), EmotionROI (:mod:`clip_heads.emotionroi`), Hugging Face
+datasets on disk and parquet files (:mod:`clip_heads.hf_source`) and webdataset tar shards
+(:mod:`clip_heads.webdataset_source`); the walking and checking they share is in
 :mod:`clip_heads.folders`. Formats are looked up by name in :data:`SOURCES`; :func:`open_source`
 opens a path, detecting the format when asked for ``"auto"``.
 
@@ -38,10 +39,11 @@ from .emoset import EMOSET_SPLITS, EmoSetSource
 from .emotionroi import EMOTIONROI_SPLIT_DIR, EmotionROISource
 from .emotions import EKMAN_EMOTIONS, MIKELS_EMOTIONS
 from .folders import check_inside, check_listed_file, collect, match_names, open_text, require_dir, subdirs
-from .hf_source import HFSource, is_hf_dataset
+from .hf_source import HFSource, ParquetSource, is_hf_dataset
 from .images import ImageLimits, file_kind
 from .source import Source
 from .twitter import TWITTER_IMAGES, TWITTER_LISTS, TwitterISource
+from .webdataset_source import WebDatasetSource, has_braces
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +260,8 @@ SOURCES: dict[str, type[Source]] = {
     "twitter1": TwitterISource,
     "emotionroi": EmotionROISource,
     "hf": HFSource,
+    "parquet": ParquetSource,
+    "webdataset": WebDatasetSource,
 }
 
 
@@ -269,9 +273,15 @@ def list_formats() -> list[str]:
 def detect_format(path: str) -> str:
     """Guess the format of ``path``; FI and WEBEmo are plain class folders and detect as folder."""
     low = path.lower()
+    if has_braces(path) and not os.path.exists(path):
+        return "webdataset"
     if os.path.isfile(path):
+        if low.endswith(".tar") and not _is_cifar_tar(path):
+            return "webdataset"
         if low.endswith((".tar.gz", ".tgz", ".tar")):
             return "cifar100"
+        if low.endswith((".parquet", ".arrow")):
+            return "parquet"
         if low.endswith((".csv", ".tsv")):
             return "csv"
         raise ValueError(f"cannot detect the dataset format of file '{path}': expected a .csv/.tsv "
@@ -301,6 +311,18 @@ def detect_format(path: str) -> str:
     return "folder"
 
 
+def _is_cifar_tar(path: str) -> bool:
+    """Whether a plain .tar holds cifar-100-python (else it is read as a webdataset shard)."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as t:
+            first = t.next()
+    except (tarfile.TarError, OSError, EOFError):
+        return True  # not a readable plain tar: let the cifar100 reader say what is wrong
+    return first is not None and first.name.split("/")[0].startswith("cifar-100")
+
+
 def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", *, allow_outside_root: bool = False,
                 limits: ImageLimits | None = None, **options: Any) -> Source:
     """Open a dataset as a :class:`Source`.
@@ -315,8 +337,10 @@ def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", *, a
         image/), abstract (ABSTRACT_groundTruth.csv), twitter1 (Agg_AMT_Candidates/ + an
         *_agree.txt), emotionroi (images/ + training_testing_split/), hf (dataset_dict.json,
         state.json + dataset_info.json, or *.parquet at the top or in data/), artphoto (no
-        subfolders, every image named <emotion>_...), csv (.csv/.tsv) and otherwise folder.
-        FI and WEBEmo must be named.
+        subfolders, every image named <emotion>_...), csv (.csv/.tsv), webdataset (a brace
+        pattern such as ``data/{00000..00127}.tar``, or a plain .tar that is not CIFAR-100),
+        parquet (a .parquet or .arrow file) and otherwise folder. FI and WEBEmo must be named,
+        and so must a folder of parquet files read as ``parquet`` rather than ``hf``.
     allow_outside_root : bool
         Read files that resolve outside the source's folder (manifest paths with ``..`` or
         absolute paths elsewhere, symlinks out of the root). Off by default.
@@ -327,22 +351,27 @@ def open_source(path: Union[str, "os.PathLike[str]"], format: str = "auto", *, a
         "train", "all"), ``label_level`` ("fine", "coarse"); webemo: ``level`` (2, 7, 25);
         emoset: ``split`` ("all", "train", "val", "test"), ``attributes`` (bool); abstract:
         ``ties`` ("drop", "first"); twitter1: ``agreement`` (3, 4, 5); hf: ``image_column``,
-        ``label_column``, ``split``.
+        ``label_column``, ``split``; parquet: ``image_column``, ``label_column``,
+        ``key_column``; webdataset: ``label_key``, ``classes``.
 
     Returns
     -------
     Source
     """
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    name = str(format).lower()
+    if name in ("webdataset", "auto") and has_braces(path) and not os.path.exists(path):
+        mode = stat.S_IFREG  # a pattern of tar shards: the source checks every file it names
+    else:
+        mode = None
     try:
-        mode = os.stat(path).st_mode
+        mode = mode or os.stat(path).st_mode
     except FileNotFoundError:
         raise FileNotFoundError(f"dataset path '{path}' does not exist") from None
     except OSError as e:
         raise ValueError(f"cannot open dataset path '{path}': {e.strerror or e}") from e
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise ValueError(f"dataset path '{path}' is a {file_kind(mode)}: expected a folder or a regular file")
-    name = str(format).lower()
     if name not in list_formats():
         raise ValueError(f"unknown dataset format {format!r}; valid: {', '.join(list_formats())}")
     if name == "auto":

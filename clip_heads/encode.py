@@ -8,6 +8,12 @@ command after any interruption - Ctrl-C, SIGKILL, a full disk - continues from t
 batches aligned as before, and ends with the same store an uninterrupted run writes. One
 process writes a store at a time (its lock), and an existing store is replaced only once the
 new one is complete.
+
+Where the images are embedded is the engine's business (:mod:`clip_heads.engines`): this
+process (the default), one worker per device (``devices=["cuda:0", "cuda:1"]``), or a Ray
+cluster (``engine="ray"``, :mod:`clip_heads.ray_engine`). All of them cut the run into the same
+blocks and hand them back in order to this one writer, so the store is the same whichever ran.
+``shard="auto"`` takes the shard from a Slurm array or torchrun (:mod:`clip_heads.sharding`).
 """
 from __future__ import annotations
 
@@ -18,15 +24,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
 from .backbones.model import Backbone, resolve_precision
 from .catalog import DEFAULT_MODEL, parse_features
 from .identity import check_identity, model_identity
 from .datasets import open_source
+from .engines import ENGINES, BlockResult, EmbedJob, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
+from .runner import Runner
 from .fsutil import exclusive_lock
-from .loading import DecodedBatches
 from .prompts import default_template_sets, encode_prompt_set, load_templates
 from .store import PRE_EMBEDS, FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
 from .journal import StoreWriter
@@ -46,6 +51,7 @@ class EncodeResult:
     n_images: int
     n_skipped: int
     status: str  # "encoded", "resumed", "up-to-date"
+    batches: int = 0  # blocks of images this run decoded and embedded (a resume skips the committed ones)
 
 
 def sample_positions(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -55,16 +61,6 @@ def sample_positions(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit <= 0:
         raise ValueError(f"--limit must be a positive number of images; got {limit}")
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-
-
-def default_workers(device: torch.device | str = "cpu") -> int:
-    """Decoding processes that pay off: on a GPU, half the cores keep it fed; on a CPU the
-    forward pass already uses every core and decoding costs ~5% of it (ViT-B/32: ~3.5 ms vs
-    ~70 ms an image on 2 cores), so a worker only takes cores from torch unless there are many."""
-    cores = os.cpu_count() or 2
-    if torch.device(device).type == "cpu":
-        return 0 if cores <= 4 else cores // 8
-    return max(1, min(8, cores // 2))
 
 
 def _check_matches(found: dict, wanted: dict, path: Path) -> None:
@@ -93,16 +89,20 @@ def encode(
     limit: int | None = None,
     seed: int = 0,
     source_options: dict[str, Any] | None = None,
-    shard: tuple[int, int] | None = None,
+    shard: tuple[int, int] | str | None = None,
     progress: bool = True,
     backbone: Backbone | None = None,
     features: str | Sequence[str] = "projected",
+    engine: str = "local",
+    devices: str | Sequence[str] | None = None,
+    ray_options: dict[str, Any] | None = None,
 ) -> EncodeResult:
     """Encode every image of ``source`` and its prompt sets into the store ``out``.
 
     Parameters
     ----------
-    source : image folder, CSV/TSV manifest, Emotion6 / FI / WEBEmo folder, or CIFAR-100 python tarball/folder.
+    source : image folder, CSV/TSV manifest, Emotion6 / FI / WEBEmo folder, CIFAR-100 python
+        tarball/folder, webdataset tar shards (``data/{00000..00127}.tar``), parquet files, ...
     out : store path (``.h5``). An unfinished ``<out>.partial`` from an interrupted run is resumed.
     templates : template sets (names or files) for the prompt side; default: the set for the
         dataset's kind (emotion captions for emotion datasets, photo captions otherwise).
@@ -111,6 +111,14 @@ def encode(
     normalize : store L2-normalised vectors (the default; the attribute records it).
     shard : ``(i, n)``: encode only the i-th of n contiguous slices of the images, so n
         processes (one per GPU or machine) share the work; join them with :func:`merge_stores`.
+        ``"auto"``: the shard of this Slurm array task or torchrun rank, written to
+        ``<out stem>.shard-I-of-N<suffix>``. A sharded encode leaves a done-marker, and a rerun
+        of a finished shard returns at once.
+    engine : "local" (this process, or one worker per device with ``devices``) or "ray".
+    devices : several devices of this machine (``"cuda:0,cuda:1"``, ``"cpu,cpu"``, ``"all"``),
+        one worker process each, ending with one store.
+    ray_options : for ``engine="ray"``: ``address``, ``num_gpus_per_worker``, ``decode_cpus``,
+        ``embed_workers``, ``threads`` (see :class:`clip_heads.ray_engine.RayEngine`).
     features : "projected" (default), or "projected,pre-projection" to also store the image
         tower's pooled output before the projection (``/images/pre_embeds``) and the projection
         itself (``/projection``; SigLIP has none: its pre-projection features are its embeddings,
@@ -121,7 +129,38 @@ def encode(
     if dtype not in ("float16", "float32"):
         raise ValueError(f"unknown dtype {dtype!r}; valid: float16, float32")
     features = parse_features(features)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    devices = parse_devices(devices)
+    if devices and engine != "local":
+        raise ValueError(f"--devices runs one worker per device of this machine; with --engine {engine} the engine "
+                         "places the workers: drop --devices")
+    if devices and len(devices) == 1:
+        device, devices = devices[0], None
+    if shard == "auto":
+        from .sharding import auto_device, auto_shard, shard_path
+
+        shard = auto_shard()
+        out = shard_path(out, *shard)
+        device = auto_device(device)
+        logger.info("--shard auto: shard %d of %d, writing %s", shard[0], shard[1], out)
     out = Path(out)
+    run_key = None
+    if shard is not None:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"--shard {i}/{n} is invalid: use I/N with 0 <= I < N")
+        from .sharding import is_done, run_digest
+
+        run_key = run_digest({"source": os.path.abspath(os.fspath(source)), "format": format, "options": source_options or {},
+                              "model": str(model), "templates": list(templates or []), "batch_size": batch_size,
+                              "dtype": dtype, "normalize": normalize, "limit": limit, "seed": seed, "shard": list(shard),
+                              # (the default's key stays as before, so earlier done-markers still count)
+                              **({"features": list(features)} if features != ("projected",) else {})})
+        done = None if overwrite else is_done(out, run_key)
+        if done is not None:  # a rerun of the array: this shard finished; list nothing, load nothing
+            logger.info("%s is done (its marker says so); nothing to do", out)
+            return EncodeResult(out, int(done.get("rows", 0)), int(done.get("skipped", 0)), "up-to-date")
     part = StoreWriter.partial_path(out)
     # One writer per store, from the first moment: a second encode (or `prompts`) of the same
     # store fails at once, naming this one.
@@ -129,10 +168,7 @@ def encode(
         src = open_source(source, format=format, **(source_options or {}))
         positions = sample_positions(len(src), limit, seed)
         if shard is not None:
-            i, n = shard
-            if not (n >= 1 and 0 <= i < n):
-                raise ValueError(f"--shard {i}/{n} is invalid: use I/N with 0 <= I < N")
-            positions = np.array_split(positions, n)[i]
+            positions = np.array_split(positions, shard[1])[shard[0]]
         desc = dict(src.describe(), limit=limit, seed=seed if limit else None)
         fingerprint = src.fingerprint() + (f":limit={limit}:seed={seed}" if limit and limit < len(src) else "")
         template_sets = list(templates) if templates else list(default_template_sets(src.format))
@@ -160,59 +196,75 @@ def encode(
                 from .prompts import add_prompts
 
                 add_prompts(str(out), missing, device=device, progress=progress)
+            _mark(out, run_key, n, n_skipped)
             logger.info("%s is complete and up to date (%d images); nothing to do", out, n)
             return EncodeResult(out, n, n_skipped, "up-to-date")
 
         # Loading the model comes before anything is written or removed: a wrong --model
         # leaves an existing store (even with --overwrite) and any journal as they were.
-        backbone = backbone or Backbone(model, device=device, precision=precision)
-        used_precision = resolve_precision(backbone.device, precision)
-        writer = None
-        if part.exists():
-            try:
-                found = StoreWriter.read_partial_attrs(out)
-                check_identity(found, backbone.identity, str(part), _REMEDY)
-                _check_matches(found, wanted, part)
-                _check_resume(found, used_precision, batch_size, part)
-                writer, status = StoreWriter.resume(out), "resumed"
-            except ValueError as e:  # StoreError, or check_identity's refusal
-                if not overwrite:
-                    raise
-                logger.info("starting over (--overwrite): %s", e)
-        if writer is None:
-            attrs = dict(
-                backbone.provenance(features),
-                normalized=normalize,
-                versions=library_versions(),
-                source=desc,
-                source_fingerprint=fingerprint,
-                precision=used_precision,
-                batch_size=batch_size,
-            )
-            if shard is not None:
-                attrs.update(shard_index=shard[0], shard_count=shard[1])
-            extras = {k: v[:1] for k, v in src.extras.items()}
-            spec = extras_spec(extras, getattr(src, "extras_meta", None))
-            if "pre-projection" in features:  # one more per-image column, at /images/pre_embeds
-                spec[PRE_EMBEDS] = ((backbone.pre_dim,), np.dtype(dtype), None)
-            writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype, extras=spec, attrs=attrs)
-            status = "encoded"
-
+        backbone = backbone or Backbone(model, device=devices[0] if devices else device, precision=precision)
+        runner = Runner(engine, backbone, devices, workers, ray_options, progress)
         try:
-            _stream(src, positions, writer, backbone, batch_size, workers, normalize, progress,
-                    "pre-projection" in features)
-            sealed = writer.sealed_prompt_sets(template_sets)
-            if sealed is not None:  # a run killed while finishing already encoded them
-                sets, default = sealed
-            else:
-                sets = [encode_prompt_set(backbone, t, src.classes, progress=progress) for t in template_sets]
-                default = sets[0].name if sets else None
-            n_images, n_skipped = writer.progress[1], writer.progress[2]
-            writer.finish(sets, default_prompts=default, sources=template_sets)
+            used_precision = resolve_precision(runner.device, precision)
+            writer = None
+            if part.exists():
+                try:
+                    found = StoreWriter.read_partial_attrs(out)
+                    check_identity(found, backbone.identity, str(part), _REMEDY)
+                    _check_matches(found, wanted, part)
+                    _check_resume(found, used_precision, batch_size, part)
+                    writer, status = StoreWriter.resume(out), "resumed"
+                except ValueError as e:  # StoreError, or check_identity's refusal
+                    if not overwrite:
+                        raise
+                    logger.info("starting over (--overwrite): %s", e)
+            if writer is None:
+                attrs = dict(
+                    backbone.provenance(features),
+                    normalized=normalize,
+                    versions=library_versions(),
+                    source=desc,
+                    source_fingerprint=fingerprint,
+                    precision=used_precision,
+                    batch_size=batch_size,
+                )
+                if shard is not None:
+                    attrs.update(shard_index=shard[0], shard_count=shard[1])
+                extras = {k: v[:1] for k, v in src.extras.items()}
+                spec = extras_spec(extras, getattr(src, "extras_meta", None))
+                if "pre-projection" in features:  # one more per-image column, at /images/pre_embeds
+                    spec[PRE_EMBEDS] = ((backbone.pre_dim,), np.dtype(dtype), None)
+                writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype, extras=spec,
+                                            attrs=attrs)
+                status = "encoded"
+
+            try:
+                job = EmbedJob(src, positions, plan_blocks(len(positions), writer.progress[0], batch_size),
+                               backbone.preprocess, worker_model(model) if backbone.model_id == str(model) else backbone.model_id,
+                               backbone.identity, used_precision, pre_projection="pre-projection" in features)
+                batches = _stream(src, len(positions), writer, runner.blocks(job), normalize, progress)
+                sealed = writer.sealed_prompt_sets(template_sets)
+                if sealed is not None:  # a run killed while finishing already encoded them
+                    sets, default = sealed
+                else:
+                    sets = [encode_prompt_set(backbone, t, src.classes, progress=progress) for t in template_sets]
+                    default = sets[0].name if sets else None
+                n_images, n_skipped = writer.progress[1], writer.progress[2]
+                writer.finish(sets, default_prompts=default, sources=template_sets)
+            finally:
+                writer.close()  # the committed prefix stays in <out>.partial for the next run
         finally:
-            writer.close()  # the committed prefix stays in <out>.partial for the next run
+            runner.close()
+        _mark(out, run_key, n_images, n_skipped)
     logger.info("wrote %s: %d images, %d skipped", out, n_images, n_skipped)
-    return EncodeResult(out, n_images, n_skipped, status)
+    return EncodeResult(out, n_images, n_skipped, status, batches)
+
+
+def _mark(out: Path, run_key: str | None, rows: int, skipped: int) -> None:
+    if run_key is not None:
+        from .sharding import mark_done
+
+        mark_done(out, run_key, rows=rows, skipped=skipped)
 
 
 def _check_resume(found: dict, precision: str, batch_size: int, part: Path) -> None:
@@ -244,7 +296,7 @@ def _drop_finished_journal(out: Path, found: dict) -> None:
     except StoreError as e:
         logger.warning("%s is left as it is: %s", part, e)
         return
-    same = all(str(theirs.get(k)) == str(found.get(k)) for k in _IDENTITY + _MODEL_IDENTITY + ("created",))
+    same = all(str(theirs.get(k)) == str(found.get(k)) for k in _IDENTITY + _MODEL_IDENTITY + ("created", "store_id"))
     if same:
         logger.info("removing %s: the store it built is in place", part)
         StoreWriter.discard(out)
@@ -253,54 +305,40 @@ def _drop_finished_journal(out: Path, found: dict) -> None:
                        "use --overwrite to replace %s with it)", part, out)
 
 
-def _stream(src, positions, writer: StoreWriter, backbone: Backbone, batch_size, workers, normalize, progress,
-            pre_projection: bool = False) -> None:
+def _stream(src, n_positions: int, writer: StoreWriter, results, normalize: bool, progress: bool) -> int:
+    """Commit the engine's blocks, in order, to the journal; the number of blocks this run embedded."""
     from tqdm.auto import tqdm
 
     done = writer.progress[0]
-    todo = positions[done:]
-    if not len(todo):
-        return
-    workers = default_workers(backbone.device) if workers is None else workers
-    # Batches stay aligned to multiples of batch_size from the start of the run: a resume whose
-    # cursor sits inside a batch first finishes that batch, so every batch holds the same images
-    # as in an uninterrupted run (and the store is bit-identical to one).
-    head = min(len(todo), (-done) % batch_size)
-    parts = ([(todo[:head], head)] if head else []) + [(todo[head:], batch_size)]
-
-    def loader(pos, size):
-        return DataLoader(
-            DecodedBatches(src, pos, size, backbone.preprocess),
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=backbone.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-            persistent_workers=False,
-        )
-
     extras = src.extras
-    bar = tqdm(total=len(positions), initial=done, unit="img", desc="encode", disable=not progress, smoothing=0.1)
-    for pos, size in parts:
-        if not len(pos):
-            continue
-        for batch in loader(pos, size):
-            good = batch["good"]
-            if good:
-                if pre_projection:
-                    emb, pre = backbone.image_features(batch["pixels"], pre_projection=True)
-                else:
-                    emb, pre = backbone.encode_pixels(batch["pixels"]), None
-                emb = emb.cpu().numpy()
-                emb = l2_normalize(emb) if normalize else emb
-                cols = {k: v[good] for k, v in extras.items()}
-                if pre is not None:
-                    cols[PRE_EMBEDS] = pre.cpu().numpy()
-                writer.append(emb, [src.keys[i] for i in good], src.labels[good], cols)
-            for i, reason in batch["bad"]:
-                logger.warning("skipped %s: %s", src.keys[i], reason)
-                writer.skip(src.keys[i], reason)
-            done += batch["n"]
-            writer.commit(done)
-            bar.update(batch["n"])
+    count = 0
+    bar = tqdm(total=n_positions, initial=done, unit="img", desc="encode", disable=not progress, smoothing=0.1)
+    try:
+        for r in results:
+            commit_block(writer, src, r, normalize, extras)
+            count += 1
+            bar.update(r.n)
             bar.set_postfix(skipped=writer.progress[2], refresh=False)
-    bar.close()
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()  # stops the engine's workers now, not when the generator is collected
+        bar.close()
+    return count
+
+
+def commit_block(writer: StoreWriter, src, r: BlockResult, normalize: bool, extras=None) -> None:
+    """One block's rows (with its pre-projection features when the engine computed them) and
+    skips into the journal, committed whole."""
+    extras = src.extras if extras is None else extras
+    good = r.good
+    if good:
+        emb = l2_normalize(r.embeds) if normalize else r.embeds
+        cols = {k: v[good] for k, v in extras.items()}
+        if r.pre_embeds is not None:  # --features pre-projection: the pooled output, as it came (not normalised)
+            cols[PRE_EMBEDS] = r.pre_embeds
+        writer.append(emb, [src.keys[i] for i in good], src.labels[good], cols)
+    for i, reason in r.bad:
+        logger.warning("skipped %s: %s", src.keys[i], reason)
+        writer.skip(src.keys[i], reason)
+    writer.commit(writer.progress[0] + r.n)

@@ -321,7 +321,8 @@ _BUILTIN_ERRORS = {t.__name__: t for t in (ValueError, KeyError, TypeError, File
                                            RuntimeError, KeyboardInterrupt)}
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (a no-op elsewhere)."""
     # Linux: the child gets SIGKILL when the parent dies, so a killed writer never leaves an
     # orphan finishing (and holding the parent's lock) behind its back.
     if not sys.platform.startswith("linux"):
@@ -356,7 +357,7 @@ def run_isolated(fn: Callable[..., Any], *args: Any, what: str = "a write",
         code = 0
         try:
             os.close(r)
-            _die_with_parent()
+            die_with_parent()
             if os.getppid() != parent:
                 os._exit(1)
             fn(*args)

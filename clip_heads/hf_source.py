@@ -140,7 +140,7 @@ class HFSource(Source):
     def __init__(self, path: str, image_column: str | None = None, label_column: str | None = None,
                  split: str | None = None, allow_outside_root: bool = False) -> None:
         pa = _pyarrow()
-        require_dir(path, self.format)
+        path = self._root_folder(path)
         self._set_root_policy(path, allow_outside_root)
         shards, features, layout = self._layout(path, split)
         schema = None
@@ -160,16 +160,35 @@ class HFSource(Source):
         features = features or {}
         self.image_column = self._pick_image(pa, schema, features, image_column, path)
         self.label_column = self._pick_label(schema, features, label_column, path)
-        if layout == "parquet":
-            self._check_row_groups(pa, path, shards)
-        try:
-            values = pa.chunked_array([c for sh in shards for c in self._read_labels(pa, path, sh)],
-                                      type=schema.field(self.label_column).type)
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"hf: cannot read the label column {self.label_column!r} in '{path}': {e}") from e
-        classes, y = self._labels(pa, values, features)
+        if any(sh.kind == "parquet" for sh in shards):
+            self._check_row_groups(pa, path, [sh for sh in shards if sh.kind == "parquet"])
+        if self.label_column is None:  # unlabelled rows (a parquet source to score with a head)
+            classes, y = [], np.full(sum(sh.n for sh in shards), -1, np.int64)
+        else:
+            values = self._column(pa, path, shards, self.label_column, schema, "label")
+            classes, y = self._labels(pa, values, features)
         self._shards = shards
         self._ends = [int(v) for v in np.cumsum([sh.n for sh in shards])]
+        keys, extras = self._keys(pa, path, shards, schema)
+        self._open: dict[int, Any] = {}
+        self._finish(path, path, classes, keys, y, extras, options=self._options(layout, split))
+
+    # -- what a subclass changes ----------------------------------------------------------------
+    def _root_folder(self, path: str) -> str:
+        require_dir(path, self.format)
+        return path
+
+    def _options(self, layout: str, split: str | None) -> dict:
+        return {"layout": layout, "image_column": self.image_column, "label_column": self.label_column, "split": split}
+
+    def _column(self, pa, path: str, shards: list[_Shard], name: str, schema, what: str):
+        try:
+            return pa.chunked_array([c for sh in shards for c in self._read_column(pa, path, sh, name)],
+                                    type=schema.field(name).type)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{self.format}: cannot read the {what} column {name!r} in '{path}': {e}") from e
+
+    def _keys(self, pa, path: str, shards: list[_Shard], schema) -> tuple[list[str], dict]:
         multi = len({sh.split for sh in shards}) > 1
         keys, done = [], {}
         for sh in shards:  # rows are numbered within their split, across its shards
@@ -177,10 +196,7 @@ class HFSource(Source):
             keys += [f"{sh.split}/{r}" if sh.split is not None else str(r) for r in range(first, first + sh.n)]
             done[sh.split] = first + sh.n
         extras = {"split": np.asarray([sh.split for sh in shards for _ in range(sh.n)], dtype=str)} if multi else {}
-        self._open: dict[int, Any] = {}
-        self._finish(path, path, classes, keys, y, extras,
-                     options={"layout": layout, "image_column": self.image_column, "label_column": self.label_column,
-                              "split": split})
+        return keys, extras
 
     # -- layout ---------------------------------------------------------------------------------
     def _layout(self, path: str, split: str | None) -> tuple[list[_Shard], dict | None, str]:
@@ -297,12 +313,12 @@ class HFSource(Source):
         sh.n = int(sum(sizes))
         return schema, features if isinstance(features, dict) else None
 
-    def _read_labels(self, pa, root: str, sh: _Shard) -> list:
-        """The label column of one shard, as a list of arrays (memory-mapped for Arrow files)."""
+    def _read_column(self, pa, root: str, sh: _Shard, name: str) -> list:
+        """One small column of one shard, as a list of arrays (memory-mapped for Arrow files)."""
         if sh.kind == "arrow":
-            return [b.column(self.label_column) for b in self._batches(pa, root, sh)]
+            return [b.column(name) for b in self._batches(pa, root, sh)]
         pf = pa.parquet.ParquetFile(os.path.join(root, sh.rel), memory_map=True)
-        return pf.read(columns=[self.label_column]).column(0).chunks
+        return pf.read(columns=[name]).column(0).chunks
 
     def _check_row_groups(self, pa, root: str, shards: list[_Shard]) -> None:
         for sh in shards:
@@ -417,8 +433,11 @@ class HFSource(Source):
         cell = self._cell(i)
         if not cell.is_valid:
             raise BadImage("no image (empty cell)")
-        if isinstance(cell, _pyarrow().StructScalar):
+        pa = _pyarrow()
+        if isinstance(cell, pa.StructScalar):
             data, ref = cell["bytes"], (cell["path"] if "path" in cell.keys() else None)
+        elif pa.types.is_string(cell.type) or pa.types.is_large_string(cell.type):
+            data, ref = None, cell  # a column of image paths
         else:
             data, ref = cell, None
         if data is not None and data.is_valid:
@@ -446,3 +465,100 @@ class HFSource(Source):
             except OSError:
                 stamp = "missing"
             h.update(f"{sh.rel}\t{sh.n}\t{stamp}\n".encode())
+
+
+PATH_COLUMNS = ("image_path", "path", "file", "filename", "image")  # a column of image paths, by its name
+
+
+class ParquetSource(HFSource):
+    """Parquet (or Arrow IPC) files with an image-bytes or image-path column: ``--format parquet``.
+
+    Parameters
+    ----------
+    path : str
+        One ``.parquet`` / ``.arrow`` file, or a folder: every such file below it, in path order.
+    image_column : str, optional
+        A column of image bytes (binary, or an ``Image`` struct of bytes and path) or of paths
+        (strings, relative to the folder). Default: the one bytes column, else the first of
+        :data:`PATH_COLUMNS` present.
+    label_column : str, optional
+        Default: ``label`` when present; without one the rows are unlabelled (-1), as rows to
+        score with ``clip-heads predict`` are.
+    key_column : str, optional
+        A column of unique ids (strings or integers) for the keys; default ``<file>/<row>`` (one
+        file: ``<row>``).
+
+    Rows are read a row group at a time, never whole (see :class:`HFSource`); a path column's
+    files must lie inside the folder unless ``allow_outside_root``.
+    """
+
+    format = "parquet"
+
+    def __init__(self, path: str, image_column: str | None = None, label_column: str | None = None,
+                 key_column: str | None = None, allow_outside_root: bool = False) -> None:
+        self.key_column = key_column
+        super().__init__(path, image_column=image_column, label_column=label_column, split=None,
+                         allow_outside_root=allow_outside_root)
+
+    def _root_folder(self, path: str) -> str:
+        if os.path.isdir(path):
+            self._file = None
+            return path
+        if not path.lower().endswith((".parquet", ".arrow")):
+            raise ValueError(f"parquet source must be a .parquet or .arrow file or a folder of them, got '{path}'")
+        self._file = os.path.basename(path)
+        return os.path.dirname(path)
+
+    def _layout(self, path: str, split: str | None) -> tuple[list[_Shard], dict | None, str]:
+        if self._file is not None:
+            files = [self._file]
+        else:
+            files, outside = files_under(path, "", self._confine, (".parquet", ".arrow"))
+            if outside:
+                key, target = outside[0]
+                raise ValueError(f"parquet: '{key}' resolves outside the source root '{path}' (to '{target}'); "
+                                 "open it with allow_outside_root=True (--allow-outside-root) to read it anyway")
+            if not files:
+                raise ValueError(f"parquet source '{path}' holds no .parquet or .arrow files")
+        for f in files:  # a FIFO named x.parquet would block the reader
+            check_listed_file(os.path.join(path, f), f, path, f"parquet file '{f}'", self._confine)
+        return [_Shard(f, "arrow" if f.lower().endswith(".arrow") else "parquet", None) for f in sorted(files)], None, "parquet"
+
+    def _pick_image(self, pa, schema, features, name: str | None, path: str) -> str:
+        strings = [c for c in schema.names if pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type)]
+        if name is not None and name in strings:
+            return name
+        if name is None and not any(_is_image_type(pa, schema.field(c).type) for c in schema.names):
+            found = [c for c in PATH_COLUMNS if c in strings]
+            if found:
+                return found[0]
+            raise ValueError(f"parquet: no image column in '{path}' (bytes, an Image struct, or paths named "
+                             f"{', '.join(PATH_COLUMNS)}); columns: {', '.join(schema.names)}; name it with image_column")
+        return super()._pick_image(pa, schema, features, name, path)
+
+    def _pick_label(self, schema, features, name: str | None, path: str) -> str | None:
+        if name is not None:
+            return super()._pick_label(schema, features, name, path)
+        tagged = [c for c in schema.names if isinstance(features.get(c), dict) and features[c].get("_type") == "ClassLabel"]
+        return tagged[0] if len(tagged) == 1 else "label" if "label" in schema.names else None
+
+    def _keys(self, pa, path: str, shards: list[_Shard], schema) -> tuple[list[str], dict]:
+        if self.key_column is None:
+            if len(shards) == 1:
+                return [str(r) for r in range(shards[0].n)], {}
+            return [f"{sh.rel}/{r}" for sh in shards for r in range(sh.n)], {}
+        if self.key_column not in schema.names:
+            raise ValueError(f"parquet: no key column {self.key_column!r} in '{path}'; columns: {', '.join(schema.names)}")
+        values = self._column(pa, path, shards, self.key_column, schema, "key")
+        if values.null_count:
+            raise ValueError(f"parquet: key column {self.key_column!r} has {values.null_count} empty row(s)")
+        keys = [str(v) for v in values.to_pylist()]
+        if len(set(keys)) != len(keys):
+            seen: set[str] = set()
+            dup = next(k for k in keys if k in seen or seen.add(k))
+            raise ValueError(f"parquet: key column {self.key_column!r} repeats {dup!r}; keys must be unique")
+        return keys, {}
+
+    def _options(self, layout: str, split: str | None) -> dict:
+        return {"image_column": self.image_column, "label_column": self.label_column, "key_column": self.key_column,
+                "file": self._file}

@@ -151,7 +151,7 @@ def structure_problems(f: h5py.File, path: Path) -> list[Problem]:
     row_sets = ["images/embeds", "images/keys", "images/labels"]
     if isinstance(f.get("images/extras"), h5py.Group):
         row_sets += [f"images/extras/{n}" for n in f["images/extras"]]
-    if "images/pre_embeds" in f and "images/extras/pre_embeds" not in row_sets:  # schema 2, unlinked
+    if "images/pre_embeds" in f:  # schema 2: checked where its rows lie, whatever /images/extras links to
         row_sets.append("images/pre_embeds")
     for name, want in [(n, rows) for n in row_sets] + [(n, skipped) for n in ("skipped/keys", "skipped/reasons") if n in f]:
         d = f[name]
@@ -266,12 +266,34 @@ def verify_store(path: str | os.PathLike) -> VerifyReport:
         rep.problems += structure_problems(f, path)
         if any("external" in p.message or "virtual" in p.message for p in rep.problems):
             return rep  # nothing is read from a file that points elsewhere
+        virtual = "virtual_shards" in f.attrs  # a merged store over shard files: each shard is verified whole
+        if "virtual_sources" in f.attrs:
+            from .virtual import shard_file, shards_of, source_problems
+
+            missing = source_problems(f, path)
+            if missing:
+                rep.problems += [Problem("/", m) for m in missing]
+                return rep
+            for r in shards_of(f):
+                with h5py.File(shard_file(path, r), "r", locking=False) as g:
+                    nested = "virtual_sources" in g.attrs
+                if nested:  # merges refuse to build these; one made by hand could loop forever
+                    rep.problems.append(Problem(r["file"], "is itself a store over other files; a shard holds its own rows"))
+                    continue
+                sub = verify_store(shard_file(path, r))
+                rep.problems += [Problem(f"{r['file']}:{p.dataset}", p.message, p.rows) for p in sub.problems]
+                rep.notes += [f"{r['file']}: {n}" for n in sub.notes]
+                rep.datasets += sub.datasets
+            if virtual:
+                rep.notes.append(f"a merged store over {len(shards_of(f))} shard files, each verified")
         if not f.attrs.get("complete", False):
             rep.notes.append("the store is marked incomplete")
         datasets: list[h5py.Dataset] = []
         f.visititems(lambda _, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
         unchecked = []
         for d in datasets:
+            if d.is_virtual and virtual:
+                continue  # its rows are the shards', verified above
             rep.datasets += 1
             rep.problems += _read_all(d)
             if h5py.check_string_dtype(d.dtype) is None and not d.fletcher32 and d.name != "/progress":
@@ -280,7 +302,8 @@ def verify_store(path: str | os.PathLike) -> VerifyReport:
                 unchecked.append(d.name)
         if "images/embeds" in f:
             rep.rows = int(f["images/embeds"].shape[0])
-            rep.problems += _vector_problems(f)
+            if not virtual:
+                rep.problems += _vector_problems(f)
         rep.checksums = not unchecked
         if unchecked:
             rep.notes.append(f"{len(unchecked)} datasets carry no checksum (written by an older clip-heads), e.g. "

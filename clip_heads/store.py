@@ -51,6 +51,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -88,6 +89,17 @@ class StoreError(ValueError):
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_store_id() -> str:
+    """A store's birth name: random, so a store rewritten within the same second is another store."""
+    return uuid.uuid4().hex
+
+
+def birth(attrs) -> str:
+    """What tells one store file from another written at the same path: its ``created`` stamp
+    and ``store_id`` (older stores have only the stamp)."""
+    return f"{attrs.get('created')} {attrs.get('store_id', '')}".strip()
 
 
 def library_versions() -> dict[str, str]:
@@ -148,6 +160,12 @@ def damaged(path: Path, d: h5py.Dataset, err: Exception) -> StoreError:
                       f"(`clip-heads verify {path}` lists every problem)")
 
 
+def _parts_match(raw, parts) -> bool:
+    from .virtual import parts_match
+
+    return parts_match(raw, parts)
+
+
 def _read_checked(path: Path, d: h5py.Dataset, sel=slice(None)):
     try:
         return d[sel]
@@ -198,6 +216,10 @@ class FeatureStore:
         if problems:
             more = f" (and {len(problems) - 1} more; `clip-heads verify {self.path}` lists them)" if len(problems) > 1 else ""
             raise StoreError(f"{self.path} is not a sound store: {problems[0]}{more}")
+        if "virtual_sources" in self._f.attrs:  # a merged store over shard files: they must all be there
+            from .virtual import check_sources
+
+            check_sources(self._f, self.path)
         if not self.complete:
             msg = f"store {self.path} is incomplete ({self.progress['items']} items encoded so far)"
             if not allow_incomplete:
@@ -224,7 +246,8 @@ class FeatureStore:
         d = self._f[name]
         raw = _read_checked(self.path, d)
         want = d.attrs.get(DIGEST_ATTR)
-        if want is not None and string_digest(raw) != str(want):
+        parts = d.attrs.get("sha256_parts")  # a virtual dataset: its shards' digests, shard by shard
+        if (want is not None and string_digest(raw) != str(want)) or (parts is not None and not _parts_match(raw, parts)):
             raise StoreError(f"{self.path}: {d.name} does not match its sha256 checksum; the file is corrupt: restore it "
                              "or re-encode")
         return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in raw[:n]]
@@ -264,7 +287,12 @@ class FeatureStore:
     @property
     def checksums(self) -> bool:
         """Whether the numeric row datasets carry per-chunk checksums (stores before 0.2 do not)."""
-        return bool(self._f["images/embeds"].fletcher32)
+        d = self._f["images/embeds"]
+        if d.is_virtual:
+            from .virtual import sources_checksummed
+
+            return sources_checksummed(self._f, self.path)
+        return bool(d.fletcher32)
 
     @property
     def progress(self) -> dict[str, int]:
@@ -357,6 +385,12 @@ class FeatureStore:
         ``"images/extras/valence"`` ...) for rows ``[start, stop)``, checksums checked; strings
         come back as utf-8 bytes. For copying a store's columns as they are."""
         return self._read(name, slice(start, len(self) if stop is None else stop))
+
+    @staticmethod
+    def extra_dataset(name: str) -> str:
+        """Where an extra column's rows lie: ``images/extras/<name>``, but ``images/pre_embeds``
+        for the pre-projection features (which /images/extras/pre_embeds only links to)."""
+        return f"images/{PRE_EMBEDS}" if name == PRE_EMBEDS else f"images/extras/{name}"
 
     def extras_layout(self) -> dict[str, tuple[tuple[int, ...], Any, list[str] | None]]:
         """Shape tail, HDF5 dtype and column names of each extra, as :func:`create_layout` takes them."""
@@ -488,6 +522,8 @@ def create_layout(
     f.attrs["complete"] = False
     if "created" not in f.attrs:
         f.attrs["created"] = now()
+    if "store_id" not in f.attrs:  # `created` has one-second resolution: two stores may share it
+        f.attrs["store_id"] = new_store_id()
     write_strings(f, "classes", list(classes))
     g = f.create_group("images")
     g.create_dataset("embeds", shape=(rows, dim), maxshape=(None, dim), chunks=(EMBED_CHUNK, dim), dtype=dtype, fletcher32=True)

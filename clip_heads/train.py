@@ -133,8 +133,12 @@ class Trainer:
         AdamW settings; weight decay spares parameters with fewer than two dimensions.
     warmup_steps : int or float
         Warm-up in optimizer steps, or a fraction of all steps when < 1.
-    schedule : {"cosine", "constant"}
-        Learning-rate shape after warm-up.
+    schedule : {"cosine", "constant", "plateau"}
+        Learning-rate shape after warm-up. ``"plateau"`` is a constant rate that runs until the
+        monitored score has not improved for ``patience`` epochs: training ends because it has
+        converged, and ``epochs`` is only a safety cap (a warning says so when the cap is what
+        stopped it). The monitored score is ``eval_fn()`` when given, otherwise minus the
+        epoch's mean training loss.
     grad_accum : int
         Micro-batches summed into one optimizer step.
     max_grad_norm : float, optional
@@ -145,7 +149,10 @@ class Trainer:
     eval_fn : callable, optional
         ``eval_fn() -> float``, higher is better, run after every epoch in inference mode.
     patience : int, optional
-        Stop after this many epochs without improvement of ``eval_fn``.
+        Stop after this many epochs without an improvement of the monitored score by more
+        than ``min_delta``. Required by ``"plateau"``.
+    min_delta : float
+        How much the score must rise to count as an improvement.
     seed : int
         Seeds torch at the start of training; the caller's torch stream is left untouched.
     on_step, on_epoch_end : callable, optional
@@ -160,16 +167,20 @@ class Trainer:
                  warmup_steps: float = 0, schedule: str = "cosine", grad_accum: int = 1,
                  max_grad_norm: float | None = None, device: str | torch.device = "cpu", amp: bool | str = False,
                  eval_fn: Callable[[], float] | None = None, patience: int | None = None,
+                 min_delta: float = 0.0,
                  steps_per_epoch: int | None = None, seed: int = 0,
                  on_step: Callable[["Trainer", dict], None] | None = None,
                  on_epoch_end: Callable[["Trainer", dict], None] | None = None) -> None:
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        if schedule not in ("cosine", "constant", "plateau"):
+            raise ValueError(f"schedule must be 'cosine', 'constant' or 'plateau', got {schedule!r}")
+        if schedule == "plateau" and (patience is None or patience < 1):
+            raise ValueError(f"schedule 'plateau' needs patience >= 1 (epochs without improvement), got {patience!r}")
         if grad_accum < 1 or epochs < 1:
             raise ValueError(f"grad_accum and epochs must be >= 1, got {grad_accum} and {epochs}")
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
         self.epochs, self.grad_accum, self.max_grad_norm = epochs, grad_accum, max_grad_norm
         self.device, self.eval_fn, self.patience, self.seed = torch.device(device), eval_fn, patience, seed
+        self.schedule, self.min_delta = schedule, min_delta
         if amp not in (False, True, "bf16", "fp16"):
             raise ValueError(f"amp must be False, True, 'bf16' or 'fp16', got {amp!r}")
         self.amp = bool(amp) and self.device.type == "cuda"
@@ -193,6 +204,8 @@ class Trainer:
         self.loss_curve: list[float] = []
         self.val_scores: list[float] = []
         self.best_score, self.best_epoch, self._best_weights = -math.inf, -1, None
+        # Why the last fit() ended: "plateau", "early_stop", "epochs" (the cap) or "stopped" (a hook).
+        self.stop_reason: str | None = None
         self.should_stop, self._rng, self._running = False, None, False
 
     def _rng_fork(self) -> contextlib.AbstractContextManager:
@@ -229,11 +242,18 @@ class Trainer:
                 torch.manual_seed(self.seed)
             else:
                 set_rng_state(self._rng)
-            self._running = True
+            self._running, self.stop_reason = True, None
             try:
                 self._run()
             finally:
                 self._rng, self._running = get_rng_state(), False
+        if self.stop_reason is None:
+            self.stop_reason = "stopped" if self.should_stop else "epochs"
+        if self.stop_reason == "epochs" and self.schedule == "plateau":
+            logger.warning("training stopped at its epoch cap (epochs=%d) before the %s reached a plateau "
+                           "(best at epoch %d, patience %d): raise epochs", self.epochs,
+                           "validation score" if self.eval_fn is not None else "training loss",
+                           self.best_epoch, self.patience)
         if self._best_weights is not None:
             self.model.load_state_dict(self._best_weights)
         return self
@@ -261,9 +281,11 @@ class Trainer:
                 self._step_and_report(loss)
             self.loss_curve.append(loss_sum.item() / max(n, 1))
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            logs = {"epoch": self.epoch, "loss": self.loss_curve[-1]}
+            logs = {"epoch": self.epoch, "loss": self.loss_curve[-1], "lr": self.scheduler.get_last_lr()[0]}
             if self.eval_fn is not None:
                 logs["val_score"] = self._evaluate()
+            elif self.schedule == "plateau":
+                self._monitor(-self.loss_curve[-1])
             logger.debug("epoch %d: %s", self.epoch, logs)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self, logs)
@@ -291,14 +313,21 @@ class Trainer:
             score = float(self.eval_fn())  # type: ignore[misc]
         self.model.train()
         self.val_scores.append(score)
-        if score > self.best_score:
-            self.best_score, self.best_epoch = score, self.epoch
-            self._best_weights = copy.deepcopy(self.model.state_dict())
-        elif self.patience is not None and self.epoch - self.best_epoch >= self.patience:
-            logger.info("early stop at epoch %d, best val %.4f at epoch %d", self.epoch, self.best_score,
-                        self.best_epoch)
-            self.should_stop = True
+        self._monitor(score)
         return score
+
+    def _monitor(self, score: float) -> None:
+        """Track the best score (and, with ``eval_fn``, its weights); stop once it stops improving."""
+        if score > self.best_score + self.min_delta:
+            self.best_score, self.best_epoch = score, self.epoch
+            if self.eval_fn is not None:
+                self._best_weights = copy.deepcopy(self.model.state_dict())
+        elif self.patience is not None and self.epoch - self.best_epoch >= self.patience:
+            plateau = self.schedule == "plateau"
+            logger.info("%s at epoch %d: no improvement for %d epochs, best %.4g at epoch %d",
+                        "converged" if plateau else "early stop", self.epoch, self.patience, self.best_score,
+                        self.best_epoch)
+            self.should_stop, self.stop_reason = True, "plateau" if plateau else "early_stop"
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: weights, optimizer, schedule, loss scaler, RNG, progress."""

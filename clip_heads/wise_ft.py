@@ -28,7 +28,7 @@ from .finetune_eval import zero_shot_report
 from .fsutil import PathLike, atomic_write_text, exclusive_lock, staged_dir
 from .identity import ModelFiles, resolve_model
 from .prompts import load_templates
-from .results import METRICS, REPORT, Report, results_files, source_record, write_json
+from .results import METRICS, REPORT, Report, render, results_files, source_record, write_json
 from .source import Source
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ class _Pair:
             (tmp / "wise_ft.json").write_text(json.dumps(record))
             (tmp / REPORT).write_text(_blend_text(record) + "\n")
             write_json(tmp / METRICS, {"info": {"run": self.run([alpha])}, "kind": "wise-ft", **record})
+            render(tmp, plots=False, final=out)  # a blend has no scores to draw: its page says what it is
         return out
 
     def run(self, alphas: Sequence[float]) -> dict:
@@ -224,6 +225,7 @@ def _write_blends(zero_shot: str, finetuned: str, alphas: Sequence[float], root:
                 (stage / REPORT).write_text("\n".join(lines) + "\n")
                 write_json(stage / METRICS, {"info": {"run": pair.run(alphas)}, "kind": "wise-ft",
                                              "blends": {f"{a:.2f}": str(p) for a, p in zip(alphas, written)}})
+            render(root, plots=False)  # links every blend's page
         return written
 
 
@@ -236,7 +238,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
                    finetuned: str | None = None, a_format: str = "auto", b_format: str = "auto",
                    a_options: dict | None = None, b_options: dict | None = None, a_templates: str | None = None,
                    b_templates: str | None = None, save_models: bool = False, eval_batch_size: int = 64,
-                   progress: bool = True, **options: Any) -> Report:
+                   progress: bool = True, plots: bool | None = None, **options: Any) -> Report:
     """Fine-tune on A, then zero-shot held-out A and all of B with every WiSE-FT blend.
 
     Parameters
@@ -255,7 +257,9 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     Writes ``report.txt`` (the table) and ``metrics.json`` (``info``, settings, rows, reports),
     ``generalisation.json``, ``generalisation.csv`` and ``generalisation.txt`` (as before), and
     ``alpha-X.XX.json`` per alpha (reused by a rerun); with ``save_models``, every blend as
-    ``alpha-X.XX/`` model directory. Returns a :class:`~clip_heads.results.Report` whose
+    ``alpha-X.XX/`` model directory; ``plots/wise_ft.png`` (the curve, with the paper's Table 1,
+    3/4 and 5 numbers as stars when A and B are FI and CIFAR-100; ``plots=False`` skips it) and
+    ``index.html``. Returns a :class:`~clip_heads.results.Report` whose
     ``metrics`` hold ``settings``, ``rows``, ``reports`` and ``text``.
     """
     from .crossval import stratified_folds
@@ -317,6 +321,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         (stage / "generalisation.txt").write_text(text + "\n")
         (stage / REPORT).write_text(text + "\n")
         write_json(stage / METRICS, dict(result, info={"run": run, "data": data}, kind="generalisation"))
+        render(stage, plots, out)
     return Report("generalisation", text, dict(result, info={"run": run, "data": data}), out)
 
 

@@ -1,5 +1,5 @@
 """Every way a store file gets written besides the encode stream: from arrays, with added prompt
-sets, and by joining shards. None edits a store in place: each builds a new file beside its
+sets, and by joining shards (over the shard files, :mod:`clip_heads.virtual`, or copying them). None edits a store in place: each builds a new file beside its
 destination in a child process (:func:`write_isolated`; HDF5 cannot survive its own failed writes)
 and renames it over the old one, holding the destination's writer lock.
 
@@ -207,11 +207,15 @@ def _write_arrays(tmp: Path, layout: dict, X, y, keys, extras, sets) -> None:
 # ---------------------------------------------------------------------------------------
 # Shards
 # ---------------------------------------------------------------------------------------
-def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], overwrite: bool = False) -> Path:
-    """Concatenate the shard stores of one encode (``encode --shard I/N``) into one store.
+def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], overwrite: bool = False,
+                 copy: bool = False) -> Path:
+    """Join the shard stores of one encode (``encode --shard I/N``) into one store.
 
     Shards must come from the same model, source and settings, and be ``0/N .. N-1/N`` each once;
-    rows are copied in shard order, a chunk at a time, so the result lists images in source order.
+    the result lists images in source order. By default the merged store's rows are HDF5 virtual
+    datasets over the shard files (no vector is copied; :mod:`clip_heads.virtual`), named
+    relative to ``out``'s folder so the set moves as a folder; ``copy=True`` copies every row
+    into a self-contained file instead, a chunk at a time.
     """
     out = Path(out)
     for p in shards:
@@ -228,7 +232,8 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
             if not stores or n_total is None or found != list(range(int(n_total))):
                 raise StoreError(f"need every shard 0..N-1 of one encode exactly once; got shard indices {found} of {n_total}")
             for s in stores[1:]:
-                for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count"):
+                for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count",
+                          "features"):
                     if str(s.attrs.get(k)) != str(first.get(k)):
                         raise StoreError(f"{s.path} has {k}={s.attrs.get(k)!r} but {stores[0].path} has {first.get(k)!r}")
             stores.sort(key=lambda s: int(s.attrs["shard_index"]))
@@ -237,16 +242,93 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
             for s in stores:
                 s.close()
         remove_stale_siblings(out)
-        write_isolated(_merge_into, out, paths, what=f"merging into {out}")
+        build = _merge_into if copy else _merge_virtual
+        write_isolated(build, out, paths, out, what=f"merging into {out}")
         return out
 
 
-def _merge_into(tmp: Path, paths: list[Path]) -> None:
+def _merged_attrs(s0: FeatureStore) -> dict:
+    out = {k: v for k, v in s0.attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed", "store_id",
+                                                        "schema_version", "dim", "dtype", "merged_from",
+                                                        "virtual_sources", "virtual_shards")}
+    proj = s0.projection()  # a dataset, not an attribute: create_layout writes it back as /projection
+    if proj is not None:
+        out["projection_weight"] = proj
+    return out
+
+
+def _finish_merge(f: h5py.File, s0: FeatureStore, paths: list[Path], rows: int, skipped: int) -> None:
+    f["progress"][:] = [rows + skipped, rows, skipped]
+    for name in s0.prompt_sets():
+        write_prompt_set(f, s0.prompt_set(name))
+    if s0.attrs.get("default_prompts"):
+        f.attrs["default_prompts"] = s0.attrs["default_prompts"]
+    f.attrs["merged_from"] = json.dumps([str(p) for p in paths])
+    f.attrs["complete"] = True
+    f.attrs["completed"] = now()
+
+
+def _write_skips(f: h5py.File, stores: list[FeatureStore], hashes: dict) -> None:
+    skips = [kr for s in stores for kr in s.skipped()]
+    for i, name in enumerate(("skipped/keys", "skipped/reasons")):
+        values = [kr[i] for kr in skips]
+        if values:
+            f[name][:] = np.array(values, dtype=object)
+        hashes[name] = hashlib.sha256()
+        digest_update(hashes[name], values)
+
+
+def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
+    """The merged store as virtual datasets over the shards' rows (built at ``tmp``, a sibling of ``out``)."""
+    from .virtual import PARTS_ATTR, SHARDS_ATTR, layout_over, relative_name
+
+    stores = [FeatureStore(p) for p in paths]
+    files = [h5py.File(p, "r", locking=False) for p in paths]
+    try:
+        s0 = stores[0]
+        extras = s0.extras_layout()
+        rows, skipped = sum(len(s) for s in stores), sum(s.progress["skipped"] for s in stores)
+        # Virtual datasets where the rows lie (the pre-projection link stays a link to its new target)
+        names = ["images/embeds", "images/keys", "images/labels"] + [FeatureStore.extra_dataset(e) for e in extras]
+        for p, g in zip(paths, files):
+            if "virtual_sources" in g.attrs:  # a store over other files is not a shard
+                raise StoreError(f"{p} is itself a merged store over shard files; merge the shards it lists")
+        rels = [relative_name(p, out) for p in paths]
+        with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
+            create_layout(f, dim=s0.dim, classes=s0.classes, dtype=str(s0.attrs["dtype"]), extras=extras,
+                          attrs=_merged_attrs(s0), rows=0, skipped=skipped)
+            for name in names:  # the empty row datasets create_layout made give way to virtual ones
+                attrs = dict(f[name].attrs)
+                del f[name]
+                layout, parts = layout_over([(rel, g[name]) for rel, g in zip(rels, files)], name)
+                d = f.create_virtual_dataset(name, layout)
+                for k, v in attrs.items():
+                    d.attrs[k] = v
+                if h5py.check_string_dtype(d.dtype):
+                    d.attrs[PARTS_ATTR] = json.dumps([[n, str(h) if h is not None else None] for n, h in parts])
+            hashes: dict = {}
+            _write_skips(f, stores, hashes)
+            for name, h in hashes.items():
+                f[name].attrs[DIGEST_ATTR] = h.hexdigest()
+            f.attrs["virtual_sources"] = json.dumps(rels)
+            f.attrs[SHARDS_ATTR] = json.dumps([
+                {"file": rel, "rows": len(s), "skipped": s.progress["skipped"], "created": str(s.attrs.get("created")),
+                 "store_id": str(s.attrs.get("store_id", ""))}
+                for rel, s in zip(rels, stores)])
+            _finish_merge(f, s0, paths, rows, skipped)
+    finally:
+        for s in stores:
+            s.close()
+        for g in files:
+            g.close()
+
+
+def _merge_into(tmp: Path, paths: list[Path], out: Path) -> None:
+    """The merged store with every row copied, a block at a time."""
     stores = [FeatureStore(p) for p in paths]
     try:
         s0 = stores[0]
-        attrs = {k: v for k, v in s0.attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed",
-                                                                 "schema_version", "dim", "dtype", "merged_from")}
+        attrs = _merged_attrs(s0)
         extras = s0.extras_layout()
         rows, skipped = sum(len(s) for s in stores), sum(s.progress["skipped"] for s in stores)
         with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
@@ -265,23 +347,10 @@ def _merge_into(tmp: Path, paths: list[Path]) -> None:
                         if name in hashes:
                             digest_update(hashes[name], values)
                 at += n
-            skips = [kr for s in stores for kr in s.skipped()]
-            for i, name in enumerate(("skipped/keys", "skipped/reasons")):
-                values = [kr[i] for kr in skips]
-                if values:
-                    f[name][:] = np.array(values, dtype=object)
-                hashes[name] = hashlib.sha256()
-                digest_update(hashes[name], values)
+            _write_skips(f, stores, hashes)
             for name, h in hashes.items():
                 f[name].attrs[DIGEST_ATTR] = h.hexdigest()
-            f["progress"][:] = [rows + skipped, rows, skipped]
-            for name in s0.prompt_sets():
-                write_prompt_set(f, s0.prompt_set(name))
-            if s0.attrs.get("default_prompts"):
-                f.attrs["default_prompts"] = s0.attrs["default_prompts"]
-            f.attrs["merged_from"] = json.dumps([str(p) for p in paths])
-            f.attrs["complete"] = True
-            f.attrs["completed"] = now()
+            _finish_merge(f, s0, paths, rows, skipped)
     finally:
         for s in stores:
             s.close()

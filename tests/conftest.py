@@ -23,6 +23,14 @@ def _offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_figures(monkeypatch):
+    # Every command draws its figures by default (about a second each on this machine); tests
+    # of numbers and files skip them, as `--no-plots` does. Tests of the figures pass
+    # plots=True, or set CLIP_HEADS_PLOTS=1 for the CLI.
+    monkeypatch.setenv("CLIP_HEADS_PLOTS", "0")
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     # The byte -> printable-character table byte-level BPE tokenizers use (GPT-2 / CLIP convention).
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -15,9 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "clip_heads"
 # The modules whose shape part A of issue 9 settled; part B extends the checks to every module.
-CHECKED = {"clip_heads", "ablation", "backbone", "backbones", "catalog", "crossval", "demo", "evaluate", "finetune",
-           "finetune_config", "finetune_cv", "finetune_eval", "identity", "kinds", "label_maps", "metrics", "prompts",
-           "reproduce", "results", "retrieval", "scoring", "tables", "wise_ft", "zeroshot"}
+CHECKED = {"clip_heads", "ablation", "backbone", "backbones", "calibration", "catalog", "compare", "crossval", "demo",
+           "encode", "engines", "evaluate", "finetune", "finetune_config", "finetune_cv", "finetune_eval", "identity",
+           "kinds", "label_maps", "loading", "metrics", "paper", "plots", "predict", "prompts", "ray_engine",
+           "report_folder", "reproduce", "results", "retrieval", "runner", "scoring", "sharding", "tables", "wise_ft",
+           "zeroshot"}
 
 
 def layers() -> dict[str, int]:
@@ -147,7 +149,7 @@ def _python(code: str) -> str:
     return res.stdout
 
 
-HEAVY = "sorted(m for m in ('torch', 'sklearn', 'transformers', 'h5py') if m in sys.modules)"
+HEAVY = "sorted(m for m in ('torch', 'sklearn', 'transformers', 'h5py', 'matplotlib') if m in sys.modules)"
 
 
 def test_import_clip_heads_loads_neither_torch_nor_sklearn():

@@ -108,7 +108,7 @@ def test_head_refuses_a_store_of_another_model(stores, tmp_path):
     [
         (["train-head", "svm", "A", "--out", "O"], 2, "svm"),
         (["train-head", "mlp", "A", "--out", "O", "--param", "hidden"], 2, "key=value"),
-        (["train-head", "mlp", "A", "--out", "O", "--param", "dropout=2.5"], 1, "dropout"),
+        (["train-head", "mlp", "A", "--out", "O", "--param", "dropout=2.5"], 2, "dropout"),
         (["zero-shot", "A", "--prompts", "nope"], 1, "nope"),
         (["evaluate", "O", "A"], 2, "O"),
         (["train-head", "mlp", "A", "--out", "O", "--label-map", "x.json"], 1, "eval"),

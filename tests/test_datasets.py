@@ -109,13 +109,13 @@ def test_folder_errors(tmp_path):
     (tmp_path / "d/hollow/readme.txt").write_text("x")
     with pytest.raises(ValueError, match="'hollow'.*no images"):
         open_source(tmp_path / "d")
-    with pytest.raises(ValueError, match=r"'parquet'.*folder, csv, emotion6, fi, webemo, cifar100, emoset, "
-                                         r"artphoto, abstract, twitter1, emotionroi, hf, auto"):
-        open_source(tmp_path / "d", format="parquet")
+    with pytest.raises(ValueError, match=r"'tfrecord'.*folder, csv, emotion6, fi, webemo, cifar100, emoset, "
+                                         r"artphoto, abstract, twitter1, emotionroi, hf, parquet, webdataset, auto"):
+        open_source(tmp_path / "d", format="tfrecord")
     with pytest.raises(ValueError, match=r"'folder' does not take option\(s\) \['level'\]; valid: none"):
         open_source(tmp_path / "d", level=7)
     assert list_formats() == ["folder", "csv", "emotion6", "fi", "webemo", "cifar100", "emoset", "artphoto",
-                              "abstract", "twitter1", "emotionroi", "hf", "auto"]
+                              "abstract", "twitter1", "emotionroi", "hf", "parquet", "webdataset", "auto"]
     assert set(ds.SOURCES) == set(list_formats()) - {"auto"}
 
 

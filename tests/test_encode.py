@@ -261,7 +261,7 @@ def test_synonyms_expand_classes(tiny_clip, tmp_path):
     "argv, code, needle",
     [
         (["encode", "/no/such/dir", "--out", "X"], 1, "/no/such/dir"),
-        (["encode", "IMGS", "--out", "X", "--format", "parquet"], 2, "parquet"),
+        (["encode", "IMGS", "--out", "X", "--format", "tfrecord"], 2, "tfrecord"),
         (["encode", "IMGS", "--out", "X", "--model", "/no/model/here"], 1, "--model PATH"),
         (["encode", "IMGS", "--out", "X", "--templates", "BADTPL"], 1, "exactly one '{}'"),
         (["encode", "IMGS", "--out", "X", "--device", "cuda:7"], 1, "cuda:7"),

@@ -108,17 +108,28 @@ def test_from_pretrained_refuses_a_missing_dir_and_the_wrong_head_class(data, tm
         get_head("mlp").from_pretrained(tmp_path / "lin")
 
 
-def test_check_backbone_names_what_disagrees(data):
+def test_check_backbone_compares_id_hash_and_dim_and_refuses_what_it_cannot_verify(data):
     head = LinearHead(C=1.0).fit(data["Xtr"], data["ytr"])
-    with pytest.raises(ValueError, match="dim disagree"):  # known from the fit alone
-        head.check_backbone("org/clip-l14", None, 768)
+    with pytest.raises(ValueError, match="cannot verify: the head records no backbone"):
+        head.check_backbone("org/clip-b32", "abc123", DIM)
+    with pytest.raises(ValueError, match="cannot record the backbone: .* no model hash.*; re-encode"):
+        head.set_backbone("org/clip-b32", "", DIM)
     head.set_backbone("org/clip-b32", "abc123", DIM)
-    head.check_backbone("org/clip-b32", None, DIM)  # an unknown hash is no disagreement
+    head.check_backbone("org/clip-b32", "abc123", DIM)
+    # A store without a hash cannot be matched: it used to be accepted whatever its weights were.
+    for missing in (None, ""):
+        with pytest.raises(ValueError, match=r"^cannot verify: the store \(model org/clip-b32\) has no model hash; "
+                                             r"re-encode with this clip-heads"):
+            head.check_backbone("org/clip-b32", missing, DIM)
     with pytest.raises(ValueError, match=r"model_id, dim disagree: head was trained on model org/clip-b32 "
                                          r"\(hash abc123, dim 16\) but the store has model org/clip-l14"):
         head.check_backbone("org/clip-l14", "abc123", 768)
     with pytest.raises(ValueError, match="^model_hash disagree"):
         head.check_backbone("org/clip-b32", "fff000", DIM)
+    # An old head saved with `model_hash: null` is refused with the same reason.
+    head.backbone_ = {"model_id": "org/clip-b32", "model_hash": None, "dim": DIM}
+    with pytest.raises(ValueError, match=r"cannot verify: the head \(trained on model org/clip-b32\) has no model hash"):
+        head.check_backbone("org/clip-b32", "abc123", DIM)
 
 
 @pytest.mark.parametrize("name", list_heads())
@@ -142,7 +153,7 @@ def test_two_classes_follow_sklearn_binary_conventions(data):
 
 @pytest.mark.parametrize("name", list_heads())
 def test_predict_before_fit_raises_not_fitted(name, data):
-    head = make_head(name, data).set_backbone("org/clip-b32", None, DIM)  # provenance is not a fit
+    head = make_head(name, data).set_backbone("org/clip-b32", "abc123", DIM)  # provenance is not a fit
     with pytest.raises(NotFittedError):
         head.predict(data["Xte"])
     with pytest.raises(NotFittedError):

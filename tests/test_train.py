@@ -1,6 +1,7 @@
 """The shared training loop: it learns, its schedule has the promised shape, and it resumes exactly."""
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -69,11 +70,14 @@ def test_tensor_batches_cover_every_row_once_in_a_seeded_order():
         TensorBatches(X, torch.zeros(3), batch_size=4)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
 @pytest.mark.parametrize("stop_at", ["epoch", "mid-epoch"])
-def test_resume_from_state_dict_gives_identical_weights(stop_at):
+def test_resume_from_state_dict_gives_identical_weights(stop_at, schedule):
     # Dropout makes the result depend on the RNG stream, not only on the data order.
+    # A plateau run monitors the training loss; patience 5 never ends these 3 epochs.
+    build = functools.partial(make_trainer, schedule="plateau", patience=5) if schedule == "plateau" else make_trainer
     model_a, X, y = toy_problem(dropout=0.3)
-    make_trainer(model_a, X, y, grad_accum=2).fit()
+    build(model_a, X, y, grad_accum=2).fit()
 
     model_b, _, _ = toy_problem(dropout=0.3)
 
@@ -82,7 +86,7 @@ def test_resume_from_state_dict_gives_identical_weights(stop_at):
             trainer.should_stop = True
 
     hook = {"on_epoch_end": interrupt} if stop_at == "epoch" else {"on_step": interrupt}
-    trainer_b = make_trainer(model_b, X, y, grad_accum=2, **hook).fit()
+    trainer_b = build(model_b, X, y, grad_accum=2, **hook).fit()
     assert trainer_b.epoch < 3
     buf = io.BytesIO()
     torch.save(trainer_b.state_dict(), buf)
@@ -90,7 +94,7 @@ def test_resume_from_state_dict_gives_identical_weights(stop_at):
     state = torch.load(buf, weights_only=True)  # a checkpoint needs no pickle
 
     model_c, _, _ = toy_problem(dropout=0.3, seed=1)  # different init: everything must come from the state
-    trainer_c = make_trainer(model_c, X, y, grad_accum=2)
+    trainer_c = build(model_c, X, y, grad_accum=2)
     trainer_c.load_state_dict(state)
     trainer_c.fit()
     for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
@@ -120,6 +124,37 @@ def test_early_stopping_restores_best_weights():
     assert trainer.epoch == 4 and trainer.best_epoch == 2 and trainer.val_scores == [0.1, 0.5, 0.4, 0.3]
     for p, best in zip(model.parameters(), snapshots[2]):
         assert torch.equal(p, best)
+
+
+def test_plateau_schedule_stops_where_the_score_stops_improving_and_keeps_the_best_weights():
+    model, X, y = toy_problem()
+    scores = iter([0.1, 0.5, 0.5004, 0.4, 0.6, 0.55, 0.6, 0.59, 0.2, 0.9])
+    lrs = []
+    trainer = make_trainer(model, X, y, epochs=50, schedule="plateau", patience=3, min_delta=0.001,
+                           eval_fn=lambda: next(scores), on_epoch_end=lambda t, logs: lrs.append(logs["lr"]))
+    trainer.fit()
+    # 0.5004 is no improvement on 0.5 (min_delta); 0.6 at epoch 5 is the best, and three epochs
+    # without better end the run at epoch 8, before the 0.9 of epoch 10.
+    assert trainer.stop_reason == "plateau" and trainer.epoch == 8 and trainer.best_epoch == 5
+    assert lrs[1:] == [lrs[1]] * (len(lrs) - 1) and lrs[1] == pytest.approx(1e-2)  # constant after warm-up
+
+
+def test_plateau_schedule_says_when_the_epoch_cap_stopped_it(caplog):
+    model, X, y = toy_problem()
+    scores = iter(range(100))  # always improving
+    with caplog.at_level("WARNING", logger="clip_heads.train"):
+        trainer = make_trainer(model, X, y, epochs=4, schedule="plateau", patience=2, eval_fn=lambda: next(scores)).fit()
+    assert trainer.stop_reason == "epochs" and trainer.epoch == 4
+    assert "stopped at its epoch cap (epochs=4) before the validation score reached a plateau" in caplog.text
+    caplog.clear()
+    # Without a validation score, the plateau is the training loss's: a model that cannot learn
+    # (lr 0) has a flat loss from the start.
+    model, X, y = toy_problem()
+    flat = make_trainer(model, X, y, batch_size=len(X), epochs=40, lr=0.0, schedule="plateau", patience=3,
+                        min_delta=1e-6).fit()
+    assert flat.stop_reason == "plateau" and flat.epoch == 1 + 3 and not caplog.text
+    with pytest.raises(ValueError, match="plateau' needs patience"):
+        make_trainer(model, X, y, schedule="plateau")
 
 
 def test_training_leaves_the_callers_random_stream_alone():

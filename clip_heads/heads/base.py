@@ -1,33 +1,37 @@
-"""What every head shares: the scikit-learn estimator contract, save/load, backbone checks."""
+"""What every head shares: the scikit-learn estimator contract, capability flags, backbone checks.
+
+Saving and loading (the folder format and its validation) live in :mod:`clip_heads.heads.files`;
+parameter checking in :mod:`clip_heads.heads.params`.
+"""
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-import clip_heads
+from clip_heads.heads.params import (FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, StrOptions, check_device,
+                                     check_params)
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 # Rows of X scored at once at predict time: bounds memory for big inputs, costs nothing small.
 PREDICT_BLOCK = 8192
 # Below this many input numbers a fit or predict runs on one CPU thread: thread hand-offs cost
 # more than they save, and on a busy machine two spinning threads slow each other down 10x.
 SINGLE_THREAD_BELOW = 2**20
-MIN_STEPS = 200  # optimiser steps a trained head gets however small its training set
+# The trained heads' stopping rule counts patience and the epoch cap in rounds of at least this
+# many optimiser steps, so that both mean the same on 300 samples (one step an epoch) and on 300k.
+ROUND_STEPS = 32
+# The constraint of every head's ``device`` parameter (its form is checked by check_device).
+DEVICE = [str, torch.device]
 
 
 @contextlib.contextmanager
@@ -42,64 +46,82 @@ def threads_for(n_elements: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def sized_threads(fit: Callable) -> Callable:
-    """Decorate ``fit(self, X, y)`` to run under :func:`threads_for` of ``X``'s size."""
-    @functools.wraps(fit)
-    def wrapper(self: Any, X: Any = None, *args: Any, **kwargs: Any) -> Any:
-        with threads_for(int(np.size(X)) if X is not None else 0):
-            return fit(self, X, *args, **kwargs)
-    return wrapper
-
-
 def auto_batch_size(batch_size: int | str, n_samples: int, cap: int = 512) -> int:
     """``"auto"``: ``cap`` rows, but at least ~32 steps per epoch, which small datasets need."""
     if batch_size == "auto":
         return int(min(cap, max(32, n_samples // 32)))
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
-    return int(batch_size)
+    return int(batch_size)  # validated by the head's parameter constraints
 
 
 class Head(ClassifierMixin, BaseEstimator):
     """Base class of the heads: a classifier over cached CLIP image vectors.
 
-    Subclasses set ``name`` (their registry key), implement ``fit``, ``_logits(X)`` on a float
-    tensor on ``self.device``, and ``_get_tensors`` / ``_set_tensors`` for what they learned.
+    Subclasses set ``name`` (their registry key), ``_parameter_constraints`` (scikit-learn's
+    form), implement ``_fit(X, y)`` on validated float32 rows and class indices, ``_logits(X)``
+    on a float tensor on ``self.device``, and ``_get_tensors`` / ``_set_tensors`` /
+    ``_expected_tensors`` for what they learned.
+
+    Capabilities are declared, never guessed from a signature:
+
+    uses_prompts : the head takes class prompt vectors from the text tower (``prompt_embeds``).
+    can_requery : a fitted head answers over a new label set through ``with_prompts``.
     """
 
     name: ClassVar[str] = ""
+    uses_prompts: ClassVar[bool] = False
+    can_requery: ClassVar[bool] = False
     # Constructor parameters that hold arrays: saved among the tensors, not in config.json.
     _tensor_params: ClassVar[tuple[str, ...]] = ()
+    _parameter_constraints: ClassVar[dict] = {}
+    # Learned scalars saved in config.json's "extra": name -> accepted JSON types.
+    _extra_types: ClassVar[dict[str, tuple[type, ...]]] = {}
+    # Saved tensors holding integers (class indices); every other tensor must be floating point.
+    _int_tensors: ClassVar[tuple[str, ...]] = ()
 
     # -- estimator plumbing -------------------------------------------------------------
     def __sklearn_is_fitted__(self) -> bool:
         # Not "any attribute ending in _": set_backbone() may run before fit.
         return hasattr(self, "classes_")
 
+    def _check_params(self) -> None:
+        """Raise :class:`~clip_heads.heads.params.ParameterError` naming a bad parameter."""
+        check_params(self)
+        check_device(type(self).__name__, self.device)
+
+    def fit(self, X: Any, y: Any) -> "Head":
+        """Fit on ``X`` of shape (n_samples, dim) and labels ``y``; returns self."""
+        self._check_params()
+        X, y_idx = self._validate_fit(X, y)
+        with threads_for(X.size):
+            self._fit(X, y_idx)
+        return self
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        raise NotImplementedError
+
     def _validate_fit(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         """Check X, y; set ``classes_`` and ``n_features_in_``; return X (float32) and y as indices."""
-        X, y = check_X_y(X, y, dtype=np.float32)
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)  # a continuous target is not a set of classes
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to fit a classifier, got {self.classes_.tolist()}")
-        self.n_features_in_ = X.shape[1]
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes to fit a classifier, got 1 class: "
+                             f"{self.classes_.tolist()}")
         return X, y_idx
 
     def _validate_X(self, X: Any) -> torch.Tensor:
         check_is_fitted(self)
-        X = check_array(X, dtype=np.float32)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} was fitted with "
-                             f"{self.n_features_in_} (a different backbone?)")
-        return torch.from_numpy(X)
+        return torch.from_numpy(validate_data(self, X, reset=False, dtype=np.float32))
 
     def _logits(self, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _all_logits(self, X: Any) -> np.ndarray:
         X = self._validate_X(X)
+        # Scored in float64: a float32 matrix product rounds differently with the number of rows it
+        # is given, so a row's scores would depend on which rows share its block.
         with torch.inference_mode(), threads_for(X.numel()):
-            out = [self._logits(X[i:i + PREDICT_BLOCK].to(self.device)).float().cpu()
+            out = [self._logits(X[i:i + PREDICT_BLOCK].to(self.device, torch.float64)).float().cpu()
                    for i in range(0, len(X), PREDICT_BLOCK)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes_)), np.float32)
 
@@ -121,10 +143,24 @@ class Head(ClassifierMixin, BaseEstimator):
         scores = self._all_logits(X)  # first: it raises NotFittedError before classes_ is read
         return self.classes_[np.argmax(scores, axis=1)]
 
-    # -- backbone provenance --------------------------------------------------------------
-    def set_backbone(self, model_id: str, model_hash: str | None = None, dim: int | None = None) -> "Head":
-        """Record which CLIP produced the training vectors; saved with the head."""
+    # -- provenance -----------------------------------------------------------------------
+    def set_backbone(self, model_id: str, model_hash: str | None = None, dim: int | None = None,
+                     model_revision: str | None = None) -> "Head":
+        """Record which CLIP produced the training vectors; saved with the head.
+
+        ``model_hash`` (the content hash of the weights) is required: without it no later
+        check could tell one revision of ``model_id`` from another.
+        """
+        if not isinstance(model_id, str) or not model_id:
+            raise ValueError(f"cannot record the backbone: model_id must be a non-empty string, got {model_id!r}")
+        if not isinstance(model_hash, str) or not model_hash:
+            raise ValueError(f"cannot record the backbone: the vectors of model {model_id} have no model hash, so no "
+                             f"store could later be matched to this head; re-encode with this clip-heads")
+        if dim is None and hasattr(self, "n_features_in_"):
+            dim = int(self.n_features_in_)
         self.backbone_ = {"model_id": model_id, "model_hash": model_hash, "dim": dim}
+        if model_revision is not None:
+            self.backbone_["model_revision"] = model_revision
         return self
 
     def set_training_data(self, store: str, fingerprint: str) -> "Head":
@@ -133,96 +169,71 @@ class Head(ClassifierMixin, BaseEstimator):
         self.training_data_ = {"store": str(store), "fingerprint": str(fingerprint)}
         return self
 
-    def check_backbone(self, model_id: str, model_hash: str | None = None, dim: int | None = None) -> None:
-        """Raise ``ValueError`` if vectors from this backbone do not fit the head.
+    def check_backbone(self, model_id: str, model_hash: str | None = None, dim: int | None = None,
+                       model_revision: str | None = None) -> None:
+        """Raise ``ValueError`` unless vectors of this backbone are those the head was trained on.
 
-        Compares the model id, its hash (when both are known) and the vector dimension, and
-        says which of them disagree.
+        Compares the model id, its weights' hash and the vector dimension, and says which of
+        them disagree. Refuses when either side has no hash: then nothing can be verified.
+        ``model_revision`` is informational (the hash is the identity).
         """
-        ours = dict(getattr(self, "backbone_", None) or {})
-        if ours.get("dim") is None and hasattr(self, "n_features_in_"):
-            ours["dim"] = self.n_features_in_
-        bad = [k for k, theirs in (("model_id", model_id), ("model_hash", model_hash), ("dim", dim))
-               if ours.get(k) is not None and theirs is not None and ours[k] != theirs]
+        ours = getattr(self, "backbone_", None)
+        if not isinstance(ours, dict) or not ours.get("model_id"):
+            raise ValueError("cannot verify: the head records no backbone (the model its training vectors came "
+                             "from); retrain it with this clip-heads")
+        if not ours.get("model_hash"):
+            raise ValueError(f"cannot verify: the head (trained on model {ours['model_id']}) has no model hash; "
+                             f"retrain it on a store encoded with this clip-heads")
+        if not model_hash:
+            raise ValueError(f"cannot verify: the store (model {model_id}) has no model hash; re-encode with this "
+                             f"clip-heads")
+        our_dim = ours.get("dim") if ours.get("dim") is not None else getattr(self, "n_features_in_", None)
+        bad = [k for k, mine, theirs in (("model_id", ours["model_id"], model_id),
+                                         ("model_hash", ours["model_hash"], model_hash), ("dim", our_dim, dim))
+               if theirs is not None and mine != theirs]
         if bad:
             raise ValueError(
-                f"{', '.join(bad)} disagree: head was trained on model {ours.get('model_id')} "
-                f"(hash {ours.get('model_hash')}, dim {ours.get('dim')}) but the store has model {model_id} "
+                f"{', '.join(bad)} disagree: head was trained on model {ours['model_id']} "
+                f"(hash {ours['model_hash']}, dim {our_dim}) but the store has model {model_id} "
                 f"(hash {model_hash}, dim {dim})")
 
     # -- save / load ------------------------------------------------------------------------
     def _get_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes the saved tensors must have, given ``classes_``, ``n_features_in_``
+        and the parameters; ``found`` (the shapes in the file) supplies free sizes such as a
+        cache's length."""
+        raise NotImplementedError
+
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        """Restore the learned state from checked tensors and config extras (``ValueError`` if inconsistent)."""
         raise NotImplementedError
 
     def _extra_config(self) -> dict[str, Any]:
         """Learned scalars (e.g. a chosen C) that belong in config.json rather than the tensors."""
         return {}
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write ``config.json`` (head, params, classes, backbone, version) + ``model.safetensors``."""
-        check_is_fitted(self)
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        params = {k: _jsonable(v) for k, v in self.get_params(deep=False).items() if k not in self._tensor_params}
-        config = {"head": self.name, "params": params, "classes": _jsonable(self.classes_),
-                  "n_features_in": int(self.n_features_in_), "backbone": getattr(self, "backbone_", None),
-                  "training_data": getattr(self, "training_data_", None),
-                  "extra": _jsonable(self._extra_config()), "clip_heads_version": clip_heads.__version__}
-        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self._get_tensors().items()}
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"head": self.name})
-        logger.info("saved %s head to %s", self.name, out)
-        return out
+    def save_pretrained(self, save_directory: Any) -> Any:
+        """Write ``config.json`` + ``model.safetensors`` to a folder, replacing it whole.
+
+        See :func:`clip_heads.heads.files.save_head`.
+        """
+        from clip_heads.heads.files import save_head
+
+        return save_head(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | None = None) -> "Head":
-        """Load a head written by :meth:`save_pretrained`; ``device`` overrides the saved one.
+    def from_pretrained(cls, directory: Any, device: str | None = None) -> "Head":
+        """Load and check a head written by :meth:`save_pretrained`; ``device`` overrides the saved one.
 
         Called on ``Head`` it dispatches by the saved head name; called on a subclass it
-        refuses a directory holding another kind of head.
+        refuses a folder holding another kind of head. See :func:`clip_heads.heads.files.load_head`.
         """
-        from clip_heads.heads import get_head  # the registry imports this module
+        from clip_heads.heads.files import load_head
 
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{directory} lacks {CONFIG_NAME} or {WEIGHTS_NAME}: not a saved head")
-        config = json.loads((directory / CONFIG_NAME).read_text())
-        head_cls = get_head(config["head"])
-        if cls is not Head and head_cls is not cls:
-            raise ValueError(f"{directory} holds a {config['head']!r} head, not {cls.name!r}")
-        params = dict(config["params"])
-        if device is not None:
-            params["device"] = device
-        try:
-            head = head_cls(**params)
-        except TypeError as e:
-            raise ValueError(f"{directory / CONFIG_NAME} was written by clip-heads "
-                             f"{config.get('clip_heads_version')} with parameters this version's "
-                             f"{config['head']!r} head does not take: {e}") from e
-        head.classes_ = np.asarray(config["classes"])
-        head.n_features_in_ = config["n_features_in"]
-        if config.get("backbone"):
-            head.backbone_ = config["backbone"]
-        if config.get("training_data"):
-            head.training_data_ = config["training_data"]
-        head._set_tensors(load_file(str(directory / WEIGHTS_NAME)), config.get("extra", {}))
-        return head
-
-
-def _jsonable(v: Any) -> Any:
-    """numpy scalars and arrays, tuples and dicts into plain JSON values."""
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    return v
+        return load_head(directory, device=device, expect=None if cls is Head else cls)
 
 
 def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -283,18 +294,29 @@ class TrainedHead(Head):
 
     Subclasses have the parameters ``epochs, lr, weight_decay, batch_size, patience,
     validation_fraction, device`` and build, train and score their module through
-    :meth:`_train`, :meth:`_build` and :meth:`_logits`.
+    :meth:`_train`, :meth:`_build` and :meth:`_module_logits`.
+
+    Training runs to a plateau: AdamW at a constant rate (after one epoch of warm-up) until the
+    validation accuracy has not improved for ``patience`` epochs, keeping the weights of its
+    best epoch; without a validation split, until the training loss stops falling. ``epochs``
+    is a safety cap, and a warning says when it, not the plateau, ended a fit. ``patience=None``
+    trains exactly ``epochs`` epochs instead.
     """
+
+    _extra_types = {"loss_curve_": (list,), "val_scores_": (list,), "best_epoch_": (int,), "n_epochs_": (int,),
+                    "stop_reason_": (str, type(None))}
 
     def _build(self) -> torch.nn.Module:
         raise NotImplementedError
 
     def _train(self, X: torch.Tensor, y: torch.Tensor, seed: int,
                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        """Seeded init, an optional stratified early-stopping split, then the training loop.
+        """Seeded init, an optional stratified validation split, then the training loop.
 
-        ``loss_fn(model(X_batch), y_batch)``; the kept weights are those of the best
-        validation accuracy. Sets ``model_``, ``loss_curve_``, ``val_scores_``, ``best_epoch_``.
+        ``loss_fn(model(X_batch), y_batch)``; the validation score is the accuracy of
+        :meth:`_module_logits`. Sets ``model_``, ``loss_curve_``, ``val_scores_``,
+        ``best_epoch_``, ``n_epochs_`` and ``stop_reason_`` ("plateau", or "epochs" when the
+        cap ended it).
         """
         from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
 
@@ -307,23 +329,31 @@ class TrainedHead(Head):
         with seeded(seed, self.device):
             self.model_ = model = self._build().to(self.device)
         batches = TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed)
-        # A small training set is one batch an epoch: give it at least MIN_STEPS optimiser steps,
-        # stretching epochs and early-stopping patience by the same factor so both keep their meaning.
-        stretch = max(1, -(-MIN_STEPS // (len(batches) * self.epochs)))
+        # On a small training set an epoch is a step or two: count patience and the cap in rounds
+        # of at least ROUND_STEPS optimiser steps, so that both keep their meaning at any size.
+        stretch = max(1, -(-ROUND_STEPS // len(batches)))
+        plateau = self.patience is not None
         trainer = Trainer(model, lambda b: loss_fn(model(b[0]), b[1]), batches, epochs=self.epochs * stretch,
                           lr=self.lr, weight_decay=self.weight_decay, eval_fn=eval_fn,
-                          patience=None if self.patience is None else self.patience * stretch,
-                          device=self.device, seed=seed).fit()
+                          schedule="plateau" if plateau else "constant",
+                          patience=self.patience * stretch if plateau else None,
+                          warmup_steps=min(len(batches), ROUND_STEPS), device=self.device, seed=seed).fit()
         model.eval()
         self.loss_curve_, self.val_scores_ = trainer.loss_curve, trainer.val_scores
         self.best_epoch_ = trainer.best_epoch if eval_fn is not None else trainer.epoch
+        self.n_epochs_, self.stop_reason_ = trainer.epoch, trainer.stop_reason
 
     def _module_logits(self, X: torch.Tensor) -> torch.Tensor:
-        """Logits of already prepared rows (the early-stopping score)."""
+        """Logits of already prepared rows (the validation score)."""
         raise NotImplementedError
 
+    def _forward_exact(self, X: torch.Tensor) -> torch.Tensor:
+        """``model_(X)`` in float64, for predictions (see :meth:`Head._all_logits`)."""
+        weights = {k: v.double() for k, v in self.model_.state_dict().items()}
+        return torch.func.functional_call(self.model_, weights, (X.double(),))
+
     def _extra_config(self) -> dict[str, Any]:
-        return {"loss_curve_": self.loss_curve_, "val_scores_": self.val_scores_, "best_epoch_": self.best_epoch_}
+        return {k: getattr(self, k) for k in TrainedHead._extra_types}
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
         return {f"model.{k}": v for k, v in self.model_.state_dict().items()}
@@ -333,5 +363,12 @@ class TrainedHead(Head):
             self.model_ = self._build().to(self.device)
         self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         self.model_.eval()
-        self.loss_curve_, self.val_scores_ = extra["loss_curve_"], extra["val_scores_"]
-        self.best_epoch_ = extra["best_epoch_"]
+        for k in TrainedHead._extra_types:
+            setattr(self, k, extra[k])
+
+
+def trained_head_constraints() -> dict[str, list]:
+    """The parameter constraints the trained heads share."""
+    return {"lr": [POSITIVE], "weight_decay": [NON_NEGATIVE], "batch_size": [POSITIVE_INT, StrOptions({"auto"})],
+            "epochs": [POSITIVE_INT], "patience": [POSITIVE_INT, None], "validation_fraction": [FRACTION, None],
+            "normalize": ["boolean"], "random_state": ["random_state"], "device": DEVICE}

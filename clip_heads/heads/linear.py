@@ -8,7 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_heads.heads.base import Head, l2_normalize, seed_from, sized_threads, validation_split
+from clip_heads.heads.base import DEVICE, Head, l2_normalize, seed_from, validation_split
+from clip_heads.heads.params import FRACTION, POSITIVE, POSITIVE_INT, check_grid
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ SEARCH_PATIENCE = 3
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, init: tuple | None = None,
-                 max_iter: int = 500, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 max_iter: int = 500, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Minimise ``sum_i logloss_i + ||W||^2 / (2C)`` (bias unpenalised), sklearn's objective.
 
     The loss is divided by ``n_samples`` before optimising, which leaves the minimiser unchanged
@@ -27,7 +28,8 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, ini
 
     Returns
     -------
-    W : (n_classes, dim), b : (n_classes,), number of L-BFGS iterations.
+    W : (n_classes, dim), b : (n_classes,), number of L-BFGS iterations, and whether it
+    converged (False: ``max_iter`` iterations or their function-evaluation budget ran out first).
     """
     n, d = X.shape
     if init is None:
@@ -51,7 +53,11 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, ini
 
     with torch.enable_grad():  # also when called under a caller's no_grad()
         opt.step(closure)
-    return W.detach(), b.detach(), opt.state[W]["n_iter"]
+    state = opt.state[W]
+    # L-BFGS stops on its gradient tolerance, on a step that no longer changes the loss (both a
+    # plateau), or on its iteration / evaluation budget (the cap, not convergence).
+    capped = state["n_iter"] >= max_iter or state["func_evals"] >= opt.param_groups[0]["max_eval"]
+    return W.detach(), b.detach(), state["n_iter"], not capped
 
 
 class LinearHead(Head):
@@ -73,7 +79,8 @@ class LinearHead(Head):
     validation_fraction : float, default=0.2
         Share of the training data held out to choose C.
     max_iter : int, default=500
-        L-BFGS iterations per fit.
+        Cap on L-BFGS iterations per fit; a fit ends at convergence (``tol``), and a warning
+        says when the final fit hit the cap instead.
     tol : float, default=1e-5
         Stop when every gradient entry of the per-sample objective is below this.
     random_state : int, RandomState or None, default=0
@@ -89,9 +96,15 @@ class LinearHead(Head):
     val_scores_ : dict {C: validation accuracy} of the Cs tried; empty when ``C`` was fixed.
     n_iter_ : int
         L-BFGS iterations of the final fit.
+    converged_ : bool
+        Whether the final fit converged before ``max_iter``.
     """
 
     name = "linear"
+    _parameter_constraints = {"C": [POSITIVE, None], "Cs": ["array-like"], "normalize": ["boolean"],
+                              "validation_fraction": [FRACTION], "max_iter": [POSITIVE_INT], "tol": [POSITIVE],
+                              "random_state": ["random_state"], "device": DEVICE}
+    _extra_types = {"C_": (float, int), "n_iter_": (int,), "converged_": (bool,), "val_scores_": (dict,)}
 
     def __init__(self, C: float | None = None, Cs: Sequence[float] = DEFAULT_CS, normalize: bool = True,
                  validation_fraction: float = 0.2, max_iter: int = 500, tol: float = 1e-5,
@@ -109,22 +122,19 @@ class LinearHead(Head):
         X = X.to(self.device, torch.float32)
         return l2_normalize(X) if self.normalize else X
 
-    @sized_threads
-    def fit(self, X: Any, y: Any) -> "LinearHead":
-        """Fit on ``X`` of shape (n_samples, dim) and labels ``y``; returns self."""
-        X_np, y_np = self._validate_fit(X, y)
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_grid(type(self).__name__, "Cs", self.Cs)
+
+    def _fit(self, X_np: np.ndarray, y_np: np.ndarray) -> None:
         X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
         k = len(self.classes_)
         self.val_scores_: dict[float, float] = {}
         init = None
         if self.C is not None:
-            if not self.C > 0:
-                raise ValueError(f"C must be positive, got {self.C}")
             self.C_ = float(self.C)
         else:
             Cs = sorted(float(c) for c in self.Cs)
-            if not Cs or Cs[0] <= 0:
-                raise ValueError(f"Cs must be non-empty and positive, got {self.Cs}")
             tr, va = validation_split(y_np, self.validation_fraction, seed_from(self.random_state))
             tr, va = torch.from_numpy(tr).to(self.device), torch.from_numpy(va).to(self.device)
             best, path, worse = -1.0, None, 0
@@ -132,7 +142,8 @@ class LinearHead(Head):
                 path = fit_logistic(X[tr], y[tr], k, C, path[:2] if path else None, self.max_iter, self.tol)
                 acc = (F.linear(X[va], *path[:2]).argmax(1) == y[va]).double().mean().item()
                 self.val_scores_[C] = acc
-                logger.debug("C=%g: val accuracy %.4f (%d iterations)", C, acc, path[2])
+                logger.debug("C=%g: val accuracy %.4f (%d iterations%s)", C, acc, path[2],
+                             "" if path[3] else f", stopped at max_iter={self.max_iter}")
                 if acc > best:  # strict: ties keep the smaller, more regularised C
                     best, self.C_, init, worse = acc, C, path[:2], 0
                 elif acc < best:
@@ -140,22 +151,30 @@ class LinearHead(Head):
                     if worse == SEARCH_PATIENCE:
                         break
             logger.info("linear head: C=%g chosen, val accuracy %.4f", self.C_, best)
-        W, b, self.n_iter_ = fit_logistic(X, y, k, self.C_, init, self.max_iter, self.tol)
+        W, b, self.n_iter_, self.converged_ = fit_logistic(X, y, k, self.C_, init, self.max_iter, self.tol)
+        if not self.converged_:
+            logger.warning("linear head: L-BFGS stopped at its iteration cap (max_iter=%d) before converging "
+                           "(tol=%g) at C=%g: raise max_iter", self.max_iter, self.tol, self.C_)
         self.coef_, self.intercept_ = W.float().cpu().numpy(), b.float().cpu().numpy()
-        return self
 
     def _logits(self, X: torch.Tensor) -> torch.Tensor:
-        X = self._prepare(X)
+        X = l2_normalize(X) if self.normalize else X  # in the caller's dtype (float64 at predict)
         return F.linear(X, torch.from_numpy(self.coef_).to(X), torch.from_numpy(self.intercept_).to(X))
 
     def _extra_config(self) -> dict[str, Any]:
-        return {"C_": self.C_, "n_iter_": self.n_iter_,
+        return {"C_": self.C_, "n_iter_": self.n_iter_, "converged_": self.converged_,
                 "val_scores_": {str(c): s for c, s in self.val_scores_.items()}}
+
+    def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return {"coef": (len(self.classes_), self.n_features_in_), "intercept": (len(self.classes_),)}
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
         return {"coef": torch.from_numpy(self.coef_), "intercept": torch.from_numpy(self.intercept_)}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         self.coef_, self.intercept_ = tensors["coef"].numpy(), tensors["intercept"].numpy()
-        self.C_, self.n_iter_ = extra["C_"], extra["n_iter_"]
-        self.val_scores_ = {float(c): s for c, s in extra["val_scores_"].items()}
+        self.C_, self.n_iter_, self.converged_ = float(extra["C_"]), extra["n_iter_"], extra["converged_"]
+        try:
+            self.val_scores_ = {float(c): float(s) for c, s in extra["val_scores_"].items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"extra.val_scores_ must map C values to scores, got {extra['val_scores_']!r:.80}") from None

@@ -3,33 +3,37 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_heads.heads.base import TrainedHead, l2_normalize, seed_from, sized_threads
+from clip_heads.heads.base import TrainedHead, l2_normalize, seed_from, trained_head_constraints
+from clip_heads.heads.params import POSITIVE_INT, Interval, Real
 
 
 class MLPHead(TrainedHead):
-    """``Linear(dim, hidden) -> ReLU -> Dropout -> Linear(hidden, n_classes)``, AdamW, early stopping.
+    """``Linear(dim, hidden) -> ReLU -> Dropout -> Linear(hidden, n_classes)``, AdamW, trained to a plateau.
 
     Parameters
     ----------
     hidden : int, default=512
     dropout : float, default=0.2
     lr : float, default=2e-3
-        AdamW peak learning rate (cosine decay over ``epochs``).
+        AdamW learning rate, constant after one epoch of warm-up.
     weight_decay : float, default=1e-2
     batch_size : int or "auto", default="auto"
         "auto" is 512, or fewer on small data so that an epoch still has ~32 steps.
-    epochs : int, default=8
-        Upper bound; early stopping usually ends sooner. A training set too small for 200
-        optimiser steps in ``epochs`` gets proportionally more epochs (and patience).
-    patience : int or None, default=2
-        Epochs without a better validation accuracy before stopping; the best weights are kept.
+    epochs : int, default=200
+        A safety cap: training stops at the validation plateau (see ``patience``), and a
+        warning says when the cap stopped it instead. Counted, like ``patience``, in rounds
+        of at least 32 optimiser steps on small data.
+    patience : int or None, default=10
+        Epochs without a better validation accuracy that make a plateau; the best weights
+        are kept. None trains exactly ``epochs`` epochs.
     validation_fraction : float or None, default=0.1
-        Stratified share of the training data used for early stopping; None trains all epochs
-        on everything.
+        Stratified share of the training data held out to find the plateau; None uses the
+        training loss's plateau (and all the data for training).
     normalize : bool, default=True
         L2-normalise the vectors first.
     random_state : int, RandomState or None, default=0
@@ -45,12 +49,16 @@ class MLPHead(TrainedHead):
         Validation accuracy per epoch (empty without a validation split).
     best_epoch_ : int
         Epochs trained by the kept weights.
+    n_epochs_ : int
+        Epochs run; ``stop_reason_`` says why they ended ("plateau" or "epochs").
     """
 
     name = "mlp"
+    _parameter_constraints = {"hidden": [POSITIVE_INT], "dropout": [Interval(Real, 0, 1, closed="left")],
+                              **trained_head_constraints()}
 
     def __init__(self, hidden: int = 512, dropout: float = 0.2, lr: float = 2e-3, weight_decay: float = 1e-2,
-                 batch_size: int | str = "auto", epochs: int = 8, patience: int | None = 2,
+                 batch_size: int | str = "auto", epochs: int = 200, patience: int | None = 10,
                  validation_fraction: float | None = 0.1, normalize: bool = True, random_state: Any = 0,
                  device: str = "cpu") -> None:
         self.hidden = hidden
@@ -73,16 +81,16 @@ class MLPHead(TrainedHead):
         X = X.to(self.device)
         return l2_normalize(X) if self.normalize else X
 
-    @sized_threads
-    def fit(self, X: Any, y: Any) -> "MLPHead":
-        """Fit on ``X`` of shape (n_samples, dim) and labels ``y``; returns self."""
-        X_np, y_np = self._validate_fit(X, y)
-        X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        X, y = self._prepare(torch.from_numpy(X)), torch.from_numpy(y).to(self.device)
         self._train(X, y, seed_from(self.random_state), F.cross_entropy)
-        return self
+
+    def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        d, h, k = self.n_features_in_, self.hidden, len(self.classes_)
+        return {"model.0.weight": (h, d), "model.0.bias": (h,), "model.3.weight": (k, h), "model.3.bias": (k,)}
 
     def _module_logits(self, X: torch.Tensor) -> torch.Tensor:
         return self.model_(X)
 
     def _logits(self, X: torch.Tensor) -> torch.Tensor:
-        return self.model_(self._prepare(X))
+        return self._forward_exact(self._prepare(X))

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_heads.heads.base import (Head, accuracy, auto_batch_size, l2_normalize, seed_from, sized_threads,
+from clip_heads.heads.base import (DEVICE, ROUND_STEPS, Head, accuracy, auto_batch_size, l2_normalize, seed_from,
                                    validation_split)
+from clip_heads.heads.params import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROMPTS, StrOptions, check_grid
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors
 from clip_heads.train import TensorBatches, Trainer
 
@@ -68,10 +69,15 @@ class TipAdapterHead(Head):
     validation_fraction : float, default=0.2
         Stratified share of the training data held out for the search and for early stopping.
     finetune_keys : bool, default=False
-        Tip-Adapter-F: train the keys as a linear layer (AdamW, cosine schedule), leaving each
+        Tip-Adapter-F: train the keys as a linear layer (AdamW at a constant rate), leaving each
         training sample's own cache entry out of its logits so it cannot simply match itself.
-        Its cost grows with ``n_samples**2``: meant for few-shot caches.
-    epochs, lr, batch_size : fine-tuning settings, defaults 20, 1e-3, "auto" (256 or less).
+        Training runs on the search split to the plateau of its validation accuracy
+        (``patience`` epochs without a better one), then the full cache is trained for as many
+        epochs. Its cost grows with ``n_samples**2``: meant for few-shot caches.
+    epochs : int, default=200
+        Safety cap of the fine-tuning (a warning says when it, not the plateau, stopped it).
+    patience : int, default=10
+    lr, batch_size : fine-tuning settings, defaults 1e-3, "auto" (256 or less).
     random_state : int, RandomState or None, default=0
     device : str, default="cpu"
 
@@ -85,17 +91,28 @@ class TipAdapterHead(Head):
     keys_ : torch.Tensor (n_cache, dim); cache_labels_ : torch.Tensor (n_cache,)
     class_embeds_ : torch.Tensor (n_classes, dim)
     best_epoch_ : int or None
-        Fine-tuning epochs used for the final keys.
+        Fine-tuning epochs used for the final keys; ``stop_reason_`` says why the validated
+        fine-tuning ended ("plateau" or "epochs"), None without fine-tuning.
     """
 
     name = "tip-adapter"
+    uses_prompts = True
     _tensor_params = ("prompt_embeds",)
+    _int_tensors = ("cache_labels",)
+    _parameter_constraints = {"prompt_embeds": PROMPTS, "alpha": [NON_NEGATIVE, None],
+                              "beta": [NON_NEGATIVE, None], "alphas": ["array-like"], "betas": ["array-like"],
+                              "logit_scale": [POSITIVE], "validation_fraction": [FRACTION],
+                              "finetune_keys": ["boolean"], "epochs": [POSITIVE_INT], "patience": [POSITIVE_INT],
+                              "lr": [POSITIVE], "batch_size": [POSITIVE_INT, StrOptions({"auto"})],
+                              "random_state": ["random_state"], "device": DEVICE}
+    _extra_types = {"alpha_": (float, int), "beta_": (float, int), "search_scores_": (list, type(None)),
+                    "best_epoch_": (int, type(None)), "stop_reason_": (str, type(None))}
 
     def __init__(self, prompt_embeds: PromptEmbeds | None = None, alpha: float | None = None,
                  beta: float | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
                  betas: Sequence[float] = DEFAULT_BETAS, logit_scale: float = 100.0,
-                 validation_fraction: float = 0.2, finetune_keys: bool = False, epochs: int = 20,
-                 lr: float = 1e-3, batch_size: int | str = "auto", random_state: Any = 0,
+                 validation_fraction: float = 0.2, finetune_keys: bool = False, epochs: int = 200,
+                 patience: int = 10, lr: float = 1e-3, batch_size: int | str = "auto", random_state: Any = 0,
                  device: str = "cpu") -> None:
         self.prompt_embeds = prompt_embeds
         self.alpha = alpha
@@ -106,20 +123,28 @@ class TipAdapterHead(Head):
         self.validation_fraction = validation_fraction
         self.finetune_keys = finetune_keys
         self.epochs = epochs
+        self.patience = patience
         self.lr = lr
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
 
     def _zero_shot(self, X: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * X @ self.class_embeds_.to(X.device).T
+        return self.logit_scale * X @ self.class_embeds_.to(X).T
 
-    @sized_threads
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_grid(type(self).__name__, "alphas", self.alphas, positive=False)
+        check_grid(type(self).__name__, "betas", self.betas, positive=False)
+
     def fit(self, X: Any, y: Any) -> "TipAdapterHead":
         """Build the cache from ``X`` (n_samples, dim) and ``y``, choose alpha/beta; returns self."""
+        self._check_params()
         if self.prompt_embeds is None:
             raise ValueError("TipAdapterHead needs prompt_embeds (class prompt vectors from the text tower)")
-        X_np, y_np = self._validate_fit(X, y)
+        return super().fit(X, y)
+
+    def _fit(self, X_np: np.ndarray, y_np: np.ndarray) -> None:
         self.class_embeds_ = torch.from_numpy(class_prompt_vectors(self.prompt_embeds, self.classes_.tolist()))
         if self.class_embeds_.shape[1] != X_np.shape[1]:
             raise ValueError(f"prompt vectors have dim {self.class_embeds_.shape[1]} but image vectors "
@@ -131,7 +156,7 @@ class TipAdapterHead(Head):
         values = F.one_hot(y, len(self.classes_)).float()
         search = self.alpha is None or self.beta is None
         alpha, beta = self.alpha, self.beta
-        self.search_scores_, self.best_epoch_ = None, None
+        self.search_scores_, self.best_epoch_, self.stop_reason_ = None, None, None
         scale = 1.0
         if search or self.finetune_keys:
             split = validation_split(y_np, self.validation_fraction, seed)
@@ -143,17 +168,17 @@ class TipAdapterHead(Head):
                 # smaller split cache is rescaled to the full cache used from now on.
                 scale = len(tr) / len(X)
             if self.finetune_keys:
-                keys, self.best_epoch_ = self._finetune(X[tr], zs[tr], y[tr], values[tr], alpha, beta, seed, val)
+                keys, self.best_epoch_, self.stop_reason_ = self._finetune(X[tr], zs[tr], y[tr], values[tr], alpha,
+                                                                           beta, seed, val)
                 if search:  # trained keys shift the best trade-off, so search again (as the paper does)
                     alpha_ft, beta_ft = self._search(keys, values[tr], *val)
         self.keys_, self.cache_labels_ = X, y
         if self.finetune_keys:
-            self.keys_, _ = self._finetune(X, zs, y, values, alpha * scale, beta, seed, None, self.best_epoch_)
+            self.keys_, _, _ = self._finetune(X, zs, y, values, alpha * scale, beta, seed, None, self.best_epoch_)
             if search:
                 alpha, beta = alpha_ft, beta_ft
         self.alpha_, self.beta_ = float(alpha * scale), float(beta)
         logger.info("tip-adapter: alpha=%g beta=%g", self.alpha_, self.beta_)
-        return self
 
     def _search(self, keys: torch.Tensor, values: torch.Tensor, X_val: torch.Tensor, zs_val: torch.Tensor,
                 y_val: torch.Tensor) -> tuple[float, float]:
@@ -170,8 +195,13 @@ class TipAdapterHead(Head):
 
     def _finetune(self, keys: torch.Tensor, zs: torch.Tensor, y: torch.Tensor, values: torch.Tensor,
                   alpha: float, beta: float, seed: int, val: tuple | None, epochs: int | None = None,
-                  ) -> tuple[torch.Tensor, int]:
-        """Train the keys (the cache's own samples are the training set); returns keys, best epoch."""
+                  ) -> tuple[torch.Tensor, int, str]:
+        """Train the keys (the cache's own samples are the training set).
+
+        With ``val``: to the plateau of the validation accuracy. Without: exactly ``epochs``
+        epochs at the same rate (the refit on the whole cache). Returns keys, the best (or
+        last) epoch and why training stopped.
+        """
         # skip_init: the weights are the cache keys, and the caller's RNG stays untouched.
         adapter = torch.nn.utils.skip_init(nn.Linear, keys.shape[1], len(keys), bias=False, device=keys.device)
         with torch.no_grad():
@@ -185,31 +215,46 @@ class TipAdapterHead(Head):
 
         eval_fn = None if val is None else (lambda: accuracy(logits(val[0], val[1]), val[2]))
         own = torch.arange(len(keys), device=keys.device)
-        trainer = Trainer(adapter, lambda b: F.cross_entropy(logits(b[0], b[1], b[3]), b[2]),
-                          TensorBatches(keys, zs, y, own, seed=seed,
-                                        batch_size=auto_batch_size(self.batch_size, len(keys), cap=256)),
-                          epochs=epochs or self.epochs, lr=self.lr, eval_fn=eval_fn, device=self.device,
-                          seed=seed).fit()
-        best = trainer.best_epoch if val is not None else trainer.epoch
-        return adapter.weight.detach().clone(), max(best, 1)
+        batches = TensorBatches(keys, zs, y, own, seed=seed,
+                                batch_size=auto_batch_size(self.batch_size, len(keys), cap=256))
+        stretch = max(1, -(-ROUND_STEPS // len(batches)))  # patience and cap in rounds, as TrainedHead's
+        monitored = val is not None
+        trainer = Trainer(adapter, lambda b: F.cross_entropy(logits(b[0], b[1], b[3]), b[2]), batches,
+                          epochs=self.epochs * stretch if monitored else epochs, lr=self.lr, eval_fn=eval_fn,
+                          schedule="plateau" if monitored else "constant",
+                          patience=self.patience * stretch if monitored else None,
+                          warmup_steps=min(len(batches), ROUND_STEPS), device=self.device, seed=seed).fit()
+        best = trainer.best_epoch if monitored else trainer.epoch
+        return adapter.weight.detach().clone(), max(best, 1), trainer.stop_reason
 
     def _logits(self, X: torch.Tensor) -> torch.Tensor:
         X = l2_normalize(X)
-        keys, labels = self.keys_.to(X.device), self.cache_labels_.to(X.device)
+        keys, labels = self.keys_.to(X), self.cache_labels_.to(X.device)
         values = F.one_hot(labels, len(self.classes_)).to(X.dtype)
         beta = torch.tensor([self.beta_], device=X.device, dtype=X.dtype)
         return self._zero_shot(X) + self.alpha_ * cache_logits(X, keys, values, beta)[0]
 
     def _extra_config(self) -> dict[str, Any]:
         return {"alpha_": self.alpha_, "beta_": self.beta_, "search_scores_": self.search_scores_,
-                "best_epoch_": self.best_epoch_}
+                "best_epoch_": self.best_epoch_, "stop_reason_": self.stop_reason_}
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
         return {"class_embeds": self.class_embeds_, "keys": self.keys_, "cache_labels": self.cache_labels_}
 
+    def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        d, k = self.n_features_in_, len(self.classes_)
+        shape = found.get("keys", ())
+        n = shape[0] if len(shape) == 2 and shape[0] > 0 else -1  # the cache holds what the file says
+        return {"class_embeds": (k, d), "keys": (n, d), "cache_labels": (n,)}
+
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        labels = tensors["cache_labels"]
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes_)):
+            raise ValueError(f"cache_labels must be class indices in [0, {len(self.classes_)}), "
+                             f"got values from {int(labels.min())} to {int(labels.max())}")
         self.class_embeds_, self.keys_ = tensors["class_embeds"], tensors["keys"].to(self.device)
-        self.cache_labels_ = tensors["cache_labels"].to(self.device)
+        self.cache_labels_ = labels.to(self.device)
         self.prompt_embeds = self.class_embeds_.numpy()
-        self.alpha_, self.beta_ = extra["alpha_"], extra["beta_"]
+        self.alpha_, self.beta_ = float(extra["alpha_"]), float(extra["beta_"])
         self.search_scores_, self.best_epoch_ = extra["search_scores_"], extra["best_epoch_"]
+        self.stop_reason_ = extra["stop_reason_"]

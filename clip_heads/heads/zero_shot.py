@@ -5,9 +5,11 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
-from sklearn.utils.validation import check_array
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, column_or_1d
 
-from clip_heads.heads.base import Head, l2_normalize, sized_threads
+from clip_heads.heads.base import DEVICE, Head, l2_normalize
+from clip_heads.heads.params import POSITIVE, PROMPTS
 
 # One (n_classes, dim) array with rows in class order, an (n_classes, n_templates, dim) array,
 # or {class_name: (n_templates, dim) or (dim,) array}.
@@ -103,7 +105,11 @@ class ZeroShotHead(Head):
     """
 
     name = "zero-shot"
+    uses_prompts = True
+    can_requery = True
     _tensor_params = ("prompt_embeds",)
+    _parameter_constraints = {"prompt_embeds": PROMPTS, "classes": ["array-like", None],
+                              "logit_scale": [POSITIVE], "random_state": ["random_state"], "device": DEVICE}
 
     def __init__(self, prompt_embeds: PromptEmbeds | None = None, classes: Sequence[Any] | None = None,
                  logit_scale: float = 100.0, random_state: Any = 0, device: str = "cpu") -> None:
@@ -113,27 +119,35 @@ class ZeroShotHead(Head):
         self.random_state = random_state
         self.device = device
 
-    @sized_threads
     def fit(self, X: Any = None, y: Any = None) -> "ZeroShotHead":
         """Fix ``classes_`` (from ``y``, the ``classes`` parameter or the prompt dict's keys).
 
         No weights are learned; ``X``, when given, only has its dimension checked.
         """
+        self._check_params()
         if self.prompt_embeds is None:
             raise ValueError("ZeroShotHead needs prompt_embeds (class prompt vectors from the text tower)")
+        if y is not None:
+            y = column_or_1d(y, warn=True)
+            check_classification_targets(y)
         if self.classes is not None:
-            order = self.classes
+            order = list(self.classes)
         elif y is not None:
-            order = np.unique(np.asarray(y)).tolist()
+            order = np.unique(y).tolist()
         else:
             order = None  # the keys of a prompt dict
         self.classes_, vectors = sorted_class_vectors(self.prompt_embeds, order)
-        if y is not None and not np.isin(np.asarray(y), self.classes_).all():
+        if y is not None and not np.isin(y, self.classes_).all():
             raise ValueError(f"y has labels outside classes {self.classes_.tolist()}: "
-                             f"{np.setdiff1d(np.asarray(y), self.classes_).tolist()}")
-        self.n_features_in_ = vectors.shape[1]
+                             f"{np.setdiff1d(y, self.classes_).tolist()}")
         if X is not None:
-            self._validate_X(X)  # dimension check against the prompt vectors
+            X = check_array(X, dtype=np.float32)
+            if y is not None and len(y) != len(X):
+                raise ValueError(f"X has {len(X)} samples but y has {len(y)}")
+            if X.shape[1] != vectors.shape[1]:
+                raise ValueError(f"X has {X.shape[1]} features, but the prompt vectors of {type(self).__name__} "
+                                 f"have {vectors.shape[1]}: image and text vectors must come from the same CLIP")
+        self.n_features_in_ = vectors.shape[1]
         self.class_embeds_ = torch.from_numpy(vectors)
         return self
 
@@ -142,10 +156,13 @@ class ZeroShotHead(Head):
         return type(self)(prompt_embeds, classes, self.logit_scale, self.random_state, self.device).fit()
 
     def _logits(self, X: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * l2_normalize(X) @ self.class_embeds_.to(X.device).T
+        return self.logit_scale * l2_normalize(X) @ self.class_embeds_.to(X).T
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
         return {"class_embeds": self.class_embeds_}
+
+    def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return {"class_embeds": (len(self.classes_), self.n_features_in_)}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         self.class_embeds_ = tensors["class_embeds"]
