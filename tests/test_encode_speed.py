@@ -7,6 +7,7 @@ decoding is exercised at the sizes a real run uses.
 """
 from __future__ import annotations
 
+import importlib
 import io
 from pathlib import Path
 
@@ -267,3 +268,114 @@ def test_recorded_precision_names_resolve_to_themselves():
     assert prec.autocast_for("cpu", "bf16-autocast").fast_dtype == torch.bfloat16
     assert prec.autocast_for("cpu", "bf16").fast_dtype == torch.bfloat16
     assert not hasattr(prec.autocast_for("cpu", "fp32"), "fast_dtype")
+
+
+# -- the store says how its vectors were computed; a resume must match -----------------------
+@pytest.fixture(scope="module")
+def e6small(tiny_clip, tmp_path_factory):
+    """A 19-item Emotion6-shaped source (one unreadable), batch 2 (10 blocks), and the store an
+    uninterrupted encode writes in a forked child (one torch thread, as the kill runs)."""
+    from faultkit import invoke, make_emotion6, run_forked
+
+    root = tmp_path_factory.mktemp("e6s")
+    src = make_emotion6(root / "src", per_class=3)
+    args = [str(src), "--model", tiny_clip, "-b", "2", "-w", "0", "--dtype", "float32", "-t", "bp-emotion"]
+    ref = root / "ref.h5"
+    assert run_forked(lambda: invoke(["-q", "encode", *args, "--out", str(ref)]))[:2] == ("exit", 0)
+    return {"args": args, "ref": ref}
+
+
+def test_store_records_precision_and_decode_and_a_resume_must_match(e6small, tmp_path, monkeypatch):
+    from faultkit import invoke, one_line_error
+
+    encode_mod = importlib.import_module("clip_heads.encode")  # the package attribute is the function
+    from clip_heads.journal import StoreWriter
+    from clip_heads.store import open_store
+
+    with open_store(e6small["ref"]) as s:
+        assert (s.attrs["precision"], s.attrs["decode"]) == ("fp32", DEFAULT_DECODE)  # this CPU has no bf16 unit
+    # A run stopped after its first batches leaves a journal recording both.
+    out = tmp_path / "s.h5"
+    real = encode_mod.commit_block
+    calls = {"n": 0}
+
+    def stop_after_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(encode_mod, "commit_block", stop_after_two)
+    _flags(monkeypatch, {"amx_bf16"})  # as on a CPU with bf16 units: auto is bf16 autocast
+    code, _ = invoke(["-q", "encode", *e6small["args"], "--out", str(out)])
+    monkeypatch.undo()
+    assert code == 130
+    attrs = StoreWriter.read_partial_attrs(out)
+    assert (attrs["precision"], attrs["decode"]) == ("bf16-autocast", DEFAULT_DECODE)
+    code, output = invoke(["-q", "encode", *e6small["args"], "--out", str(out), "--precision", "fp32"])
+    assert code != 0
+    one_line_error(output, "--precision bf16 (precision=bf16-autocast), but this run has --precision fp32")
+    code, output = invoke(["-q", "encode", *e6small["args"], "--out", str(out), "--decode", "exact"])
+    assert code != 0  # this CPU resolves auto to fp32 too, so either refusal is right; both name the flag
+    one_line_error(output, "to resume")
+    _flags(monkeypatch, {"amx_bf16"})
+    code, output = invoke(["-q", "encode", *e6small["args"], "--out", str(out), "--decode", "exact"])
+    one_line_error(output, f"--decode {DEFAULT_DECODE} (decode={DEFAULT_DECODE}), but this run has --decode exact")
+    code, output = invoke(["-q", "encode", *e6small["args"], "--out", str(out)])
+    assert code == 0 and "resumed" in output, output
+    with open_store(out) as s:
+        assert (s.attrs["precision"], s.attrs["decode"]) == ("bf16-autocast", DEFAULT_DECODE)
+    monkeypatch.undo()
+    # A complete store: an explicit other precision or decode is refused, auto is not.
+    code, output = invoke(["-q", "encode", *e6small["args"], "--out", str(e6small["ref"]), "--decode", "exact"])
+    one_line_error(output, f"decode={DEFAULT_DECODE!r}, but this run has decode='exact'")
+    code, output = invoke(["-q", "encode", *e6small["args"], "--out", str(e6small["ref"]), "--precision", "fp32"])
+    assert code == 0, output
+
+
+def test_sigkill_while_the_writer_thread_holds_uncommitted_blocks_resumes_to_the_same_store(e6small, tmp_path):
+    """The forward runs ahead of the disk: the kill lands with one block being committed and two
+    more embedded and queued; none of them is in the journal, and the rerun embeds them again."""
+    import json
+    import os
+    import signal
+    import time
+
+    encode_mod = importlib.import_module("clip_heads.encode")  # the package attribute is the function
+    from faultkit import assert_same_store, invoke, run_forked
+    from clip_heads.journal import journal_progress
+
+    out, seen = tmp_path / "k.h5", tmp_path / "seen.json"
+
+    def run():
+        threads = []
+
+        class Watched(encode_mod.CommitThread):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                threads.append(self)
+
+        real = encode_mod.commit_block
+        calls = {"n": 0}
+
+        def commit(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 4:  # three blocks committed; wait until two more are queued behind this one
+                deadline = time.time() + 60
+                while time.time() < deadline and not threads[0]._queue.full():
+                    time.sleep(0.01)
+                seen.write_text(json.dumps({"queued": threads[0]._queue.qsize()}))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+
+        encode_mod.CommitThread, encode_mod.commit_block = Watched, commit
+        return invoke(["-q", "encode", *e6small["args"], "--out", str(out)])
+
+    how, sig, _ = run_forked(run)
+    assert (how, sig) == ("signal", signal.SIGKILL)
+    assert json.loads(seen.read_text())["queued"] == 2  # blocks 5 and 6 embedded, not committed
+    assert journal_progress(out)["items"] == 6  # blocks 1-3 of 2 items; block 4 was being committed
+    # The rerun forked too: the reference's prompts were embedded on one torch thread, as these will be.
+    how, code, res = run_forked(lambda: invoke(["encode", *e6small["args"], "--out", str(out)]))
+    assert (how, code) == ("exit", 0) and res["value"][0] == 0 and "resumed" in res["value"][1], res
+    assert_same_store(e6small["ref"], out)
