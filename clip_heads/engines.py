@@ -183,9 +183,33 @@ def _embed(backbone, batch: dict, pre_projection: bool = False) -> BlockResult:
     return BlockResult(int(batch["index"]), int(batch["n"]), good, emb, [(int(i), str(r)) for i, r in batch["bad"]], pre)
 
 
+def _to_device(batch: dict, device: torch.device, stream) -> tuple[dict, Any]:
+    """``batch``'s pixels copied to the GPU on ``stream`` (asynchronous from pinned memory), and
+    the event the forward must wait for."""
+    px = batch["pixels"]
+    with torch.cuda.stream(stream):
+        moved = ({k: v.to(device, non_blocking=True) for k, v in px.items()} if isinstance(px, dict)
+                 else px.to(device, non_blocking=True))
+        done = torch.cuda.Event()
+        done.record(stream)
+    return dict(batch, pixels=moved), done
+
+
+def _on_current_stream(batch: dict, done) -> dict:
+    """Make the forward's stream wait for the copy, and keep the copy's memory from being reused
+    before that stream is done with it."""
+    current = torch.cuda.current_stream()
+    current.wait_event(done)
+    px = batch["pixels"]
+    for t in (px.values() if isinstance(px, dict) else [px]):
+        t.record_stream(current)
+    return batch
+
+
 def local_blocks(job: EmbedJob, backbone, workers: int, stats: dict | None = None) -> Iterator[BlockResult]:
     """The blocks of ``job`` embedded by ``backbone`` in this process, decoded by ``workers``
-    DataLoader processes (0: in this process).
+    DataLoader processes (0: in this process). On a GPU the next block's copy to the device runs
+    on a stream of its own while the current block's forward runs.
 
     ``stats`` gains ``data_wait_s`` (this loop blocked on the next decoded block: the device
     idle for want of data; with 0 workers, the decoding itself) and ``forward_s`` (the forward
@@ -197,17 +221,28 @@ def local_blocks(job: EmbedJob, backbone, workers: int, stats: dict | None = Non
     stats.setdefault("forward_s", 0.0)
     if not job.blocks:
         return
-    batches = iter(_loader(job, range(len(job.blocks)), workers, backbone.device.type == "cuda"))
-    while True:
+    cuda = backbone.device.type == "cuda"
+    stream = torch.cuda.Stream(device=backbone.device) if cuda else None
+    batches = iter(_loader(job, range(len(job.blocks)), workers, cuda))
+
+    def fetch():
         t = time.perf_counter()
         batch = next(batches, None)
-        t1 = time.perf_counter()
-        stats["data_wait_s"] += t1 - t
-        if batch is None:
-            return
+        stats["data_wait_s"] += time.perf_counter() - t
+        if batch is None or not cuda or not batch["good"]:
+            return batch, None
+        return _to_device(batch, backbone.device, stream)
+
+    batch, done = fetch()
+    while batch is not None:
+        ahead, ahead_done = fetch() if cuda else (None, None)  # its copy overlaps this forward
+        t = time.perf_counter()
+        if done is not None:
+            batch = _on_current_stream(batch, done)
         r = _embed(backbone, batch, job.pre_projection)
-        stats["forward_s"] += time.perf_counter() - t1
+        stats["forward_s"] += time.perf_counter() - t
         yield r
+        batch, done = (ahead, ahead_done) if cuda else fetch()
 
 
 # ---------------------------------------------------------------------------------------
