@@ -3,7 +3,8 @@
 Images are decoded and preprocessed in DataLoader worker processes a whole batch at a time
 (order preserved), embedded under ``inference_mode`` and appended to the store as they come,
 so memory stays constant in the number of images. Every batch is committed to the encode's
-journal (:mod:`clip_heads.journal`) whole and synced before the cursor moves; rerunning the same
+journal (:mod:`clip_heads.journal`) whole and synced before the cursor moves, in a writer thread
+(:mod:`clip_heads.overlap`) while the next batch's forward runs; rerunning the same
 command after any interruption - Ctrl-C, SIGKILL, a full disk - continues from the cursor, in
 batches aligned as before, and ends with the same store an uninterrupted run writes. One
 process writes a store at a time (its lock), and an existing store is replaced only once the
