@@ -235,9 +235,9 @@ def _decode_reduced(im: Image.Image, data: bytes, how: Reduction) -> Image.Image
     """The JPEG ``im`` (opened, not loaded) decoded reduced, or None to decode it in full.
     PIL's draft happens in place (``im`` then loads reduced); simplejpeg returns a new image."""
     side = how.min_side
-    if im.format != "JPEG":
+    if im.format not in ("JPEG", "MPO"):  # MPO: a camera's JPEG with extra frames; PIL gives the first
         return None
-    if how.decoder == "simplejpeg" and im.mode in ("RGB", "L") and simplejpeg_available():
+    if how.decoder == "simplejpeg" and im.format == "JPEG" and im.mode in ("RGB", "L") and simplejpeg_available():
         # Also at full size (an image under 2 * min_side): libjpeg-turbo's own output, the same
         # pixels as PIL's decode (same library, same IDCT and upsampling) for ~60% of its time.
         import simplejpeg
