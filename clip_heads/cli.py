@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .catalog import DEFAULT_MODEL, FEATURES, PRECISIONS
+from .catalog import DECODE_PATHS, DEFAULT_MODEL, ENCODE_PRECISIONS, FEATURES, PRECISIONS
 
 logger = logging.getLogger("clip_heads")
 
@@ -138,9 +138,10 @@ _ALLOW_OUTSIDE = click.option(
 @click.option("--features", default="projected", metavar="LIST", callback=lambda ctx, param, value: _features(value),
               help=f"Image features to store: projected, or projected,pre-projection (also the image tower's pooled output before its projection, and the projection). Names: {', '.join(FEATURES)}.")
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes decoding images. [default: half the cores]")
+@click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes decoding images. [default: all cores but two on GPU, none on a small CPU]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--precision", default="auto", type=click.Choice(PRECISIONS), help="auto = fp16 autocast on GPU, fp32 on CPU.")
+@click.option("--precision", default="auto", type=click.Choice(ENCODE_PRECISIONS), help="auto = fp16 autocast on GPU; bf16 autocast on a CPU with bf16 units (AMX, AVX-512 BF16), else fp32. fp32 is exact.")
+@click.option("--decode", default="auto", type=click.Choice(DECODE_PATHS), help="JPEG decoding: auto = DCT-domain reduced decode (simplejpeg, else PIL draft) within cosine 0.9999 of exact; exact = the full decode.")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Stored image vector type.")
 @click.option("--no-normalize", is_flag=True, help="Store raw projections instead of L2-normalised vectors.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Encode a seeded sample of this many images.")
@@ -161,7 +162,7 @@ _ALLOW_OUTSIDE = click.option(
 @_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
+def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, decode, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
     """Encode every image of SOURCE and its prompts with a frozen vision-language model into the store --out.
 
     An interrupted run resumes when rerun with the same arguments (with any engine); a complete
@@ -171,9 +172,9 @@ def encode(ctx, source, out, model, fmt, templates, features, batch_size, worker
 
     options = _source_options(fmt, split, label_level, allow_outside_root, source_opts)
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
-            device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
-            limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"],
-            features=features, devices=_parse_devices(devices, engine),
+            device=device, precision=precision, decode=decode, dtype=dtype, normalize=not no_normalize,
+            overwrite=overwrite, limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard),
+            progress=ctx.obj["progress"], features=features, devices=_parse_devices(devices, engine),
             engine=engine, ray_options=_ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus))
     click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped"
                + (f"; {r.batches} batches encoded by this run" if r.status == "resumed" else "") + ")")
