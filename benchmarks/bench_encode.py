@@ -1,6 +1,16 @@
-"""Encode throughput per backbone family: bare model forward vs end-to-end `encode` on real JPEGs.
+"""Encode throughput: CPU precisions, decode paths, and end-to-end `encode` against the bare forward.
 
-    .venv/bin/python benchmarks/bench_encode.py [--families clip,siglip] [--images 256] [--batch-size 64]
+    .venv/bin/python benchmarks/bench_encode.py [--sections precision,decode,pipeline] [--families clip,siglip]
+
+precision: the ViT-B/32 and SigLIP base image towers (random init) at fp32, bf16 autocast, bf16
+weights, eager vs SDPA attention, channels-last, int8 dynamic quantisation and torch.compile
+(in a child process under --compile-timeout): images/s, the ratio to fp32 within each round,
+and the worst cosine to fp32 on real JPEGs; then what `--precision auto` picks on this CPU and
+its ratio to fp32 (target >= 2x where the CPU has bf16 units).
+decode: decode + preprocess images/s of one core (CPU time) for each path on Emotion6 and on
+large (>= 1,500 px) JPEGs, with the max abs pixel difference (0-255 units) and the worst
+ViT-B/32 embedding cosine against the model's own processor on a full decode.
+pipeline (below, as before):
 
 For each family at its base size (random weights: no pretrained ones exist here), prints images/s
 of the image tower alone on the real JPEGs already preprocessed in memory, images/s of the whole
@@ -28,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EMOTION6, TOKENIZER, peak_rss_mib, vitb32_dir  # noqa: E402
+import encode_paths  # noqa: E402
 
 from clip_heads.backbones.model import Backbone  # noqa: E402
 from clip_heads.backbones.preprocess import stack_batch  # noqa: E402
@@ -182,10 +193,61 @@ def bench_family(family: str, args, source: str, images: list, tmp: str) -> dict
             "workers": workers}
 
 
+def precision_section(args, images: list) -> None:
+    used, why = encode_paths.cpu_choice()
+    print(f"\n== CPU precision (torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"--precision auto = {used}: {why})")
+    for family in args.precision_families.split(","):
+        bb = Backbone(family_dir(family), device="cpu", precision="fp32")
+        n = args.precision_images
+        pixels = stack_batch([bb.preprocess(im) for im in images[:n]])
+        rows = encode_paths.precision_matrix(bb.model, pixels, args.batch_size, args.precision_rounds)
+        print(f"{family:<8} {BASE[family][0]}, {len(pixels)} Emotion6 JPEGs, batch {args.batch_size}")
+        for r in rows:
+            ok = "ok" if r["cos"] >= 0.999 else "below 0.999"
+            print(f"  {r['name']:<24} {r['rate']:7.2f} img/s  x{r['ratio']:5.2f} vs fp32  worst cos {r['cos']:.6f} ({ok})")
+        c = encode_paths.compile_row(family_dir(family), args.batch_size, bb.preprocess.out_height, args.compile_timeout)
+        if "skipped" in c:
+            print(f"  {'torch.compile':<24} skipped: {c['skipped']}")
+        else:
+            print(f"  {'torch.compile':<24} x{c['ratio']:5.2f} vs eager fp32 (random pixels)  worst cos {c['cos']:.6f}  "
+                  f"compile {c['compile_s']:.0f} s")
+        by = {r["name"]: r for r in rows}
+        chosen = by.get(used, by["fp32 (SDPA attention)"])
+        print(f"  fp32 {by['fp32 (SDPA attention)']['rate']:.2f} img/s vs chosen ({used}) {chosen['rate']:.2f} img/s: "
+              f"ratio {chosen['ratio']:.2f} (target >= 2.00" + ("" if used != "fp32" else
+              f"; unreachable without bf16 units; opt-in --precision int8 here: x{by['int8-dynamic']['ratio']:.2f}, "
+              f"cos {by['int8-dynamic']['cos']:.6f}") + ")")
+
+
+def decode_section(args, images: list, paths: list, tmp: str) -> None:
+    bb = Backbone(family_dir("clip"), device="cpu", precision="fp32")
+
+    def embed(x):
+        return torch.cat([bb.encode_pixels(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)])
+
+    large = encode_paths.large_jpegs(images[:args.large_images], Path(tmp) / "large")
+    print(f"\n== decode + preprocess, one core (CPU time), ViT-B/32's 224 px recipe; simplejpeg "
+          f"{'installed' if encode_paths.simplejpeg_available() else 'absent (pip install clip-heads[fast-decode])'}")
+    for what, files in ((f"Emotion6, {len(paths)} JPEGs (~341x256)", paths),
+                        (f"large JPEGs, {len(large)} (short side 1536, quality 90)", large)):
+        print(what)
+        for r in encode_paths.decode_matrix(bb.preprocess, bb.processor, files, embed):
+            print(f"  {r['name']:<38} {r['per_core']:7.1f} img/s per core  max |diff| {r['max_diff']:6.2f}/255  "
+                  f"worst cos {r['cos']:.7f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", default="clip,siglip,siglip2,metaclip_2,chinese_clip",
-                    help=f"comma list of {', '.join(BASE)} (altclip's ViT-L/14 + XLM-R large is slow on a CPU)")
+    ap.add_argument("--sections", default="precision,decode,pipeline")
+    ap.add_argument("--families", default="clip",
+                    help=f"pipeline section: comma list of {', '.join(BASE)} (altclip's ViT-L/14 + XLM-R large is slow on a CPU)")
+    ap.add_argument("--precision-families", default="clip,siglip")
+    ap.add_argument("--precision-images", type=int, default=32)
+    ap.add_argument("--precision-rounds", type=int, default=2)
+    ap.add_argument("--compile-timeout", type=float, default=240, help="seconds torch.compile may take (0: skip it)")
+    ap.add_argument("--decode-images", type=int, default=96)
+    ap.add_argument("--large-images", type=int, default=16)
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
@@ -193,8 +255,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tmp", default=None, help="folder for the stores (its filesystem decides what a sync costs)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = sorted(set(families) - set(BASE))
+    unknown = sorted(set(families + args.precision_families.split(",")) - set(BASE))
     if unknown:
         raise SystemExit(f"unknown families {unknown}; valid: {', '.join(BASE)}")
     print(f"torch threads {torch.get_num_threads()}, batch {args.batch_size}; one run on a shared machine")
@@ -207,13 +270,25 @@ def main() -> None:
             source, what = str(EMOTION6), "Emotion6 (real JPEGs)"
             src = open_source(source)
             # The same images the encode's seeded --limit sample picks, decoded once for the bare forward.
-            images = [src.load(int(i)) for i in sample_positions(len(src), n, 0)]
+            chosen = sample_positions(len(src), max(n, args.decode_images, args.precision_images), 0)
+            images = [src.load(int(i)) for i in chosen]
+            paths = [src.path(int(i)) for i in chosen[:args.decode_images]]
         else:
             from PIL import Image
 
             source, what = generated_jpegs(Path(tmp) / "imgs", n), "generated JPEGs"
-            images = [Image.open(p).convert("RGB") for p in sorted(Path(source).rglob("*.jpg"))]
+            paths = sorted(Path(source).rglob("*.jpg"))
+            images = [Image.open(p).convert("RGB") for p in paths]
         print(f"source {what}")
+        if "precision" in sections:
+            precision_section(args, images)
+        if "decode" in sections:
+            decode_section(args, images, paths, tmp)
+        if "pipeline" not in sections:
+            return
+        print("\n== end-to-end encode (default decode, precision and workers) vs the bare forward")
+        if EMOTION6.is_dir():  # exactly the images the encode's seeded --limit sample picks
+            images = [src.load(int(i)) for i in sample_positions(len(src), n, 0)]
         rows = []
         for family in families:
             row = bench_family(family, args, source, images, tmp)

@@ -8,10 +8,16 @@ them import their names from here, so each value is written once.
 """
 from __future__ import annotations
 
-__all__ = ["DEFAULT_MODEL", "PRECISIONS", "FEATURES", "parse_features", "HEAD_CLASSES", "list_heads"]
+__all__ = ["DEFAULT_MODEL", "PRECISIONS", "ENCODE_PRECISIONS", "DECODE_PATHS", "FEATURES", "parse_features", "HEAD_CLASSES", "list_heads"]
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"  # the papers' ViT-B/32
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# encode (a frozen forward) may also run with bf16 weights or int8 linears on a CPU; see
+# clip_heads.backbones.precision for what each computes and the names a store records.
+ENCODE_PRECISIONS = PRECISIONS + ("bf16-weights", "int8")
+# How encode decodes JPEGs (clip_heads.images.DECODERS): auto = the fastest path within the
+# tolerance; exact = the full decode, equal to the model's own processor.
+DECODE_PATHS = ("auto", "exact", "draft", "simplejpeg")
 # What encode stores per image: the embeddings, and optionally the image tower's pooled output
 # before the projection (encode --features projected,pre-projection).
 FEATURES = ("projected", "pre-projection")

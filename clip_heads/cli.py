@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .catalog import DEFAULT_MODEL, FEATURES, PRECISIONS
+from .catalog import DECODE_PATHS, DEFAULT_MODEL, ENCODE_PRECISIONS, FEATURES, PRECISIONS
 
 logger = logging.getLogger("clip_heads")
 
@@ -173,8 +173,8 @@ def _formats() -> list[str]:
 # Options several commands share, with one meaning and one help text each.
 _WORKERS = click.option(
     "--workers", "-w", default=None, type=click.IntRange(min=0),
-    help="DataLoader worker processes decoding images. [default: on a GPU half the cores, 1 to 8; on a CPU none "
-         "up to 4 cores, else one per 8 cores]")
+    help="DataLoader worker processes decoding images. [default: on a GPU every usable core but two, 1 to 32; on a "
+         "CPU none up to 4 cores, else one per 8 cores]")
 _SPLIT = click.option(
     "--split", default=None,
     help="The source's split to read: CIFAR-100 test, train or all [default: test]; EmoSet all, train, val or test; "
@@ -197,7 +197,8 @@ _ALLOW_OUTSIDE = click.option(
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
 @_WORKERS
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--precision", default="auto", type=click.Choice(PRECISIONS), help="auto = fp16 autocast on GPU, fp32 on CPU.")
+@click.option("--precision", default="auto", type=click.Choice(ENCODE_PRECISIONS), help="auto = fp16 autocast on GPU; bf16 autocast on a CPU with bf16 units (AMX, AVX-512 BF16), else fp32. fp32 is exact.")
+@click.option("--decode", default="auto", type=click.Choice(DECODE_PATHS), help="JPEG decoding: auto = DCT-domain reduced decode (simplejpeg, else PIL draft) within cosine 0.9999 of exact; exact = the full decode.")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Stored image vector type.")
 @click.option("--no-normalize", is_flag=True, help="Store raw projections instead of L2-normalised vectors.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Encode a seeded sample of this many images.")
@@ -218,7 +219,7 @@ _ALLOW_OUTSIDE = click.option(
 @_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
+def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, decode, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
     """Encode every image of SOURCE and its prompts with a frozen vision-language model into the store --out.
 
     An interrupted run resumes when rerun with the same arguments (with any engine); a complete
@@ -228,9 +229,9 @@ def encode(ctx, source, out, model, fmt, templates, features, batch_size, worker
 
     options = _source_options(fmt, split, label_level, allow_outside_root, source_opts)
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
-            device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
-            limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"],
-            features=features, devices=_parse_devices(devices, engine),
+            device=device, precision=precision, decode=decode, dtype=dtype, normalize=not no_normalize,
+            overwrite=overwrite, limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard),
+            progress=ctx.obj["progress"], features=features, devices=_parse_devices(devices, engine),
             engine=engine, ray_options=_ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus))
     click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped"
                + (f"; {r.batches} batches encoded by this run" if r.status == "resumed" else "") + ")")

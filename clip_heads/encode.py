@@ -3,7 +3,8 @@
 Images are decoded and preprocessed in DataLoader worker processes a whole batch at a time
 (order preserved), embedded under ``inference_mode`` and appended to the store as they come,
 so memory stays constant in the number of images. Every batch is committed to the encode's
-journal (:mod:`clip_heads.journal`) whole and synced before the cursor moves; rerunning the same
+journal (:mod:`clip_heads.journal`) whole and synced before the cursor moves, in a writer thread
+(:mod:`clip_heads.overlap`) while the next batch's forward runs; rerunning the same
 command after any interruption - Ctrl-C, SIGKILL, a full disk - continues from the cursor, in
 batches aligned as before, and ends with the same store an uninterrupted run writes. One
 process writes a store at a time (its lock), and an existing store is replaced only once the
@@ -19,18 +20,23 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .backbones.model import Backbone, resolve_precision
+from .backbones.model import Backbone
+from .backbones.precision import PRECISION_NAMES, resolve_precision, same_precision
+from .backbones.preprocess import Preprocess
 from .catalog import DEFAULT_MODEL, parse_features
 from .identity import check_identity, model_identity
 from .datasets import open_source
 from .engines import ENGINES, BlockResult, EmbedJob, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
 from .fsutil import exclusive_lock
+from .loading import resolve_decode
+from .overlap import CommitThread
 from .prompts import default_template_sets, encode_prompt_set, load_templates
 from .store import PRE_EMBEDS, FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
 from .journal import StoreWriter
@@ -52,6 +58,9 @@ class EncodeResult:
     n_skipped: int
     status: str  # "encoded", "resumed", "up-to-date"
     batches: int = 0  # blocks of images this run decoded and embedded (a resume skips the committed ones)
+    # Where this run's wall time went (local engine): data_wait_s (the forward waiting for decoded
+    # blocks), forward_s, commit_s (the writer thread), commit_wait_s (the forward waiting for the disk), wall_s.
+    timings: dict | None = None
 
 
 def sample_positions(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -83,6 +92,7 @@ def encode(
     workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    decode: str = "auto",
     dtype: str = "float16",
     normalize: bool = True,
     overwrite: bool = False,
@@ -119,6 +129,13 @@ def encode(
         one worker process each, ending with one store.
     ray_options : for ``engine="ray"``: ``address``, ``num_gpus_per_worker``, ``decode_cpus``,
         ``embed_workers``, ``threads`` (see :class:`clip_heads.ray_engine.RayEngine`).
+    precision : "auto" (fp16 autocast on a GPU; on a CPU bf16 autocast where it has bf16 matrix
+        units, else fp32), "fp32" (exact), "fp16", "bf16", "bf16-weights", "int8" (CPU); the store
+        records what ran (:mod:`clip_heads.backbones.precision`), and a resume must match it.
+    decode : "auto" (the fastest JPEG decode within cosine 0.9999 of the reference: simplejpeg
+        with the fast-decode extra, else PIL's draft), "exact" (the full decode, equal to the
+        model's processor), "draft", "simplejpeg"; recorded as the store's ``decode`` attribute,
+        and a resume must match it.
     features : "projected" (default), or "projected,pre-projection" to also store the image
         tower's pooled output before the projection (``/images/pre_embeds``) and the projection
         itself (``/projection``; SigLIP has none: its pre-projection features are its embeddings,
@@ -189,6 +206,7 @@ def encode(
                 check_identity(found, backbone.identity if backbone else model_identity(model), str(out), _REMEDY)
                 _check_matches(found, wanted, out)
                 _check_precision(found, precision, out)
+                _check_decode(found, decode, out)
                 missing = [t for t in template_sets if Path(t).stem not in s.prompt_sets() and t not in s.prompt_sets()]
                 n, n_skipped = len(s), s.progress["skipped"]
             _drop_finished_journal(out, found)
@@ -206,13 +224,14 @@ def encode(
         runner = Runner(engine, backbone, devices, workers, ray_options, progress)
         try:
             used_precision = resolve_precision(runner.device, precision)
+            used_decode = resolve_decode(decode, backbone.preprocess)
             writer = None
             if part.exists():
                 try:
                     found = StoreWriter.read_partial_attrs(out)
                     check_identity(found, backbone.identity, str(part), _REMEDY)
                     _check_matches(found, wanted, part)
-                    _check_resume(found, used_precision, batch_size, part)
+                    _check_resume(found, used_precision, batch_size, part, used_decode)
                     writer, status = StoreWriter.resume(out), "resumed"
                 except ValueError as e:  # StoreError, or check_identity's refusal
                     if not overwrite:
@@ -226,6 +245,7 @@ def encode(
                     source=desc,
                     source_fingerprint=fingerprint,
                     precision=used_precision,
+                    decode=used_decode,
                     batch_size=batch_size,
                 )
                 if shard is not None:
@@ -241,8 +261,11 @@ def encode(
             try:
                 job = EmbedJob(src, positions, plan_blocks(len(positions), writer.progress[0], batch_size),
                                backbone.preprocess, worker_model(model) if backbone.model_id == str(model) else backbone.model_id,
-                               backbone.identity, used_precision, pre_projection="pre-projection" in features)
-                batches = _stream(src, len(positions), writer, runner.blocks(job), normalize, progress)
+                               backbone.identity, used_precision, pre_projection="pre-projection" in features,
+                               decode=used_decode, uint8=isinstance(backbone.preprocess, Preprocess))
+                t0 = time.perf_counter()
+                batches = _stream(src, len(positions), writer, runner.blocks(job), normalize, progress, runner.stats)
+                timings = dict(runner.stats, wall_s=time.perf_counter() - t0)
                 sealed = writer.sealed_prompt_sets(template_sets)
                 if sealed is not None:  # a run killed while finishing already encoded them
                     sets, default = sealed
@@ -257,7 +280,9 @@ def encode(
             runner.close()
         _mark(out, run_key, n_images, n_skipped)
     logger.info("wrote %s: %d images, %d skipped", out, n_images, n_skipped)
-    return EncodeResult(out, n_images, n_skipped, status, batches)
+    if timings.get("wall_s"):
+        logger.info("encode time: %s", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    return EncodeResult(out, n_images, n_skipped, status, batches, timings)
 
 
 def _mark(out: Path, run_key: str | None, rows: int, skipped: int) -> None:
@@ -267,22 +292,43 @@ def _mark(out: Path, run_key: str | None, rows: int, skipped: int) -> None:
         mark_done(out, run_key, rows=rows, skipped=skipped)
 
 
-def _check_resume(found: dict, precision: str, batch_size: int, part: Path) -> None:
+def _flag_value(k: str, recorded: Any) -> str:
+    """A recorded precision as the --precision value that asks for it ("bf16-autocast" -> bf16)."""
+    if k == "precision":
+        asked = {v: a for a, v in PRECISION_NAMES.items()}
+        return asked.get(str(recorded), str(recorded))
+    return str(recorded)
+
+
+def _check_resume(found: dict, precision: str, batch_size: int, part: Path, decode: str = "exact") -> None:
     """What a resume must match beyond the store's identity: the rows already written were
-    computed at this precision and in batches of this size."""
-    for k, v in (("precision", precision), ("batch_size", batch_size)):
-        if str(found.get(k)) != str(v):
+    computed at this precision, from images decoded by this path, in batches of this size.
+    (A journal from before the decode paths decoded exact.)"""
+    found = dict(found, decode=found.get("decode") or "exact")
+    for k, v in (("precision", precision), ("decode", decode), ("batch_size", batch_size)):
+        same = same_precision(found.get(k), v) if k == "precision" else str(found.get(k)) == str(v)
+        if not same:
             flag = f"--{k.replace('_', '-')}"
-            raise StoreError(f"{part} was encoded with {flag} {found.get(k)}, but this run has {flag} {v}; rerun with "
-                             f"{flag} {found.get(k)} to resume, or --overwrite to start over")
+            theirs, ours = _flag_value(k, found.get(k)), _flag_value(k, v)
+            raise StoreError(f"{part} was encoded with {flag} {theirs} ({k}={found.get(k)}), but this run has {flag} "
+                             f"{ours}; rerun with {flag} {theirs} to resume, or --overwrite to start over")
 
 
 def _check_precision(found: dict, precision: str, path: Path) -> None:
     # An explicit --precision that differs from a complete store's is refused; "auto" on another
     # kind of device is not (the store is what it is, and says so).
-    if precision != "auto" and str(found.get("precision", "auto")) not in ("auto", precision):
-        raise StoreError(f"{path} was encoded with precision={found.get('precision')!r}, but this run has "
+    had = str(found.get("precision", "auto"))
+    if precision != "auto" and had != "auto" and not same_precision(had, PRECISION_NAMES.get(precision, precision)):
+        raise StoreError(f"{path} was encoded with precision={had!r}, but this run has "
                          f"precision={precision!r}; use another --out, or --overwrite to start over")
+
+
+def _check_decode(found: dict, decode: str, path: Path) -> None:
+    # As for the precision: an explicit --decode must be what the store's vectors came from.
+    had = str(found.get("decode") or "exact")
+    if decode != "auto" and had != decode:
+        raise StoreError(f"{path} was encoded with decode={had!r}, but this run has decode={decode!r}; use another "
+                         "--out, or --overwrite to start over")
 
 
 def _drop_finished_journal(out: Path, found: dict) -> None:
@@ -305,20 +351,30 @@ def _drop_finished_journal(out: Path, found: dict) -> None:
                        "use --overwrite to replace %s with it)", part, out)
 
 
-def _stream(src, n_positions: int, writer: StoreWriter, results, normalize: bool, progress: bool) -> int:
-    """Commit the engine's blocks, in order, to the journal; the number of blocks this run embedded."""
+def _stream(src, n_positions: int, writer: StoreWriter, results, normalize: bool, progress: bool,
+            stats: dict | None = None) -> int:
+    """Commit the engine's blocks, in order, to the journal; the number of blocks this run embedded.
+
+    The commits run in a writer thread (:class:`~clip_heads.overlap.CommitThread`) while this
+    loop fetches the next block, so the forward never waits for the disk; what the journal holds
+    is what was committed, and a kill loses only blocks the rerun embeds again."""
     from tqdm.auto import tqdm
 
     done = writer.progress[0]
     extras = src.extras
     count = 0
     bar = tqdm(total=n_positions, initial=done, unit="img", desc="encode", disable=not progress, smoothing=0.1)
+
+    def commit(r: BlockResult) -> None:
+        commit_block(writer, src, r, normalize, extras)
+        bar.update(r.n)
+        bar.set_postfix(skipped=writer.progress[2], refresh=False)
+
     try:
-        for r in results:
-            commit_block(writer, src, r, normalize, extras)
-            count += 1
-            bar.update(r.n)
-            bar.set_postfix(skipped=writer.progress[2], refresh=False)
+        with CommitThread(commit, depth=2, stats=stats) as committer:
+            for r in results:
+                committer.put(r)
+                count += 1
     finally:
         close = getattr(results, "close", None)
         if close is not None:

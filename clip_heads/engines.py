@@ -70,20 +70,36 @@ class EmbedJob:
     identity: dict
     precision: str = "auto"
     pre_projection: bool = False
+    decode: str = "exact"  # the JPEG decode path (clip_heads.loading.resolve_decode)
+    uint8: bool = False  # ship uint8 crops, normalised on the embedding device
+
 
     def block_positions(self, k: int) -> np.ndarray:
         a, b = self.blocks[k]
         return self.positions[a:b]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or Slurm's share),
+    not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_workers(device: torch.device | str = "cpu") -> int:
-    """Decoding processes that pay off: on a GPU, half the cores keep it fed; on a CPU the
-    forward pass already uses every core and decoding costs ~5% of it (ViT-B/32: ~3.5 ms vs
-    ~70 ms an image on 2 cores), so a worker only takes cores from torch unless there are many."""
-    cores = os.cpu_count() or 2
+    """Decoding processes that pay off. On a GPU every core but two (the main loop launching the
+    forward, and the pin-memory and commit threads): one core decodes and preprocesses ~400
+    Emotion6-sized JPEGs a second (bench_encode.py), a GPU embeds ViT-B/32 many times faster, so
+    the decode is the limit and every core helps (at most 32: each holds its prefetched batches).
+    On a CPU the forward pass already uses every core and decoding costs ~5% of it (ViT-B/32:
+    ~3.5 ms vs ~70 ms an image on 2 cores), so a worker only takes cores from torch unless there
+    are many."""
+    cores = usable_cores()
     if torch.device(device).type == "cpu":
         return 0 if cores <= 4 else cores // 8
-    return max(1, min(8, cores // 2))
+    return max(1, min(32, cores - 2))
 
 
 def plan_blocks(n: int, done: int, batch_size: int) -> list[tuple[int, int]]:
@@ -115,11 +131,12 @@ def check_worker_identity(found: dict, expected: dict, where: str) -> None:
                              "or the same hub revision)")
 
 
-def decode_block(source, positions: np.ndarray, preprocess) -> dict:
-    """One block through :class:`~clip_heads.loading.DecodedBatches` (the one bad-image policy)."""
+def decode_block(source, positions: np.ndarray, preprocess, decode: str = "exact", uint8: bool = False) -> dict:
+    """One block through :class:`~clip_heads.loading.DecodedBatches` (the one bad-image policy),
+    decoded by ``decode``'s path, its crops uint8 when ``uint8``."""
     from .loading import DecodedBatches
 
-    return DecodedBatches(source, positions, max(1, len(positions)), preprocess)[0]
+    return DecodedBatches(source, positions, max(1, len(positions)), preprocess, decode=decode, uint8=uint8)[0]
 
 
 class _Blocks:
@@ -133,14 +150,17 @@ class _Blocks:
 
     def __getitem__(self, j: int) -> dict:
         k = self.indices[j]
-        return dict(decode_block(self.job.source, self.job.block_positions(k), self.job.preprocess), index=k)
+        job = self.job
+        return dict(decode_block(job.source, job.block_positions(k), job.preprocess, job.decode, job.uint8), index=k)
 
 
 def _loader(job: EmbedJob, indices: Sequence[int], workers: int, pin: bool):
     from torch.utils.data import DataLoader
 
+    # Pinned batches let the host-to-device copy run asynchronously (towers.image_inputs copies
+    # with non_blocking=True). Many workers prefetch less each: memory stays ~ 16 batches.
     return DataLoader(_Blocks(job, indices), batch_size=None, num_workers=workers, pin_memory=pin,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=max(2, 16 // workers) if workers else None, persistent_workers=False)
 
 
 def embed_pixels(backbone, pixels: Any, n_good: int, pre_projection: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -163,13 +183,66 @@ def _embed(backbone, batch: dict, pre_projection: bool = False) -> BlockResult:
     return BlockResult(int(batch["index"]), int(batch["n"]), good, emb, [(int(i), str(r)) for i, r in batch["bad"]], pre)
 
 
-def local_blocks(job: EmbedJob, backbone, workers: int) -> Iterator[BlockResult]:
+def _to_device(batch: dict, device: torch.device, stream) -> tuple[dict, Any]:
+    """``batch``'s pixels copied to the GPU on ``stream`` (asynchronous from pinned memory), and
+    the event the forward must wait for."""
+    px = batch["pixels"]
+    with torch.cuda.stream(stream):
+        moved = ({k: v.to(device, non_blocking=True) for k, v in px.items()} if isinstance(px, dict)
+                 else px.to(device, non_blocking=True))
+        done = torch.cuda.Event()
+        done.record(stream)
+    return dict(batch, pixels=moved), done
+
+
+def _on_current_stream(batch: dict, done) -> dict:
+    """Make the forward's stream wait for the copy, and keep the copy's memory from being reused
+    before that stream is done with it."""
+    current = torch.cuda.current_stream()
+    current.wait_event(done)
+    px = batch["pixels"]
+    for t in (px.values() if isinstance(px, dict) else [px]):
+        t.record_stream(current)
+    return batch
+
+
+def local_blocks(job: EmbedJob, backbone, workers: int, stats: dict | None = None) -> Iterator[BlockResult]:
     """The blocks of ``job`` embedded by ``backbone`` in this process, decoded by ``workers``
-    DataLoader processes (0: in this process)."""
+    DataLoader processes (0: in this process). On a GPU the next block's copy to the device runs
+    on a stream of its own while the current block's forward runs.
+
+    ``stats`` gains ``data_wait_s`` (this loop blocked on the next decoded block: the device
+    idle for want of data; with 0 workers, the decoding itself) and ``forward_s`` (the forward
+    passes and the copy of their vectors back)."""
+    import time
+
+    stats = {} if stats is None else stats
+    stats.setdefault("data_wait_s", 0.0)
+    stats.setdefault("forward_s", 0.0)
     if not job.blocks:
         return
-    for batch in _loader(job, range(len(job.blocks)), workers, backbone.device.type == "cuda"):
-        yield _embed(backbone, batch, job.pre_projection)
+    cuda = backbone.device.type == "cuda"
+    stream = torch.cuda.Stream(device=backbone.device) if cuda else None
+    batches = iter(_loader(job, range(len(job.blocks)), workers, cuda))
+
+    def fetch():
+        t = time.perf_counter()
+        batch = next(batches, None)
+        stats["data_wait_s"] += time.perf_counter() - t
+        if batch is None or not cuda or not batch["good"]:
+            return batch, None
+        return _to_device(batch, backbone.device, stream)
+
+    batch, done = fetch()
+    while batch is not None:
+        ahead, ahead_done = fetch() if cuda else (None, None)  # its copy overlaps this forward
+        t = time.perf_counter()
+        if done is not None:
+            batch = _on_current_stream(batch, done)
+        r = _embed(backbone, batch, job.pre_projection)
+        stats["forward_s"] += time.perf_counter() - t
+        yield r
+        batch, done = (ahead, ahead_done) if cuda else fetch()
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ import re
 import stat
 import struct
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import IO, Union
+from typing import IO, Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,92 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise BadImage(f"unsupported colour mode {im.mode}") from e
 
 
+# -- reduced decoding ----------------------------------------------------------------------
+# A JPEG stores 8x8 DCT blocks, so libjpeg-turbo can decode it directly at 1/2, 1/4, 1/8 (PIL's
+# draft) or n/8 (its own scaling, through simplejpeg) of its size for a fraction of the cost of
+# a full decode followed by a resize. The loader says how far an image may be reduced: enough to
+# keep its shortest side >= min_side, which is a margin above the model's resize target so that
+# the resize after it still filters like the reference's (the tests and bench_encode.py hold the
+# embeddings to cosine >= 0.9999 against the full decode).
+DECODERS = ("exact", "draft", "simplejpeg")
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How :func:`open_rgb` may reduce a JPEG while decoding it: ``decoder`` is "draft" (PIL's
+    DCT-domain scaling) or "simplejpeg" (libjpeg-turbo's n/8 scaling; falls back to draft when
+    simplejpeg is not installed); the decoded image keeps both sides >= ``min_side``."""
+
+    decoder: str
+    min_side: int
+
+
+_REDUCTION: ContextVar["Reduction | None"] = ContextVar("clip_heads_jpeg_reduction", default=None)
+
+
+@contextmanager
+def reduced_decoding(decoder: str, min_side: int) -> Iterator[None]:
+    """Within this block, :func:`open_rgb` decodes JPEGs reduced as :class:`Reduction` says
+    ("exact": in full, as outside it). The loader sets it around ``Source.load``, so every source
+    that decodes through :func:`open_rgb` gets it."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
+    token = _REDUCTION.set(None if decoder == "exact" else Reduction(decoder, int(min_side)))
+    try:
+        yield
+    finally:
+        _REDUCTION.reset(token)
+
+
+def simplejpeg_available() -> bool:
+    """Whether the optional ``simplejpeg`` (extra ``fast-decode``) is importable."""
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_reduced(im: Image.Image, data: bytes, how: Reduction) -> Image.Image | None:
+    """The JPEG ``im`` (opened, not loaded) decoded reduced, or None to decode it in full.
+    PIL's draft happens in place (``im`` then loads reduced); simplejpeg returns a new image."""
+    side = how.min_side
+    if im.format not in ("JPEG", "MPO"):  # MPO: a camera's JPEG with extra frames; PIL gives the first
+        return None
+    if how.decoder == "simplejpeg" and im.format == "JPEG" and im.mode in ("RGB", "L") and simplejpeg_available():
+        # Also at full size (an image under 2 * min_side): libjpeg-turbo's own output, the same
+        # pixels as PIL's decode (same library, same IDCT and upsampling) for ~60% of its time.
+        import simplejpeg
+
+        # The scales PIL's draft takes (1/2, 1/4, 1/8): libjpeg-turbo's other n/8 ones filter
+        # worse (a ViT-B/32 embedding at 3/8 fell to cosine 0.9997 against the full decode).
+        w, h = im.size
+        k = next(k for k in (8, 4, 2, 1) if k == 1 or min(w, h) // k >= side)
+        try:
+            # strict: a truncated or corrupt stream raises instead of decoding to grey; PIL's
+            # full decode below then names what is wrong with it.
+            a = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-h // k), min_width=-(-w // k), strict=True)
+        except ValueError:
+            return None
+        return Image.fromarray(a, "RGB")
+    if min(im.size) >= 2 * side:  # else no 1/2 scale keeps min_side: nothing to gain
+        im.draft(im.mode, (side, side))
+    return None
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, SyntaxError, ZeroDivisionError, struct.error) as e:
+        logger.debug("ignoring unreadable EXIF: %s", e)  # a broken EXIF block should not cost us the pixels
+        return 1
+
+
 # Formats PIL can only decode by running an external program (EPS: Ghostscript), which a
 # hostile file could keep busy forever.
 _EXTERNAL_DECODERS = {"EPS"}
@@ -244,7 +332,13 @@ def open_rgb(path_or_file: PathOrFile, limits: ImageLimits = DEFAULT_LIMITS) -> 
                 raise BadImage(f"decompression bomb ({w * h} pixels)")
             if limits.max_aspect is not None and max(w, h) > limits.max_aspect * min(w, h):
                 raise BadImage(f"extreme aspect ratio ({w}x{h} > {limits.max_aspect:g}:1)")
-            im.load()
+            orientation = _orientation(im)  # from the header, before a reduced decode drops it
+            how = _REDUCTION.get()
+            reduced = _decode_reduced(im, data, how) if how is not None else None
+            if reduced is None:
+                im.load()
+            else:
+                im = reduced
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise BadImage(f"decompression bomb ({m.group(1) if m else 'too many'} pixels)") from e
@@ -254,10 +348,6 @@ def open_rgb(path_or_file: PathOrFile, limits: ImageLimits = DEFAULT_LIMITS) -> 
         if "truncated" in str(e).lower() or isinstance(e, EOFError):
             raise BadImage(f"truncated {kind}") from e
         raise BadImage(f"corrupt {kind} data ({e})") from e
-    try:
-        orientation = im.getexif().get(0x0112, 1)
-        if orientation not in (1, None):
-            im = ImageOps.exif_transpose(im)
-    except (OSError, ValueError, TypeError, KeyError, IndexError, SyntaxError, ZeroDivisionError, struct.error) as e:
-        logger.debug("ignoring unreadable EXIF: %s", e)  # a broken EXIF block should not cost us the pixels
+    if orientation in _TRANSPOSE:
+        im = im.transpose(_TRANSPOSE[orientation])
     return _to_rgb(im)

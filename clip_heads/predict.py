@@ -113,8 +113,10 @@ def predict(
     from tqdm.auto import tqdm
 
     from .backbones.model import Backbone, resolve_precision
+    from .backbones.preprocess import Preprocess
     from .datasets import open_source
     from .engines import ENGINES, EmbedJob, parse_devices, plan_blocks, worker_model
+    from .loading import resolve_decode
     from .runner import Runner
     from .fsutil import durable_replace, exclusive_lock, temp_sibling
     from .heads.base import Head
@@ -162,7 +164,9 @@ def predict(
             positions = np.arange(len(src))
             job = EmbedJob(src, positions, plan_blocks(len(positions), 0, batch_size), backbone.preprocess,
                            worker_model(model) if backbone.model_id == str(model) else backbone.model_id,
-                           backbone.identity, resolve_precision(runner.device, precision))
+                           backbone.identity, resolve_precision(runner.device, precision),
+                           # decoded and shipped as encode does by default, so the vectors are a store's
+                           decode=resolve_decode("auto", backbone.preprocess), uint8=isinstance(backbone.preprocess, Preprocess))
             rows = _Rows(schema, classes, bool(src.classes))
             bar = tqdm(total=len(src), unit="img", desc="predict", disable=not progress, smoothing=0.1)
             results = runner.blocks(job)

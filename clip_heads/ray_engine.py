@@ -74,13 +74,13 @@ class _Decoder:
     """CPU actor: one block's images decoded and preprocessed by the family's recipe, the pixels
     (a NaFlex batch's patches, mask and grid too) as raw bytes."""
 
-    def __init__(self, source, preprocess) -> None:
-        self.source, self.preprocess = source, preprocess
+    def __init__(self, source, preprocess, decode: str = "exact", uint8: bool = False) -> None:
+        self.source, self.preprocess, self.decode, self.uint8 = source, preprocess, decode, uint8
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas, pixels = [], []
         for _block, pos in zip(batch["block"], batch["positions"], strict=True):
-            d = decode_block(self.source, np.asarray(pos, np.int64), self.preprocess)
+            d = decode_block(self.source, np.asarray(pos, np.int64), self.preprocess, self.decode, self.uint8)
             layout, raw = pack_arrays(d["pixels"]) if d["good"] else ([], b"")
             metas.append(json.dumps({"n": d["n"], "good": d["good"], "bad": d["bad"], "layout": layout}))
             pixels.append(raw)
@@ -187,7 +187,8 @@ class RayEngine:
         try:
             items = [{"block": k, "positions": job.block_positions(k).tolist()} for k in range(len(job.blocks))]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
-            ds = ds.map_batches(_Decoder, fn_constructor_kwargs={"source": job.source, "preprocess": job.preprocess},
+            ds = ds.map_batches(_Decoder, fn_constructor_kwargs={"source": job.source, "preprocess": job.preprocess,
+                                                                   "decode": job.decode, "uint8": job.uint8},
                                 batch_size=1, batch_format="numpy", num_cpus=1,
                                 compute=ray.data.ActorPoolStrategy(size=self.decode_cpus))
             ds = ds.map_batches(_Embedder, fn_constructor_kwargs={

@@ -20,6 +20,7 @@ class Runner:
                  ray_options: dict | None, progress: bool) -> None:
         self.engine, self.backbone, self.devices, self.workers = engine, backbone, devices, workers
         self.ray = None
+        self.stats: dict = {}  # the local engine's data_wait_s and forward_s (engines.local_blocks)
         if engine == "ray":
             from .ray_engine import RayEngine  # Ray only when asked for
 
@@ -38,7 +39,7 @@ class Runner:
                 0 if self.device.type == "cpu" else max(1, default_workers(self.device) // len(self.devices)))
             return device_blocks(job, self.devices, workers=per)
         workers = default_workers(self.backbone.device) if self.workers is None else self.workers
-        return local_blocks(job, self.backbone, workers)
+        return local_blocks(job, self.backbone, workers, self.stats)
 
     def close(self) -> None:
         if self.ray is not None:

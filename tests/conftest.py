@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,16 @@ def _no_figures(monkeypatch):
     # of numbers and files skip them, as `--no-plots` does. Tests of the figures pass
     # plots=True, or set CLIP_HEADS_PLOTS=1 for the CLI.
     monkeypatch.setenv("CLIP_HEADS_PLOTS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _package_log_level():
+    # A CLI run in-process (CliRunner) sets the package logger's level for -v/-q; put it back, so
+    # no test's log capture depends on which test ran before it.
+    logger = logging.getLogger("clip_heads")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

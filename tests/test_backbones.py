@@ -144,8 +144,10 @@ def test_stored_vectors_equal_the_familys_reference_forward_on_real_jpegs(kind, 
     capitals = tmp_path / "Capitals.txt"  # SigLIP 2 reads lower-cased text: a template with capitals shows it
     capitals.write_text("A Photo That Evokes {}\nAn image that evokes the emotion of {}\n")
     # NaFlex batches (patches, mask, patch grid) cross a worker process: the processor pickles.
+    # decode="exact": the family's own reference decode (the tiny models' 30 px target would let the
+    # default reduced decode cut Emotion6 to 1/4; tests/test_encode_speed.py holds that path to its bound).
     r = encode(str(EMOTION6), tmp_path / "s.h5", model=path, limit=6, seed=1, workers=1 if kind == "siglip2" else 0,
-               progress=False, dtype="float32", templates=[str(capitals), "clip-e"])
+               progress=False, dtype="float32", templates=[str(capitals), "clip-e"], decode="exact")
     assert r.n_images == 6
     with open_store(r.path) as s:
         X, keys, attrs = s.embeddings(), s.keys, s.attrs

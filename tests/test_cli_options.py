@@ -55,10 +55,10 @@ def test_shared_options_mean_one_thing_and_workers_states_its_real_default(monke
         helps = {p.help for _, cmd in _commands() for p in cmd.params if opt in p.opts}
         assert len(helps) == 1, (opt, helps)
     (workers_help,) = {p.help for _, cmd in _commands() for p in cmd.params if "--workers" in p.opts}
-    assert "on a GPU half the cores, 1 to 8; on a CPU none up to 4 cores, else one per 8 cores" in workers_help
+    assert "on a GPU every usable core but two, 1 to 32; on a CPU none up to 4 cores, else one per 8 cores" in workers_help
     # ... which is what the engines do.
-    for cores, cpu, gpu in ((2, 0, 1), (4, 0, 2), (16, 2, 8), (64, 8, 8)):
-        monkeypatch.setattr(engines.os, "cpu_count", lambda c=cores: c)
+    for cores, cpu, gpu in ((2, 0, 1), (4, 0, 2), (16, 2, 14), (64, 8, 32)):
+        monkeypatch.setattr(engines, "usable_cores", lambda c=cores: c)
         assert (engines.default_workers("cpu"), engines.default_workers("cuda")) == (cpu, gpu), cores
 
 

@@ -14,7 +14,7 @@ from sklearn.model_selection import cross_val_score
 from clip_heads import __version__
 from clip_heads.heads import (HEADS, ContrastiveHead, Head, LinearHead, TipAdapterHead, ZeroShotHead,
                               class_prompt_vectors, get_head, list_heads, tip_adapter)
-from clip_heads.heads.contrastive import multi_positive_clip_loss
+from clip_heads.heads.contrastive import class_clip_loss, multi_positive_clip_loss
 from conftest import make_blobs
 
 N_CLASSES, DIM, N_TRAIN = 4, 16, 600
@@ -78,6 +78,47 @@ def test_linear_chooses_C_on_a_validation_split(data):
     assert head.val_scores_[head.C_] == max(head.val_scores_.values())
     # Heavy regularisation of unit vectors leaves little signal; the search must see that.
     assert head.val_scores_[1e-3] < head.val_scores_[head.C_]
+
+
+def test_coarse_then_fine_C_search_chooses_the_full_grids_C_on_unimodal_curves():
+    from clip_heads.heads.linear import search_grid
+
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        m = int(rng.integers(1, 16))
+        peak = int(rng.integers(0, m))
+        # Rising to a peak (or a flat top of random width), then falling; scores in 1/100ths so that ties happen.
+        top = int(rng.integers(0, 3))
+        up = np.sort(rng.integers(0, 60, size=peak))
+        down = np.sort(rng.integers(0, 60, size=max(0, m - peak - 1 - top)))[::-1]
+        curve = np.concatenate([up, [60] * (1 + top), down])[:m] / 100.0
+        grid = np.logspace(-3, 3, m)
+        calls = []
+        C, scores = search_grid(grid, lambda c, g=list(grid), v=curve, k=calls: (k.append(c), v[g.index(c)])[1])
+        full = grid[int(np.argmax(curve))]  # the first maximum: the smallest C among ties
+        assert C == full, (trial, curve.tolist(), C, full)
+        assert len(calls) == len(set(calls)) and scores == {c: curve[list(grid).index(c)] for c in calls}
+        if m >= 9 and peak <= 2 and top == 0:  # an early peak: the coarse pass stops well short of the grid's end
+            assert len(calls) < m
+    # Not unimodal, a second higher peak beyond the patience: the search stops before it (the price).
+    curve = [0.5, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.9]
+    assert search_grid(range(1, 10), lambda c: curve[int(c) - 1])[0] == 2
+
+
+def test_linear_fit_in_blocks_is_the_whole_batch_fit(data, monkeypatch):
+    from clip_heads.heads import linear
+
+    X, y = torch.from_numpy(data["Xtr"]), torch.from_numpy(data["ytr"]).long()
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(X)))
+    unit = linear.working_copy(X, order, normalize=True, block=7)  # built 7 rows at a time
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(X[order], dim=1), rtol=0, atol=0)
+    assert linear.working_copy(X, None, normalize=False) is X  # nothing to change: no copy
+    whole = linear.fit_logistic(unit, y[order], N_CLASSES, 0.1, tol=1e-6)
+    monkeypatch.setattr(linear, "FIT_BLOCK", 64)  # the loss summed over 10 blocks
+    blocked = linear.fit_logistic(unit, y[order], N_CLASSES, 0.1, tol=1e-6)
+    assert whole[3] and blocked[3]
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", list_heads())
@@ -245,6 +286,22 @@ def test_multi_positive_loss_treats_same_class_columns_alike():
         (3 * np.log(3) + 2 * np.log(2)) / 5, abs=1e-6)
 
 
+@pytest.mark.parametrize("n_classes, batch", [(8, 512), (3, 5), (100, 64), (2, 1)])
+def test_class_clip_loss_is_the_pairwise_loss_of_one_text_per_class(n_classes, batch):
+    # The contrastive head trains with the per-class form; it must be the pairwise loss, value and
+    # gradient, also when some classes are absent from the batch (100 classes, 64 samples).
+    gen = torch.Generator().manual_seed(n_classes)
+    image = torch.randn(batch, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(n_classes, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, n_classes, (batch,), generator=gen)
+    ours = class_clip_loss(image, text, labels, 0.075)
+    (g_ours,) = torch.autograd.grad(ours, image)
+    pairwise = multi_positive_clip_loss(image, text[labels], labels, 0.075)  # float32 targets inside
+    (g_pairwise,) = torch.autograd.grad(pairwise, image)
+    assert ours.item() == pytest.approx(pairwise.item(), rel=1e-6)
+    torch.testing.assert_close(g_ours, g_pairwise, rtol=1e-5, atol=1e-7)
+
+
 def test_contrastive_head_classifies_over_a_new_label_set():
     # The text space is a random rotation of the image space into more dimensions, so the head
     # must learn the map. Two new classes sit between seen ones, as related labels do
@@ -289,13 +346,37 @@ def test_tip_adapter_alpha_zero_is_zero_shot_and_blocks_change_nothing(data, mon
     plain = TipAdapterHead(alpha=0.0, beta=5.5, **kw).fit(data["Xtr"], data["ytr"])
     assert plain.search_scores_ is None and plain.alpha_ == 0.0
     zero_shot = ZeroShotHead(**kw).fit(data["Xtr"], data["ytr"])
+    # Tip-Adapter scores in float32 (the zero-shot head in float64): logits of scale 100 agree to 1e-4.
     np.testing.assert_allclose(plain.decision_function(data["Xte"]), zero_shot.decision_function(data["Xte"]),
-                               rtol=1e-6)
+                               rtol=1e-6, atol=1e-4)
     searched = TipAdapterHead(**kw).fit(data["Xtr"], data["ytr"])
     assert np.shape(searched.search_scores_) == (len(tip_adapter.DEFAULT_ALPHAS), len(tip_adapter.DEFAULT_BETAS))
     whole = searched.decision_function(data["Xte"])
-    monkeypatch.setattr(tip_adapter, "BLOCK_ELEMENTS", 1000)  # ~1 row per block
+    # The reference formula, unchunked, in float64.
+    X = torch.nn.functional.normalize(torch.from_numpy(data["Xte"]).double(), dim=1)
+    keys, labels = searched.keys_.double(), searched.cache_labels_
+    cache = torch.exp(-searched.beta_ * (1 - X @ keys.T)) @ torch.nn.functional.one_hot(labels).double()
+    ref = 100 * X @ torch.nn.functional.normalize(searched.class_embeds_.double(), dim=1).T + searched.alpha_ * cache
+    np.testing.assert_allclose(whole, ref.numpy(), rtol=1e-5, atol=1e-3)
+    monkeypatch.setattr(tip_adapter, "BLOCK_ELEMENTS", 1000)  # ~1 row per block in the search
+    monkeypatch.setattr(tip_adapter, "KEY_BLOCK", 7)  # and at predict, a few keys per chunk
+    monkeypatch.setattr(tip_adapter, "QUERY_BLOCK", 3)
     np.testing.assert_allclose(searched.decision_function(data["Xte"]), whole, rtol=1e-5, atol=1e-4)
+    again = TipAdapterHead(**kw).fit(data["Xtr"], data["ytr"])
+    assert (again.alpha_, again.beta_) == (searched.alpha_, searched.beta_)
+
+
+def test_tip_adapter_scores_a_row_the_same_alone_or_among_others(data):
+    """Predict runs in float32 in fixed-shape blocks: a row's scores may not depend on its neighbours."""
+    head = TipAdapterHead(prompt_embeds=data["prompts"]).fit(data["Xtr"], data["ytr"])
+    X = np.concatenate([data["Xte"]] * 3)[:700]  # more than two query blocks, the last one partial
+    whole = head.decision_function(X)
+    order = np.random.default_rng(0).permutation(len(X))
+    np.testing.assert_array_equal(head.decision_function(X[order]), whole[order])
+    for i in (0, 5, 255, 256, 699):
+        np.testing.assert_array_equal(head.decision_function(X[i:i + 1]), whole[i:i + 1])
+    np.testing.assert_array_equal(head.decision_function(X[250:520]), whole[250:520])
+    np.testing.assert_array_equal(head.predict_proba(X[::7]), head.predict_proba(X)[::7])
 
 
 def test_tip_adapter_f_trains_the_keys(data):

@@ -162,7 +162,7 @@ def test_a_preprocessing_bug_stops_the_encode(tiny_clip, tmp_path, monkeypatch):
     def broken(self, img):
         raise TypeError("preprocessing bug")
 
-    monkeypatch.setattr(Preprocess, "__call__", broken)
+    monkeypatch.setattr(Preprocess, "pixels", broken)  # the uint8 crop both the float and the uint8 paths make
     with pytest.raises(TypeError, match="preprocessing bug"):
         encode(str(tmp_path / "data"), tmp_path / "s.h5", model=tiny_clip, workers=0, progress=False)
     part = StoreWriter.partial_path(tmp_path / "s.h5")

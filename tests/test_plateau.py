@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score
-from sklearn.neural_network import MLPClassifier
 
 from clip_heads.heads import ContrastiveHead, LinearHead, MLPHead, TipAdapterHead
 from conftest import make_blobs
@@ -41,32 +40,31 @@ def fi_planted(n: int = 23308, dim: int = 512, clusters: int = 2, sep: float = 3
     return X, y, bayes
 
 
-def test_mlp_defaults_train_an_fi_sized_problem_as_far_as_sklearn_does():
-    """The issue's setting: 23,308 x 512, 8 imbalanced classes, 80/20 split.
+def test_mlp_defaults_train_an_fi_shaped_problem_to_its_plateau():
+    """FI's 8 imbalanced classes on a quarter-size problem (6,000 x 256, 80/20 split).
 
-    The old default (8 epochs) stopped with validation accuracy still rising: 0.660 accuracy and
-    0.493 macro-F1 here, where a converged MLP reaches about 0.75 / 0.71. The reference is
-    scikit-learn's MLPClassifier of the same shape with its validation-plateau rule (10% held
-    out, stop after 10 epochs without a better score), the rule our head follows. A hidden
-    width of 128 for both keeps the test fast; the benchmark runs the full 512.
+    Stopping short of the plateau is what this must catch: the old default (8 epochs) and a
+    plateau that fires at the first stalled epoch (patience 1) both end at about 0.66 accuracy /
+    0.51 macro-F1 here, where training to the plateau reaches about 0.70 / 0.64 (scikit-learn's
+    MLPClassifier of the same shape with its validation-plateau rule: 0.698 / 0.625;
+    benchmarks/bench_heads.py makes that comparison at full FI size, 23,308 x 512). The broken
+    schedule is trained beside the default, so the margin is measured, not assumed.
     """
-    X, y, bayes = fi_planted()
+    X, y, bayes = fi_planted(n=6000, dim=256)
     cut = int(0.8 * len(X))
     Xtr, ytr, Xte, yte = X[:cut], y[:cut], X[cut:], y[cut:]
-    head = MLPHead(hidden=128).fit(Xtr, ytr)
+    head = MLPHead(hidden=64).fit(Xtr, ytr)
     assert head.stop_reason_ == "plateau" and head.n_epochs_ < head.epochs
-    ours = head.predict(Xte)
-    unit = Xtr / np.linalg.norm(Xtr, axis=1, keepdims=True)  # what the head's normalize=True does
-    ref = MLPClassifier(hidden_layer_sizes=(128,), early_stopping=True, random_state=0).fit(unit, ytr)
-    theirs = ref.predict(Xte / np.linalg.norm(Xte, axis=1, keepdims=True))
+    assert head.n_epochs_ - head.best_epoch_ == head.patience  # it stopped patience epochs after its best
     acc = lambda p: float(np.mean(p == yte))  # noqa: E731
     f1 = lambda p: f1_score(yte, p, average="macro")  # noqa: E731
-    best = acc(bayes(Xte))
+    ours, best = head.predict(Xte), acc(bayes(Xte))
     assert 0.85 < best < 0.92  # overlapping classes: not a saturated problem
-    assert acc(ours) >= acc(theirs) - 0.01, (acc(ours), acc(theirs))
-    assert f1(ours) >= f1(theirs) - 0.01, (f1(ours), f1(theirs))
     assert acc(ours) < best  # and nothing beats the Bayes rate
-    assert acc(ours) > 0.72 and f1(ours) > 0.67  # the old default's 0.660 / 0.493 fail here
+    assert acc(ours) > 0.685 and f1(ours) > 0.60, (acc(ours), f1(ours))
+    for short in (MLPHead(hidden=64, epochs=8, patience=None), MLPHead(hidden=64, patience=1)):
+        early = short.fit(Xtr, ytr).predict(Xte)
+        assert acc(ours) >= acc(early) + 0.02 and f1(ours) >= f1(early) + 0.06, (acc(early), f1(early))
 
 
 @pytest.fixture

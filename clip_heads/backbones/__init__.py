@@ -22,8 +22,10 @@ _WHERE = {
     "preprocess": ("Preprocess", "ProcessorPreprocess", "ImageRecipe", "image_recipe", "resample_code", "stack_batch"),
     "towers": ("as_embeddings", "image_inputs", "image_embeds", "image_features", "prepare_texts", "tokenize",
                "text_embeds", "text_max_length", "embed_dim", "pre_dim", "projection_matrix", "logit_values"),
-    "model": ("FEATURES", "resolve_device", "resolve_precision", "autocast_for", "Backbone", "load_backbone",
+    "model": ("FEATURES", "resolve_device", "Backbone", "load_backbone",
               "load_clip", "encode_array"),
+    "precision": ("PRECISION_NAMES", "resolve_precision", "same_precision", "autocast_for", "cpu_bf16_unit",
+                  "apply_precision"),
     "losses": ("sigmoid_loss",),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}

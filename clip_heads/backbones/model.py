@@ -14,17 +14,17 @@ import base64
 import json
 import logging
 import os
-from contextlib import nullcontext
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..catalog import DEFAULT_MODEL, FEATURES, PRECISIONS
+from ..catalog import DEFAULT_MODEL, FEATURES
 from ..identity import ModelFiles, resolve_model
 from . import towers
 from .families import FamilySpec, family_of_folder
+from .precision import apply_precision, autocast_for, resolve_precision
 from .preprocess import ImageRecipe, image_recipe, stack_batch
 
 logger = logging.getLogger(__name__)
@@ -44,24 +44,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r} asked for, but no CUDA GPU is available here; use --device cpu")
     return dev
-
-
-def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """The precision a run uses: "auto" is fp16 on GPU, fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """fp16/bf16 autocast on GPU; full precision on CPU unless asked otherwise."""
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
@@ -112,8 +94,10 @@ class Backbone:
     ----------
     model_id : hub id, local directory, or the :class:`~clip_heads.identity.ModelFiles` of one.
     device : "auto", "cpu", "cuda", "cuda:N", "mps".
-    precision : "auto" (fp16 autocast on GPU, fp32 on CPU), "fp32", "fp16", "bf16"; the weights
-        stay float32 (autocast computes in the lower precision).
+    precision : "auto", "fp32", "fp16", "bf16" (autocast: the weights stay float32),
+        "bf16-weights", "int8" (the image tower's linears, CPU only); "auto" is fp16 autocast on
+        a GPU, bf16 autocast on a CPU with bf16 matrix units, else fp32
+        (:mod:`clip_heads.backbones.precision`). ``precision_used`` is the recorded name.
     trainable : False (default): eval mode, no gradients (encode, prompts, zero-shot); True:
         the parameters keep their gradients, for the fine-tune.
     dtype : load the weights in this torch dtype instead of the checkpoint's.
@@ -131,11 +115,17 @@ class Backbone:
                  precision: str = "auto", trainable: bool = False, dtype: Any = None) -> None:
         self.device = resolve_device(device)
         self.precision = precision
-        autocast_for(self.device, precision)  # validates the name early
+        # The name of what runs ("bf16-autocast", "int8-dynamic"...): what a store records.
+        self.precision_used = resolve_precision(self.device, precision)
+        if trainable and self.precision_used in ("int8-dynamic", "bf16-weights"):
+            raise ValueError(f"precision {precision!r} is for a frozen encode; a trainable model keeps float32 "
+                             "weights (use fp32, fp16 or bf16 autocast)")
         files = model_id if isinstance(model_id, ModelFiles) else resolve_model(model_id)
         self.spec = family_of_folder(files.path, f"model {files.model_id}")
         model, self.tokenizer, self.processor = _load_parts(files, self.spec, dtype)
-        self.model = model.to(self.device)
+        # int8 quantises the image tower only: its projection (a small matmul) stays exact, so
+        # stored pre-projection features still map to the embeddings through /projection.
+        self.model = apply_precision(model.to(self.device), self.precision_used, ("vision_model",))
         self.trainable = trainable
         if not trainable:
             self.model.eval()
@@ -179,9 +169,15 @@ class Backbone:
     @torch.inference_mode()
     def image_features(self, pixels: Any, pre_projection: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Preprocessed images (a tensor ``(B, 3, H, W)``, or a NaFlex batch dict) ->
-        ``(embeddings (B, dim), pre-projection features (B, pre_dim) or None)``, float32, not normalised."""
+        ``(embeddings (B, dim), pre-projection features (B, pre_dim) or None)``, float32, not normalised.
+
+        uint8 pixels (crops as :meth:`Preprocess.pixels` makes them) are rescaled and normalised
+        here, on the model's device, after a copy of a quarter of float32's bytes."""
         inputs = towers.image_inputs(pixels, self.device)
-        with autocast_for(self.device, self.precision):
+        px = inputs.get("pixel_values")
+        if px is not None and px.dtype == torch.uint8:
+            inputs["pixel_values"] = self.preprocess.normalize(px)
+        with autocast_for(self.device, self.precision_used):
             if pre_projection:
                 e, pre = towers.image_features(self.model, self.spec, inputs)
                 return e.float(), pre.float()
@@ -218,7 +214,7 @@ class Backbone:
         with tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress or not texts) as bar:
             for i in range(0, len(texts), batch_size):
                 tok = {k: v.to(self.device) for k, v in self.tokenize(list(texts[i: i + batch_size])).items()}
-                with autocast_for(self.device, self.precision):
+                with autocast_for(self.device, self.precision_used):
                     feats = towers.text_embeds(self.model, tok)
                 out.append(feats.float().cpu())
                 bar.update(len(out[-1]))

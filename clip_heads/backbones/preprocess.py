@@ -121,6 +121,47 @@ class Preprocess:
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 array ``(3, out_height, out_width)``."""
+        x = self.pixels(img).astype(np.float32)
+        scale, shift = self._affine()
+        if scale is not None:
+            x *= scale[:, None, None]
+        if shift is not None:
+            x -= shift[:, None, None]
+        return x
+
+    @property
+    def min_side(self) -> int:
+        """The side a resize brings an image's shortest side to (the target a reduced JPEG
+        decode must stay above; see :func:`clip_heads.images.reduced_decoding`)."""
+        if self.resize_height is not None:
+            return max(int(self.resize_height), int(self.resize_width))
+        return int(self.shortest_edge)
+
+    def _affine(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        # Rescale and normalise as one affine map: (x * rescale - mean) / std == x * (rescale / std) - mean / std.
+        scale = np.float32(self.rescale_factor) if self.do_rescale else np.float32(1.0)
+        if self.do_normalize:
+            mean, std = np.asarray(self.image_mean, np.float32), np.asarray(self.image_std, np.float32)
+            return (scale / std).astype(np.float32), (mean / std).astype(np.float32)
+        return (np.full(3, scale, np.float32), None) if self.do_rescale else (None, None)
+
+    def normalize(self, pixels):
+        """uint8 crops ``(B, 3, H, W)`` (a torch tensor on any device) -> the float32 batch the
+        model takes: the same affine map as :meth:`__call__`, as two separate float32 ops so the
+        result equals the CPU path bit for bit, computed where the tensor is (the GPU)."""
+        import torch
+
+        x = pixels.to(torch.float32)
+        scale, shift = self._affine()
+        if scale is not None:
+            x = x * torch.from_numpy(scale).to(x.device)[:, None, None]
+        if shift is not None:
+            x = x - torch.from_numpy(shift).to(x.device)[:, None, None]
+        return x
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> the resized, cropped uint8 array ``(3, out_height, out_width)``, before
+        rescaling: a quarter of float32's bytes to ship, normalised on the device by :meth:`normalize`."""
         if self.do_resize:
             img = img.resize(self.resized_size(*img.size), resample=_RESAMPLE.get(self.resample, Image.BICUBIC))
         if self.do_center_crop:
@@ -132,17 +173,8 @@ class Preprocess:
                 canvas.paste(img, (max(0, -left), max(0, -top)))
                 img, top, left = canvas, max(top, 0), max(left, 0)
             img = img.crop((left, top, left + self.crop_width, top + self.crop_height))
-        # Channels first while still uint8 (a cheap copy), then rescale and normalise as one affine
-        # map in place: (x * rescale - mean) / std == x * (rescale / std) - mean / std.
-        x = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)).astype(np.float32)
-        scale = np.float32(self.rescale_factor) if self.do_rescale else np.float32(1.0)
-        if self.do_normalize:
-            mean, std = np.asarray(self.image_mean, np.float32), np.asarray(self.image_std, np.float32)
-            x *= (scale / std)[:, None, None]
-            x -= (mean / std)[:, None, None]
-        elif self.do_rescale:
-            x *= scale
-        return x
+        # Channels first while still uint8 (a cheap copy).
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
     def example(self, n: int):
         """``n`` random preprocessed images as the model takes them (for warm-ups and benchmarks)."""

@@ -331,30 +331,38 @@ class TrainedHead(Head):
         raise NotImplementedError
 
     def _train(self, X: torch.Tensor, y: torch.Tensor, seed: int,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Seeded init, an optional stratified validation split, then the training loop.
 
-        ``loss_fn(model(X_batch), y_batch)``; the validation score is the accuracy of
-        :meth:`_module_logits`. Sets ``model_``, ``loss_curve_``, ``val_scores_``,
-        ``best_epoch_``, ``n_epochs_`` and ``stop_reason_`` ("plateau", or "epochs" when the
-        cap ended it).
+        ``loss_fn(model(prepare(X_batch)), y_batch)``; the validation score is the accuracy of
+        :meth:`_module_logits` on the prepared validation rows. ``prepare`` (e.g. the L2
+        normalisation) runs a batch at a time, and batches are gathered from ``X`` by index, so
+        a fit holds no copy of the training rows. Sets ``model_``, ``loss_curve_``,
+        ``val_scores_``, ``best_epoch_``, ``n_epochs_`` and ``stop_reason_`` ("plateau", or
+        "epochs" when the cap ended it).
         """
         from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
 
-        eval_fn = None
+        prepare = prepare if prepare is not None else (lambda t: t)
+        eval_fn, rows = None, torch.arange(len(X), device=X.device)
         if self.validation_fraction:
             split = validation_split(y.cpu().numpy(), self.validation_fraction, seed)
-            tr, va = (torch.from_numpy(i).to(X.device) for i in split)
-            X, y, X_val, y_val = X[tr], y[tr], X[va], y[va]
+            rows, va = (torch.from_numpy(i).to(X.device) for i in split)
+            X_val, y_val = prepare(X[va]), y[va]
             eval_fn = lambda: accuracy(self._module_logits(X_val), y_val)  # noqa: E731
         with seeded(seed, self.device):
             self.model_ = model = self._build().to(self.device)
-        batches = TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed)
+        batches = TensorBatches(rows, batch_size=auto_batch_size(self.batch_size, len(rows)), seed=seed)
         # On a small training set an epoch is a step or two: count patience and the cap in rounds
         # of at least ROUND_STEPS optimiser steps, so that both keep their meaning at any size.
         stretch = max(1, -(-ROUND_STEPS // len(batches)))
         plateau = self.patience is not None
-        trainer = Trainer(model, lambda b: loss_fn(model(b[0]), b[1]), batches, epochs=self.epochs * stretch,
+
+        def batch_loss(b: tuple[torch.Tensor]) -> torch.Tensor:
+            return loss_fn(model(prepare(X.index_select(0, b[0]))), y.index_select(0, b[0]))
+
+        trainer = Trainer(model, batch_loss, batches, epochs=self.epochs * stretch,
                           lr=self.lr, weight_decay=self.weight_decay, eval_fn=eval_fn,
                           schedule="plateau" if plateau else "constant",
                           patience=self.patience * stretch if plateau else None,

@@ -42,6 +42,31 @@ def multi_positive_clip_loss(image: torch.Tensor, text: torch.Tensor, labels: to
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
+def class_clip_loss(image: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """:func:`multi_positive_clip_loss` of ``(image, class_text[labels], labels)``, from the
+    ``(n_classes, batch)`` cosines instead of the ``(batch, batch)`` ones.
+
+    When a sample's text is its class's one vector, the batch's text rows repeat a handful of
+    vectors, and both directions of the loss reduce to per-class terms: a text row of class c is
+    ``logsumexp_j s[c, j] - mean over c's images j of s[c, j]``, an image column j is
+    ``log sum_c n_c exp(s[c, j]) - s[c_j, j]`` (n_c the class's count in the batch). Equal to the
+    pairwise loss (to float rounding) at a fraction of its cost: its matrix product is as large
+    as the image tower's layers, this one is n_classes / batch of it.
+
+    Parameters
+    ----------
+    image : (batch, dim); class_text : (n_classes, dim), both L2-normalised inside.
+    labels : (batch,) class indices into ``class_text``.
+    """
+    s = l2_normalize(class_text) @ l2_normalize(image).T / temperature  # (n_classes, batch)
+    counts = torch.bincount(labels, minlength=len(class_text)).to(s.dtype)
+    own = s.gather(0, labels[None, :])[0]  # s[c_j, j]
+    texts = (counts * torch.logsumexp(s, dim=1)).sum() - own.sum()  # rows of absent classes weigh 0
+    images = torch.logsumexp(s + counts.log()[:, None], dim=0) - own  # log 0 = -inf: absent classes drop out
+    return 0.5 * (texts / len(labels) + images.mean())
+
+
 class ContrastiveHead(TrainedHead):
     """``Linear(dim, hidden) -> ReLU -> Linear(hidden, text_dim)`` aligned to class prompt vectors.
 
@@ -125,10 +150,13 @@ class ContrastiveHead(TrainedHead):
     def _fit(self, X_np: np.ndarray, y_np: np.ndarray) -> None:
         self.class_embeds_ = torch.from_numpy(class_prompt_vectors(self.prompt_embeds, self.classes_.tolist()))
         text = self.class_embeds_.to(self.device)
-        X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
-        # The text of a sample is its class's prompt vector, frozen.
+        # Normalised a batch at a time (prepare=): no normalised copy of the training data.
+        X, y = torch.from_numpy(X_np).to(self.device), torch.from_numpy(y_np).to(self.device)
+        # The text of a sample is its class's prompt vector, frozen: multi_positive_clip_loss of
+        # text[labels], computed per class.
         self._train(X, y, seed_from(self.random_state),
-                    lambda image, labels: multi_positive_clip_loss(image, text[labels], labels, self.temperature))
+                    lambda image, labels: class_clip_loss(image, text, labels, self.temperature),
+                    prepare=l2_normalize if self.normalize else None)
 
     def with_prompts(self, prompt_embeds: PromptEmbeds, classes: Sequence[Any] | None = None) -> "ContrastiveHead":
         """A copy of this fitted head that predicts over a new label set.

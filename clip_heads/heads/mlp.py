@@ -12,6 +12,27 @@ from clip_heads.heads.base import TrainedHead, l2_normalize, seed_from, trained_
 from clip_heads.heads.params import POSITIVE_INT, Interval, Real
 
 
+# Dropout's mask from 16-bit random integers, four to a 64-bit draw: on CPU, nn.Dropout's
+# per-element Bernoulli draws cost more than the layer's matrix product.
+_LEVELS = 1 << 16
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask is drawn 16 bits an element (the rate in steps of 1/65536,
+    the kept units scaled by the exact inverse of that rate, so the layer stays unbiased);
+    on other devices, and in eval mode, it is ``nn.Dropout``. No parameters: saved heads are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropped = round(self.p * _LEVELS)
+        if not self.training or x.device.type != "cpu" or dropped in (0, _LEVELS) or self.inplace:
+            return super().forward(x)
+        # The whole int64 range (random_()'s default stops at 2**63 - 1, leaving the top bit 0).
+        bits = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+        bits = bits.view(torch.int16)[:x.numel()].view(x.shape)
+        keep = (bits >= dropped - _LEVELS // 2).to(x.dtype).mul_(_LEVELS / (_LEVELS - dropped))
+        return x * keep
+
+
 class MLPHead(TrainedHead):
     """``Linear(dim, hidden) -> ReLU -> Dropout -> Linear(hidden, n_classes)``, AdamW, trained to a plateau.
 
@@ -74,7 +95,7 @@ class MLPHead(TrainedHead):
         self.device = device
 
     def _build(self) -> nn.Module:
-        return nn.Sequential(nn.Linear(self.n_features_in_, self.hidden), nn.ReLU(), nn.Dropout(self.dropout),
+        return nn.Sequential(nn.Linear(self.n_features_in_, self.hidden), nn.ReLU(), Dropout(self.dropout),
                              nn.Linear(self.hidden, len(self.classes_)))
 
     def _prepare(self, X: torch.Tensor) -> torch.Tensor:
@@ -82,8 +103,10 @@ class MLPHead(TrainedHead):
         return l2_normalize(X) if self.normalize else X
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
-        X, y = self._prepare(torch.from_numpy(X)), torch.from_numpy(y).to(self.device)
-        self._train(X, y, seed_from(self.random_state), F.cross_entropy)
+        # Normalised a batch at a time (prepare=): no normalised copy of the training data.
+        X, y = torch.from_numpy(X).to(self.device), torch.from_numpy(y).to(self.device)
+        self._train(X, y, seed_from(self.random_state), F.cross_entropy,
+                    prepare=l2_normalize if self.normalize else None)
 
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         d, h, k = self.n_features_in_, self.hidden, len(self.classes_)

@@ -10,7 +10,7 @@ on a validation split. Tip-Adapter-F (``finetune_keys=True``) also trains the ke
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from clip_heads import zeroshot
 from clip_heads.heads.base import (DEVICE, ROUND_STEPS, SCORING_CONSTRAINTS, Head, accuracy, auto_batch_size,
-                                   l2_normalize, seed_from, validation_split)
+                                   l2_normalize, seed_from, threads_for, validation_split)
 from clip_heads.heads.params import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROMPTS, StrOptions, check_grid
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors
 from clip_heads.train import TensorBatches, Trainer
@@ -30,29 +30,69 @@ logger = logging.getLogger(__name__)
 # so its scale grows with the shots per class: the grid spans few-shot to full-dataset caches.
 DEFAULT_ALPHAS = (0.0,) + tuple(float(a) for a in np.logspace(-4, 2, 25))
 DEFAULT_BETAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.5, 7.0, 8.5, 10.0)
-# Affinity entries materialised at once; bounds memory whatever the cache size.
+# Affinity entries materialised at once by the search; bounds memory whatever the cache size.
 BLOCK_ELEMENTS = 2**24
+# Prediction scores queries in blocks of exactly QUERY_BLOCK rows (the last one padded with zero
+# rows) against the cache in chunks of KEY_BLOCK keys, in float32 at BLAS speed: every matrix
+# product then has the same shape whatever the caller passes, so a row's scores are bitwise the
+# same alone or among other rows (what the other heads buy with float64), and memory stays at
+# one block's affinities (4 MiB) for any cache.
+QUERY_BLOCK = 256
+KEY_BLOCK = 4096
 
 
-def cache_logits(X: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
-    """``exp(-beta * (1 - X @ keys.T)) @ values`` for every beta, computed in row blocks.
+def _key_chunks(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor | None,
+                size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The cache (rows ``index`` of it, gathered a chunk at a time, or all of it) in chunks."""
+    n = len(keys) if index is None else len(index)
+    for j in range(0, n, size):
+        if index is None:
+            yield keys[j:j + size], values[j:j + size]
+        else:
+            part = index[j:j + size]
+            yield keys.index_select(0, part), values.index_select(0, part)
+
+
+def cache_logits(X: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, betas: torch.Tensor,
+                 key_index: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(-beta * (1 - X @ keys.T)) @ values`` for every beta, in blocks of rows and keys.
 
     Parameters
     ----------
     X : (n_samples, dim) unit rows.
     keys : (n_cache, dim); values : (n_cache, n_classes) one-hot.
     betas : (n_betas,)
+    key_index : optional (m,) indices: the cache is those rows of ``keys`` / ``values``, gathered
+        a chunk at a time (no copy of the whole cache).
 
     Returns
     -------
     (n_betas, n_samples, n_classes)
     """
-    rows = max(1, BLOCK_ELEMENTS // max(1, len(keys) * len(betas)))
-    out = []
+    n_keys = len(keys) if key_index is None else len(key_index)
+    chunk = max(1, min(n_keys, KEY_BLOCK))
+    rows = max(1, BLOCK_ELEMENTS // max(1, chunk * len(betas)))
+    out = X.new_zeros(len(betas), len(X), values.shape[1])
     for i in range(0, len(X), rows):
-        distance = 1 - X[i:i + rows] @ keys.T
-        out.append(torch.exp(-betas[:, None, None] * distance) @ values)
-    return torch.cat(out, dim=1) if out else X.new_zeros(len(betas), 0, values.shape[1])
+        block = out[:, i:i + rows]
+        for k, v in _key_chunks(keys, values, key_index, chunk):
+            distance = 1 - X[i:i + rows] @ k.T
+            block += torch.exp(-betas[:, None, None] * distance) @ v
+    return out
+
+
+def _block_cache_logits(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """One query block's ``exp(-beta * (1 - q @ keys.T)) @ values``, a key chunk at a time.
+
+    ``beta * s - beta`` comes out of the matrix product itself (addmm), and the exponential is
+    taken in place: the affinities are written once and read twice, while still in cache.
+    """
+    acc = q.new_zeros(len(q), values.shape[1])
+    shift = q.new_full((), -beta)
+    for j in range(0, len(keys), KEY_BLOCK):
+        affinity = torch.addmm(shift, q, keys[j:j + KEY_BLOCK].T, alpha=beta).exp_()
+        acc.addmm_(affinity, values[j:j + KEY_BLOCK])
+    return acc
 
 
 class TipAdapterHead(Head):
@@ -162,9 +202,13 @@ class TipAdapterHead(Head):
             raise ValueError(f"prompt vectors have dim {self.class_embeds_.shape[1]} but image vectors "
                              f"{X_np.shape[1]}: zero-shot logits need both from the same CLIP")
         seed = seed_from(self.random_state)
-        X = l2_normalize(torch.from_numpy(X_np).to(self.device))
+        # The cache (the one copy of X it keeps), normalised a block at a time: no temporaries of X's size.
+        X_in, X = torch.from_numpy(X_np).to(self.device), torch.empty(X_np.shape, device=self.device)
+        for i in range(0, len(X), QUERY_BLOCK * 8):
+            X[i:i + QUERY_BLOCK * 8] = l2_normalize(X_in[i:i + QUERY_BLOCK * 8])
         y = torch.from_numpy(y_np).to(self.device)
-        zs = self._zero_shot(X)
+        # A block at a time: the zero-shot kernel normalises its input, a copy of the whole X at once.
+        zs = torch.cat([self._zero_shot(X[i:i + QUERY_BLOCK * 8]) for i in range(0, len(X), QUERY_BLOCK * 8)])
         values = F.one_hot(y, len(self.classes_)).float()
         search = self.alpha is None or self.beta is None
         alpha, beta = self.alpha, self.beta
@@ -175,7 +219,7 @@ class TipAdapterHead(Head):
             tr, va = (torch.from_numpy(i).to(self.device) for i in split)
             val = (X[va], zs[va], y[va])
             if search:
-                alpha, beta = self._search(X[tr], values[tr], *val)
+                alpha, beta = self._search(X, values, *val, key_index=tr)  # the split's cache, not a copy
                 # Cache logits are sums over a class's entries, so an alpha found with the
                 # smaller split cache is rescaled to the full cache used from now on.
                 scale = len(tr) / len(X)
@@ -193,11 +237,11 @@ class TipAdapterHead(Head):
         logger.info("tip-adapter: alpha=%g beta=%g", self.alpha_, self.beta_)
 
     def _search(self, keys: torch.Tensor, values: torch.Tensor, X_val: torch.Tensor, zs_val: torch.Tensor,
-                y_val: torch.Tensor) -> tuple[float, float]:
+                y_val: torch.Tensor, key_index: torch.Tensor | None = None) -> tuple[float, float]:
         alphas = [float(a) for a in self.alphas] if self.alpha is None else [float(self.alpha)]
         betas = [float(b) for b in self.betas] if self.beta is None else [float(self.beta)]
         with torch.inference_mode():
-            cache = cache_logits(X_val, keys, values, torch.tensor(betas, device=X_val.device))
+            cache = cache_logits(X_val, keys, values, torch.tensor(betas, device=X_val.device), key_index)
             # A loop over the grid's alphas; each step scores every beta and sample at once.
             scores = torch.stack([((zs_val + a * cache).argmax(-1) == y_val).float().mean(-1) for a in alphas])
         i, j = divmod(int(scores.argmax()), len(betas))  # first best: smallest alpha, then beta
@@ -239,12 +283,29 @@ class TipAdapterHead(Head):
         best = trainer.best_epoch if monitored else trainer.epoch
         return adapter.weight.detach().clone(), max(best, 1), trainer.stop_reason
 
-    def _logits(self, X: torch.Tensor) -> torch.Tensor:
+    def _all_logits(self, X: Any) -> np.ndarray:
+        # Not the base class's float64 blocks: fixed-shape float32 blocks (see QUERY_BLOCK) give
+        # the same row independence at BLAS speed, which a cache of 100k+ keys needs.
+        X = self._validate_X(X)
+        out = torch.empty(len(X), len(self.classes_))
+        with torch.inference_mode(), threads_for(QUERY_BLOCK * self.keys_.numel()):
+            keys = self.keys_.to(self.device, torch.float32)
+            values = F.one_hot(self.cache_labels_.to(self.device), len(self.classes_)).float()
+            q = torch.zeros(QUERY_BLOCK, X.shape[1], device=self.device)
+            for i in range(0, len(X), QUERY_BLOCK):
+                rows = X[i:i + QUERY_BLOCK]
+                q.zero_()
+                q[:len(rows)] = rows
+                out[i:i + len(rows)] = self._cached_logits(q, keys, values)[:len(rows)].cpu()
+        return out.numpy()
+
+    def _cached_logits(self, X: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         X = l2_normalize(X)
-        keys, labels = self.keys_.to(X), self.cache_labels_.to(X.device)
-        values = F.one_hot(labels, len(self.classes_)).to(X.dtype)
-        beta = torch.tensor([self.beta_], device=X.device, dtype=X.dtype)
-        return self._zero_shot(X) + self.alpha_ * cache_logits(X, keys, values, beta)[0]
+        return self._zero_shot(X) + self.alpha_ * _block_cache_logits(X, keys, values, float(self.beta_))
+
+    def _logits(self, X: torch.Tensor) -> torch.Tensor:
+        values = F.one_hot(self.cache_labels_.to(X.device), len(self.classes_)).to(X.dtype)
+        return self._cached_logits(X, self.keys_.to(X), values)
 
     def _extra_config(self) -> dict[str, Any]:
         return {"alpha_": self.alpha_, "beta_": self.beta_, "search_scores_": self.search_scores_,
