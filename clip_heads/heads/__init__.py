@@ -4,13 +4,18 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from clip_heads.heads.base import Head
+from clip_heads.heads.clap import CLAPHead
 from clip_heads.heads.contrastive import ContrastiveHead
 from clip_heads.heads.files import HeadFileError
+from clip_heads.heads.gda import GDAHead
 from clip_heads.heads.linear import LinearHead
+from clip_heads.heads.lpp import LPPHead
 from clip_heads.heads.mlp import MLPHead
 from clip_heads.heads.params import ParameterError, check_names
+from clip_heads.heads.prolip import ProLIPHead
 from clip_heads.heads.tip_adapter import TipAdapterHead
 from clip_heads.heads.zero_shot import ZeroShotHead, class_prompt_vectors
+from clip_heads.heads.zs_lp import ZSLPHead
 
 HEADS: dict[str, type[Head]] = {
     "zero-shot": ZeroShotHead,
@@ -18,6 +23,11 @@ HEADS: dict[str, type[Head]] = {
     "mlp": MLPHead,
     "contrastive": ContrastiveHead,
     "tip-adapter": TipAdapterHead,
+    "zs-lp": ZSLPHead,
+    "clap": CLAPHead,
+    "lpp": LPPHead,
+    "gda": GDAHead,
+    "prolip": ProLIPHead,
 }
 
 
@@ -50,4 +60,5 @@ def make_head(name: str, params: Mapping[str, Any] | None = None) -> Head:
 
 
 __all__ = ["HEADS", "Head", "list_heads", "get_head", "make_head", "ParameterError", "HeadFileError",
-           "class_prompt_vectors", "ZeroShotHead", "LinearHead", "MLPHead", "ContrastiveHead", "TipAdapterHead"]
+           "class_prompt_vectors", "ZeroShotHead", "LinearHead", "MLPHead", "ContrastiveHead", "TipAdapterHead",
+           "ZSLPHead", "CLAPHead", "LPPHead", "GDAHead", "ProLIPHead"]
