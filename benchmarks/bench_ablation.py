@@ -17,7 +17,8 @@ import numpy as np
 
 from clip_heads.ablation import ablate, ablate_prompts
 from clip_heads.evaluate import run_zero_shot
-from clip_heads.store import PromptSet, l2_normalize, open_store, write_store
+from clip_heads.store import PromptSet, l2_normalize, open_store
+from clip_heads.writer import write_store
 
 N, D, T, C = 23_308, 512, 80, 8
 FI = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
@@ -33,7 +34,7 @@ def build(path: Path, dtype: str, seed: int = 0) -> Path:
     E = means[None] + rng.uniform(0.0, 0.12, size=(T, 1, 1)) * rng.normal(size=(T, C, D))
     tid, cid = np.divmod(np.arange(T * C), C)
     ps = PromptSet("bench", FI, [f"template {t}: {{}}" for t in range(T)],
-                   [f"template {t}: {FI[c]}" for t, c in zip(tid, cid)], E.reshape(T * C, D).astype(np.float32), tid, cid)
+                   [f"template {t}: {FI[c]}" for t, c in zip(tid, cid, strict=True)], E.reshape(T * C, D).astype(np.float32), tid, cid)
     return write_store(path, X, y, FI, prompt_sets=[ps], dtype=dtype, model_id="synthetic")
 
 

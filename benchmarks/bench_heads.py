@@ -91,7 +91,7 @@ def main() -> None:
     for seed in range(args.seeds):
         head, t = timed(lambda s=seed: MLPHead(hidden=args.hidden, random_state=s).fit(Xtr, ytr))
         rows["mlp head (defaults)"].append((head.predict(Xte), t, f"{head.n_epochs_} epochs, {head.stop_reason_}"))
-        for (label, kw) in zip(list(rows)[1:], ({"early_stopping": True}, {})):
+        for (label, kw) in zip(list(rows)[1:], ({"early_stopping": True}, {}), strict=True):
             if kw or seed == 0:  # sklearn's default rule is slow: one seed
                 ref, t = timed(lambda s=seed, kw=kw: MLPClassifier(hidden_layer_sizes=(args.hidden,), random_state=s, **kw)
                                .fit(unit(Xtr), ytr))

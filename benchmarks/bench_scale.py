@@ -31,8 +31,8 @@ from common import EMOTION6, vitb32_dir  # noqa: E402
 
 from clip_heads.encode import encode  # noqa: E402
 from clip_heads.journal import StoreWriter  # noqa: E402
-from clip_heads.store import l2_normalize, write_store  # noqa: E402
-from clip_heads.writer import merge_stores  # noqa: E402
+from clip_heads.store import l2_normalize  # noqa: E402
+from clip_heads.writer import merge_stores, write_store  # noqa: E402
 
 
 def timed_encode(source: str, out: Path, model: str, n: int, batch_size: int, **kw) -> dict:
@@ -99,7 +99,7 @@ def bench_merge(args) -> None:
             times = {}
             for copy in (False, True):
                 runs = []
-                for k in range(args.repeats):
+                for _ in range(args.repeats):
                     out = Path(tmp) / f"m{int(copy)}.h5"
                     t = time.perf_counter()
                     merge_stores(out, paths, overwrite=True, copy=copy)

@@ -20,7 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from clip_heads.store import l2_normalize, open_store, write_store
+from clip_heads.store import l2_normalize, open_store
+from clip_heads.writer import write_store
 
 
 def strip_checksums(src: Path, dst: Path) -> None:
@@ -71,7 +72,7 @@ def main() -> None:
         for _ in range(args.repeats):
             a.append(once(with_sums))
             b.append(once(without))
-        ratios = [x / z for x, z in zip(a, b)]
+        ratios = [x / z for x, z in zip(a, b, strict=True)]
     mb = args.rows * args.dim * np.dtype(args.dtype).itemsize / 2**20
     print(f"store             {args.rows} x {args.dim} {args.dtype} ({mb:.0f} MiB of vectors), {args.repeats} pairs")
     print(f"with checksums    {statistics.median(a) * 1000:8.1f} ms  open_store().arrays() (min {min(a) * 1000:.1f})")

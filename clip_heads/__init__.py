@@ -17,9 +17,8 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
-
-from . import interrupts as _interrupts  # noqa: E402  (stdlib only: runs before anything else)
+from . import interrupts as _interrupts  # stdlib only: runs before anything else
+from .version import __version__
 
 if _interrupts.running_as_cli():
     _interrupts.install_cli_excepthook()

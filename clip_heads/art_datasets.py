@@ -56,6 +56,7 @@ class ArtPhotoSource(Source):
     """
 
     format = "artphoto"
+    kind = "emotions"
 
     def __init__(self, path: str, allow_outside_root: bool = False) -> None:
         require_dir(path, self.format)
@@ -108,6 +109,7 @@ class AbstractSource(Source):
     """
 
     format = "abstract"
+    kind = "emotions"
 
     def __init__(self, path: str, ties: str = "drop", allow_outside_root: bool = False) -> None:
         require_dir(path, self.format)

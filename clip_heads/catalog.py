@@ -12,8 +12,8 @@ __all__ = ["DEFAULT_MODEL", "PRECISIONS", "HEAD_CLASSES", "list_heads"]
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"  # the papers' ViT-B/32
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
-# Registry key -> "module:class" of every head, in the order the CLI lists them.
-# clip_heads.heads.HEADS holds the classes themselves (tests/test_architecture.py keeps the two equal).
+# Registry key -> "module:class" of every head, in the order the CLI lists them: THE registry of
+# heads (clip_heads.heads.HEADS is built from it; a new head is registered here alone).
 HEAD_CLASSES: dict[str, str] = {
     "zero-shot": "clip_heads.heads.zero_shot:ZeroShotHead",
     "linear": "clip_heads.heads.linear:LinearHead",

@@ -15,13 +15,25 @@ from .catalog import DEFAULT_MODEL, PRECISIONS
 
 logger = logging.getLogger("clip_heads")
 
-# Everything the library raises for bad input or a bad file becomes one line and exit 1.
+# Everything the library raises for bad input or a bad file becomes one line; clip_heads.errors
+# chooses its exit code (2 for a bad value, 1 for failed work).
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError, PermissionError)
 
 
+class _LibraryError(click.ClickException):
+    """A library error as click prints it (``Error: ...``), with the exit code chosen for it."""
+
+    def __init__(self, error: BaseException, message: str) -> None:
+        from .errors import exit_code
+
+        super().__init__(message)
+        self.exit_code = exit_code(error)
+
+
 def friendly(fn):
-    """Turn library errors into one clear line and a non-zero exit, no traceback: bad input or
-    a damaged file, a full disk, a store another process is writing, and Ctrl-C (exit 130)."""
+    """Turn library errors into one clear line and a non-zero exit, no traceback: bad values
+    (exit 2), bad input or a damaged file, a full disk, a store another process is writing
+    (exit 1), and Ctrl-C (exit 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,10 +63,10 @@ def friendly(fn):
             sys.stderr.flush()
             os._exit(130)
         except LockedError as e:
-            raise click.ClickException(str(e)) from None
+            raise _LibraryError(e, str(e)) from None
         except _USER_ERRORS as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            raise click.ClickException(str(msg)) from None
+            raise _LibraryError(e, str(msg)) from None
         except OSError as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if is_disk_full(e) and "disk full" not in msg:
@@ -356,7 +368,7 @@ def info(store, as_json):
 @friendly
 def verify(store):
     """Read every chunk of STORE and check its counts, ranges and checksums (exit 1 on any problem)."""
-    from .integrity import verify_store
+    from .verify import verify_store
 
     rep = verify_store(store)
     click.echo(rep.text)
@@ -431,13 +443,9 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite
 def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_set, params, seed):
     """Train HEAD on the cached vectors of STORE and save it to --out."""
     from .evaluate import train_head
-    from .heads import ParameterError
 
-    try:
-        rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
-                         head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
-    except ParameterError as e:  # a --param value: bad usage, exit 2
-        raise click.BadParameter(str(e), param_hint="--param") from None
+    rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
+                     head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
     click.echo(rep.text)
     click.echo(f"head and reports written to {out_dir}")
 
@@ -492,16 +500,13 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
 @friendly
 def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite):
     """One table across the results folders RUN_DIRS (train-head, zero-shot, evaluate, ablate-prompts, finetune --cv)."""
-    from .compare import MixedDataError, compare_runs, parse_by
+    from .compare import compare_runs, parse_by
 
     try:
         fields = parse_by(by)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--by") from None
-    try:
-        comp = compare_runs(run_dirs, by=fields, out_dir=out_dir, allow_mixed_data=allow_mixed_data, overwrite=overwrite)
-    except MixedDataError as e:
-        raise click.UsageError(str(e)) from None
+    comp = compare_runs(run_dirs, by=fields, out_dir=out_dir, allow_mixed_data=allow_mixed_data, overwrite=overwrite)
     click.echo(comp.to_markdown())
     click.echo(f"written to {out_dir}")
 

@@ -31,6 +31,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from .errors import BadValueError
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -40,8 +42,8 @@ CHART_METRICS = ("accuracy", "macro_f1", "weighted_f1")
 UNKNOWN = "unknown"
 
 
-class MixedDataError(ValueError):
-    """Runs on different data would be merged into one row."""
+class MixedDataError(BadValueError):
+    """Runs on different data would be merged into one row (a bad value: pass --allow-mixed-data)."""
 
 
 @dataclass
@@ -254,7 +256,7 @@ def _group_rows(entries: Sequence[Entry], by: Sequence[str], allow_mixed_data: b
                 f"row {label!r} would merge runs on different (or unrecorded) data: {where}. Group by store "
                 f"(--by ...,store) to give each its own row, or pass --allow-mixed-data to merge them anyway")
         metrics = [m for m in METRICS if all(m in e.values for e in members)]
-        row: dict[str, Any] = dict(zip(by, key[:-1]), protocol=key[-1], label=label, data=";".join(data),
+        row: dict[str, Any] = dict(zip(by, key[:-1], strict=True), protocol=key[-1], label=label, data=";".join(data),
                                    data_short=", ".join(d[:12] for d in data), mixed_data=mixed,
                                    data_names=";".join(sorted({e.data_name for e in members if e.data_name})),
                                    runs=";".join(e.run for e in members),

@@ -57,7 +57,7 @@ def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray
     if not 2 <= int(k) <= len(y):
         raise ValueError(f"k must be between 2 and the number of samples ({len(y)}); got {k}")
     names, counts = np.unique(y, return_counts=True)
-    small = [f"{c} ({n})" for c, n in zip(names.tolist(), counts.tolist()) if n < k]
+    small = [f"{c} ({n})" for c, n in zip(names.tolist(), counts.tolist(), strict=True) if n < k]
     if small:
         more = f" and {len(small) - 10} more" if len(small) > 10 else ""
         logger.warning("%d classes have fewer than k=%d samples and are missing from some test folds (their "
@@ -94,7 +94,7 @@ def write_folds(path: PathLike, keys: Sequence[str], labels: Sequence[str], fold
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["key", "label", "fold_id"])
-        w.writerows(zip(keys, labels, np.asarray(folds).tolist()))
+        w.writerows(zip(keys, labels, np.asarray(folds).tolist(), strict=True))
     return path
 
 

@@ -94,6 +94,7 @@ class FISource(Source):
     """FI "Image-Emotion" (You et al., AAAI 2016): the 8 Mikels class folders, any letter case."""
 
     format = "fi"
+    kind = "emotions"
 
     def __init__(self, path: str, allow_outside_root: bool = False) -> None:
         require_dir(path, self.format)
@@ -113,6 +114,7 @@ class WebEmoSource(Source):
     """
 
     format = "webemo"
+    kind = "emotions"
 
     def __init__(self, path: str, level: int | str = 7, allow_outside_root: bool = False) -> None:
         require_dir(path, self.format)
@@ -153,6 +155,7 @@ class Emotion6Source(Source):
     """
 
     format = "emotion6"
+    kind = "emotions"
 
     def __init__(self, path: str, allow_outside_root: bool = False) -> None:
         require_dir(path, self.format)
@@ -263,6 +266,10 @@ SOURCES: dict[str, type[Source]] = {
     "parquet": ParquetSource,
     "webdataset": WebDatasetSource,
 }
+
+
+# The formats whose labels are emotions or sentiment, as each declares (Source.kind).
+EMOTION_FORMATS = tuple(name for name, cls in SOURCES.items() if cls.kind == "emotions")
 
 
 def list_formats() -> list[str]:

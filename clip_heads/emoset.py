@@ -90,6 +90,7 @@ class EmoSetSource(Source):
     """
 
     format = "emoset"
+    kind = "emotions"
 
     def __init__(self, path: str, split: str = "all", attributes: bool | str = True,
                  allow_outside_root: bool = False) -> None:

@@ -38,6 +38,7 @@ class EmotionROISource(Source):
     """
 
     format = "emotionroi"
+    kind = "emotions"
 
     def __init__(self, path: str, allow_outside_root: bool = False) -> None:
         require_dir(path, self.format)

@@ -27,11 +27,12 @@ import numpy as np
 
 from .backbone import DEFAULT_MODEL, Backbone, check_identity, model_identity, resolve_precision
 from .datasets import open_source
-from .engines import ENGINES, BlockResult, EmbedJob, Runner, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
+from .engines import ENGINES, BlockResult, EmbedJob, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
 from .fsutil import exclusive_lock
 from .prompts import default_template_sets, encode_prompt_set, load_templates
 from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
 from .journal import StoreWriter
+from .runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def encode(
             positions = np.array_split(positions, shard[1])[shard[0]]
         desc = dict(src.describe(), limit=limit, seed=seed if limit else None)
         fingerprint = src.fingerprint() + (f":limit={limit}:seed={seed}" if limit and limit < len(src) else "")
-        template_sets = list(templates) if templates else list(default_template_sets(src.format))
+        template_sets = list(templates) if templates else list(default_template_sets(src.format, src.classes))
         for t in template_sets:  # a bad template fails now, not after the images
             validate_prompt_set_name(load_templates(t)[0])
 

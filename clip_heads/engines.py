@@ -15,6 +15,8 @@ the same for every engine, and a run started by one engine can be finished by an
   ``cpu,cpu``), blocks dealt round robin; each worker's results come back through its own
   bounded queue, read in block order, so memory stays flat however uneven the devices are.
 * :class:`clip_heads.ray_engine.RayEngine` - a Ray Data pipeline (``--engine ray``).
+
+Which of them runs a given encode or predict is :class:`clip_heads.runner.Runner`'s choice.
 """
 from __future__ import annotations
 
@@ -288,39 +290,3 @@ def _raise_worker_error(device: str, kind: str, message: str, tb: str):
     if kind == "KeyboardInterrupt":
         raise KeyboardInterrupt
     raise RuntimeError(f"the encode worker on {device} failed with {kind}: {message}\n{tb}")
-
-
-# ---------------------------------------------------------------------------------------
-# Choosing the engine
-# ---------------------------------------------------------------------------------------
-class Runner:
-    """The engine of one run (encode or predict): where its blocks are embedded, and on which
-    kind of device (``device``, which decides the precision a store records)."""
-
-    def __init__(self, engine: str, backbone, devices: Sequence[str] | None, workers: int | None,
-                 ray_options: dict | None, progress: bool) -> None:
-        self.engine, self.backbone, self.devices, self.workers = engine, backbone, devices, workers
-        self.ray = None
-        if engine == "ray":
-            from .ray_engine import RayEngine
-
-            self.ray = RayEngine(**(ray_options or {}), progress=progress)
-            self.device = self.ray.device
-        elif devices:
-            self.device = torch.device(devices[0])
-        else:
-            self.device = backbone.device
-
-    def blocks(self, job: EmbedJob):
-        if self.ray is not None:
-            return self.ray.blocks(job)
-        if self.devices:
-            per = self.workers if self.workers is not None else (
-                0 if self.device.type == "cpu" else max(1, default_workers(self.device) // len(self.devices)))
-            return device_blocks(job, self.devices, workers=per)
-        workers = default_workers(self.backbone.device) if self.workers is None else self.workers
-        return local_blocks(job, self.backbone, workers)
-
-    def close(self) -> None:
-        if self.ray is not None:
-            self.ray.close()

@@ -108,14 +108,15 @@ def _head_factory(head_cls: type, params: dict | None, seed: int, prompts: Promp
     params = dict(params or {})
     make_head(head_cls.name, params)  # a bad parameter fails now, before any fold is trained
     params.setdefault("random_state", seed)  # every head takes one
-    if "logit_scale" in head_cls().get_params():  # a prompt-based head scores at the store's own scale
-        params.setdefault("logit_scale", scoring.logit_scale)
+    if head_cls.zero_shot_scoring:  # it scores with the store's own rule (the model's scale and bias)
+        for k in ("scoring", "logit_scale", "logit_bias"):
+            params.setdefault(k, getattr(scoring, k))
     if head_cls.uses_prompts and params.get("prompt_embeds") is None:
         if prompts is None:
             raise ValueError(f"head {getattr(head_cls, 'name', head_cls.__name__)!r} needs class prompts, "
                              f"but the store has no prompt set (add one with `clip-heads prompts`)")
         V = zeroshot.class_vectors(prompts, classes=classes)
-        params["prompt_embeds"] = {c: v for c, v in zip(classes, V)}  # by name: no row-order ambiguity
+        params["prompt_embeds"] = {c: v for c, v in zip(classes, V, strict=True)}  # by name: no row-order ambiguity
     return lambda: make_head(head_cls.name, params)
 
 
@@ -137,7 +138,7 @@ def _score_head(head: Any, d: EvalData, label_map: LabelMapSpec | None, desc: st
     if label_map is None and not all(norm(c) in head_names for c in d.classes) and head.can_requery:
         native = require_prompts(d)
         V = zeroshot.class_vectors(native, classes=d.classes)
-        head = head.with_prompts({c: v for c, v in zip(d.classes, V)}, classes=d.classes)
+        head = head.with_prompts({c: v for c, v in zip(d.classes, V, strict=True)}, classes=d.classes)
         logger.info("no label map: scoring %s over the classes of %s via its prompt set %r",
                     desc, d.path.name, native.name)
     pred, P, names = _predict(head, d.X)

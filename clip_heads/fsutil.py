@@ -12,7 +12,8 @@ same everywhere: a store, a prompt-set rewrite, a head folder, a WiSE-FT model, 
 * :func:`is_disk_full` - the errors that mean "no space": the caller stops cleanly
   (:class:`DiskFullError` says so in one line).
 * :func:`run_isolated` - run a write in a forked child, so a library left broken by a failed
-  write (HDF5 after ENOSPC segfaults at exit) cannot take the caller down.
+  write (HDF5 after ENOSPC segfaults at exit) cannot take the caller down;
+  :func:`remove_stale_siblings` clears the temporary files killed writers left.
 """
 from __future__ import annotations
 
@@ -406,3 +407,25 @@ def run_isolated(fn: Callable[..., Any], *args: Any, what: str = "a write",
     if kind is not None:
         raise kind(report["message"])
     raise RuntimeError(f"{what} failed: {report['type']}: {report['message']}\n{report['traceback']}")
+
+
+def remove_stale_siblings(path: PathLike) -> None:
+    """Remove temporary files that killed writers of ``path`` left beside it (call holding its
+    lock): siblings named by :func:`temp_sibling` whose process is gone."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}(\.partial)?\.(build|new)-(\d+)-[0-9a-f]+")
+    for p in path.parent.glob(f".{path.name}.*"):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_file():
+            continue
+        pid = int(m.group(3))
+        try:
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                continue  # its writer is alive (and not ours to judge)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        logger.debug("removing %s, left by a killed writer", p)
+        p.unlink(missing_ok=True)

@@ -239,12 +239,12 @@ class HFSource(Source):
                              "or state.json + dataset_info.json + *.arrow (save_to_disk), or *.parquet files")
         splits = [_parquet_split(f) for f in files]
         if any(s is None for s in splits) and any(s is not None for s in splits):
-            a = next(f for f, s in zip(files, splits) if s is None)
-            b = next(f for f, s in zip(files, splits) if s is not None)
+            a = next(f for f, s in zip(files, splits, strict=True) if s is None)
+            b = next(f for f, s in zip(files, splits, strict=True) if s is not None)
             raise ValueError(f"hf: parquet file '{a}' names no split but '{b}' does: name every file's split "
                              f"(train, validation, test) or none")
         order = {s: i for i, s in enumerate(SPLIT_KEYWORDS)}
-        shards = sorted((_Shard(f, "parquet", s) for f, s in zip(files, splits)),
+        shards = sorted((_Shard(f, "parquet", s) for f, s in zip(files, splits, strict=True)),
                         key=lambda sh: (order.get(sh.split, len(order)), sh.split or "", sh.rel))
         if split is not None:
             want = canonical_split(split)

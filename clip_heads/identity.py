@@ -87,7 +87,7 @@ def weights_hash(folder: str | os.PathLike, origin: str | None = None) -> str:
     """
     files = weight_files(folder, origin)
     stats = [p.stat() for p in files]
-    key = tuple((str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for p, st in zip(files, stats))
+    key = tuple((str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for p, st in zip(files, stats, strict=True))
     if key not in _hashes:
         h = hashlib.sha256()
         for p in files:

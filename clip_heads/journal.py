@@ -35,10 +35,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from .fsutil import DiskFullError, fsync_dir, is_disk_full, temp_sibling
+from .fsutil import DiskFullError, fsync_dir, is_disk_full, remove_stale_siblings, temp_sibling
 from .integrity import DIGEST_ATTR, Problem, digest_update
-from .store import LIBVER, STR, PromptSet, StoreError, check_prompt_set, create_layout, now, write_prompt_set
-from .writer import remove_stale_siblings, write_isolated
+from .schema import (LIBVER, STR, PromptSet, StoreError, check_prompt_set, create_layout, now, write_isolated,
+                     write_prompt_set)
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ class StoreWriter:
             return False
         old_meta, old_arrays = self.sealed
         return json.loads(json.dumps(meta, default=_jsonable)) == old_meta and len(arrays) == len(old_arrays) and all(
-            a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(arrays, old_arrays))
+            a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(arrays, old_arrays, strict=True))
 
     def sealed_prompt_sets(self, sources: Sequence[str]) -> tuple[list[PromptSet], str | None] | None:
         """The prompt sets of the seal, when it was made for these ``sources``; else None."""
@@ -426,7 +426,7 @@ def _fill(f: h5py.File, part: Path, j: _Journal, complete: bool) -> None:
             columns["images/keys"].append(meta["keys"])
             columns["images/labels"].append(np.asarray(meta["labels"], np.int64))
             columns["images/embeds"].append(arrays[0])
-            for m, arr in zip(numeric, arrays[1:]):
+            for m, arr in zip(numeric, arrays[1:], strict=True):
                 columns[f"images/extras/{m}"].append(arr)
             for m in strs:
                 columns[f"images/extras/{m}"].append(meta["strs"][m])

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .datasets import EMOTION_FORMATS  # the formats that declare kind "emotions"
 from .emotions import EKMAN_EMOTIONS, MIKELS_EMOTIONS, POLARITY
 
 __all__ = ["EMOTION_FORMATS", "EMOTION_WORDS", "is_emotion_data"]
 
-# Dataset formats (clip_heads.datasets) whose labels are emotions or sentiment.
-EMOTION_FORMATS = ("emotion6", "fi", "webemo", "emoset", "artphoto", "abstract", "twitter1", "emotionroi")
 # Class names that make a dataset of any format (plain class folders, a CSV) emotion data:
 # Mikels', Ekman's, polarity, and WEBEmo's primary emotions.
 EMOTION_WORDS = frozenset([*MIKELS_EMOTIONS, *EKMAN_EMOTIONS, *POLARITY, "neutral", "love", "confusion"])

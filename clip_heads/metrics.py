@@ -246,7 +246,7 @@ def summarize_folds(fold_reports: Sequence[dict], pooled: dict | None = None) ->
         for c in classes:
             row: dict[str, Any] = {}
             for m in PRF:
-                vals = [r["per_class"][c][m] for r, d in zip(fold_reports, defined) if d[c][m]]
+                vals = [r["per_class"][c][m] for r, d in zip(fold_reports, defined, strict=True) if d[c][m]]
                 row[m] = float(fn(vals)) if vals else None
             row["support"] = int(sum(r["per_class"][c]["support"] for r in fold_reports))
             row["n_folds"] = {m: int(sum(d[c][m] for d in defined)) for m in PRF}

@@ -153,7 +153,7 @@ def per_class_figure(report: dict, title: str | None = None):
     ax, ax_s = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [4, 1]})
     y = np.arange(C)
     h = 0.27
-    for off, m in zip((-h, 0, h), ("precision", "recall", "f1")):
+    for off, m in zip((-h, 0, h), ("precision", "recall", "f1"), strict=True):
         vals = np.array([np.nan if mean["per_class"][c][m] is None else mean["per_class"][c][m] for c in classes])
         err = None
         if std is not None:
@@ -171,7 +171,7 @@ def per_class_figure(report: dict, title: str | None = None):
     ax_s.set_xlabel("support" + (" (all folds)" if cv else ""))
     ax_s.tick_params(axis="y", left=False)
     if C <= 30:
-        for yi, s in zip(y, support):
+        for yi, s in zip(y, support, strict=True):
             ax_s.text(s, yi, f" {s}", va="center", fontsize=font - 1)
         ax_s.set_xlim(0, max(support + [1]) * 1.3)
     default = "Per-class precision, recall, F1" + (f" (mean ± std over {report['k']} folds)" if cv else "")
@@ -236,11 +236,11 @@ def ablation_figure(rows: Sequence[dict], title: str | None = None):
     axes = fig.subplots(1, 2, sharey=True)
     y = np.arange(n)
     colors = [COLORS["ensemble"] if r.get("template_id") is None else COLORS["template"] for r in rows]
-    for ax, (key, name) in zip(axes, (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"))):
+    for ax, (key, name) in zip(axes, (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")), strict=True):
         vals = [r[key] for r in rows]
         ax.barh(y, vals, color=colors, height=0.7)
         if n <= 40:
-            for yi, v in zip(y, vals):
+            for yi, v in zip(y, vals, strict=True):
                 ax.text(v, yi, f" {v:.3f}", va="center", fontsize=font - 0.5)
         ax.set_xlim(0, min(1.0, max(vals) * 1.18 + 0.02))
         ax.set_xlabel(name)
@@ -301,7 +301,7 @@ def wise_ft_figure(result: dict, points: Sequence[dict] | None = None, title: st
     ax = fig.add_subplot()
     alpha = [r["alpha"] for r in rows]
     drawn = set()
-    for side, name in zip(("a", "b"), names):
+    for side, name in zip(("a", "b"), names, strict=True):
         for metric, style in (("accuracy", "-"), ("macro_f1", "--")):
             vals = [r.get(f"{side}_{metric}") for r in rows]
             if all(v is None for v in vals):

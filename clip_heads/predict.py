@@ -64,7 +64,7 @@ class TopK:
         self.keys = np.take_along_axis(names, idx, 1)
 
     def table(self) -> dict[str, list[dict[str, Any]]]:
-        return {c: [{"key": str(k), "probability": float(s)} for k, s in zip(self.keys[i], self.scores[i])]
+        return {c: [{"key": str(k), "probability": float(s)} for k, s in zip(self.keys[i], self.scores[i], strict=True)]
                 for i, c in enumerate(self.classes)}
 
 
@@ -114,11 +114,12 @@ def predict(
 
     from .backbone import Backbone, resolve_precision
     from .datasets import open_source
-    from .engines import ENGINES, EmbedJob, Runner, parse_devices, plan_blocks, worker_model
+    from .engines import ENGINES, EmbedJob, parse_devices, plan_blocks, worker_model
+    from .runner import Runner
     from .fsutil import durable_replace, exclusive_lock, temp_sibling
     from .heads.base import Head
     from .store import l2_normalize
-    from .writer import remove_stale_siblings
+    from .fsutil import remove_stale_siblings
 
     pa, pq = _pyarrow()
     if batch_size < 1:

@@ -184,7 +184,7 @@ def _add_prompts(store_path, templates, classes, synonyms, name, device, overwri
     check_identity(recorded, files.identity(), f"store {store_path}",
                    "prompts must come from the model that encoded the images: re-encode the store", accept_declared=True)
     backbone = Backbone(files, device=device)
-    sets = [encode_prompt_set(backbone, t, classes, synonyms, n, progress=progress) for t, n in zip(templates, names)]
+    sets = [encode_prompt_set(backbone, t, classes, synonyms, n, progress=progress) for t, n in zip(templates, names, strict=True)]
     add_prompt_sets(store_path, sets, overwrite=overwrite)
     logger.info("added prompt sets %s to %s", names, store_path)
     return names

@@ -52,7 +52,7 @@ class _Decoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas, pixels = [], []
-        for k, pos in zip(batch["block"], batch["positions"]):
+        for _block, pos in zip(batch["block"], batch["positions"], strict=True):
             d = decode_block(self.source, np.asarray(pos, np.int64), self.preprocess)
             x = d["pixels"].numpy() if d["good"] else np.zeros((0,), np.float32)
             metas.append(json.dumps({"n": d["n"], "good": d["good"], "bad": d["bad"], "shape": list(x.shape)}))
@@ -80,7 +80,7 @@ class _Embedder:
         import torch
 
         metas, embeds = [], []
-        for meta, raw in zip(batch["meta"], batch["pixels"]):
+        for meta, raw in zip(batch["meta"], batch["pixels"], strict=True):
             m = json.loads(meta)
             if m["good"]:
                 x = torch.from_numpy(np.frombuffer(raw, np.float32).reshape(m["shape"]).copy())
@@ -173,7 +173,7 @@ class RayEngine:
             it = iter(ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))
             try:
                 for batch in it:
-                    for k, meta, raw in zip(batch["block"], batch["meta"], batch["embeds"]):
+                    for k, meta, raw in zip(batch["block"], batch["meta"], batch["embeds"], strict=True):
                         if int(k) != expected:
                             raise RuntimeError(f"Ray returned block {int(k)} where block {expected} was due")
                         m = json.loads(meta)

@@ -220,7 +220,7 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
     plots : image files inside ``out_dir`` (PNG shown; an SVG of the same name is linked).
     digits : decimals shown (the exact value is in each number's ``data-value``).
     """
-    from clip_heads import __version__
+    from clip_heads.version import __version__
     from clip_heads.fsutil import atomic_write_text
 
     out = Path(out_dir)
@@ -370,7 +370,7 @@ def render_folder(out_dir: PathLike, digits: int = 3) -> Path:
             written += P.save_figure(P.wise_ft_figure(metrics, points), stage, "wise_ft")
         if "rows" in metrics and metrics["rows"] and "rank" in metrics["rows"][0]:
             written += P.save_figure(P.ablation_figure(metrics["rows"]), stage, "ablation")
-        for name, key, rep in evaluation_sections(metrics):
+        for _name, key, rep in evaluation_sections(metrics):
             sub = stage / key[0] if key else stage
             written += P.write_run_plots(rep, sub)
     final = [out / "plots" / p.relative_to(stage) for p in written]

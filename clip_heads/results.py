@@ -286,7 +286,7 @@ def write_section(out: PathLike, report: dict, text: str,
         with open(out / PREDICTIONS, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(columns)
-            w.writerows(zip(*(predictions[c] for c in columns)))
+            w.writerows(zip(*(predictions[c] for c in columns), strict=True))
     return out
 
 

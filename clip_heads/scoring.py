@@ -73,7 +73,7 @@ def load_eval_data(path: PathLike, prompt_set: str | None = None) -> EvalData:
     labelled = y >= 0
     if not labelled.all():  # write_store marks unlabelled rows -1: nothing to score them against
         logger.info("%s: leaving out %d unlabelled samples", path.name, int((~labelled).sum()))
-        X, y, keys = X[labelled], y[labelled], [k for k, m in zip(keys, labelled) if m]
+        X, y, keys = X[labelled], y[labelled], [k for k, m in zip(keys, labelled, strict=True) if m]
         soft = (soft[0][labelled], soft[1]) if soft is not None else None
     if not len(y):
         raise ValueError(f"store {path} has no labelled samples to evaluate")

@@ -43,6 +43,10 @@ class Source:
     ----------
     format : str
         Registry name, e.g. ``"folder"``.
+    kind : str or None
+        What the format's labels are, declared by the format: ``"emotions"`` (emotions or
+        sentiment, e.g. FI, Emotion6), or None where the class names decide (plain folders, CSV
+        manifests, Hugging Face datasets; :func:`clip_heads.kinds.is_emotion_data`).
     root : str
         Absolute path that was opened (folder, manifest file or tarball).
     classes : list of str
@@ -62,6 +66,7 @@ class Source:
     """
 
     format: str = ""
+    kind: str | None = None
     limits: ImageLimits = DEFAULT_LIMITS
     allow_outside_root: bool = False
     _confine: str | None = None  # resolved folder every loaded file must lie in; None: anywhere
@@ -116,7 +121,7 @@ class Source:
 
     def _stamp(self, h: Any) -> None:
         # stat only, never decode: this must stay cheap on 100k files.
-        for i, (key, label) in enumerate(zip(self.keys, self.labels.tolist())):
+        for i, (key, label) in enumerate(zip(self.keys, self.labels.tolist(), strict=True)):
             try:
                 st = os.stat(self.path(i))
                 stamp = f"{st.st_size}:{st.st_mtime_ns}"

@@ -24,8 +24,8 @@ Integrity: numeric datasets carry HDF5's Fletcher-32 checksum per chunk and stri
 dataset and rows instead of returning wrong values. Opening checks the structure: every row
 dataset as long as the row count, labels and prompt ids in range, and no links to other files
 (external links, virtual datasets, external storage) unless the root attribute
-``virtual_sources`` lists the files allowed (:mod:`clip_heads.integrity`, whose
-:func:`~clip_heads.integrity.verify_store` reads every chunk).
+``virtual_sources`` lists the files allowed (:mod:`clip_heads.integrity`;
+:func:`clip_heads.verify.verify_store` reads every chunk).
 
 A store file is never changed in place: writers build a new file beside it and rename it over
 the old one (:mod:`clip_heads.writer`; an encode streams through :mod:`clip_heads.journal`), so a file at
@@ -36,89 +36,42 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 
 from .integrity import DIGEST_ATTR, bad_chunk_rows, string_digest, structure_problems
+from .journal import is_journal, open_journal
+# The schema's names stay importable from here, where readers have always found them.
+from .schema import (  # noqa: F401
+    EMBED_CHUNK,
+    JSON_ATTRS,
+    LIBVER,
+    PROMPT_SET_NAME,
+    RESERVED_NAMES,
+    ROW_CHUNK,
+    SCHEMA_VERSION,
+    STR,
+    PromptSet,
+    PromptSetNameError,
+    StoreError,
+    check_prompt_set,
+    create_layout,
+    extras_spec,
+    l2_normalize,
+    library_versions,
+    now,
+    validate_prompt_set_name,
+    write_prompt_set,
+    write_strings,
+)
+from .virtual import check_sources, parts_match, sources_checksummed
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-STR = h5py.string_dtype()
-JSON_ATTRS = ("preprocess", "versions", "source")
-ROW_CHUNK = 1024
-EMBED_CHUNK = 256
-# HDF5 1.10 file format: checksummed metadata (superblock, object headers, chunk indexes),
-# readable by any HDF5 >= 1.10.
-LIBVER = ("v110", "v110")
-# Prompt set names: a letter or digit, then letters, digits, '.', '_' or '-'; the names of the
-# store's own groups are reserved so a path never reads as two things.
-PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_NAMES = frozenset({"classes", "images", "progress", "prompts", "skipped"})
 _READ_BLOCK = 8192  # rows per block of a converting read (32 embedding chunks)
-
-
-class StoreError(ValueError):
-    """A store is missing, malformed, damaged, incomplete, or does not match what was asked."""
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def library_versions() -> dict[str, str]:
-    import sklearn
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {
-        "clip_heads": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "h5py": h5py.__version__,
-        "numpy": np.__version__,
-        "sklearn": sklearn.__version__,
-    }
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
-
-
-@dataclass
-class PromptSet:
-    """Prompt texts of one named set and their embeddings, by the store's own model."""
-
-    name: str
-    classes: list[str]
-    templates: list[str]
-    texts: list[str]
-    embeds: np.ndarray  # (P, D) float32
-    template_id: np.ndarray  # (P,) index into templates
-    class_id: np.ndarray  # (P,) index into classes
-    attrs: dict = field(default_factory=dict)
-
-    def class_vectors(self, templates: Sequence[int] | None = None) -> np.ndarray:
-        """Per-class prompt vectors ``(C, D)``: the renormalised mean of the normalised prompt
-        vectors of each class over the chosen templates (all of them by default)."""
-        keep = np.ones(len(self.texts), bool) if templates is None else np.isin(self.template_id, list(templates))
-        E = l2_normalize(self.embeds[keep])
-        cid = self.class_id[keep]
-        out = np.zeros((len(self.classes), E.shape[1]), np.float32)
-        np.add.at(out, cid, E)
-        missing = [self.classes[c] for c in range(len(self.classes)) if not (cid == c).any()]
-        if missing:
-            raise StoreError(f"prompt set {self.name!r} has no prompt for classes {missing} with templates {templates}")
-        return l2_normalize(out)
 
 
 def damaged(path: Path, d: h5py.Dataset, err: Exception) -> StoreError:
@@ -128,12 +81,6 @@ def damaged(path: Path, d: h5py.Dataset, err: Exception) -> StoreError:
     why = str(err).splitlines()[0] if str(err) else type(err).__name__
     return StoreError(f"{path}: {d.name} rows {where} are damaged ({why}); the file is corrupt: restore it or re-encode "
                       f"(`clip-heads verify {path}` lists every problem)")
-
-
-def _parts_match(raw, parts) -> bool:
-    from .virtual import parts_match
-
-    return parts_match(raw, parts)
 
 
 def _read_checked(path: Path, d: h5py.Dataset, sel=slice(None)):
@@ -161,8 +108,6 @@ class FeatureStore:
         if not self.path.exists():
             hint = f" (an unfinished encode is at {self.path}.partial; rerun encode to resume)" if Path(f"{self.path}.partial").exists() else ""
             raise FileNotFoundError(f"store not found: {self.path}{hint}")
-        from .journal import is_journal, open_journal
-
         if is_journal(self.path):
             self._f = open_journal(self.path, allow_incomplete=allow_incomplete)
         else:
@@ -187,8 +132,6 @@ class FeatureStore:
             more = f" (and {len(problems) - 1} more; `clip-heads verify {self.path}` lists them)" if len(problems) > 1 else ""
             raise StoreError(f"{self.path} is not a sound store: {problems[0]}{more}")
         if "virtual_sources" in self._f.attrs:  # a merged store over shard files: they must all be there
-            from .virtual import check_sources
-
             check_sources(self._f, self.path)
         if not self.complete:
             msg = f"store {self.path} is incomplete ({self.progress['items']} items encoded so far)"
@@ -217,7 +160,7 @@ class FeatureStore:
         raw = _read_checked(self.path, d)
         want = d.attrs.get(DIGEST_ATTR)
         parts = d.attrs.get("sha256_parts")  # a virtual dataset: its shards' digests, shard by shard
-        if (want is not None and string_digest(raw) != str(want)) or (parts is not None and not _parts_match(raw, parts)):
+        if (want is not None and string_digest(raw) != str(want)) or (parts is not None and not parts_match(raw, parts)):
             raise StoreError(f"{self.path}: {d.name} does not match its sha256 checksum; the file is corrupt: restore it "
                              "or re-encode")
         return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in raw[:n]]
@@ -259,8 +202,6 @@ class FeatureStore:
         """Whether the numeric row datasets carry per-chunk checksums (stores before 0.2 do not)."""
         d = self._f["images/embeds"]
         if d.is_virtual:
-            from .virtual import sources_checksummed
-
             return sources_checksummed(self._f, self.path)
         return bool(d.fletcher32)
 
@@ -356,7 +297,7 @@ class FeatureStore:
         n = self.progress["skipped"]
         if "skipped/keys" not in self._f:
             return []
-        return list(zip(self._strings("skipped/keys", n), self._strings("skipped/reasons", n)))
+        return list(zip(self._strings("skipped/keys", n), self._strings("skipped/reasons", n), strict=True))
 
     # -- prompt side -------------------------------------------------------------------
     def prompt_sets(self) -> list[str]:
@@ -369,7 +310,7 @@ class FeatureStore:
         if name is None:
             name = str(self._f.attrs.get("default_prompts", names[0] if names else ""))
         if name not in names:
-            raise StoreError(f"store {self.path} has no prompt set {name!r}; it has {names or 'none'} (add one with `clip-heads prompts`)")
+            raise PromptSetNameError(f"store {self.path} has no prompt set {name!r}; it has {names or 'none'} (add one with `clip-heads prompts`)")
         p = f"prompts/{name}"
         return PromptSet(
             name=name,
@@ -427,115 +368,8 @@ def open_store(path: str | os.PathLike, allow_incomplete: bool = False) -> Featu
     return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
-# ---------------------------------------------------------------------------------------
-# Writing the layout: shared by every writer (clip_heads.writer: write_store, add_prompt_sets,
-# merge_stores; clip_heads.journal: the encode stream's builder).
-# ---------------------------------------------------------------------------------------
-def create_layout(
-    f: h5py.File,
-    *,
-    dim: int,
-    classes: Sequence[str],
-    dtype: str,
-    extras: Mapping[str, tuple[tuple[int, ...], Any, list[str] | None]],
-    attrs: Mapping[str, Any],
-    rows: int = 0,
-    skipped: int = 0,
-) -> None:
-    """Create every dataset of a store with ``rows`` image rows and ``skipped`` skip records:
-    chunked, resizable, numeric ones with Fletcher-32 checksums. Rows are filled by the caller,
-    then :func:`write_strings` digests and ``progress`` are set."""
-    f.attrs["schema_version"] = SCHEMA_VERSION
-    for k, v in attrs.items():
-        if v is not None:
-            f.attrs[k] = json.dumps(v, sort_keys=True) if k in JSON_ATTRS else v
-    f.attrs["dim"] = int(dim)
-    f.attrs["dtype"] = dtype
-    f.attrs["complete"] = False
-    if "created" not in f.attrs:
-        f.attrs["created"] = now()
-    write_strings(f, "classes", list(classes))
-    g = f.create_group("images")
-    g.create_dataset("embeds", shape=(rows, dim), maxshape=(None, dim), chunks=(EMBED_CHUNK, dim), dtype=dtype, fletcher32=True)
-    g.create_dataset("keys", shape=(rows,), maxshape=(None,), chunks=(ROW_CHUNK,), dtype=STR)
-    g.create_dataset("labels", shape=(rows,), maxshape=(None,), chunks=(ROW_CHUNK,), dtype="i8", fletcher32=True)
-    ge = g.create_group("extras")
-    for name, (tail, edtype, columns) in extras.items():
-        is_str = h5py.check_string_dtype(np.dtype(edtype)) is not None
-        d = ge.create_dataset(name, shape=(rows, *tail), maxshape=(None, *tail), chunks=(ROW_CHUNK, *tail), dtype=edtype,
-                              fletcher32=not is_str)
-        if columns:
-            d.attrs["columns"] = json.dumps(list(columns))
-    s = f.create_group("skipped")
-    for name in ("keys", "reasons"):
-        s.create_dataset(name, shape=(skipped,), maxshape=(None,), chunks=(256,), dtype=STR)
-    f.create_dataset("progress", data=np.zeros(3, np.int64))
-
-
-def write_strings(g: h5py.Group, name: str, values: Sequence[str]) -> h5py.Dataset:
-    """A string dataset with its sha256 digest (readers check it)."""
-    values = [str(v) for v in values]
-    d = g.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
-    d.attrs[DIGEST_ATTR] = string_digest(values)
-    return d
-
-
-def extras_spec(extras: Mapping[str, np.ndarray], columns: Mapping[str, list[str]] | None = None):
-    """Shape tail, HDF5 dtype and column names of each extra column, from example arrays."""
-    spec = {}
-    for name, arr in extras.items():
-        arr = np.asarray(arr)
-        edtype = STR if arr.dtype.kind in "OUS" else arr.dtype
-        spec[name] = (tuple(arr.shape[1:]), edtype, (columns or {}).get(name))
-    return spec
-
-
-def validate_prompt_set_name(name: str) -> str:
-    """A prompt set name, or ValueError quoting the rule."""
-    if not isinstance(name, str) or not PROMPT_SET_NAME.fullmatch(name) or name in RESERVED_NAMES:
-        raise StoreError(f"invalid prompt set name {name!r}: use a letter or digit followed by letters, digits, '.', '_' "
-                         f"or '-' (at most 128), other than {', '.join(sorted(RESERVED_NAMES))}")
-    return name
-
-
-def check_prompt_set(ps: PromptSet, dim: int) -> None:
-    """Refuse a prompt set that cannot be stored as it is, before anything is written."""
-    validate_prompt_set_name(ps.name)
-    emb = np.asarray(ps.embeds)
-    n = len(ps.texts)
-    if emb.ndim != 2 or emb.shape[1] != dim:
-        raise StoreError(f"prompt embeddings of shape {emb.shape} do not fit a store of dim {dim}")
-    tid, cid = np.asarray(ps.template_id), np.asarray(ps.class_id)
-    if len(emb) != n or tid.shape != (n,) or cid.shape != (n,):
-        raise StoreError(f"prompt set {ps.name!r}: {n} texts but {len(emb)} embeddings, {tid.shape} template ids, {cid.shape} class ids")
-    for what, ids, limit in (("class_id", cid, len(ps.classes)), ("template_id", tid, len(ps.templates))):
-        if n and (ids.min() < 0 or ids.max() >= limit):
-            raise StoreError(f"prompt set {ps.name!r}: {what} values {int(ids.min())}..{int(ids.max())} out of range 0..{limit - 1}")
-
-
-def write_prompt_set(f: h5py.File, ps: PromptSet, overwrite: bool = False) -> None:
-    check_prompt_set(ps, int(f.attrs["dim"]))
-    name = ps.name
-    if f"prompts/{name}" in f:
-        if not overwrite:
-            raise StoreError(f"prompt set {name!r} already exists in {f.filename}; pick another --name or pass --overwrite")
-        del f[f"prompts/{name}"]
-    g = f.create_group(f"prompts/{name}")
-    write_strings(g, "texts", ps.texts)
-    g.create_dataset("embeds", data=np.asarray(ps.embeds, np.float32).astype(f["images/embeds"].dtype), fletcher32=True)
-    g.create_dataset("template_id", data=np.asarray(ps.template_id, np.int32), fletcher32=True)
-    g.create_dataset("class_id", data=np.asarray(ps.class_id, np.int32), fletcher32=True)
-    write_strings(g, "classes", ps.classes)
-    write_strings(g, "templates", ps.templates)
-    for k, v in ps.attrs.items():
-        g.attrs[k] = v
-    g.attrs["created"] = now()
-
-
 def __getattr__(name: str):
-    # The writers live in clip_heads.writer (they read stores too); they stay importable from here.
+    # The writers moved to clip_heads.writer (they read stores, so the reader cannot import them).
     if name in ("write_store", "add_prompt_sets", "merge_stores"):
-        from . import writer
-
-        return getattr(writer, name)
+        raise AttributeError(f"clip_heads.store.{name} is now clip_heads.writer.{name} (or clip_heads.{name})")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -140,7 +140,7 @@ def write_report(report: dict, out_dir: str | os.PathLike, title: str = "", digi
         with open(out / "confusion_matrix.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["true \\ predicted", *mean["classes"]])
-            for c, row in zip(mean["classes"], cm):
+            for c, row in zip(mean["classes"], cm, strict=True):
                 w.writerow([c, *row])
     (out / "report.txt").write_text(text if text is not None else format_table(report, title, digits))
     return out

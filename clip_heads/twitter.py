@@ -45,6 +45,7 @@ class TwitterISource(Source):
     """
 
     format = "twitter1"
+    kind = "emotions"
 
     def __init__(self, path: str, agreement: int | str = 3, allow_outside_root: bool = False) -> None:
         require_dir(path, self.format)

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import h5py
 
 from .integrity import DIGEST_ATTR, string_digest
-from .store import StoreError
+from .schema import StoreError
 
 PARTS_ATTR = "sha256_parts"  # JSON [[rows, digest or null], ...] of a virtual string dataset
 SHARDS_ATTR = "virtual_shards"

@@ -162,7 +162,7 @@ class WebDatasetSource(Source):
             raise FileNotFoundError(f"webdataset: {len(missing)} of the {len(names)} shards of {path!r} do not exist, "
                                     f"e.g. '{missing[0]}'")
         self._tars = [os.path.relpath(n, root) for n in names]
-        for n, rel in zip(names, self._tars):
+        for n, rel in zip(names, self._tars, strict=True):
             check_listed_file(n, rel, root, f"webdataset shard '{rel}'", self._confine)
         keys: list[str] = []
         where_key: dict[str, int] = {}

@@ -203,14 +203,14 @@ def _write_blends(zero_shot: str, finetuned: str, alphas: Sequence[float], root:
         _check_sweep_root(root)
     with exclusive_lock(root, "clip-heads wise-ft"):
         pair = _Pair(zs, ft)
-        written = [pair.save(a, out) for a, out in zip(alphas, outs)]
+        written = [pair.save(a, out) for a, out in zip(alphas, outs, strict=True)]
         if outs != [root]:  # a sweep: what its folder holds, at its top
             with results_files(root) as stage:
                 lines = [f"WiSE-FT sweep of {zs.model_id} (alpha 0) and {ft.model_id} (alpha 1):"]
-                lines += [f"  alpha {a:.2f}: {p}" for a, p in zip(alphas, written)]
+                lines += [f"  alpha {a:.2f}: {p}" for a, p in zip(alphas, written, strict=True)]
                 (stage / REPORT).write_text("\n".join(lines) + "\n")
                 write_json(stage / METRICS, {"info": {"run": pair.run(alphas)}, "kind": "wise-ft",
-                                             "blends": {f"{a:.2f}": str(p) for a, p in zip(alphas, written)}})
+                                             "blends": {f"{a:.2f}": str(p) for a, p in zip(alphas, written, strict=True)}})
         return written
 
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -19,11 +18,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from .fsutil import DiskFullError, durable_replace, exclusive_lock, fsync_file, run_isolated, temp_sibling
+from .fsutil import exclusive_lock, remove_stale_siblings
 from .integrity import DIGEST_ATTR, digest_update, string_digest
-from .store import (
+from .schema import (
     LIBVER,
-    FeatureStore,
     PromptSet,
     StoreError,
     check_prompt_set,
@@ -31,53 +29,14 @@ from .store import (
     extras_spec,
     library_versions,
     now,
+    write_isolated,
     write_prompt_set,
 )
+from .store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
 _BLOCK_ROWS = 8192
-
-
-def write_isolated(fn, path: Path, *args, what: str) -> None:
-    """Run ``fn(tmp, *args)`` that builds a store file at a fresh sibling ``tmp`` of ``path`` in a
-    child process (:func:`clip_heads.fsutil.run_isolated`: HDF5 cannot survive its own failed
-    writes), then sync it and rename it over ``path``. On any failure ``path`` is untouched
-    and the sibling is removed; a full disk raises :class:`DiskFullError` naming ``path``."""
-    tmp = temp_sibling(path, "build")
-    try:
-        def build() -> None:
-            fn(tmp, *args)
-            fsync_file(tmp)
-
-        try:
-            run_isolated(build, what=what, errors={"StoreError": StoreError})
-        except DiskFullError:
-            raise DiskFullError(f"disk full writing {path}: it was left as it was; free space and rerun") from None
-        durable_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_siblings(path: Path) -> None:
-    """Remove temporary files that killed writers of ``path`` left beside it (call holding its
-    lock): siblings named by :func:`clip_heads.fsutil.temp_sibling` whose process is gone."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}(\.partial)?\.(build|new)-(\d+)-[0-9a-f]+")
-    for p in path.parent.glob(f".{path.name}.*"):
-        m = pattern.fullmatch(p.name)
-        if not m or not p.is_file():
-            continue
-        pid = int(m.group(3))
-        try:
-            if pid != os.getpid():
-                os.kill(pid, 0)
-                continue  # its writer is alive (and not ours to judge)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        logger.debug("removing %s, left by a killed writer", p)
-        p.unlink(missing_ok=True)
 
 
 def add_prompt_sets(path: str | os.PathLike, prompt_sets: Iterable[PromptSet], overwrite: bool = False) -> None:
@@ -284,7 +243,7 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
         extras = s0.extras_layout()
         rows, skipped = sum(len(s) for s in stores), sum(s.progress["skipped"] for s in stores)
         names = ["images/embeds", "images/keys", "images/labels"] + [f"images/extras/{e}" for e in extras]
-        for p, g in zip(paths, files):
+        for p, g in zip(paths, files, strict=True):
             if "virtual_sources" in g.attrs:  # a store over other files is not a shard
                 raise StoreError(f"{p} is itself a merged store over shard files; merge the shards it lists")
         rels = [relative_name(p, out) for p in paths]
@@ -294,7 +253,7 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
             for name in names:  # the empty row datasets create_layout made give way to virtual ones
                 attrs = dict(f[name].attrs)
                 del f[name]
-                layout, parts = layout_over([(rel, g[name]) for rel, g in zip(rels, files)], name)
+                layout, parts = layout_over([(rel, g[name]) for rel, g in zip(rels, files, strict=True)], name)
                 d = f.create_virtual_dataset(name, layout)
                 for k, v in attrs.items():
                     d.attrs[k] = v
@@ -307,7 +266,7 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
             f.attrs["virtual_sources"] = json.dumps(rels)
             f.attrs[SHARDS_ATTR] = json.dumps([
                 {"file": rel, "rows": len(s), "skipped": s.progress["skipped"], "created": str(s.attrs.get("created"))}
-                for rel, s in zip(rels, stores)])
+                for rel, s in zip(rels, stores, strict=True)])
             _finish_merge(f, s0, paths, rows, skipped)
     finally:
         for s in stores:

@@ -58,7 +58,7 @@ def assert_same_store(a, b) -> None:
     for k in ca:
         va, vb = ca[k], cb[k]
         if isinstance(va, tuple):
-            assert len(va) == len(vb) and all(np.array_equal(x, y) for x, y in zip(va, vb)), k
+            assert len(va) == len(vb) and all(np.array_equal(x, y) for x, y in zip(va, vb, strict=True)), k
         elif isinstance(va, np.ndarray):
             assert va.dtype == vb.dtype and np.array_equal(va, vb), k
         else:

@@ -1,9 +1,11 @@
-"""The package's shape holds: imports point down the layers of docs/architecture.md, no module
-takes another's private names, no cycles; ``import clip_heads`` and ``clip-heads --help`` load
-neither torch nor scikit-learn, and the lazy package still hands out the documented functions."""
+"""The package's shape holds: every module has a layer in docs/architecture.md and imports point
+down the layers, no module takes another's private names, no import cycles; ``import clip_heads``
+and ``clip-heads --help`` load neither torch nor scikit-learn, and the lazy package still hands
+out the documented functions."""
 from __future__ import annotations
 
 import ast
+import configparser
 import os
 import re
 import subprocess
@@ -14,10 +16,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "clip_heads"
-# The modules whose shape part A of issue 9 settled; part B extends the checks to every module.
-CHECKED = {"clip_heads", "ablation", "backbone", "catalog", "crossval", "demo", "evaluate", "finetune",
-           "finetune_config", "finetune_cv", "finetune_eval", "identity", "kinds", "label_maps", "metrics", "prompts",
-           "reproduce", "results", "retrieval", "scoring", "tables", "wise_ft", "zeroshot"}
+# Imports that break a rule knowingly, each with the reason and what lifts it. Keep this short.
+KNOWN_EXCEPTIONS = {
+    ("clip_heads.schema", "clip_heads.zeroshot"):
+        "PromptSet.class_vectors is the zero-shot kernel's ensemble (one home for it), imported at call "
+        "time. The ensembling half of zeroshot.py needs numpy alone and belongs below the store; it moves "
+        "there once issue 10's edits of zeroshot.py (its scoring half reads the family registry) have landed.",
+}
 
 
 def layers() -> dict[str, int]:
@@ -78,22 +83,21 @@ def imports(mods: dict[str, Path]) -> list[tuple[str, str, str | None, int]]:
     return out
 
 
-def test_the_layer_table_covers_the_checked_modules():
+def test_the_layer_table_covers_every_module():
     table = layers()
-    assert CHECKED <= set(table), sorted(CHECKED - set(table))
-    assert set(table) <= {room(m) for m in modules()}, "docs/architecture.md names modules that do not exist"
+    rooms = {room(m) for m in modules()}
+    assert rooms <= set(table), f"modules without a layer in docs/architecture.md: {sorted(rooms - set(table))}"
+    assert set(table) <= rooms, f"docs/architecture.md names modules that do not exist: {sorted(set(table) - rooms)}"
 
 
-def test_checked_modules_import_down_the_layers_and_no_private_names():
+def test_imports_point_down_the_layers_and_take_no_private_names():
     table, mods = layers(), modules()
     problems = []
     for importer, target, name, line in imports(mods):
-        if room(importer) not in CHECKED or target == importer:
+        if target == importer:
             continue
         where = f"{mods[importer].relative_to(ROOT)}:{line}"
-        if room(target) not in table:
-            problems.append(f"{where} imports {target}, which has no layer in docs/architecture.md")
-        elif table[room(target)] > table[room(importer)]:
+        if table[room(target)] > table[room(importer)] and (importer, target) not in KNOWN_EXCEPTIONS:
             problems.append(f"{where}: {importer} (layer {table[room(importer)]}) imports {target} "
                             f"(layer {table[room(target)]}), a layer above it")
         if name is None or name.startswith("__"):
@@ -104,7 +108,44 @@ def test_checked_modules_import_down_the_layers_and_no_private_names():
     assert problems == []
 
 
-def test_no_import_cycle_runs_through_a_checked_module():
+def test_the_known_exceptions_are_still_needed():
+    found = {(i, t) for i, t, _, _ in imports(modules())}
+    assert set(KNOWN_EXCEPTIONS) <= found, "an exception no longer happens: remove it from KNOWN_EXCEPTIONS"
+
+
+def module_aliases(tree: ast.AST, mod: str, is_pkg: bool, mods: dict[str, Path]) -> dict[str, str]:
+    """Names a module binds to package modules (``import clip_heads.x as m``, ``from . import x``)."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in mods and a.name != "clip_heads":
+                    out[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+            target = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else (node.module or "")
+            for a in node.names:
+                if f"{target}.{a.name}" in mods:
+                    out[a.asname or a.name] = f"{target}.{a.name}"
+    return out
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    mods = modules()
+    problems = []
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text())
+        aliases = module_aliases(tree, mod, path.name == "__init__.py", mods)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and aliases[node.value.id] != mod):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: {mod} uses {aliases[node.value.id]}.{node.attr}")
+    assert problems == []
+
+
+def test_no_import_cycle():
     mods = modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for importer, target, _, _ in imports(mods):
@@ -136,8 +177,7 @@ def test_no_import_cycle_runs_through_a_checked_module():
     for v in graph:
         if v not in index:
             visit(v)
-    cycles = [sorted(c) for c in comps if len(c) > 1 and any(room(m) in CHECKED for m in c)]
-    assert cycles == []
+    assert [sorted(c) for c in comps if len(c) > 1] == []
 
 
 def _python(code: str) -> str:
@@ -195,6 +235,51 @@ def test_the_catalog_names_every_head():
     for name, where in HEAD_CLASSES.items():
         module, cls = where.split(":")
         assert getattr(importlib.import_module(module), cls) is HEADS[name]
+
+
+
+def test_a_head_is_registered_in_the_catalog_alone(monkeypatch, tmp_path):
+    """HEADS, get_head and loading a saved folder all resolve names through catalog.HEAD_CLASSES."""
+    import numpy as np
+
+    from clip_heads import catalog
+    from clip_heads.heads import Head, LinearHead, UnknownHeadError, get_head, make_head
+
+    with pytest.raises(UnknownHeadError, match="unknown head 'probe'"):
+        get_head("probe")
+    monkeypatch.setitem(catalog.HEAD_CLASSES, "probe", "clip_heads.heads.linear:LinearHead")
+    assert get_head("probe") is LinearHead and make_head("probe", {"Cs": [1.0]}).Cs == [1.0]
+    head = LinearHead(Cs=[1.0]).fit(np.eye(4, dtype=np.float32).repeat(3, 0), np.arange(4).repeat(3))
+    head.set_backbone("m", "sha256:0")
+    head.save_pretrained(tmp_path / "h")
+    cfg = (tmp_path / "h" / "config.json").read_text().replace('"head": "linear"', '"head": "probe"')
+    (tmp_path / "h" / "config.json").write_text(cfg)
+    assert type(Head.from_pretrained(tmp_path / "h")) is LinearHead
+
+
+def test_the_version_has_one_home():
+    import clip_heads
+    from clip_heads import version
+
+    assert clip_heads.__version__ is version.__version__
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["metadata"]["version"] == "attr: clip_heads.version.__version__"
+    written = [p.relative_to(ROOT) for p in PKG.rglob("*.py")
+               if re.search(r"^__version__\s*=", p.read_text(), re.M)]
+    assert written == [Path("clip_heads/version.py")]
+
+
+def test_no_test_module_sets_torch_threads_at_import():
+    """The suite runs at the machine's thread count; a test that needs one thread uses a fixture
+    that sets and restores it (test_plateau checks determinism at 1 and 2 threads)."""
+    problems = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # statements run at import (collection)
+            if any(isinstance(n, ast.Attribute) and n.attr == "set_num_threads" for n in ast.walk(node)) \
+                    and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                problems.append(f"{path.name}:{node.lineno}")
+    assert problems == []
 
 
 def test_readme_links_the_architecture():

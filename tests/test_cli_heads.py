@@ -16,7 +16,7 @@ COLOURS = {"cat": (220, 30, 30), "dog": (30, 200, 30), "eel": (30, 30, 220)}
 def colour_folder(root, n_per_class, names=("cat", "dog", "eel"), seed=0):
     """Solid class colours with mild noise: visibly different classes."""
     rng = np.random.default_rng(seed)
-    for name, colour in zip(names, COLOURS.values()):
+    for name, colour in zip(names, COLOURS.values(), strict=True):
         (root / name).mkdir(parents=True)
         for i in range(n_per_class):
             arr = np.clip(np.array(colour) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
@@ -109,7 +109,7 @@ def test_head_refuses_a_store_of_another_model(stores, tmp_path):
         (["train-head", "svm", "A", "--out", "O"], 2, "svm"),
         (["train-head", "mlp", "A", "--out", "O", "--param", "hidden"], 2, "key=value"),
         (["train-head", "mlp", "A", "--out", "O", "--param", "dropout=2.5"], 2, "dropout"),
-        (["zero-shot", "A", "--prompts", "nope"], 1, "nope"),
+        (["zero-shot", "A", "--prompts", "nope"], 2, "nope"),  # a bad value (issue 9: exit 2)
         (["evaluate", "O", "A"], 2, "O"),
         (["train-head", "mlp", "A", "--out", "O", "--label-map", "x.json"], 1, "eval"),
     ],

@@ -391,3 +391,15 @@ def test_auto_detection(tmp_path, folder):
     assert isinstance(open_source(folder[0]), Source)
     with pytest.raises(ValueError, match=r"cannot detect .*'.*notes.txt'"):
         open_source(tmp_path / "notes.txt")
+
+
+def test_each_format_declares_its_kind_and_the_emotion_formats_follow():
+    from clip_heads.kinds import EMOTION_FORMATS, is_emotion_data
+
+    emotion = {"emotion6", "fi", "webemo", "emoset", "artphoto", "abstract", "twitter1", "emotionroi"}
+    assert {n for n, cls in ds.SOURCES.items() if cls.kind == "emotions"} == emotion == set(EMOTION_FORMATS)
+    # Formats whose labels can be anything leave it to the class names.
+    assert {n: ds.SOURCES[n].kind for n in ("folder", "csv", "cifar100", "hf", "parquet", "webdataset")} == dict.fromkeys(
+        ("folder", "csv", "cifar100", "hf", "parquet", "webdataset"))
+    assert all(is_emotion_data(n, ["cat", "dog"]) for n in emotion)
+    assert not any(is_emotion_data(n, ["cat", "dog"]) for n in set(ds.SOURCES) - emotion)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 import clip_heads.journal as journal_mod
-import clip_heads.writer as writer_mod
+import clip_heads.schema as schema_mod
 from clip_heads.journal import StoreWriter
 from faultkit import assert_same_store, invoke, make_emotion6, one_line_error
 
@@ -99,8 +99,8 @@ def _arm(monkeypatch, point, mnt):
             real(tmp, part)
         monkeypatch.setattr(journal_mod, "_build_store", build)
     elif point == "renaming":
-        real = writer_mod.durable_replace
-        monkeypatch.setattr(writer_mod, "durable_replace", lambda *a: (_fill(mnt), real(*a))[1])
+        real = schema_mod.durable_replace
+        monkeypatch.setattr(schema_mod, "durable_replace", lambda *a: (_fill(mnt), real(*a))[1])
 
 
 def _reserve(mnt, n):

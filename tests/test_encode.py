@@ -217,6 +217,17 @@ def test_limit_is_a_seeded_sample_in_source_order(tiny_clip, tmp_path):
     assert len(ka) == 7 and ka == sorted(ka, key=lambda k: (k.split("/")[0], k)) and ka != kb
 
 
+def test_a_plain_folder_of_emotion_classes_gets_the_emotion_prompt_sets(tiny_clip, tmp_path):
+    from clip_heads.prompts import EMOTION_DEFAULTS, OBJECT_DEFAULTS
+
+    feelings = make_folder(tmp_path / "feelings", n_per_class=1, classes=("Anger", "fear", "joy"))
+    things = make_folder(tmp_path / "things", n_per_class=1)
+    with open_store(encode(str(feelings), tmp_path / "f.h5", model=tiny_clip, workers=0, progress=False).path) as s:
+        assert s.attrs["source"]["format"] == "folder" and s.prompt_sets() == sorted(EMOTION_DEFAULTS)
+    with open_store(encode(str(things), tmp_path / "t.h5", model=tiny_clip, workers=0, progress=False).path) as s:
+        assert s.prompt_sets() == sorted(OBJECT_DEFAULTS)
+
+
 # -- prompts added later ---------------------------------------------------------------------
 def test_prompts_added_later_with_the_store_model(tiny_clip, tmp_path):
     root = make_folder(tmp_path / "imgs", n_per_class=2)

@@ -130,7 +130,7 @@ def test_train_head_refuses_a_bad_param_with_one_line_and_exit_2(param, needle, 
     from click.testing import CliRunner
 
     from clip_heads.cli import main
-    from clip_heads.store import write_store
+    from clip_heads.writer import write_store
 
     rng = np.random.default_rng(0)
     write_store(tmp_path / "s.h5", rng.normal(size=(40, 8)), np.arange(40) % 2, ["a", "b"], model_id="m",

@@ -12,7 +12,8 @@ from clip_heads.crossval import cross_validate, read_folds, stratified_folds
 from clip_heads.evaluate import evaluate_head, run_zero_shot, train_head
 from clip_heads.label_maps import align_labels, list_label_maps, load_label_map
 from clip_heads.tables import read_confusion_csv
-from clip_heads.store import PromptSet, write_store
+from clip_heads.store import PromptSet
+from clip_heads.writer import write_store
 
 ABCD = ["a", "b", "c", "d"]
 

@@ -16,11 +16,13 @@ import pytest
 
 import importlib
 import clip_heads.journal as journal_mod
+import clip_heads.schema as schema_mod
 import clip_heads.writer as writer_mod
 from clip_heads.fsutil import DiskFullError, LockedError, exclusive_lock, run_isolated
 from clip_heads.interrupts import INTERRUPTED
-from clip_heads.store import PromptSet, StoreError, add_prompt_sets, l2_normalize, open_store, write_store
-from clip_heads.integrity import verify_store
+from clip_heads.store import PromptSet, StoreError, l2_normalize, open_store
+from clip_heads.writer import add_prompt_sets, write_store
+from clip_heads.verify import verify_store
 from clip_heads.journal import StoreWriter, journal_progress
 from faultkit import assert_same_store, invoke, make_emotion6, one_line_error, run_forked
 
@@ -175,7 +177,7 @@ def _arm(monkeypatch, point, sig):
             time.sleep(5)
         monkeypatch.setattr(journal_mod, "_build_store", build)
     elif point in ("before-rename", "after-rename"):
-        real = writer_mod.durable_replace
+        real = schema_mod.durable_replace
 
         def replace(src, dst):
             if point == "before-rename":
@@ -183,7 +185,7 @@ def _arm(monkeypatch, point, sig):
             real(src, dst)
             if point == "after-rename":
                 _kill_self(sig)
-        monkeypatch.setattr(writer_mod, "durable_replace", replace)
+        monkeypatch.setattr(schema_mod, "durable_replace", replace)
 
 
 @pytest.mark.parametrize("point", ["before-build", "in-build", "before-rename", "after-rename"])
@@ -364,7 +366,7 @@ def test_changed_key_string_is_caught_by_its_digest(tmp_path):
     p.write_bytes(raw[:i] + b"dog/7.jpg" + raw[i + 9:])  # a flipped bit inside HDF5's string heap
     with open_store(p) as s:
         with pytest.raises(StoreError, match="/images/keys does not match its sha256"):
-            s.keys
+            s.keys  # noqa: B018  (reading the property is the test)
         np.testing.assert_array_equal(s.embeddings(), np.eye(4))
     assert [q.dataset for q in verify_store(p).problems] == ["/images/keys"]
 
@@ -442,7 +444,7 @@ def test_prompt_set_names_follow_the_documented_rule(tmp_path, name):
 
 def test_prompts_cli_refuses_a_bad_name_in_one_line(e6, tmp_path):
     code, output = invoke(["prompts", str(e6["ref"]), "-t", "bp-photo", "--name", ".", "--overwrite"])
-    assert code == 1
+    assert code == 2  # a bad value (issue 9: exit 2)
     one_line_error(output, "invalid prompt set name '.'")
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from clip_heads.cli import main
 from clip_heads.fsutil import LockedError, exclusive_lock
 from clip_heads.heads import Head, HeadFileError, LinearHead, MLPHead, TipAdapterHead
-from clip_heads.store import write_store
+from clip_heads.writer import write_store
 from conftest import make_blobs
 
 DIM = 8
@@ -36,7 +36,7 @@ def blobs():
 def saved(kind: str, blobs, out: Path) -> Path:
     X, y, means = blobs
     head = {"linear": lambda: LinearHead(C=1.0), "mlp": lambda: MLPHead(hidden=16, patience=2),
-            "tip-adapter": lambda: TipAdapterHead(prompt_embeds=dict(zip(["cat", "dog", "eel"], means)))}[kind]()
+            "tip-adapter": lambda: TipAdapterHead(prompt_embeds=dict(zip(["cat", "dog", "eel"], means, strict=True)))}[kind]()
     head.fit(X, y).set_backbone(*BACKBONE).save_pretrained(out)
     return out
 

@@ -263,7 +263,7 @@ def test_contrastive_head_classifies_over_a_new_label_set():
     names = np.array(list("abcd"))
     Xte, yte = X[800:], names[y[800:]]
 
-    head = ContrastiveHead(prompt_embeds=dict(zip("abcd", seen_prompts))).fit(X[:800], names[y[:800]])
+    head = ContrastiveHead(prompt_embeds=dict(zip("abcd", seen_prompts, strict=True))).fit(X[:800], names[y[:800]])
     assert head.class_embeds_.shape == (4, text_dim)
     bayes = (np.argmax(Xte @ means.T, axis=1) == y[800:]).mean()
     assert head.score(Xte, yte) >= bayes - 0.05

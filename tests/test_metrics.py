@@ -93,7 +93,7 @@ def test_soft_labels_identical_is_zero_and_matches_scipy():
     assert same["kl"] == 0.0 and same["top1_agreement"] == 1.0 and same["top2_agreement"] == 1.0
     Q = rng.dirichlet(np.ones(4), 50)
     eps = 1e-6
-    ref = np.mean([entropy(p + eps, q + eps) for p, q in zip(P, Q)])  # scipy renormalises both
+    ref = np.mean([entropy(p + eps, q + eps) for p, q in zip(P, Q, strict=True)])  # scipy renormalises both
     got = soft_label_report(P, Q, eps=eps)
     assert got["kl"] == pytest.approx(ref, rel=1e-10)
     assert got["top1_agreement"] == pytest.approx(np.mean(P.argmax(1) == Q.argmax(1)))
@@ -111,7 +111,7 @@ def test_soft_labels_align_columns_by_name_and_renormalise():
     t = np.array([[0.4, 0.1, 0.0], [0.0, 0.3, 0.3]])
     t = (t + 1e-6) / (t + 1e-6).sum(1, keepdims=True)
     q = (P_pred[[0, 2]] + 1e-6) / (P_pred[[0, 2]] + 1e-6).sum(1, keepdims=True)
-    assert r["kl"] == pytest.approx(np.mean([(a * np.log(a / b)).sum() for a, b in zip(t, q)]), rel=1e-12)
+    assert r["kl"] == pytest.approx(np.mean([(a * np.log(a / b)).sum() for a, b in zip(t, q, strict=True)]), rel=1e-12)
     assert r["top1_agreement"] == 1.0  # row 1 predicts joy (true top); row 3 predicts fear (tied top)
     with pytest.raises(ValueError, match="share fewer than 2 names"):
         soft_label_report(P_true, P_pred[:, :1], true_cols, ["calm"])

@@ -129,7 +129,7 @@ def test_emoset_bad_entries(tmp_path, entry, message):
 def artphoto(root, imgs):
     names = ["amusement_0001.jpg", "anger_0002.jpg", "awe_0001.jpg", "contentment_0010.jpg", "disgust_0003.jpg",
              "excitement_0001.jpg", "fear_0001.jpg", "sad_0002.jpg", "sad_0001.jpg", "Amusement_0003.jpg"]
-    for name, data in zip(names, imgs):
+    for name, data in zip(names, imgs, strict=True):
         write(root / name, data)
     write(root / "ReadMe.rtf", "{\\rtf1 the release's readme}")
     return names
@@ -212,7 +212,7 @@ def test_abstract_errors(tmp_path, body, message):
 
 def twitter(root, imgs):
     names = [f"{i}.jpg" for i in (101, 7, 55, 3, 12, 9)]
-    for name, data in zip(names, imgs):
+    for name, data in zip(names, imgs, strict=True):
         write(root / "Agg_AMT_Candidates" / name, data)
     label = {"101.jpg": 1, "7.jpg": 0, "55.jpg": 1, "3.jpg": 0, "12.jpg": 1, "9.jpg": 1}
     lists = {"five_agree.txt": names[:2], "four_agree.txt": names[:4], "three_agree.txt": names}
@@ -260,7 +260,7 @@ def test_twitter1_inconsistent_lists(tmp_path, four, message):
 
 def emotionroi(root, imgs, lists_at="training_testing_split"):
     keys = []
-    for i, (emo, data) in enumerate(zip(EKMAN_EMOTIONS * 2, imgs)):
+    for i, (emo, data) in enumerate(zip(EKMAN_EMOTIONS * 2, imgs, strict=True)):
         keys.append(f"{emo}/{i + 1}.jpg")
         write(root / "images" / keys[-1], data)
     write(root / "ground_truth" / "anger" / "1.jpg", imgs[0])  # stimuli maps: not read
@@ -278,7 +278,7 @@ def test_emotionroi(tmp_path, lists_at):
     src = open_source(tmp_path / "EmotionROI", format="emotionroi")
     assert src.classes == EKMAN_EMOTIONS and src.keys == sorted(keys, key=lambda k: (k.split("/")[0], k))
     assert src.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-    split = dict(zip(src.keys, src.extras["split"].tolist()))
+    split = dict(zip(src.keys, src.extras["split"].tolist(), strict=True))
     assert split == {k: "train" if n < 8 else "test" for n, k in enumerate(keys)}
     assert np.array_equal(np.asarray(src.load(src.keys.index("joy/10.jpg"))), pixels(imgs[9]))
     if lists_at:
@@ -402,7 +402,7 @@ def test_hf_dataset_dict_and_parquet(tmp_path):
         got = [np.asarray(src.load(i)) for i in range(6)]
     finally:
         pq.ParquetFile.read_row_group = real
-    assert all(np.array_equal(g, pixels(b)) for g, b in zip(got, imgs))
+    assert all(np.array_equal(g, pixels(b)) for g, b in zip(got, imgs, strict=True))
     assert reads == [0, 1, 0]  # one read per row group of the image column, not per row
     assert open_source(tmp_path / "pq", label_column="emotion", split="test").keys == ["test/0", "test/1"]
 
@@ -511,7 +511,7 @@ def test_hf_reads_what_the_datasets_library_writes(tmp_path):
 
 def folder_vectors(store) -> dict[str, np.ndarray]:
     with open_store(store) as s:
-        return dict(zip(s.keys, s.embeddings()))
+        return dict(zip(s.keys, s.embeddings(), strict=True))
 
 
 def test_encode_hf_and_emoset_equal_plain_folder(tiny_clip, tmp_path):

@@ -23,7 +23,8 @@ from clip_heads.backbone import Backbone, check_identity, load_clip, model_ident
 from clip_heads.cli import main
 from clip_heads.encode import encode
 from clip_heads.prompts import add_prompts
-from clip_heads.store import open_store, write_store
+from clip_heads.store import open_store
+from clip_heads.writer import write_store
 from clip_heads.journal import StoreWriter
 from conftest import build_tiny_clip
 

@@ -7,7 +7,8 @@ import pytest
 from conftest import SHARED_DATASETS, requires_shared
 
 from clip_heads.retrieval import top_k_images
-from clip_heads.store import PromptSet, write_store
+from clip_heads.store import PromptSet
+from clip_heads.writer import write_store
 
 
 def test_top_k_returns_planted_keys_in_order_and_draws_grid(tmp_path, caplog):

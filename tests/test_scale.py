@@ -21,7 +21,7 @@ from clip_heads.datasets import open_source
 from clip_heads.encode import encode
 from clip_heads.engines import plan_blocks
 from clip_heads.images import BadImage, ImageLimits
-from clip_heads.integrity import verify_store
+from clip_heads.verify import verify_store
 from clip_heads.sharding import auto_shard, find_shards, shard_path
 from clip_heads.store import StoreError, open_store
 from clip_heads.webdataset_source import expand_braces
@@ -230,7 +230,7 @@ def test_webdataset_and_parquet_encode_to_the_folder_vectors(tiny_clip, tmp_path
 
     root = jpeg_folder(tmp_path / "imgs", n_per_class=4)
     folder = open_source(str(root))
-    files = [(k, (root / k).read_bytes(), int(y)) for k, y in zip(folder.keys, folder.labels)]
+    files = [(k, (root / k).read_bytes(), int(y)) for k, y in zip(folder.keys, folder.labels, strict=True)]
     wds = tmp_path / "wds"
     wds.mkdir()
     for s in range(3):  # labels as .cls integers in two shards, as .json in the third

@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from clip_heads.store import PromptSet, StoreError, add_prompt_sets, l2_normalize, open_store, write_store
+from clip_heads.store import PromptSet, StoreError, l2_normalize, open_store
+from clip_heads.writer import add_prompt_sets, write_store
 from clip_heads.journal import StoreWriter
 
 

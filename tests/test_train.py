@@ -97,7 +97,7 @@ def test_resume_from_state_dict_gives_identical_weights(stop_at, schedule):
     trainer_c = build(model_c, X, y, grad_accum=2)
     trainer_c.load_state_dict(state)
     trainer_c.fit()
-    for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
+    for p_a, p_c in zip(model_a.parameters(), model_c.parameters(), strict=True):
         assert torch.equal(p_a, p_c)
     assert trainer_c.step == 3 * math.ceil(math.ceil(len(X) / 20) / 2)
 
@@ -109,7 +109,7 @@ def test_grad_accumulation_equals_one_big_batch():
     for model, bs, accum in ((model_a, 32, 1), (model_b, 16, 2)):
         Trainer(model, lambda b, m=model: F.cross_entropy(m(b[0]), b[1]),
                 TensorBatches(X, y, batch_size=bs, shuffle=False), epochs=1, lr=0.1, grad_accum=accum).fit()
-    for p_a, p_b in zip(model_a.parameters(), model_b.parameters()):
+    for p_a, p_b in zip(model_a.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(p_a, p_b, rtol=0, atol=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_early_stopping_restores_best_weights():
                                p.detach().clone() for p in model.parameters()]))
     trainer.fit()
     assert trainer.epoch == 4 and trainer.best_epoch == 2 and trainer.val_scores == [0.1, 0.5, 0.4, 0.3]
-    for p, best in zip(model.parameters(), snapshots[2]):
+    for p, best in zip(model.parameters(), snapshots[2], strict=True):
         assert torch.equal(p, best)
 
 

@@ -2,7 +2,9 @@
 every consumer's output moves when the kernel's ensembling or scoring rule is changed."""
 from __future__ import annotations
 
+import json
 import math
+import re
 from types import SimpleNamespace
 
 import h5py
@@ -15,7 +17,8 @@ from clip_heads.ablation import ablate_prompts
 from clip_heads.evaluate import run_zero_shot, train_head
 from clip_heads.heads import class_prompt_vectors
 from clip_heads.retrieval import top_k_images
-from clip_heads.store import PromptSet, open_store, write_store
+from clip_heads.store import PromptSet, open_store
+from clip_heads.writer import write_store
 from clip_heads.zeroshot import ScoringRule
 from conftest import make_blobs
 
@@ -47,9 +50,9 @@ def test_ensemble_torch_and_numpy_agree_and_match_the_heads_rule():
     Vt = zeroshot.ensemble(torch.from_numpy(ps.embeds), torch.from_numpy(ps.class_id), 4)
     assert isinstance(Vt, torch.Tensor) and Vt.dtype == torch.float32 and V.dtype == np.float32
     np.testing.assert_allclose(Vt.numpy(), V, atol=1e-6)
-    # The heads' ensembling (a mean, then normalised) is the same vectors: part B can route it here.
+    # The heads' ensembling is the kernel's (test_heads_ensemble_with_the_kernel below).
     per_class = {c: ps.embeds[ps.class_id == i] for i, c in enumerate(ps.classes)}
-    np.testing.assert_allclose(class_prompt_vectors(per_class, ps.classes), V, atol=1e-6)
+    np.testing.assert_array_equal(class_prompt_vectors(per_class, ps.classes), V)
 
 
 def test_ensemble_names_a_class_without_prompts():
@@ -209,3 +212,77 @@ def test_fine_tune_zero_shot_follows_the_kernel(tiny_clip, tmp_path, roll_kernel
     roll_kernel()
     moved = evaluate_zero_shot(tiny_clip, src, templates="bp-photo", workers=0)
     assert moved["y_pred"] == [(p - 1) % 4 for p in base["y_pred"]]
+
+
+# -- the heads score through the kernel ----------------------------------------------------------
+def test_heads_ensemble_with_the_kernel(roll_kernel):
+    ps = prompt_set(seed=2)
+    per_class = {c: ps.embeds[ps.class_id == i] for i, c in enumerate(ps.classes)}
+    np.testing.assert_array_equal(class_prompt_vectors(per_class, ps.classes), zeroshot.class_vectors(ps))
+    before = class_prompt_vectors(per_class, ps.classes)
+    roll_kernel()  # the heads' class vectors move with the kernel's ensembling
+    np.testing.assert_array_equal(class_prompt_vectors(per_class, ps.classes), np.roll(before, -1, axis=0))
+
+
+def test_zero_shot_and_tip_adapter_heads_score_with_the_rule_they_are_given():
+    from clip_heads.heads import TipAdapterHead, ZeroShotHead
+
+    X, y, means = make_blobs(n_per_class=30, n_classes=3, dim=8, sep=3.0)
+    V = means / np.linalg.norm(means, axis=1, keepdims=True)
+    cos = (X / np.linalg.norm(X, axis=1, keepdims=True)) @ V.T
+    clip = ZeroShotHead(V, classes=[0, 1, 2]).fit()
+    np.testing.assert_allclose(clip.decision_function(X), 100 * cos, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(clip.predict_proba(X), ScoringRule().distribution(cos), rtol=1e-4, atol=1e-6)
+    sig = ZeroShotHead(V, classes=[0, 1, 2], scoring="sigmoid", logit_scale=10.0, logit_bias=-4.0).fit()
+    np.testing.assert_allclose(sig.decision_function(X), 10 * cos - 4, rtol=1e-5, atol=1e-5)
+    s = 1 / (1 + np.exp(-(10 * cos - 4)))  # by hand: independent sigmoids, renormalised to a distribution
+    np.testing.assert_allclose(sig.predict_proba(X), s / s.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(sig.predict_proba(X), clip.predict_proba(X), atol=1e-2)
+    np.testing.assert_array_equal(sig.predict(X), clip.predict(X))  # both rank classes by cosine
+    # Tip-Adapter's zero-shot term is the same rule: with the cache off it is the zero-shot head.
+    tip = TipAdapterHead(V, alpha=0.0, beta=1.0, scoring="sigmoid", logit_scale=10.0, logit_bias=-4.0).fit(X, y)
+    np.testing.assert_allclose(tip.decision_function(X), sig.decision_function(X), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tip.predict_proba(X), sig.predict_proba(X), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("params, needle", [({"scoring": "tanh"}, "'scoring' parameter of ZeroShotHead"),
+                                            ({"logit_bias": float("nan")}, "logit_bias must be a finite number"),
+                                            ({"logit_scale": float("inf")}, "'logit_scale' parameter of ZeroShotHead must be a float in the range (0.0, inf)"),
+                                            ({"logit_bias": True}, "'logit_bias' parameter")])
+def test_a_bad_scoring_parameter_is_refused_when_the_head_is_made(params, needle):
+    from clip_heads.heads import ParameterError, make_head
+
+    with pytest.raises(ParameterError, match=re.escape(needle)):
+        make_head("zero-shot", params)
+
+
+def test_train_head_scores_a_sigmoid_store_as_zero_shot_does_and_saves_the_rule(tmp_path):
+    from clip_heads.heads import Head
+
+    path, X, y = planted_store(tmp_path / "s.h5", soft=True)
+    with h5py.File(path, "r+") as f:  # a store that records SigLIP's rule (issue 10's attributes)
+        f.attrs["family"], f.attrs["logit_scale"], f.attrs["logit_bias"] = "siglip", 10.0, -4.0
+    zs = run_zero_shot(path).metrics
+    rep = train_head("zero-shot", path, tmp_path / "head")
+    # The same probabilities: the soft-label KL of the train section equals zero-shot's.
+    assert rep.metrics["train"]["soft_labels"]["kl"] == pytest.approx(zs["soft_labels"]["kl"], rel=1e-5)
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert {k: config["params"][k] for k in ("scoring", "logit_scale", "logit_bias")} == \
+        {"scoring": "sigmoid", "logit_scale": 10.0, "logit_bias": -4.0}
+    head = Head.from_pretrained(tmp_path / "head")
+    with open_store(path) as s:
+        V = s.prompt_set().class_vectors()
+    cos = (X / np.linalg.norm(X, axis=1, keepdims=True)) @ V.T
+    np.testing.assert_allclose(head.predict_proba(X), ScoringRule("sigmoid", 10.0, -4.0).distribution(cos),
+                               rtol=1e-4, atol=1e-6)
+    # A head saved before the rule was a parameter (no scoring, no logit_bias) loads as CLIP's softmax.
+    old = tmp_path / "old-head"
+    old.mkdir()
+    for name in ("model.safetensors",):
+        (old / name).write_bytes((tmp_path / "head" / name).read_bytes())
+    config["params"] = {k: v for k, v in config["params"].items() if k not in ("scoring", "logit_bias")}
+    (old / "config.json").write_text(json.dumps(config))
+    legacy = Head.from_pretrained(old)
+    assert (legacy.scoring, legacy.logit_scale, legacy.logit_bias) == ("softmax", 10.0, 0.0)
+    np.testing.assert_allclose(legacy.predict_proba(X), ScoringRule("softmax", 10.0).distribution(cos),
+                               rtol=1e-4, atol=1e-6)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from clip_heads.catalog import HEAD_CLASSES, list_heads
 from clip_heads.heads.base import Head
 from clip_heads.heads.clap import CLAPHead
 from clip_heads.heads.contrastive import ContrastiveHead
@@ -13,35 +14,19 @@ from clip_heads.heads.lpp import LPPHead
 from clip_heads.heads.mlp import MLPHead
 from clip_heads.heads.params import ParameterError, check_names
 from clip_heads.heads.prolip import ProLIPHead
+from clip_heads.heads.registry import UnknownHeadError, head_class
 from clip_heads.heads.tip_adapter import TipAdapterHead
 from clip_heads.heads.zero_shot import ZeroShotHead, class_prompt_vectors
 from clip_heads.heads.zs_lp import ZSLPHead
 
-HEADS: dict[str, type[Head]] = {
-    "zero-shot": ZeroShotHead,
-    "linear": LinearHead,
-    "mlp": MLPHead,
-    "contrastive": ContrastiveHead,
-    "tip-adapter": TipAdapterHead,
-    "zs-lp": ZSLPHead,
-    "clap": CLAPHead,
-    "lpp": LPPHead,
-    "gda": GDAHead,
-    "prolip": ProLIPHead,
-}
-
-
-def list_heads() -> list[str]:
-    """Names of the registered heads, e.g. for ``click.Choice``."""
-    return list(HEADS)
+# Built from the one registry, catalog.HEAD_CLASSES: a new head is registered there alone.
+HEADS: dict[str, type[Head]] = {name: head_class(name) for name in HEAD_CLASSES}
 
 
 def get_head(name: str) -> type[Head]:
-    """The head class registered under ``name``; ``ValueError`` lists the valid names."""
-    try:
-        return HEADS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown head {name!r}; choose one of {list_heads()}") from None
+    """The head class registered under ``name``; :class:`UnknownHeadError` (a ``ValueError``)
+    lists the valid names."""
+    return head_class(name)
 
 
 def make_head(name: str, params: Mapping[str, Any] | None = None) -> Head:
@@ -59,6 +44,6 @@ def make_head(name: str, params: Mapping[str, Any] | None = None) -> Head:
     return head
 
 
-__all__ = ["HEADS", "Head", "list_heads", "get_head", "make_head", "ParameterError", "HeadFileError",
+__all__ = ["HEADS", "Head", "list_heads", "get_head", "make_head", "ParameterError", "HeadFileError", "UnknownHeadError",
            "class_prompt_vectors", "ZeroShotHead", "LinearHead", "MLPHead", "ContrastiveHead", "TipAdapterHead",
            "ZSLPHead", "CLAPHead", "LPPHead", "GDAHead", "ProLIPHead"]

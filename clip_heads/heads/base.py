@@ -17,8 +17,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from clip_heads.heads.params import (FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, StrOptions, check_device,
-                                     check_params)
+from clip_heads.heads.params import (FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, ParameterError, Real, StrOptions,
+                                     check_device, check_params)
+from clip_heads.zeroshot import SCORINGS, ScoringRule
+from clip_heads.zeroshot import l2_normalize  # noqa: F401  (the heads' unit rows are the kernel's)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,9 @@ SINGLE_THREAD_BELOW = 2**20
 ROUND_STEPS = 32
 # The constraint of every head's ``device`` parameter (its form is checked by check_device).
 DEVICE = [str, torch.device]
+# The constraints of the zero-shot rule's parameters of the heads that score with it; the rule
+# itself (clip_heads.zeroshot.ScoringRule) checks that the numbers are finite.
+SCORING_CONSTRAINTS = {"scoring": [StrOptions(set(SCORINGS))], "logit_scale": [POSITIVE], "logit_bias": [Real]}
 
 
 @contextlib.contextmanager
@@ -65,11 +70,15 @@ class Head(ClassifierMixin, BaseEstimator):
 
     uses_prompts : the head takes class prompt vectors from the text tower (``prompt_embeds``).
     can_requery : a fitted head answers over a new label set through ``with_prompts``.
+    zero_shot_scoring : the head scores cosines to the prompt vectors with the zero-shot rule
+        of the model that made them (parameters ``scoring``, ``logit_scale``, ``logit_bias``,
+        which an evaluation sets from the store: :class:`clip_heads.zeroshot.ScoringRule`).
     """
 
     name: ClassVar[str] = ""
     uses_prompts: ClassVar[bool] = False
     can_requery: ClassVar[bool] = False
+    zero_shot_scoring: ClassVar[bool] = False
     # Constructor parameters that hold arrays: saved among the tensors, not in config.json.
     _tensor_params: ClassVar[tuple[str, ...]] = ()
     _parameter_constraints: ClassVar[dict] = {}
@@ -87,6 +96,16 @@ class Head(ClassifierMixin, BaseEstimator):
         """Raise :class:`~clip_heads.heads.params.ParameterError` naming a bad parameter."""
         check_params(self)
         check_device(type(self).__name__, self.device)
+        if self.zero_shot_scoring:
+            self.scoring_rule()
+
+    def scoring_rule(self) -> ScoringRule:
+        """The zero-shot rule of a :attr:`zero_shot_scoring` head's ``scoring``, ``logit_scale``
+        and ``logit_bias``; :class:`~clip_heads.heads.params.ParameterError` if they make none."""
+        try:
+            return ScoringRule(self.scoring, float(self.logit_scale), float(self.logit_bias))
+        except (TypeError, ValueError) as e:  # a non-finite scale or bias: the constraints cannot say so
+            raise ParameterError(f"{type(self).__name__}: {e}") from None
 
     def fit(self, X: Any, y: Any) -> "Head":
         """Fit on ``X`` of shape (n_samples, dim) and labels ``y``; returns self."""
@@ -135,8 +154,15 @@ class Head(ClassifierMixin, BaseEstimator):
         return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities, shape ``(n_samples, n_classes)``."""
-        return torch.softmax(torch.from_numpy(self._all_logits(X)).double(), dim=1).numpy()
+        """Class probabilities, shape ``(n_samples, n_classes)``: the softmax of the logits, or
+        for a :attr:`zero_shot_scoring` head the class distribution of its rule
+        (:meth:`clip_heads.zeroshot.ScoringRule.distribution`: the softmax, or the sigmoids
+        renormalised)."""
+        logits = torch.from_numpy(self._all_logits(X)).double()
+        if self.zero_shot_scoring:
+            # The logits already carry the rule's scale and bias: its distribution at unit scale.
+            return ScoringRule(self.scoring, 1.0, 0.0).distribution(logits).numpy()
+        return torch.softmax(logits, dim=1).numpy()
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels, shape ``(n_samples,)``, drawn from ``classes_``."""
@@ -278,11 +304,6 @@ def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Unit rows (a zero row stays zero)."""
-    return torch.nn.functional.normalize(x, dim=-1)
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-import clip_heads
 from clip_heads.fsutil import exclusive_lock, staged_dir
 from clip_heads.heads.params import ParameterError, check_names
+from clip_heads.heads.registry import head_class
+from clip_heads.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def save_head(head: Any, save_directory: str | Path) -> Path:
     config = {"head": head.name, "params": params, "classes": _jsonable(head.classes_),
               "n_features_in": int(head.n_features_in_), "backbone": getattr(head, "backbone_", None),
               "training_data": getattr(head, "training_data_", None),
-              "extra": _jsonable(head._extra_config()), "clip_heads_version": clip_heads.__version__,
+              "extra": _jsonable(head._extra_config()), "clip_heads_version": __version__,
               "weights_sha256": hashlib.sha256(blob).hexdigest()}
     text = json.dumps(config, indent=2)
     with exclusive_lock(out, f"saving a {head.name} head"), staged_dir(out, copy_existing=True) as stage:
@@ -253,8 +254,6 @@ def load_head(directory: str | Path, device: str | None = None, expect: type | N
     FileNotFoundError : the folder or one of its two files is missing (or not a regular file).
     HeadFileError : anything in them is malformed, inconsistent, or the two are not a pair.
     """
-    from clip_heads.heads import get_head  # the registry imports the heads, which import this module
-
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for p in (cfg_path, w_path):
@@ -265,7 +264,7 @@ def load_head(directory: str | Path, device: str | None = None, expect: type | N
     if not isinstance(config["head"], str):
         raise _bad(cfg_path, f"'head' must be a head name, got {_short.repr(config['head'])}")
     try:
-        head_cls = get_head(config["head"])
+        head_cls = head_class(config["head"])
     except ValueError as e:
         raise _bad(cfg_path, str(e)) from None
     if expect is not None and head_cls is not expect:

@@ -20,15 +20,17 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 
+from clip_heads.errors import BadValueError
+
 __all__ = ["ParameterError", "Interval", "StrOptions", "Integral", "Real", "POSITIVE_INT", "POSITIVE",
            "NON_NEGATIVE", "FRACTION", "PROMPTS", "check_params", "check_names", "check_grid", "check_device"]
 
 
-class ParameterError(InvalidParameterError):
+class ParameterError(InvalidParameterError, BadValueError):
     """A head parameter with an unknown name, or a value of the wrong type or range.
 
-    A ``ValueError`` (and scikit-learn's ``InvalidParameterError``); the CLI reports it as a
-    usage error (exit 2).
+    A ``ValueError`` (scikit-learn's ``InvalidParameterError``, and a
+    :class:`clip_heads.errors.BadValueError`: the CLI exits 2).
     """
 
 

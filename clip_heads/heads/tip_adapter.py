@@ -1,6 +1,8 @@
 """Tip-Adapter (Zhang et al., 2022): zero-shot logits plus a key-value cache of the training set.
 
-``logits = logit_scale * cos(x, prompts) + alpha * exp(-beta * (1 - x . keys^T)) @ one_hot(labels)``
+``logits = zero_shot(x) + alpha * exp(-beta * (1 - x . keys^T)) @ one_hot(labels)``, where the
+zero-shot term is the kernel's (:mod:`clip_heads.zeroshot`): ``logit_scale * cos(x, prompts)``
+for CLIP, ``+ logit_bias`` for SigLIP's sigmoid rule.
 
 Training-free: the cache is the L2-normalised training vectors; only alpha and beta are chosen,
 on a validation split. Tip-Adapter-F (``finetune_keys=True``) also trains the keys.
@@ -15,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_heads.heads.base import (DEVICE, ROUND_STEPS, Head, accuracy, auto_batch_size, l2_normalize, seed_from,
-                                   validation_split)
+from clip_heads import zeroshot
+from clip_heads.heads.base import (DEVICE, ROUND_STEPS, SCORING_CONSTRAINTS, Head, accuracy, auto_batch_size,
+                                   l2_normalize, seed_from, validation_split)
 from clip_heads.heads.params import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROMPTS, StrOptions, check_grid
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors
 from clip_heads.train import TensorBatches, Trainer
@@ -64,8 +67,8 @@ class TipAdapterHead(Head):
         Fixed cache weight and sharpness; a None one is searched over ``alphas`` / ``betas``.
     alphas, betas : sequence of float
         Search grids.
-    logit_scale : float, default=100.0
-        Scale of the zero-shot cosines (CLIP's).
+    logit_scale : float, default=:data:`clip_heads.zeroshot.CLIP_LOGIT_SCALE` (100)
+        Scale of the zero-shot cosines: the model's own (an evaluation passes the store's).
     validation_fraction : float, default=0.2
         Stratified share of the training data held out for the search and for early stopping.
     finetune_keys : bool, default=False
@@ -80,6 +83,12 @@ class TipAdapterHead(Head):
     lr, batch_size : fine-tuning settings, defaults 1e-3, "auto" (256 or less).
     random_state : int, RandomState or None, default=0
     device : str, default="cpu"
+    scoring : {"softmax", "sigmoid"}, default="softmax"
+        The zero-shot rule of the model family (:class:`clip_heads.zeroshot.ScoringRule`);
+        ``predict_proba`` is its class distribution over the combined logits. A head saved
+        before this parameter existed loads as softmax.
+    logit_bias : float, default=0.0
+        The sigmoid rule's learned bias (SigLIP); a softmax ignores it.
 
     Attributes
     ----------
@@ -97,11 +106,12 @@ class TipAdapterHead(Head):
 
     name = "tip-adapter"
     uses_prompts = True
+    zero_shot_scoring = True
     _tensor_params = ("prompt_embeds",)
     _int_tensors = ("cache_labels",)
     _parameter_constraints = {"prompt_embeds": PROMPTS, "alpha": [NON_NEGATIVE, None],
                               "beta": [NON_NEGATIVE, None], "alphas": ["array-like"], "betas": ["array-like"],
-                              "logit_scale": [POSITIVE], "validation_fraction": [FRACTION],
+                              **SCORING_CONSTRAINTS, "validation_fraction": [FRACTION],
                               "finetune_keys": ["boolean"], "epochs": [POSITIVE_INT], "patience": [POSITIVE_INT],
                               "lr": [POSITIVE], "batch_size": [POSITIVE_INT, StrOptions({"auto"})],
                               "random_state": ["random_state"], "device": DEVICE}
@@ -110,10 +120,10 @@ class TipAdapterHead(Head):
 
     def __init__(self, prompt_embeds: PromptEmbeds | None = None, alpha: float | None = None,
                  beta: float | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                 betas: Sequence[float] = DEFAULT_BETAS, logit_scale: float = 100.0,
+                 betas: Sequence[float] = DEFAULT_BETAS, logit_scale: float = zeroshot.CLIP_LOGIT_SCALE,
                  validation_fraction: float = 0.2, finetune_keys: bool = False, epochs: int = 200,
                  patience: int = 10, lr: float = 1e-3, batch_size: int | str = "auto", random_state: Any = 0,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", *, scoring: str = "softmax", logit_bias: float = 0.0) -> None:
         self.prompt_embeds = prompt_embeds
         self.alpha = alpha
         self.beta = beta
@@ -128,9 +138,11 @@ class TipAdapterHead(Head):
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.scoring = scoring
+        self.logit_bias = logit_bias
 
     def _zero_shot(self, X: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * X @ self.class_embeds_.to(X).T
+        return self.scoring_rule().logits(zeroshot.cosine(X, self.class_embeds_.to(X)))
 
     def _check_params(self) -> None:
         super()._check_params()

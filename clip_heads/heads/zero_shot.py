@@ -1,4 +1,8 @@
-"""Zero-shot CLIP: cosine of image vectors to class prompt vectors, no training."""
+"""Zero-shot: cosine of image vectors to class prompt vectors, scored with the model's own rule, no training.
+
+The ensembling and the scoring are the zero-shot kernel's (:mod:`clip_heads.zeroshot`), so this
+head's probabilities are those of ``clip-heads zero-shot`` on the same store.
+"""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence, Union
@@ -8,8 +12,9 @@ import torch
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, column_or_1d
 
-from clip_heads.heads.base import DEVICE, Head, l2_normalize
-from clip_heads.heads.params import POSITIVE, PROMPTS
+from clip_heads import zeroshot
+from clip_heads.heads.base import DEVICE, SCORING_CONSTRAINTS, Head
+from clip_heads.heads.params import PROMPTS
 
 # One (n_classes, dim) array with rows in class order, an (n_classes, n_templates, dim) array,
 # or {class_name: (n_templates, dim) or (dim,) array}.
@@ -17,10 +22,9 @@ PromptEmbeds = Union[np.ndarray, Mapping[Any, Any]]
 
 
 def class_prompt_vectors(prompt_embeds: PromptEmbeds, classes: Sequence[Any]) -> np.ndarray:
-    """One unit vector per class from its prompt embeddings (template ensemble).
-
-    Each prompt vector is L2-normalised, the prompts of a class are averaged, and the mean is
-    normalised again, as in CLIP's prompt ensembling.
+    """One unit vector per class from its prompt embeddings: the zero-shot kernel's template
+    ensemble (:func:`clip_heads.zeroshot.ensemble`: each prompt vector L2-normalised, the
+    prompts of a class summed, the sum normalised again, as in CLIP's prompt ensembling).
 
     Parameters
     ----------
@@ -53,12 +57,11 @@ def class_prompt_vectors(prompt_embeds: PromptEmbeds, classes: Sequence[Any]) ->
                              f"(n_classes, n_templates, dim) "
                              f"with rows in class order, got shape {arr.shape}")
         per_class = list(arr.reshape(len(arr), -1, arr.shape[-1]))
-    out = np.empty((len(classes), per_class[0].shape[-1]), dtype=np.float32)
-    for i, p in enumerate(per_class):  # a loop over classes, not samples
+    for p in per_class:  # a loop over classes, not samples
         check_array(p, dtype=np.float32)  # rejects NaN/inf prompt vectors with a clear message
-        p = torch.from_numpy(p)
-        out[i] = l2_normalize(l2_normalize(p).mean(0)).numpy()
-    return out
+    embeds = np.concatenate(per_class)
+    class_id = np.repeat(np.arange(len(per_class)), [len(p) for p in per_class])
+    return zeroshot.ensemble(embeds, class_id, len(per_class), [str(c) for c in classes], "prompt_embeds")
 
 
 def sorted_class_vectors(prompt_embeds: PromptEmbeds, classes: Sequence[Any] | None = None,
@@ -80,7 +83,11 @@ def sorted_class_vectors(prompt_embeds: PromptEmbeds, classes: Sequence[Any] | N
 
 
 class ZeroShotHead(Head):
-    """CLIP zero-shot classifier: ``softmax(logit_scale * cos(image, class prompt))``.
+    """Zero-shot classifier: the cosine of each image to each class's prompt vector, scored with
+    the model's rule (:class:`clip_heads.zeroshot.ScoringRule`): CLIP's
+    ``softmax(logit_scale * cos)``, or SigLIP's ``sigmoid(logit_scale * cos + logit_bias)``
+    (``predict_proba`` renormalises those to a distribution). The prediction is the class of
+    highest cosine under either rule.
 
     Parameters
     ----------
@@ -89,12 +96,17 @@ class ZeroShotHead(Head):
         when given, otherwise the sorted labels seen in ``fit``.
     classes : sequence, optional
         Class labels; lets ``fit()`` run without any data.
-    logit_scale : float, default=100.0
-        CLIP's learned temperature; changes probabilities, never the predicted class.
+    logit_scale : float, default=:data:`clip_heads.zeroshot.CLIP_LOGIT_SCALE` (100)
+        The model's learned temperature; changes probabilities, never the predicted class. An
+        evaluation passes the store's own (``train-head`` on a store of any family).
     random_state : any, default=0
         Unused (nothing is random here); kept so that every head takes the same arguments.
     device : str, default="cpu"
         Where predictions are computed.
+    scoring : {"softmax", "sigmoid"}, default="softmax"
+        The model family's rule; a head saved before this parameter existed loads as softmax.
+    logit_bias : float, default=0.0
+        The sigmoid rule's learned bias (SigLIP); a softmax ignores it.
 
     Attributes
     ----------
@@ -107,17 +119,21 @@ class ZeroShotHead(Head):
     name = "zero-shot"
     uses_prompts = True
     can_requery = True
+    zero_shot_scoring = True
     _tensor_params = ("prompt_embeds",)
     _parameter_constraints = {"prompt_embeds": PROMPTS, "classes": ["array-like", None],
-                              "logit_scale": [POSITIVE], "random_state": ["random_state"], "device": DEVICE}
+                              "random_state": ["random_state"], "device": DEVICE, **SCORING_CONSTRAINTS}
 
     def __init__(self, prompt_embeds: PromptEmbeds | None = None, classes: Sequence[Any] | None = None,
-                 logit_scale: float = 100.0, random_state: Any = 0, device: str = "cpu") -> None:
+                 logit_scale: float = zeroshot.CLIP_LOGIT_SCALE, random_state: Any = 0, device: str = "cpu", *,
+                 scoring: str = "softmax", logit_bias: float = 0.0) -> None:
         self.prompt_embeds = prompt_embeds
         self.classes = classes
         self.logit_scale = logit_scale
         self.random_state = random_state
         self.device = device
+        self.scoring = scoring
+        self.logit_bias = logit_bias
 
     def fit(self, X: Any = None, y: Any = None) -> "ZeroShotHead":
         """Fix ``classes_`` (from ``y``, the ``classes`` parameter or the prompt dict's keys).
@@ -153,10 +169,11 @@ class ZeroShotHead(Head):
 
     def with_prompts(self, prompt_embeds: PromptEmbeds, classes: Sequence[Any] | None = None) -> "ZeroShotHead":
         """A fitted copy that classifies over a new label set given by its prompt vectors."""
-        return type(self)(prompt_embeds, classes, self.logit_scale, self.random_state, self.device).fit()
+        params = dict(self.get_params(deep=False), prompt_embeds=prompt_embeds, classes=classes)
+        return type(self)(**params).fit()
 
     def _logits(self, X: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * l2_normalize(X) @ self.class_embeds_.to(X).T
+        return self.scoring_rule().logits(zeroshot.cosine(X, self.class_embeds_.to(X)))
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
         return {"class_embeds": self.class_embeds_}

@@ -176,7 +176,7 @@ class LabelAlignment:
         ("mapped-prediction"). Returns ``{"rule", "merged": {eval class: [head classes]}, "text"}``.
         """
         groups: dict[str, list[str]] = {}
-        for h, t in zip(head_classes, self.pred.tolist()):
+        for h, t in zip(head_classes, self.pred.tolist(), strict=True):
             groups.setdefault(self.classes[t], []).append(str(h))
         merged = {c: hs for c, hs in groups.items() if len(hs) > 1}
         if not has_proba:
@@ -217,7 +217,7 @@ def align_labels(
         return mapping[norm(name)] if norm(name) in mapping else name
 
     store_targets = [target(c) for c in store]
-    off_head = [c for c, t in zip(store, store_targets) if t is not None and norm(t) not in head_idx]
+    off_head = [c for c, t in zip(store, store_targets, strict=True) if t is not None and norm(t) not in head_idx]
     if not off_head:
         classes, pred = head, np.arange(len(head))
         mode = "labels" if lm else "identity"
@@ -228,7 +228,7 @@ def align_labels(
         classes = lm.targets()
         c_idx = {norm(c): i for i, c in enumerate(classes)}
         head_targets = [target(c) for c in head]
-        off_targets = [c for c, t in zip(head, head_targets) if t is None or norm(t) not in c_idx]
+        off_targets = [c for c, t in zip(head, head_targets, strict=True) if t is None or norm(t) not in c_idx]
         if off_targets:
             raise ValueError(
                 f"label map {lm.name} does not map {store_desc} classes {off_head} onto the {head_desc} classes "
@@ -236,10 +236,10 @@ def align_labels(
                 f"the map's targets {classes}: {head_desc} classes {off_targets} do not map there)")
         pred, mode = np.array([c_idx[norm(t)] for t in head_targets]), "common"
     c_idx = {norm(c): i for i, c in enumerate(classes)}
-    unmapped = [c for c, t in zip(store, store_targets) if t is not None and norm(t) not in c_idx]
+    unmapped = [c for c, t in zip(store, store_targets, strict=True) if t is not None and norm(t) not in c_idx]
     if unmapped:
         raise ValueError(f"label map {lm.name if lm else ''} does not map {store_desc} classes {unmapped}; map each "
                          f"to one of {classes} or to null to drop its samples")
     truth = np.array([-1 if t is None else c_idx[norm(t)] for t in store_targets], np.int64)
-    dropped = [c for c, t in zip(store, truth) if t < 0]
+    dropped = [c for c, t in zip(store, truth, strict=True) if t < 0]
     return LabelAlignment(list(classes), truth, np.asarray(pred, np.int64), mode, dropped, lm.name if lm else None)
