@@ -40,7 +40,7 @@ from torch import nn
 from clip_heads import zeroshot
 from clip_heads.heads.params import Interval, Real, StrOptions
 from clip_heads.heads.zero_shot import PromptEmbeds
-from clip_heads.heads.zs_lp import ZSLPHead, scoring_rule
+from clip_heads.heads.zs_lp import ZSLPHead
 
 __all__ = ["CLAPHead", "zero_shot_multipliers"]
 
@@ -111,7 +111,7 @@ class CLAPHead(ZSLPHead):
         if self.multipliers == "balanced":
             lam = torch.ones(k)
         else:
-            lam = zero_shot_multipliers(X, y, self.class_embeds_.to(X.device), scoring_rule(self), k).cpu()
+            lam = zero_shot_multipliers(X, y, self.class_embeds_.to(X.device), self.scoring_rule(), k).cpu()
         self.initial_multipliers_ = lam.tolist()
         # inf * 0 is nan: an infinite penalty trains nothing, so its multipliers are never used.
         self._lambda = (lam * self.penalty if math.isfinite(self.penalty) else torch.full_like(lam, math.inf)).to(X.device)

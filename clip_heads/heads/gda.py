@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from clip_heads import zeroshot
-from clip_heads.heads.base import DEVICE, Head, l2_normalize, seed_from
-from clip_heads.heads.params import NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROMPTS, StrOptions, check_grid
+from clip_heads.heads.base import DEVICE, SCORING_CONSTRAINTS, Head, l2_normalize, seed_from
+from clip_heads.heads.params import NON_NEGATIVE, POSITIVE_INT, PROMPTS, StrOptions, check_grid
 from clip_heads.heads.zero_shot import PromptEmbeds
 from clip_heads.heads.zs_lp import PromptHead, text_vectors
 
@@ -71,8 +71,8 @@ class GDAHead(PromptHead, Head):
     ----------
     prompt_embeds : array or dict
         Class prompt vectors, see :func:`~clip_heads.heads.zero_shot.class_prompt_vectors`.
-    logit_scale : float, default=CLIP's 100
-        Scale of the zero-shot cosines (the store's, through the commands).
+    logit_scale, scoring, logit_bias : the store's rule (CLIP: 100, "softmax", 0), which makes the
+        zero-shot term; the blend is a softmax model.
     alpha : float, optional
         Weight of the GDA logits; skips the search.
     alphas : sequence of float, default=(1e-4, ..., 100)
@@ -96,8 +96,9 @@ class GDAHead(PromptHead, Head):
 
     name = "gda"
     uses_prompts = True
+    zero_shot_scoring = True  # its zero-shot term is the store's rule
     _tensor_params = ("prompt_embeds",)
-    _parameter_constraints = {"prompt_embeds": PROMPTS, "logit_scale": [POSITIVE], "alpha": [NON_NEGATIVE, None],
+    _parameter_constraints = {"prompt_embeds": PROMPTS, **SCORING_CONSTRAINTS, "alpha": [NON_NEGATIVE, None],
                               "alphas": ["array-like"], "cv": [POSITIVE_INT], "fallback_alpha": [NON_NEGATIVE],
                               "priors": [StrOptions({"uniform", "empirical"})], "normalize": ["boolean"],
                               "use_views": ["boolean"], "random_state": ["random_state"], "device": DEVICE}
@@ -106,9 +107,12 @@ class GDAHead(PromptHead, Head):
     def __init__(self, prompt_embeds: PromptEmbeds | None = None, logit_scale: float = zeroshot.CLIP_LOGIT_SCALE,
                  alpha: float | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS, cv: int = 5,
                  fallback_alpha: float = 1.0, priors: str = "uniform", normalize: bool = True, use_views: bool = False,
-                 random_state: Any = 0, device: str = "cpu") -> None:
+                 random_state: Any = 0, device: str = "cpu", *, scoring: str = "softmax",
+                 logit_bias: float = 0.0) -> None:
         self.prompt_embeds = prompt_embeds
         self.logit_scale = logit_scale
+        self.scoring = scoring
+        self.logit_bias = logit_bias
         self.alpha = alpha
         self.alphas = alphas
         self.cv = cv
@@ -125,13 +129,13 @@ class GDAHead(PromptHead, Head):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Softmax of the blended logits."""
-        return Head.predict_proba(self, X)
+        return torch.softmax(torch.from_numpy(self._all_logits(X)).double(), dim=1).numpy()
 
     def _prepare(self, X: torch.Tensor) -> torch.Tensor:
         return l2_normalize(X) if self.normalize else X
 
     def _zero_shot(self, X: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * l2_normalize(X) @ self.class_embeds_.to(X).T
+        return self.scoring_rule().logits(zeroshot.cosine(X, self.class_embeds_.to(X)))
 
     def _fit_rows(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None) -> None:
         self.class_embeds_ = text_vectors(type(self).__name__, self.prompt_embeds, self.classes_.tolist(), X_np.shape[1])
@@ -170,7 +174,7 @@ class GDAHead(PromptHead, Head):
             zs, g = self._zero_shot(X[va]), self._prepare(X[va]) @ W.T + b
             correct += [int(((zs + a * g).argmax(1) == y[va]).sum()) for a in alphas]
         scores = correct / len(y_np)
-        self.alpha_scores_ = dict(zip(alphas, scores.tolist()))
+        self.alpha_scores_ = dict(zip(alphas, scores.tolist(), strict=True))
         return alphas[int(np.argmax(scores))]  # first best: the smallest alpha
 
     def _logits(self, X: torch.Tensor) -> torch.Tensor:

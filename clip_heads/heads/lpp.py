@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from clip_heads import zeroshot
-from clip_heads.heads.base import DEVICE, Head, l2_normalize
-from clip_heads.heads.params import NON_NEGATIVE, POSITIVE, PROMPTS, Integral, Interval, Real
+from clip_heads.heads.base import DEVICE, SCORING_CONSTRAINTS, Head, l2_normalize
+from clip_heads.heads.params import NON_NEGATIVE, PROMPTS, Integral, Interval, Real
 from clip_heads.heads.views import with_views
 from clip_heads.heads.zero_shot import PromptEmbeds
 from clip_heads.heads.zs_lp import PromptHead, text_vectors
@@ -69,6 +69,8 @@ class LPPHead(PromptHead, Head):
         Class prompt vectors, see :func:`~clip_heads.heads.zero_shot.class_prompt_vectors`.
     logit_scale : float, default=CLIP's 100
         The backbone's temperature: where every ``alpha_k`` starts (the store's, through the commands).
+    scoring, logit_bias : the store's rule; LP++ is a softmax model whatever the family, and a
+        bias shared by all classes cancels in it, so they are recorded, not used.
     alpha_init : float or None, default=None
         Start of the blending weights instead of ``logit_scale``.
     max_iter : int, default=300
@@ -89,8 +91,9 @@ class LPPHead(PromptHead, Head):
 
     name = "lpp"
     uses_prompts = True
+    zero_shot_scoring = True  # takes the store's rule: alpha starts at its scale
     _tensor_params = ("prompt_embeds",)
-    _parameter_constraints = {"prompt_embeds": PROMPTS, "logit_scale": [POSITIVE],
+    _parameter_constraints = {"prompt_embeds": PROMPTS, **SCORING_CONSTRAINTS,
                               "alpha_init": [Interval(Real, None, None, closed="neither"), None],
                               "max_iter": [Interval(Integral, 0, None, closed="left")], "tol": [NON_NEGATIVE],
                               "use_views": ["boolean"], "random_state": ["random_state"], "device": DEVICE}
@@ -99,9 +102,12 @@ class LPPHead(PromptHead, Head):
 
     def __init__(self, prompt_embeds: PromptEmbeds | None = None, logit_scale: float = zeroshot.CLIP_LOGIT_SCALE,
                  alpha_init: float | None = None, max_iter: int = 300, tol: float = 1e-7, use_views: bool = False,
-                 random_state: Any = 0, device: str = "cpu") -> None:
+                 random_state: Any = 0, device: str = "cpu", *, scoring: str = "softmax",
+                 logit_bias: float = 0.0) -> None:
         self.prompt_embeds = prompt_embeds
         self.logit_scale = logit_scale
+        self.scoring = scoring
+        self.logit_bias = logit_bias
         self.alpha_init = alpha_init
         self.max_iter = max_iter
         self.tol = tol
@@ -111,7 +117,7 @@ class LPPHead(PromptHead, Head):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Softmax of the LP++ logits (a softmax model whatever the backbone's family)."""
-        return Head.predict_proba(self, X)
+        return torch.softmax(torch.from_numpy(self._all_logits(X)).double(), dim=1).numpy()
 
     def _fit_rows(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None) -> None:
         T = text_vectors(type(self).__name__, self.prompt_embeds, self.classes_.tolist(), X_np.shape[1])

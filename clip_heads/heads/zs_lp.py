@@ -29,7 +29,7 @@ Hyper-parameters and where they come from:
 """
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Callable
 
 import numpy as np
@@ -38,27 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_heads import zeroshot
-from clip_heads.heads.base import (DEVICE, ROUND_STEPS, TrainedHead, accuracy, auto_batch_size, l2_normalize,
+from clip_heads.heads.base import (DEVICE, ROUND_STEPS, SCORING_CONSTRAINTS, TrainedHead, accuracy, auto_batch_size, l2_normalize,
                                    seed_from, validation_split)
 from clip_heads.heads.params import (FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROMPTS, Interval, StrOptions)
 from clip_heads.heads.views import ViewsFit, with_views
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors
 
-__all__ = ["ZSLPHead", "Prototypes", "PromptHead", "rule_constraints", "scoring_rule", "rule_loss", "rule_proba",
-           "text_vectors"]
+__all__ = ["ZSLPHead", "Prototypes", "PromptHead", "rule_loss", "text_vectors"]
 
 NON_NEGATIVE_INT = Interval(Integral, 0, None, closed="left")
-
-
-def rule_constraints() -> dict[str, list]:
-    """The parameters every prompt head takes to score as the store's family does."""
-    return {"logit_scale": [POSITIVE], "logit_bias": [Interval(Real, None, None, closed="neither")],
-            "scoring": [StrOptions(set(zeroshot.SCORINGS))]}
-
-
-def scoring_rule(head: Any) -> zeroshot.ScoringRule:
-    """The head's :class:`~clip_heads.zeroshot.ScoringRule` from its parameters."""
-    return zeroshot.ScoringRule(head.scoring, float(head.logit_scale), float(head.logit_bias))
 
 
 def rule_loss(logits: torch.Tensor, y: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -68,11 +56,6 @@ def rule_loss(logits: torch.Tensor, y: torch.Tensor, scoring: str) -> torch.Tens
         return F.cross_entropy(logits, y)
     target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(y)
-
-
-def rule_proba(logits: np.ndarray, scoring: str) -> np.ndarray:
-    """Class probabilities from logits as the family defines them (the kernel's rule at scale 1)."""
-    return np.asarray(zeroshot.ScoringRule(scoring, 1.0, 0.0).distribution(torch.from_numpy(logits).double()))
 
 
 def text_vectors(owner: str, prompt_embeds: PromptEmbeds | None, classes: list, dim: int) -> torch.Tensor:
@@ -103,11 +86,6 @@ class PromptHead(ViewsFit):
     def _check_inputs(self) -> None:
         if self.prompt_embeds is None:
             raise ValueError(f"{type(self).__name__} needs prompt_embeds (class prompt vectors from the text tower)")
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities, shape ``(n_samples, n_classes)``, by the family's rule (softmax,
-        or per-class sigmoids renormalised to sum to 1)."""
-        return rule_proba(self._all_logits(X), self.scoring)
 
 
 class ZSLPHead(PromptHead, TrainedHead):
@@ -141,6 +119,7 @@ class ZSLPHead(PromptHead, TrainedHead):
 
     name = "zs-lp"
     uses_prompts = True
+    zero_shot_scoring = True
     _tensor_params = ("prompt_embeds",)
 
     def __init__(self, prompt_embeds: PromptEmbeds | None = None, logit_scale: float = zeroshot.CLIP_LOGIT_SCALE,
@@ -163,7 +142,7 @@ class ZSLPHead(PromptHead, TrainedHead):
         self.random_state = random_state
         self.device = device
 
-    _parameter_constraints = {"prompt_embeds": PROMPTS, **rule_constraints(), "lr": [POSITIVE],
+    _parameter_constraints = {"prompt_embeds": PROMPTS, **SCORING_CONSTRAINTS, "lr": [POSITIVE],
                               "weight_decay": [NON_NEGATIVE], "batch_size": [POSITIVE_INT, StrOptions({"auto"})],
                               "epochs": [NON_NEGATIVE_INT], "patience": [POSITIVE_INT, None], "tol": [NON_NEGATIVE],
                               "validation_fraction": [FRACTION, None], "use_views": ["boolean"],
@@ -180,7 +159,7 @@ class ZSLPHead(PromptHead, TrainedHead):
         X_np, y_np = with_views(X_np, y_np, views)
         X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
         self._start(X, y)
-        rule = scoring_rule(self)
+        rule = self.scoring_rule()
         self._train_plateau(X, y, seed_from(self.random_state),
                             lambda m, xb, yb: rule_loss(rule.logits(self._cosines(m, xb)), yb, self.scoring)
                             + self._penalty(m))
@@ -244,14 +223,14 @@ class ZSLPHead(PromptHead, TrainedHead):
 
     # -- scoring ------------------------------------------------------------------------
     def _module_logits(self, X: torch.Tensor) -> torch.Tensor:
-        return scoring_rule(self).logits(self._cosines(self.model_, X))
+        return self.scoring_rule().logits(self._cosines(self.model_, X))
 
     def _exact_cosines(self, X: torch.Tensor) -> torch.Tensor:
         """Cosines in float64 for predictions (see :meth:`Head._all_logits`)."""
         return self._forward_exact(X)
 
     def _logits(self, X: torch.Tensor) -> torch.Tensor:
-        return scoring_rule(self).logits(self._exact_cosines(self._prepare(X)))
+        return self.scoring_rule().logits(self._exact_cosines(self._prepare(X)))
 
     @property
     def prototypes_(self) -> np.ndarray:
