@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from clip_heads.heads import CLAPHead, GDAHead, Head, LPPHead, ProLIPHead, ZeroShotHead, ZSLPHead
+from clip_heads.heads import (CLAPHead, GDAHead, Head, LinearHead, LPPHead, ProLIPHead, TipAdapterHead, ZeroShotHead,
+                              ZSLPHead)
 from clip_heads.heads.gda import gda_classifier
 from clip_heads.heads.lpp import lipschitz_steps
 
@@ -266,3 +267,38 @@ def test_use_views_needs_views_and_trains_on_them_as_rows(name, planted, pre):
         rows = np.concatenate([X, views.reshape(-1, X.shape[1])])
         stacked = build(name, planted, pre).fit(rows, np.concatenate([y, np.repeat(y, 2)]))
         np.testing.assert_allclose(with_views.coef_, stacked.coef_, rtol=1e-6)
+
+
+# -- views in the existing heads -----------------------------------------------------------------------
+def test_tip_adapter_keys_average_the_views_as_the_formula_by_hand():
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(6, 5)).astype(np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    V = (X[:, None, :] + 0.3 * rng.normal(size=(6, 3, 5))).astype(np.float32)
+    T = unit(rng.normal(size=(3, 5))).astype(np.float32)
+    head = TipAdapterHead(prompt_embeds=T, alpha=2.0, beta=3.0, use_views=True).fit(X, y, views=V)
+    Q = rng.normal(size=(4, 5))
+    keys = unit(unit(V.astype(np.float64)).mean(1))
+    cache = np.exp(-3.0 * (1 - unit(Q) @ keys.T)) @ np.eye(3)[y]
+    Tk = head.class_embeds_.numpy().astype(np.float64)  # the kernel's unit prompt vectors
+    np.testing.assert_allclose(head.decision_function(Q), 100.0 * unit(Q) @ Tk.T + 2.0 * cache, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(head.keys_.numpy(), keys, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="--views"):
+        TipAdapterHead(prompt_embeds=T, use_views=True).fit(X, y)
+    with pytest.raises(ValueError, match=r"shape \(n_samples=6, K >= 1, dim=5\)"):
+        TipAdapterHead(prompt_embeds=T, alpha=1.0, beta=1.0, use_views=True).fit(X, y, views=V[:, :, :4])
+
+
+def test_linear_with_views_trains_on_the_views_and_validates_on_plain_images(planted):
+    X, y = few(planted, 8)
+    V = (X[:, None, :] + 0.1 * np.random.default_rng(2).normal(size=(len(X), 2, D))).astype(np.float32)
+    a = LinearHead(C=1.0, use_views=True).fit(X, y, views=V)
+    b = LinearHead(C=1.0).fit(np.concatenate([X, V.reshape(-1, D)]), np.concatenate([y, np.repeat(y, 2)]))
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-5, atol=1e-6)
+    searched = LinearHead(use_views=True).fit(X, y, views=V)
+    assert len(searched.val_scores_) >= 2
+    # Its validation split is 20% of the 32 images (6 plain vectors), not of the 96 rows with views.
+    assert all(abs(s * 6 - round(s * 6)) < 1e-9 for s in searched.val_scores_.values())
+    assert any(0 < s < 1 for s in searched.val_scores_.values())
+    with pytest.raises(ValueError, match="--views"):
+        LinearHead(use_views=True).fit(X, y)

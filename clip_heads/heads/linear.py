@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from clip_heads.heads.base import DEVICE, Head, l2_normalize, seed_from, validation_split
 from clip_heads.heads.params import FRACTION, POSITIVE, POSITIVE_INT, check_grid
+from clip_heads.heads.views import ViewsFit, rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, ini
     return W.detach(), b.detach(), state["n_iter"], not capped
 
 
-class LinearHead(Head):
+class LinearHead(ViewsFit, Head):
     """Multinomial logistic regression on (L2-normalised) image vectors.
 
     Without a fixed ``C``, the values of ``Cs`` are fitted in increasing order on a stratified
@@ -86,6 +87,9 @@ class LinearHead(Head):
     random_state : int, RandomState or None, default=0
         Seeds the validation split.
     device : str, default="cpu"
+    use_views : bool, default=False
+        Train on the images' augmented views too (``fit(X, y, views=V)``, V of shape
+        ``(n_samples, K, dim)``); the validation split holds plain vectors of held-out images only.
 
     Attributes
     ----------
@@ -103,12 +107,13 @@ class LinearHead(Head):
     name = "linear"
     _parameter_constraints = {"C": [POSITIVE, None], "Cs": ["array-like"], "normalize": ["boolean"],
                               "validation_fraction": [FRACTION], "max_iter": [POSITIVE_INT], "tol": [POSITIVE],
-                              "random_state": ["random_state"], "device": DEVICE}
+                              "random_state": ["random_state"], "device": DEVICE, "use_views": ["boolean"]}
     _extra_types = {"C_": (float, int), "n_iter_": (int,), "converged_": (bool,), "val_scores_": (dict,)}
 
     def __init__(self, C: float | None = None, Cs: Sequence[float] = DEFAULT_CS, normalize: bool = True,
                  validation_fraction: float = 0.2, max_iter: int = 500, tol: float = 1e-5,
-                 random_state: Any = 0, device: str = "cpu") -> None:
+                 random_state: Any = 0, device: str = "cpu", use_views: bool = False) -> None:
+        self.use_views = use_views
         self.C = C
         self.Cs = Cs
         self.normalize = normalize
@@ -126,8 +131,14 @@ class LinearHead(Head):
         super()._check_params()
         check_grid(type(self).__name__, "Cs", self.Cs)
 
-    def _fit(self, X_np: np.ndarray, y_np: np.ndarray) -> None:
+    def _fit_rows(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None) -> None:
+        self._fit(X_np, y_np, views)
+
+    def _fit(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None = None) -> None:
         X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
+        # Augmented views (use_views) train beside their image; the C search's validation split is
+        # carved by image and scored on plain vectors only.
+        V = None if views is None else self._prepare(torch.from_numpy(views))
         k = len(self.classes_)
         self.val_scores_: dict[float, float] = {}
         init = None
@@ -139,7 +150,7 @@ class LinearHead(Head):
             tr, va = torch.from_numpy(tr).to(self.device), torch.from_numpy(va).to(self.device)
             best, path, worse = -1.0, None, 0
             for C in Cs:
-                path = fit_logistic(X[tr], y[tr], k, C, path[:2] if path else None, self.max_iter, self.tol)
+                path = fit_logistic(*rows_of(X, y, V, tr), k, C, path[:2] if path else None, self.max_iter, self.tol)
                 acc = (F.linear(X[va], *path[:2]).argmax(1) == y[va]).double().mean().item()
                 self.val_scores_[C] = acc
                 logger.debug("C=%g: val accuracy %.4f (%d iterations%s)", C, acc, path[2],
@@ -151,7 +162,8 @@ class LinearHead(Head):
                     if worse == SEARCH_PATIENCE:
                         break
             logger.info("linear head: C=%g chosen, val accuracy %.4f", self.C_, best)
-        W, b, self.n_iter_, self.converged_ = fit_logistic(X, y, k, self.C_, init, self.max_iter, self.tol)
+        W, b, self.n_iter_, self.converged_ = fit_logistic(*rows_of(X, y, V), k, self.C_, init, self.max_iter,
+                                                           self.tol)
         if not self.converged_:
             logger.warning("linear head: L-BFGS stopped at its iteration cap (max_iter=%d) before converging "
                            "(tol=%g) at C=%g: raise max_iter", self.max_iter, self.tol, self.C_)

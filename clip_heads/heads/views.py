@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_views", "with_views", "NO_VIEWS", "ViewsFit"]
+__all__ = ["check_views", "with_views", "rows_of", "NO_VIEWS", "ViewsFit"]
 
 NO_VIEWS = ("use_views=true needs the augmented views of the training images, and none were given "
             "(encode the store with --views K)")
@@ -39,6 +39,23 @@ def with_views(X: np.ndarray, y: np.ndarray, views: np.ndarray | None) -> tuple[
     if views is None:
         return X, y
     n, k, d = views.shape
+    return np.concatenate([X, views.reshape(n * k, d)]), np.concatenate([y, np.repeat(y, k)])
+
+
+def rows_of(X: Any, y: Any, views: Any, idx: Any = None) -> tuple[Any, Any]:
+    """Training rows of the images ``idx`` (all by default): their plain vectors, then their
+    views, each with its image's label. Torch tensors or arrays; a validation split is carved by
+    image first, so no view of a validation image ever trains (``views`` None: just the rows)."""
+    import torch
+
+    if idx is not None:
+        X, y = X[idx], y[idx]
+        views = None if views is None else views[idx]
+    if views is None:
+        return X, y
+    n, k, d = views.shape
+    if isinstance(X, torch.Tensor):
+        return torch.cat([X, views.reshape(n * k, d).to(X)]), torch.cat([y, y.repeat_interleave(k)])
     return np.concatenate([X, views.reshape(n * k, d)]), np.concatenate([y, np.repeat(y, k)])
 
 

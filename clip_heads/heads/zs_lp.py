@@ -41,7 +41,7 @@ from clip_heads import zeroshot
 from clip_heads.heads.base import (DEVICE, ROUND_STEPS, SCORING_CONSTRAINTS, TrainedHead, accuracy, auto_batch_size, l2_normalize,
                                    seed_from, validation_split)
 from clip_heads.heads.params import (FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROMPTS, Interval, StrOptions)
-from clip_heads.heads.views import ViewsFit, with_views
+from clip_heads.heads.views import ViewsFit, rows_of
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors
 
 __all__ = ["ZSLPHead", "Prototypes", "PromptHead", "rule_loss", "text_vectors"]
@@ -156,11 +156,11 @@ class ZSLPHead(PromptHead, TrainedHead):
         self.class_embeds_ = text_vectors(type(self).__name__, self.prompt_embeds, self.classes_.tolist(),
                                           self._text_dim(X_np))
         self._shots = len(X_np) / len(self.classes_)  # images (not views) per class, on average
-        X_np, y_np = with_views(X_np, y_np, views)
         X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
-        self._start(X, y)
+        V = None if views is None else self._prepare(torch.from_numpy(views))
+        self._start(*rows_of(X, y, V))
         rule = self.scoring_rule()
-        self._train_plateau(X, y, seed_from(self.random_state),
+        self._train_plateau(X, y, V, seed_from(self.random_state),
                             lambda m, xb, yb: rule_loss(rule.logits(self._cosines(m, xb)), yb, self.scoring)
                             + self._penalty(m))
         del self._shots
@@ -189,9 +189,10 @@ class ZSLPHead(PromptHead, TrainedHead):
     def _build(self) -> nn.Module:
         return Prototypes(self.class_embeds_.to(torch.float32))
 
-    def _train_plateau(self, X: torch.Tensor, y: torch.Tensor, seed: int,
+    def _train_plateau(self, X: torch.Tensor, y: torch.Tensor, V: torch.Tensor | None, seed: int,
                        loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        """The package's loop, to the plateau of the training loss (or of a carved validation split)."""
+        """The package's loop, to the plateau of the training loss (or of a validation split carved
+        by image: the views of a validation image never train, and it is scored on its plain vector)."""
         from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
 
         self.model_ = model = self._build().to(self.device)
@@ -205,8 +206,11 @@ class ZSLPHead(PromptHead, TrainedHead):
         if self.validation_fraction:
             tr, va = (torch.from_numpy(i).to(X.device)
                       for i in validation_split(y.cpu().numpy(), self.validation_fraction, seed))
-            X, y, X_val, y_val = X[tr], y[tr], X[va], y[va]
+            X_val, y_val = X[va], y[va]
+            X, y = rows_of(X, y, V, tr)
             eval_fn = lambda: accuracy(self._cosines(model, X_val), y_val)  # noqa: E731  (cosines rank as the logits)
+        else:
+            X, y = rows_of(X, y, V)
         batches = TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed)
         stretch = max(1, -(-ROUND_STEPS // len(batches)))
         plateau = self.patience is not None
