@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from clip_heads.heads import (CLAPHead, GDAHead, Head, LinearHead, LPPHead, ProLIPHead, TipAdapterHead, ZeroShotHead,
-                              ZSLPHead)
+from clip_heads.heads import (CLAPHead, GDAHead, Head, LinearHead, LPPHead, MLPHead, ProLIPHead, TipAdapterHead,
+                              ZeroShotHead, ZSLPHead)
 from clip_heads.heads.gda import gda_classifier
 from clip_heads.heads.lpp import lipschitz_steps
 
@@ -302,3 +302,13 @@ def test_linear_with_views_trains_on_the_views_and_validates_on_plain_images(pla
     assert any(0 < s < 1 for s in searched.val_scores_.values())
     with pytest.raises(ValueError, match="--views"):
         LinearHead(use_views=True).fit(X, y)
+
+
+def test_mlp_with_views_validates_on_plain_images_only(planted):
+    X, y = few(planted, 8)
+    V = (X[:, None, :] + 0.1 * np.random.default_rng(2).normal(size=(len(X), 2, D))).astype(np.float32)
+    head = MLPHead(hidden=16, epochs=5, use_views=True).fit(X, y, views=V)
+    # validation_fraction 0.1 of 32 images: 4 plain vectors (one a class), never 10% of the 96 rows.
+    assert all(abs(s * 4 - round(s * 4)) < 1e-9 for s in head.val_scores_)
+    with pytest.raises(ValueError, match="--views"):
+        MLPHead(use_views=True).fit(X, y)

@@ -331,7 +331,8 @@ class TrainedHead(Head):
         raise NotImplementedError
 
     def _train(self, X: torch.Tensor, y: torch.Tensor, seed: int,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               views: torch.Tensor | None = None) -> None:
         """Seeded init, an optional stratified validation split, then the training loop.
 
         ``loss_fn(model(X_batch), y_batch)``; the validation score is the accuracy of
@@ -339,14 +340,18 @@ class TrainedHead(Head):
         ``best_epoch_``, ``n_epochs_`` and ``stop_reason_`` ("plateau", or "epochs" when the
         cap ended it).
         """
+        from clip_heads.heads.views import rows_of
         from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
 
         eval_fn = None
         if self.validation_fraction:
             split = validation_split(y.cpu().numpy(), self.validation_fraction, seed)
             tr, va = (torch.from_numpy(i).to(X.device) for i in split)
-            X, y, X_val, y_val = X[tr], y[tr], X[va], y[va]
+            X_val, y_val = X[va], y[va]
+            X, y = rows_of(X, y, views, tr)  # ``views`` (n, K, dim): an image's views train beside it
             eval_fn = lambda: accuracy(self._module_logits(X_val), y_val)  # noqa: E731
+        else:
+            X, y = rows_of(X, y, views)
         with seeded(seed, self.device):
             self.model_ = model = self._build().to(self.device)
         batches = TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed)
