@@ -47,6 +47,7 @@ DEFAULT_HEADS = ("zs-lp", "clap", "lpp", "gda", "tip-adapter", "linear")
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (1, 2, 3)
 CSV_COLUMNS = ("head", "shots", "seed", "accuracy", "macro_f1", "fit_seconds")
+VIEWS_COLUMN = "views"  # the store's per-image augmented views, (n, K, dim) (encode --views K)
 # At one shot per class no validation split can be carved from the shots, and the heads that
 # choose on one (linear's C, tip-adapter's alpha and beta) take fixed values instead, unless the
 # user gave them: linear's C = 1 (scikit-learn's default), Tip-Adapter's alpha = 1, beta = 5.5
@@ -59,17 +60,20 @@ class FewShotData:
 
     def __init__(self, path: Path, X: np.ndarray, y: np.ndarray, classes: list[str], keys: list[str],
                  split_column: np.ndarray | None, prompts: Any, scoring: Any, pre: np.ndarray | None,
-                 projection: np.ndarray | None) -> None:
+                 projection: np.ndarray | None, views: np.ndarray | None = None) -> None:
         self.path, self.X, self.y, self.classes, self.keys = path, X, y, classes, keys
         self.split_column, self.prompts, self.scoring = split_column, prompts, scoring
-        self.pre, self.projection = pre, projection
+        self.pre, self.projection, self.views = pre, projection, views
 
 
-def load_few_shot_data(path: PathLike, prompt_set: str | None = None, pre_projection: bool = False) -> FewShotData:
+def load_few_shot_data(path: PathLike, prompt_set: str | None = None, pre_projection: bool = False,
+                       views: bool = False) -> FewShotData:
     """Read store ``path``: vectors, labels, keys, its ``split`` column, a prompt set, its scoring
-    rule, and (``pre_projection``) the pre-projection features and projection that ``prolip`` needs."""
+    rule, (``pre_projection``) the pre-projection features and projection that ``prolip`` needs,
+    and (``views``) the augmented views ``(n, K, dim)`` of the ``views`` column."""
     from clip_heads import zeroshot
     from clip_heads.heads.prolip import NO_PROJECTION
+    from clip_heads.heads.views import NO_VIEWS
     from clip_heads.protocols import SPLIT_COLUMN
     from clip_heads.store import open_store
 
@@ -85,13 +89,18 @@ def load_few_shot_data(path: PathLike, prompt_set: str | None = None, pre_projec
             if not getattr(s, "has_pre_embeds", False) or s.projection() is None:
                 raise BadValueError(f"store {path}: {NO_PROJECTION}")
             pre, projection = s.pre_embeddings(), s.projection()
+        V = None
+        if views:
+            if VIEWS_COLUMN not in s.extra_names():
+                raise BadValueError(f"store {path}: {NO_VIEWS}")
+            V = s.extra(VIEWS_COLUMN).astype(np.float32, copy=False)
     labelled = y >= 0
     if labelled.sum() == 0:
         raise BadValueError(f"store {path} has no labelled samples for a few-shot run")
     keep = np.flatnonzero(labelled)
     return FewShotData(path, X[keep], y[keep], classes, [keys[i] for i in keep],
                        None if split is None else np.asarray(split)[keep], prompts, scoring,
-                       None if pre is None else pre[keep], projection)
+                       None if pre is None else pre[keep], projection, None if V is None else V[keep])
 
 
 def parse_shots(spec: Any) -> list[int | str]:
@@ -158,6 +167,23 @@ def _head_params(name: str, d: FewShotData, params: Mapping[str, Any], seed: int
     return p
 
 
+PROTOCOLS = ("auto", "split-column", "stratified", "fi")
+
+
+def protocol_split(protocol: str, d: FewShotData, seed: int, test_fraction: float) -> Split:
+    """The rows that train and test under ``protocol`` (see :func:`run_few_shot`)."""
+    from clip_heads.protocols import fi_split
+
+    if protocol not in PROTOCOLS:
+        raise BadValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if protocol == "split-column" and d.split_column is None:
+        raise BadValueError(f"protocol 'split-column': store {d.path} has no split column")
+    if protocol == "fi":
+        return fi_split(d.y, seed)
+    column = None if protocol == "stratified" else d.split_column
+    return store_split(d.y, column, seed=seed, test_fraction=test_fraction)
+
+
 def _table(rows: list[dict], heads: Sequence[str], shots: Sequence[Any]) -> tuple[str, dict]:
     """Markdown mean ± std (over seeds) of accuracy in %, rows heads, columns shots; and the numbers."""
     numbers: dict[str, dict[str, dict[str, float]]] = {}
@@ -201,7 +227,7 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
                  shots: Any = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS,
                  params: Mapping[str, Mapping[str, Any]] | None = None, prompt_set: str | None = None,
                  test_fraction: float = 0.3, split_seed: int = 0, plots: bool = True,
-                 overwrite: bool = False) -> Report:
+                 overwrite: bool = False, protocol: str = "auto") -> Report:
     """Run the few-shot grid on a store and write its results folder (see the module docstring).
 
     Parameters
@@ -210,6 +236,11 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
     seeds : one sample of K shots per seed (the head's ``random_state`` is the seed too).
     params : per head name, parameters passed to it (``{"gda": {"cv": 3}}``).
     test_fraction, split_seed : the seeded stratified split used when the store has no split column.
+    protocol : ``"auto"`` (the store's split column, else the seeded stratified split),
+        ``"split-column"`` (the store's, or an error), ``"stratified"`` (ignore the column) or
+        ``"fi"`` (FI's seeded 80/5/15: shots from the 80%, scored on the 15%).
+    ``--param HEAD.use_views=true`` fits that head on the sampled images' augmented views too
+    (the store's ``views`` column, ``encode --views K``).
     """
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -229,8 +260,12 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
     if unknown:
         raise BadValueError(f"parameters given for heads not in the run: {unknown}; heads are {heads}")
     needs_pre = any(getattr(get_head(h), "uses_pre_projection", False) for h in heads)
-    d = load_few_shot_data(store_path, prompt_set, pre_projection=needs_pre)
-    split: Split = store_split(d.y, d.split_column, seed=split_seed, test_fraction=test_fraction)
+    with_views = {h for h in heads if params.get(h, {}).get("use_views") is True}
+    if with_views & {h for h in heads if getattr(get_head(h), "uses_pre_projection", False)}:
+        raise BadValueError("use_views with prolip needs views of the pre-projection features, which no store "
+                            "holds; drop use_views for prolip")
+    d = load_few_shot_data(store_path, prompt_set, pre_projection=needs_pre, views=bool(with_views))
+    split: Split = protocol_split(protocol, d, split_seed, test_fraction)
     names = np.asarray(d.classes, dtype=object)
     y_names = names[d.y]
     test_classes = sorted(set(d.y[split.test].tolist()))
@@ -248,7 +283,10 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
                 X = d.pre if getattr(get_head(h), "uses_pre_projection", False) else d.X
                 head = make_head(h, _head_params(h, d, params.get(h, {}), seed, k))
                 t0 = time.perf_counter()
-                head.fit(X[idx], y_names[idx])
+                if h in with_views:  # the views of the sampled images only; scored on plain vectors
+                    head.fit(X[idx], y_names[idx], views=d.views[idx])
+                else:
+                    head.fit(X[idx], y_names[idx])
                 fit_s = time.perf_counter() - t0
                 pred = head.predict(X[split.test])
                 truth = y_names[split.test]
@@ -266,6 +304,7 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
               f"test accuracy (%), mean ± std over seeds {seeds}\n\n")
     text = header + table
     run = {"command": "few-shot", "store": os.path.abspath(d.path), "heads": heads, "shots": [str(k) for k in shots],
+           "protocol": protocol,
            "seeds": seeds, "params": params, "prompt_set": None if d.prompts is None else d.prompts.name,
            "split": split.source}
     metrics = {"kind": "few-shot", "info": {"run": run, "store": str(d.path)}, "table": numbers, "n_train": int(len(split.train)),

@@ -184,3 +184,38 @@ def test_cli_few_shot_and_its_refusals(tmp_path):
         assert msg in r.output and "Traceback" not in r.output, r.output
         assert sum(msg in line for line in r.output.splitlines()) == 1  # said once, on one line
         assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_views_column_trains_the_heads_that_ask_for_it(tmp_path, monkeypatch):
+    X, y = planted_store(tmp_path / "plain.h5")
+    V = (X[:, None, :] + 0.2 * np.random.default_rng(4).normal(size=(len(X), 3, X.shape[1]))).astype(np.float32)
+    with open_store(tmp_path / "plain.h5") as s:
+        ps = s.prompt_set()
+    write_store(tmp_path / "v.h5", X, y, CLASSES, keys=[f"img{i:04d}" for i in range(len(y))], model_id="m",
+                prompt_sets=[ps], extras={"views": V})
+    from clip_heads.heads import TipAdapterHead
+
+    seen = []
+    orig = TipAdapterHead.fit
+
+    def spy(self, Xf, yf, views=None):
+        seen.append((np.asarray(Xf), views))
+        return orig(self, Xf, yf, views)
+
+    monkeypatch.setattr(TipAdapterHead, "fit", spy)
+    run_few_shot(tmp_path / "v.h5", tmp_path / "o", heads=["tip-adapter", "lpp"], shots="2", seeds=[1],
+                 params={"tip-adapter": {"use_views": True}})
+    (Xf, views), = seen
+    rows = [int(np.flatnonzero((X == x).all(1))[0]) for x in Xf]  # which images were drawn
+    np.testing.assert_array_equal(views, V[rows])  # their own views, nothing else
+    with pytest.raises(BadValueError, match="--views"):
+        run_few_shot(tmp_path / "plain.h5", tmp_path / "p", heads=["lpp"], shots="2", seeds=[1],
+                     params={"lpp": {"use_views": True}})
+
+
+def test_fi_protocol_trains_on_80_and_scores_on_15_percent(tmp_path):
+    planted_store(tmp_path / "s.h5", n=100)
+    rep = run_few_shot(tmp_path / "s.h5", tmp_path / "o", heads=["gda"], shots="4", seeds=[1], protocol="fi")
+    assert (rep["n_train"], rep["n_test"]) == (320, 60) and "80/5/15" in rep.text
+    with pytest.raises(BadValueError, match="no split column"):
+        run_few_shot(tmp_path / "s.h5", tmp_path / "x", heads=["gda"], shots="4", seeds=[1], protocol="split-column")
