@@ -20,7 +20,7 @@ import numpy as np
 
 from clip_heads.errors import BadValueError
 
-__all__ = ["Split", "store_split", "fi_split", "stratified_split", "sample_shots", "ShotsError"]
+__all__ = ["Split", "store_split", "fi_split", "stratified_split", "sample_shots", "ShotsError", "SPLIT_COLUMN"]
 
 SPLIT_COLUMN = "split"
 TRAIN, VAL, TEST = "train", "val", "test"

@@ -292,6 +292,21 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.setdiff1d(idx, va), va
 
 
+def rows_of(X: Any, y: Any, views: Any, idx: Any = None) -> tuple[Any, Any]:
+    """Training rows of the images ``idx`` (all by default): their plain vectors, then their
+    views, each with its image's label. Torch tensors or arrays; a validation split is carved by
+    image first, so no view of a validation image ever trains (``views`` None: just the rows)."""
+    if idx is not None:
+        X, y = X[idx], y[idx]
+        views = None if views is None else views[idx]
+    if views is None:
+        return X, y
+    n, k, d = views.shape
+    if isinstance(X, torch.Tensor):
+        return torch.cat([X, views.reshape(n * k, d).to(X)]), torch.cat([y, y.repeat_interleave(k)])
+    return np.concatenate([X, views.reshape(n * k, d)]), np.concatenate([y, np.repeat(y, k)])
+
+
 def seed_from(random_state: Any) -> int:
     """One int seed per fit from sklearn's ``random_state`` (int, RandomState or None)."""
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
@@ -340,7 +355,6 @@ class TrainedHead(Head):
         ``best_epoch_``, ``n_epochs_`` and ``stop_reason_`` ("plateau", or "epochs" when the
         cap ended it).
         """
-        from clip_heads.heads.views import rows_of
         from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
 
         eval_fn = None

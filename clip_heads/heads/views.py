@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from clip_heads.heads.base import rows_of, threads_for
+
 __all__ = ["check_views", "with_views", "rows_of", "NO_VIEWS", "ViewsFit"]
 
 NO_VIEWS = ("use_views=true needs the augmented views of the training images, and none were given "
@@ -34,29 +36,10 @@ def check_views(owner: str, views: Any, X: np.ndarray) -> np.ndarray:
 def with_views(X: np.ndarray, y: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Training rows: the plain vectors followed by every view, each view with its image's label.
 
-    ``X`` (n, dim), ``y`` (n,), ``views`` (n, K, dim) or None -> ``(n * (K + 1), dim)`` rows and labels.
+    ``X`` (n, dim), ``y`` (n,), ``views`` (n, K, dim) or None -> ``(n * (K + 1), dim)`` rows and
+    labels (:func:`clip_heads.heads.base.rows_of` of every image).
     """
-    if views is None:
-        return X, y
-    n, k, d = views.shape
-    return np.concatenate([X, views.reshape(n * k, d)]), np.concatenate([y, np.repeat(y, k)])
-
-
-def rows_of(X: Any, y: Any, views: Any, idx: Any = None) -> tuple[Any, Any]:
-    """Training rows of the images ``idx`` (all by default): their plain vectors, then their
-    views, each with its image's label. Torch tensors or arrays; a validation split is carved by
-    image first, so no view of a validation image ever trains (``views`` None: just the rows)."""
-    import torch
-
-    if idx is not None:
-        X, y = X[idx], y[idx]
-        views = None if views is None else views[idx]
-    if views is None:
-        return X, y
-    n, k, d = views.shape
-    if isinstance(X, torch.Tensor):
-        return torch.cat([X, views.reshape(n * k, d).to(X)]), torch.cat([y, y.repeat_interleave(k)])
-    return np.concatenate([X, views.reshape(n * k, d)]), np.concatenate([y, np.repeat(y, k)])
+    return rows_of(X, y, views)
 
 
 class ViewsFit:
@@ -66,8 +49,6 @@ class ViewsFit:
 
     def fit(self, X: Any, y: Any, views: Any = None) -> Any:
         """Fit on ``X`` (n_samples, dim) and ``y``; ``views`` (n_samples, K, dim) when ``use_views``."""
-        from clip_heads.heads.base import threads_for
-
         self._check_params()
         self._check_inputs()
         X, y_idx = self._validate_fit(X, y)
