@@ -16,9 +16,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from clip_heads import zeroshot
+from clip_heads.calibration import format_calibration
 from clip_heads.evaluate import run_zero_shot
 from clip_heads.metrics import confusion_matrices, metrics_from_confusion
-from clip_heads.results import METRICS, REPORT, PathLike, Report, results_dir, write_json, write_section
+from clip_heads.results import METRICS, REPORT, PathLike, Report, render, results_dir, write_json, write_section
 from clip_heads.store import PromptSet, open_store
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,16 @@ def ablate(X: np.ndarray, y: np.ndarray, classes: Sequence[str], prompt_sets: Se
 
 
 def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = None,
-                   out_dir: PathLike | None = None, digits: int = 3, overwrite: bool = False) -> Report:
+                   out_dir: PathLike | None = None, digits: int = 3, overwrite: bool = False,
+                   plots: bool | None = None) -> Report:
     """Rank every template (alone) and every set's ensemble of a store's prompt sets by zero-shot.
 
     ``prompt_sets`` default: all sets of the store that have a prompt for each store class
     (others are skipped with a note). Writes the results layout of :mod:`clip_heads.results`
     (``report.txt``, ``metrics.json``; ``per_class.csv``, ``confusion_matrix.csv`` and
-    ``predictions.csv`` of the rank-1 prompt) plus ``ablation.csv``, the ranked rows.
+    ``predictions.csv`` of the rank-1 prompt) plus ``ablation.csv``, the ranked rows, the
+    figures (``plots/ablation.png``, ranked bars, and the rank-1 prompt's in ``plots/rank1/``;
+    ``plots=False`` skips them) and ``index.html``.
     """
     path = Path(store_path)
     with open_store(path) as s:
@@ -113,10 +117,13 @@ def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = Non
     lines.append(f"per_class.csv, confusion_matrix.csv and predictions.csv are those of rank 1 "
                  f"({top['prompt_set']}: {top['template']})")
     text = "\n".join(lines) + "\n"
+    if "calibration" in best.metrics:
+        text += f"\nRank 1 ({top['prompt_set']}: {top['template']}): " + format_calibration(best.metrics["calibration"])
     info = best.metrics["info"]
     run = {"command": "ablate-prompts", "store": os.path.abspath(path),
            "prompt_sets": list(prompt_sets) if prompt_sets else None}
-    metrics = {"info": {"store": str(path), "n_samples": int(len(y)), "classes": classes,
+    metrics = {"info": {"store": str(path), "model_id": info.get("model_id"), "n_samples": int(len(y)),
+                        "classes": classes,
                         "prompt_sets": [ps.name for ps in usable], "skipped": skipped, "data": info["data"], "run": run},
                "rows": rows, "rank1": {k: v for k, v in best.metrics.items() if k != "info"}}
     out = Path(out_dir) if out_dir is not None else None
@@ -131,4 +138,5 @@ def ablate_prompts(store_path: PathLike, prompt_sets: Sequence[str] | None = Non
                 wr = csv.DictWriter(f, fieldnames=fields)
                 wr.writeheader()
                 wr.writerows({k: r[k] for k in fields} for r in rows)
+            render(stage, plots, out)
     return Report("ablation", text, metrics, out, predictions=best.predictions)

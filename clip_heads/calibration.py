@@ -19,9 +19,14 @@ Conventions (stated in the report as well, so a number is never read with anothe
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["N_BINS", "reliability_bins", "calibration_report", "calibration_of", "format_calibration"]
 
 N_BINS = 15
 BRIER_CONVENTION = "mean over samples of sum_k (p_k - y_k)^2, y one-hot; range [0, 2]"
@@ -102,7 +107,8 @@ def calibration_report(y_true: Sequence[int], proba: np.ndarray, classes: Sequen
         "ece": ece,
         "mce": float(max(gaps)),
         "brier": brier,
-        "nll": float(log_loss(y, P, labels=list(range(C)))),
+        # Rows are checked to sum to 1 within atol; log_loss wants them exact (float32 softmax is not).
+        "nll": float(log_loss(y, P / P.sum(1, keepdims=True), labels=list(range(C)))),
         "accuracy": float(correct.mean()),
         "mean_confidence": float(conf.mean()),
         "n_samples": int(n),
@@ -121,12 +127,35 @@ def calibration_report(y_true: Sequence[int], proba: np.ndarray, classes: Sequen
     return report
 
 
+def calibration_of(y_true: Sequence[int], proba: np.ndarray | None, classes: Sequence[str] | None = None,
+                   probabilities: str = "", **notes: Any) -> dict[str, Any] | None:
+    """:func:`calibration_report` of an evaluation's probabilities, or None where there are none
+    to calibrate: no probabilities, or rows that do not sum to 1 (a label map that drops some of
+    a head's classes leaves them short; logged). ``probabilities`` says which they are (``"softmax
+    over 100 * cos"``, ``"the head's predict_proba"``), ``notes`` are added as they are
+    (``computed="out of fold"``)."""
+    if proba is None:
+        return None
+    try:
+        cal = calibration_report(y_true, proba, classes)
+    except ValueError as e:
+        logger.info("calibration skipped: %s", e)
+        return None
+    if probabilities:
+        cal["probabilities"] = probabilities
+    cal.update(notes)
+    return cal
+
+
 def format_calibration(cal: dict[str, Any], digits: int = 4) -> str:
     """The report.txt block: ECE, MCE, Brier, NLL, and what each means."""
-    lines = [f"Calibration ({cal['n_samples']} samples, top-label confidence in {cal['n_bins']} equal-width bins)",
-             f"  ECE              {cal['ece']:.{digits}f}   (0 = a confidence of 0.9 is right 90% of the time)",
-             f"  MCE              {cal['mce']:.{digits}f}   (largest bin gap)",
-             f"  Brier            {cal['brier']:.{digits}f}   ({cal['conventions']['brier']})"]
+    how = "".join(f", {cal[k]}" for k in ("computed",) if cal.get(k))
+    lines = [f"Calibration ({cal['n_samples']} samples{how}, top-label confidence in {cal['n_bins']} equal-width bins)"]
+    if cal.get("probabilities"):
+        lines.append(f"  probabilities    {cal['probabilities']}")
+    lines += [f"  ECE              {cal['ece']:.{digits}f}   (0 = a confidence of 0.9 is right 90% of the time)",
+              f"  MCE              {cal['mce']:.{digits}f}   (largest bin gap)",
+              f"  Brier            {cal['brier']:.{digits}f}   ({cal['conventions']['brier']})"]
     if "brier_binary" in cal:
         lines.append(f"  Brier (binary)   {cal['brier_binary']:.{digits}f}   ({cal['conventions']['brier_binary']})")
     lines += [f"  NLL              {cal['nll']:.{digits}f}   (natural log)",

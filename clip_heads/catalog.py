@@ -1,5 +1,6 @@
 """What clip-heads offers, by name, without importing any of it: the default model, the
-precisions, the heads.
+precisions, the image features encode can store, the heads. (The model families are in
+:mod:`clip_heads.backbones.families`, as light as this.)
 
 The CLI builds its options from these before a command runs (``clip-heads --help`` must not
 load torch or scikit-learn), so this module imports nothing heavy. The modules that implement
@@ -7,10 +8,24 @@ them import their names from here, so each value is written once.
 """
 from __future__ import annotations
 
-__all__ = ["DEFAULT_MODEL", "PRECISIONS", "HEAD_CLASSES", "list_heads"]
+__all__ = ["DEFAULT_MODEL", "PRECISIONS", "FEATURES", "parse_features", "HEAD_CLASSES", "list_heads"]
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"  # the papers' ViT-B/32
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# What encode stores per image: the embeddings, and optionally the image tower's pooled output
+# before the projection (encode --features projected,pre-projection).
+FEATURES = ("projected", "pre-projection")
+
+
+def parse_features(features) -> tuple[str, ...]:
+    """``--features``: "projected" (the default) or "projected,pre-projection" (a string or names),
+    in :data:`FEATURES` order; anything else is a ValueError naming what is valid."""
+    items = [features] if isinstance(features, str) else list(features or ["projected"])
+    names = [p.strip() for f in items for p in str(f).split(",") if p.strip()]
+    if any(n not in FEATURES for n in names) or "projected" not in names:
+        raise ValueError(f"--features {','.join(names)!r} is invalid: give projected, or projected,pre-projection "
+                         f"(valid names: {', '.join(FEATURES)})")
+    return tuple(f for f in FEATURES if f in names)
 
 # Registry key -> "module:class" of every head, in the order the CLI lists them: THE registry of
 # heads (clip_heads.heads.HEADS is built from it; a new head is registered here alone).

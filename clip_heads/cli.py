@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .catalog import DEFAULT_MODEL, PRECISIONS
+from .catalog import DEFAULT_MODEL, FEATURES, PRECISIONS
 
 logger = logging.getLogger("clip_heads")
 
@@ -132,9 +132,11 @@ _ALLOW_OUTSIDE = click.option(
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Store file to write (.h5).")
-@click.option("--model", "-m", default=DEFAULT_MODEL, help="Hugging Face CLIP id or local directory saved with save_pretrained.")
+@click.option("--model", "-m", default=DEFAULT_MODEL, help="Hugging Face id or local directory saved with save_pretrained, of any supported family (CLIP, SigLIP, SigLIP 2, MetaCLIP 2, AltCLIP, Chinese-CLIP).")
 @click.option("--format", "fmt", default="auto", type=click.Choice(_formats()), help="Dataset format; auto detects the obvious ones.")
 @click.option("--templates", "-t", multiple=True, help="Template set name or file (repeatable). Default: the dataset kind's sets.")
+@click.option("--features", default="projected", metavar="LIST", callback=lambda ctx, param, value: _features(value),
+              help=f"Image features to store: projected, or projected,pre-projection (also the image tower's pooled output before its projection, and the projection). Names: {', '.join(FEATURES)}.")
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes decoding images. [default: half the cores]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
@@ -159,8 +161,8 @@ _ALLOW_OUTSIDE = click.option(
 @_ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
-    """Encode every image of SOURCE and its prompts with a frozen CLIP into the store --out.
+def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
+    """Encode every image of SOURCE and its prompts with a frozen vision-language model into the store --out.
 
     An interrupted run resumes when rerun with the same arguments (with any engine); a complete
     store is left as is.
@@ -171,7 +173,7 @@ def encode(ctx, source, out, model, fmt, templates, batch_size, workers, device,
     r = run(source, out, model=model, format=fmt, templates=templates or None, batch_size=batch_size, workers=workers,
             device=device, precision=precision, dtype=dtype, normalize=not no_normalize, overwrite=overwrite,
             limit=limit, seed=seed, source_options=options, shard=_parse_shard(shard), progress=ctx.obj["progress"],
-            devices=_parse_devices(devices, engine),
+            features=features, devices=_parse_devices(devices, engine),
             engine=engine, ray_options=_ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus))
     click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped"
                + (f"; {r.batches} batches encoded by this run" if r.status == "resumed" else "") + ")")
@@ -198,6 +200,15 @@ def _ray_options(engine: str, address, num_gpus, embed_workers, decode_cpus) -> 
             raise click.BadParameter(f"{flag} is an option of --engine ray", param_hint=flag)
         return None
     return given
+
+
+def _features(value: str) -> str:
+    from .catalog import parse_features
+
+    try:
+        return ",".join(parse_features(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--features") from None
 
 
 def _source_options(fmt: str, split: str | None, label_level: str | None, allow_outside_root: bool = False,
@@ -340,6 +351,10 @@ def info(store, as_json):
         return
     click.echo(f"store      {d['path']}  (schema {d['schema_version']}, {'complete' if d['complete'] else 'INCOMPLETE'})")
     click.echo(f"model      {d['model_id']}  {d['model_hash']}")
+    rule = d.get("scoring") or {}
+    click.echo(f"family     {d.get('family', 'clip')}, scoring {rule.get('scoring', 'softmax')} at logit_scale "
+               f"{rule.get('logit_scale', 'unrecorded (100)')}" + (f", logit_bias {rule['logit_bias']}" if "logit_bias" in rule else "")
+               + f"; features {d.get('features', 'projected')}")
     click.echo(f"vectors    {d['n_images']} x {d['dim']} {d['dtype']}, {'L2-normalised' if d['normalized'] else 'raw'}")
     src = d.get("source") or {}
     click.echo(f"source     {src.get('format', '?')} at {src.get('root', '?')}  (fingerprint {str(d['source_fingerprint'])[:12]})")
@@ -374,6 +389,17 @@ def verify(store):
     click.echo(rep.text)
     if not rep.ok:
         sys.exit(1)
+
+
+_NO_PLOTS = click.option(
+    "--no-plots", is_flag=True,
+    help="Skip the figures (PNG + SVG in plots/) for speed; index.html and every number are written as always.")
+
+
+def _page(out_dir) -> str:
+    from pathlib import Path
+
+    return f"report page: {Path(out_dir) / 'index.html'}"
 
 
 def _heads() -> list[str]:
@@ -412,8 +438,9 @@ def _templates(text: str | None):
 @click.option("--top-k", default=0, type=click.IntRange(min=0), help="Also write the top-k images per class (JSON, and a PNG grid when images are reachable).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/zero-shot/<store>[-<prompts>][-t<templates>][-<label map>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
+@_NO_PLOTS
 @friendly
-def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite):
+def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite, no_plots):
     """Zero-shot classification of STORE by cosine to its prompt embeddings."""
     from pathlib import Path
 
@@ -422,10 +449,10 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite
 
     out_dir = out_dir or str(default_out_dir("zero-shot", Path(store).stem, prompt_set,
                                              templates and f"t{templates}", label_map))
-    rep = run_zero_shot(store, prompt_set=prompt_set, templates=_templates(templates), out_dir=out_dir, label_map=label_map,
-                        top_k=top_k, overwrite=overwrite)
+    rep = run_zero_shot(store, prompt_set=prompt_set, template_ids=_templates(templates), out_dir=out_dir,
+                        label_map=label_map, top_k=top_k, overwrite=overwrite, plots=False if no_plots else None)
     click.echo(rep.text)
-    click.echo(f"written to {out_dir}")
+    click.echo(f"written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command("train-head")
@@ -438,16 +465,18 @@ def zero_shot(store, prompt_set, templates, label_map, top_k, out_dir, overwrite
 @click.option("--prompts", "prompt_set", default=None, help="Prompt set for text-side heads (contrastive, tip-adapter). [default: the store's default set]")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Head parameter, e.g. --param hidden=256 --param dropout=0.2 (repeatable).")
 @click.option("--seed", default=0, help="Seed of the folds and of training.")
+@_NO_PLOTS
 @click.pass_context
 @friendly
-def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_set, params, seed):
+def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_set, params, seed, no_plots):
     """Train HEAD on the cached vectors of STORE and save it to --out."""
     from .evaluate import train_head
 
     rep = train_head(head, store, out_dir, cv=cv, seed=seed, eval_store=eval_store, label_map=label_map,
-                     head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"])
+                     head_params=_params(params), prompt_set=prompt_set, progress=ctx.obj["progress"],
+                     plots=False if no_plots else None)
     click.echo(rep.text)
-    click.echo(f"head and reports written to {out_dir}")
+    click.echo(f"head and reports written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command("few-shot")
@@ -490,8 +519,9 @@ def few_shot(store, out_dir, heads, shots, seeds, prompt_set, params, protocol, 
 @click.option("--prompts", "prompt_set", default=None, help="Prompt set of STORE for text-side heads queried with its classes.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/evaluate/<head>-on-<store>[-<label map>][-<prompts>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
+@_NO_PLOTS
 @friendly
-def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite):
+def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite, no_plots):
     """Evaluate a saved head (HEAD_DIR) on STORE."""
     from pathlib import Path
 
@@ -500,9 +530,10 @@ def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite):
 
     out_dir = out_dir or str(default_out_dir("evaluate", f"{Path(head_dir).resolve().name}-on-{Path(store).stem}",
                                              label_map, prompt_set))
-    rep = evaluate_head(head_dir, store, out_dir=out_dir, label_map=label_map, prompt_set=prompt_set, overwrite=overwrite)
+    rep = evaluate_head(head_dir, store, out_dir=out_dir, label_map=label_map, prompt_set=prompt_set, overwrite=overwrite,
+                        plots=False if no_plots else None)
     click.echo(rep.text)
-    click.echo(f"written to {out_dir}")
+    click.echo(f"written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command("ablate-prompts")
@@ -510,8 +541,9 @@ def evaluate(head_dir, store, label_map, prompt_set, out_dir, overwrite):
 @click.option("--prompts", "prompt_sets", multiple=True, help="Prompt sets to ablate (repeatable). [default: all in the store]")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Results folder. [default: cache/ablate-prompts/<store>[-<prompt sets>]]")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
+@_NO_PLOTS
 @friendly
-def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
+def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite, no_plots):
     """Rank every template (alone) and every prompt set (ensemble) of STORE by zero-shot accuracy."""
     from pathlib import Path
 
@@ -519,9 +551,10 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
     from .results import default_out_dir
 
     out_dir = out_dir or str(default_out_dir("ablate-prompts", Path(store).stem, *prompt_sets))
-    rep = ablate_prompts(store, prompt_sets=list(prompt_sets) or None, out_dir=out_dir, overwrite=overwrite)
+    rep = ablate_prompts(store, prompt_sets=list(prompt_sets) or None, out_dir=out_dir, overwrite=overwrite,
+                         plots=False if no_plots else None)
     click.echo(rep.text)
-    click.echo(f"written to {out_dir}")
+    click.echo(f"written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command()
@@ -530,18 +563,20 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for comparison.csv, comparison.md and comparison.png.")
 @click.option("--allow-mixed-data", is_flag=True, help="Merge runs on different data (store fingerprints) into one row; the row says so.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds another comparison or other results.")
+@_NO_PLOTS
 @friendly
-def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite):
-    """One table across the results folders RUN_DIRS (train-head, zero-shot, evaluate, ablate-prompts, finetune --cv)."""
+def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite, no_plots):
+    """One table across the results folders RUN_DIRS (train-head, zero-shot, evaluate, ablate-prompts, finetune --cv, generalisation)."""
     from .compare import compare_runs, parse_by
 
     try:
         fields = parse_by(by)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--by") from None
-    comp = compare_runs(run_dirs, by=fields, out_dir=out_dir, allow_mixed_data=allow_mixed_data, overwrite=overwrite)
+    comp = compare_runs(run_dirs, by=fields, out_dir=out_dir, allow_mixed_data=allow_mixed_data, overwrite=overwrite,
+                        plots=False if no_plots else None)
     click.echo(comp.to_markdown())
-    click.echo(f"written to {out_dir}")
+    click.echo(f"written to {out_dir}; {_page(out_dir)}")
 
 
 @main.command()
@@ -556,16 +591,18 @@ def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite):
 @click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
 @click.option("--url", default=None, hidden=True, help="Download URL of the tarball (tests).")
 @click.option("--md5", default=None, hidden=True, help="Expected MD5 of the tarball (tests).")
+@_NO_PLOTS
 @click.pass_context
 @friendly
-def demo(ctx, source, model, limit, cv, seed, out_dir, device, batch_size, workers, url, md5):
+def demo(ctx, source, model, limit, cv, seed, out_dir, device, batch_size, workers, url, md5, no_plots):
     """The whole tool on real data: CIFAR-100 (downloaded, MD5-checked), encode, zero-shot, prompt ablation, 10-fold CV of heads."""
     from .demo import CIFAR100_MD5, CIFAR100_URL, run_demo
 
     summary = run_demo(out_dir, source=source, model=model, limit=limit, cv=cv, seed=seed, device=device, batch_size=batch_size,
-                       workers=workers, url=url or CIFAR100_URL, md5=md5 or CIFAR100_MD5, progress=ctx.obj["progress"])
+                       workers=workers, url=url or CIFAR100_URL, md5=md5 or CIFAR100_MD5, progress=ctx.obj["progress"],
+                       plots=False if no_plots else None)
     click.echo(summary["headline"])
-    click.echo(f"full tables (the papers' layout) in {out_dir}/report.txt")
+    click.echo(f"full tables (the papers' layout) in {out_dir}/report.txt; {_page(out_dir)}")
 
 
 def _floats(text: str) -> list[float]:
@@ -663,10 +700,11 @@ def wise_ft(zero_shot_model, finetuned_model, alphas, out_dir):
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--seed", default=0, help="Seed of the hold-out fold and of training.")
 @_ALLOW_OUTSIDE
+@_NO_PLOTS
 @click.pass_context
 @friendly
 def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, a_split, b_split, alphas, holdout, finetuned,
-                   epochs, batch_size, micro_batch, device, seed, allow_outside_root):
+                   epochs, batch_size, micro_batch, device, seed, allow_outside_root, no_plots):
     """B&P Table 5 and the WiSE-FT curve: fine-tune on A, zero-shot held-out A and all of B at every alpha."""
     from .wise_ft import generalisation as run
 
@@ -679,9 +717,9 @@ def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, 
     result = run(a_source, b_source, out_dir, model, alphas=_floats(alphas), holdout=hold, seed=seed, finetuned=finetuned,
                  a_format=a_format, b_format=b_format, a_options=_source_options(a_format, a_split, None, allow_outside_root),
                  b_options=_source_options(b_format, b_split, None, allow_outside_root), epochs=epochs, batch_size=batch_size,
-                 micro_batch=micro_batch, device=device, progress=ctx.obj["progress"])
+                 micro_batch=micro_batch, device=device, progress=ctx.obj["progress"], plots=False if no_plots else None)
     click.echo(result["text"])
-    click.echo(f"written to {out_dir}/generalisation.txt")
+    click.echo(f"written to {out_dir}/generalisation.txt; {_page(out_dir)}")
 
 
 @main.command()
@@ -700,9 +738,10 @@ def generalisation(ctx, a_source, b_source, out_dir, model, a_format, b_format, 
 @click.option("--ft-batch-size", default=256, type=click.IntRange(min=2), help="Fine-tune contrastive batch (the paper: 256).")
 @click.option("--micro-batch", default=None, type=click.IntRange(min=1), help="Fine-tune gradient accumulation micro-batch.")
 @click.option("--workers", "-w", default=None, type=click.IntRange(min=0), help="DataLoader worker processes. [default: half the cores]")
+@_NO_PLOTS
 @click.pass_context
 @friendly
-def reproduce(ctx, fi, cifar, out_dir, model, cv, seed, heads, no_finetune, cifar_split, alphas, device, batch_size, ft_batch_size, micro_batch, workers):
+def reproduce(ctx, fi, cifar, out_dir, model, cv, seed, heads, no_finetune, cifar_split, alphas, device, batch_size, ft_batch_size, micro_batch, workers, no_plots):
     """Bondielli & Passaro's Tables 1-5 (ours beside the paper's) and the frozen-CLIP heads, in one run."""
     from .heads import list_heads
     from .reproduce import reproduce as run
@@ -713,9 +752,10 @@ def reproduce(ctx, fi, cifar, out_dir, model, cv, seed, heads, no_finetune, cifa
         raise click.BadParameter(f"unknown heads {unknown}; valid: {', '.join(list_heads())}", param_hint="--heads")
     result = run(fi, cifar, out_dir, model=model, cv=cv, seed=seed, heads=names, finetune=not no_finetune, alphas=_floats(alphas),
                  cifar_split=cifar_split, device=device, batch_size=batch_size, workers=workers,
-                 finetune_options={"batch_size": ft_batch_size, "micro_batch": micro_batch}, progress=ctx.obj["progress"])
+                 finetune_options={"batch_size": ft_batch_size, "micro_batch": micro_batch}, progress=ctx.obj["progress"],
+                 plots=False if no_plots else None)
     click.echo(result["text"])
-    click.echo(f"written to {out_dir}/tables.md")
+    click.echo(f"written to {out_dir}/tables.md; {_page(out_dir)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,8 @@
 """``clip-heads compare``: one table across many runs.
 
 :func:`read_run` turns a results folder (train-head, zero-shot, evaluate, ablate-prompts,
-fine-tune CV) into *entries*, one per evaluation it holds, each with the attributes runs are
+fine-tune CV, generalisation: one entry per alpha and side) into *entries*, one per evaluation it
+holds, each with the attributes runs are
 grouped by (head, model, prompt set, store) and its headline metrics (per fold where it has
 folds). :func:`compare_runs` groups the entries and writes ``comparison.csv``,
 ``comparison.md`` and a grouped bar chart (``comparison.png``/``.svg``).
@@ -37,9 +38,11 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 BY = ("head", "model", "prompt_set", "store")
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall",
+           "weighted_precision", "weighted_recall")
 CHART_METRICS = ("accuracy", "macro_f1", "weighted_f1")
 UNKNOWN = "unknown"
+READABLE = "train-head, zero-shot, evaluate, ablate-prompts, fine-tune CV and generalisation"
 
 
 class MixedDataError(BadValueError):
@@ -62,7 +65,8 @@ class Entry:
 def _headline(r: dict) -> dict[str, float]:
     return {"accuracy": r["accuracy"], "balanced_accuracy": r.get("balanced_accuracy"),
             "macro_f1": r["macro"]["f1"], "weighted_f1": r["weighted"]["f1"],
-            "macro_precision": r["macro"]["precision"], "macro_recall": r["macro"]["recall"]}
+            "macro_precision": r["macro"]["precision"], "macro_recall": r["macro"]["recall"],
+            "weighted_precision": r["weighted"]["precision"], "weighted_recall": r["weighted"]["recall"]}
 
 
 def _values(report: dict) -> dict[str, list[float]]:
@@ -108,8 +112,8 @@ def _read_run(folder: Path) -> list[Entry]:
     path = folder / "metrics.json"
     if not path.is_file():
         if (folder / "generalisation.json").is_file():
-            raise ValueError(f"{folder} is a generalisation run (a WiSE-FT curve, not one evaluation): "
-                             f"compare reads train-head, zero-shot, evaluate, ablate-prompts and fine-tune CV folders")
+            raise ValueError(f"{folder} is a generalisation run written before its metrics.json was: rerun "
+                             f"`clip-heads generalisation` with the same arguments (its scores are cached) to add it")
         raise FileNotFoundError(f"{folder} has no metrics.json: not a clip-heads results folder")
     try:
         m = json.loads(path.read_text())
@@ -159,6 +163,8 @@ def _read_run(folder: Path) -> list[Entry]:
                          "protocol": "test, best of ablation", "store": fp[:12]}, _values(m["rank1"]), fp, dname,
                   notes=["rank-1 prompt chosen on the same data it is scored on (optimistic)"])
         return [e]
+    if command == "generalisation":
+        return _generalisation_entries(name, m, info, run)
     if m.get("kind") == "cv" and "folds" in m:  # fine-tune CV: summarize_folds written as is
         ident = _finetune_identity(folder)
         src = ident.get("source")
@@ -173,8 +179,34 @@ def _read_run(folder: Path) -> list[Entry]:
     if "steps" in m or (folder / "tables.md").is_file() or any((folder / d / "metrics.json").is_file()
                                                                for d in ("zero-shot", "heads")):
         raise ValueError(f"{folder} is a demo/reproduce summary: pass the step folders under it")
+    if command == "wise-ft":
+        raise ValueError(f"{folder} holds WiSE-FT model blends, not scores: compare their generalisation run "
+                         f"(`clip-heads generalisation`) or the zero-shot of a store each blend encoded")
     raise ValueError(f"{path} is not a results record compare can read (no info.run.command; "
-                     f"readable: train-head, zero-shot, evaluate, ablate-prompts, fine-tune CV)")
+                     f"readable: {READABLE})")
+
+
+def _generalisation_entries(name: str, m: dict, info: dict, run: dict) -> list[Entry]:
+    """A generalisation run: one entry per alpha and side (held-out A, all of B), each the
+    zero-shot of that WiSE-FT blend (alpha 0: the zero-shot model, 1: the fine-tuned one)."""
+    data = info.get("data") or {}
+    out = []
+    for alpha, sides in m["reports"].items():
+        for side, protocol in (("a", f"held-out 1/{run.get('holdout')} of A (fine-tune data)"),
+                               ("b", "zero-shot on B (other data)")):
+            rep = sides.get(side)
+            if not rep:
+                continue  # nothing of A was held out
+            d = data.get(side) or {}
+            fp = f"source:{d['fingerprint']}" if d.get("fingerprint") else UNKNOWN
+            head = f"WiSE-FT alpha {float(alpha):.2f}"
+            out.append(Entry(name, {"head": head, "model": str(run.get("model", UNKNOWN)), "prompt_set": "(captions)",
+                                    "protocol": protocol, "store": fp[:19]}, _values(rep), fp,
+                             Path(str(d.get("source_root") or "")).name, run.get("seed"),
+                             notes=[f"{head}: fine-tuned {run.get('finetuned')} blended with {run.get('model')}"]))
+    if not out:
+        raise ValueError(f"{name}/metrics.json is a generalisation record without any scored alpha")
+    return out
 
 
 @dataclass
@@ -291,11 +323,12 @@ def parse_by(by: str | Sequence[str]) -> list[str]:
 
 
 def compare_runs(run_dirs: Sequence[PathLike], by: str | Sequence[str] = BY, out_dir: PathLike | None = None,
-                 allow_mixed_data: bool = False, overwrite: bool = False) -> Comparison:
+                 allow_mixed_data: bool = False, overwrite: bool = False, plots: bool | None = None) -> Comparison:
     """Group the evaluations of ``run_dirs`` by ``by`` (and protocol) into one table.
 
-    Writes ``comparison.csv``, ``comparison.md``, ``comparison.png``/``.svg`` and
-    ``metrics.json`` (rows, what could not be read) to ``out_dir`` when given, as a results
+    Writes ``comparison.csv``, ``comparison.md``, ``comparison.png``/``.svg`` (unless ``plots``
+    is false, :func:`clip_heads.results.plots_enabled`), ``metrics.json`` (rows, what could not
+    be read) and ``index.html`` to ``out_dir`` when given, as a results
     folder (:mod:`clip_heads.results`: built aside, swapped in; another run's folder is not
     replaced unless ``overwrite``). Raises :class:`MixedDataError` when a row would merge runs
     on different data and ``allow_mixed_data`` is false, ``ValueError`` when no run is readable.
@@ -321,14 +354,15 @@ def compare_runs(run_dirs: Sequence[PathLike], by: str | Sequence[str] = BY, out
     metrics = [m for m in METRICS if any(r.get(f"{m}_mean") is not None for r in rows)]
     comp = Comparison(by, rows, unreadable, metrics)
     if out_dir is not None:
-        _write(comp, Path(out_dir), [str(d) for d in run_dirs], allow_mixed_data, overwrite)
+        _write(comp, Path(out_dir), [str(d) for d in run_dirs], allow_mixed_data, overwrite, plots)
     return comp
 
 
-def _write(comp: Comparison, out: Path, runs: list[str], allow_mixed: bool, overwrite: bool) -> None:
+def _write(comp: Comparison, out: Path, runs: list[str], allow_mixed: bool, overwrite: bool,
+           draw: bool | None = None) -> None:
     from clip_heads import plots
     from clip_heads.metrics import json_default
-    from clip_heads.results import results_dir
+    from clip_heads.results import plots_enabled, render, results_dir
 
     for r in runs:  # the comparison replaces its folder whole: it must be no run and hold none
         ro, rr = out.resolve(), Path(r).resolve()
@@ -341,12 +375,14 @@ def _write(comp: Comparison, out: Path, runs: list[str], allow_mixed: bool, over
         (stage / "comparison.csv").write_text(comp.to_csv())
         (stage / "comparison.md").write_text(comp.to_markdown())
         shown = [m for m in CHART_METRICS if m in comp.metrics]
-        labels, common = comp.chart_labels()
-        fig = plots.grouped_bars_figure(labels,
-            {m.replace("_", "-"): [r.get(f"{m}_mean") for r in comp.rows] for m in shown},
-            {m.replace("_", "-"): [r.get(f"{m}_std") if r["n"] > 1 else None for r in comp.rows] for m in shown},
-            title="; ".join(f"{k}: {v}" for k, v in common.items()) + ("\n" if common else "")
-            + "error bars: std over the folds or seeds of a row")
-        plots.save_figure(fig, stage, "comparison")
+        if plots_enabled(draw):
+            labels, common = comp.chart_labels()
+            fig = plots.grouped_bars_figure(labels,
+                {m.replace("_", "-"): [r.get(f"{m}_mean") for r in comp.rows] for m in shown},
+                {m.replace("_", "-"): [r.get(f"{m}_std") if r["n"] > 1 else None for r in comp.rows] for m in shown},
+                title="; ".join(f"{k}: {v}" for k, v in common.items()) + ("\n" if common else "")
+                + "error bars: std over the folds or seeds of a row")
+            plots.save_figure(fig, stage, "comparison")
         (stage / "metrics.json").write_text(json.dumps(
             {"info": {"run": run}, "rows": comp.rows, "unreadable": comp.unreadable}, indent=2, default=json_default))
+        render(stage, plots=False, final=out)  # the page: the table and the chart above

@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 
+from clip_heads.calibration import calibration_of
 from clip_heads.metrics import classification_report, summarize_folds
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class CVResult:
     y_pred: np.ndarray  # (n_samples,) out-of-fold predicted class indices
     y_score: np.ndarray | None  # (n_samples, n_classes) out-of-fold probabilities
     fold_reports: list[dict] = field(default_factory=list)
-    report: dict = field(default_factory=dict)  # metrics.summarize_folds: mean, std, folds, pooled
+    report: dict = field(default_factory=dict)  # metrics.summarize_folds: mean, std, folds, pooled; calibration
 
 
 def stratified_folds(y: Sequence[Any], k: int = 10, seed: int = 0) -> np.ndarray:
@@ -174,4 +175,9 @@ def cross_validate(
     pooled = classification_report(y_idx, y_pred, names, y_score if has_proba else None)
     summary = summarize_folds(reports, pooled)
     summary["seed"] = seed
+    if has_proba:  # how far the out-of-fold probabilities are from what they claim
+        cal = calibration_of(y_idx, y_score, names, probabilities="each fold model's predict_proba",
+                             computed="out of fold")
+        if cal is not None:
+            summary["calibration"] = cal
     return CVResult(k, seed, names, folds, y_idx, y_pred, y_score if has_proba else None, reports, summary)

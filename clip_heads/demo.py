@@ -120,19 +120,21 @@ def run_demo(
     url: str = CIFAR100_URL,
     md5: str = CIFAR100_MD5,
     progress: bool = True,
+    plots: bool | None = None,
 ) -> Report:
     """Run the demo; returns a :class:`~clip_heads.results.Report` whose ``metrics`` are the
     summary also written to ``out_dir/metrics.json``.
 
     ``source`` must look like CIFAR-100 (100 classes; see :func:`demo_source` for the layouts
     understood); anything else is refused before encoding. The summary's ``data`` records what
-    was measured: split, images used and available, the store's fingerprint.
+    was measured: split, images used and available, the store's fingerprint. Every step's folder
+    has its figures (``plots=False`` skips them) and ``index.html``; ``out_dir/index.html`` links them.
     """
     from .ablation import ablate_prompts
     from .datasets import open_source
     from .encode import encode
     from .evaluate import run_zero_shot, train_head
-    from .results import METRICS, REPORT, data_record, results_files, write_json
+    from .results import METRICS, REPORT, data_record, render, results_files, write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,14 +166,14 @@ def run_demo(
     summary: dict = {"store": str(store), "model": model, "images": enc.n_images, "skipped": enc.n_skipped,
                      "seed": seed, "data": data}
     sections = [f"clip-heads demo, model {model}, seed {seed}\n" + _data_text(data)]
-    zs = run_zero_shot(str(store), prompt_set="bp-photo", out_dir=out / "zero-shot", overwrite=True)
+    zs = run_zero_shot(str(store), prompt_set="bp-photo", out_dir=out / "zero-shot", overwrite=True, plots=plots)
     summary["zero_shot"] = zs.summary()
     sections.append('== Zero-shot, "a photo of a {}" (Bondielli & Passaro Table 1 setting) ==\n' + zs.text)
-    abl = ablate_prompts(str(store), out_dir=out / "ablation", overwrite=True)
+    abl = ablate_prompts(str(store), out_dir=out / "ablation", overwrite=True, plots=plots)
     summary["ablation_top"] = abl.rows[:5]
     sections.append("== Prompt ablation (zero-shot, every template and ensemble) ==\n" + abl.text)
     for head in ("linear", "mlp"):
-        rep = train_head(head, str(store), out / f"head-{head}", cv=cv, seed=seed, progress=progress)
+        rep = train_head(head, str(store), out / f"head-{head}", cv=cv, seed=seed, progress=progress, plots=plots)
         summary[f"{head}_cv{cv}"] = rep.summary()
         sections.append(f"== {head} head, stratified {cv}-fold CV ==\n" + rep.text)
     summary["headline"] = _headline(summary, cv)
@@ -182,6 +184,7 @@ def run_demo(
     with results_files(out) as stage:
         (stage / REPORT).write_text(report + "\n")
         write_json(stage / METRICS, json.loads(json.dumps(summary, default=str)))
+    render(out, plots=False)  # the headline, and a link to every step's page
     return Report("demo", report, summary, out)
 
 

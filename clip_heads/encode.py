@@ -1,4 +1,4 @@
-"""One pass of a frozen CLIP over a dataset's images and its prompts, into a feature store.
+"""One pass of a frozen vision-language model (any family of :mod:`clip_heads.backbones`) over a dataset's images and its prompts, into a feature store.
 
 Images are decoded and preprocessed in DataLoader worker processes a whole batch at a time
 (order preserved), embedded under ``inference_mode`` and appended to the store as they come,
@@ -25,12 +25,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backbone import DEFAULT_MODEL, Backbone, check_identity, model_identity, resolve_precision
+from .backbones.model import Backbone, resolve_precision
+from .catalog import DEFAULT_MODEL, parse_features
+from .identity import check_identity, model_identity
 from .datasets import open_source
 from .engines import ENGINES, BlockResult, EmbedJob, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
 from .fsutil import exclusive_lock
 from .prompts import default_template_sets, encode_prompt_set, load_templates
-from .store import FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
+from .store import PRE_EMBEDS, FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
 from .journal import StoreWriter
 from .runner import Runner
 
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Attributes that must agree between a partial or complete store and the run asked for, besides
 # the model's identity (model_id, model_revision, model_hash), which backbone.check_identity compares.
-_IDENTITY = ("source_fingerprint", "normalized", "dtype", "shard_index", "shard_count")
+_IDENTITY = ("source_fingerprint", "normalized", "dtype", "shard_index", "shard_count", "features")
 _MODEL_IDENTITY = ("model_id", "model_revision", "model_hash")
 _REMEDY = "use another --out, or --overwrite to start over"
 
@@ -62,6 +64,7 @@ def sample_positions(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def _check_matches(found: dict, wanted: dict, path: Path) -> None:
+    found = dict(found, features=found.get("features") or "projected")  # stores before schema 2: projected only
     for k in _IDENTITY:
         if str(found.get(k)) != str(wanted.get(k)):
             raise StoreError(
@@ -89,6 +92,7 @@ def encode(
     shard: tuple[int, int] | str | None = None,
     progress: bool = True,
     backbone: Backbone | None = None,
+    features: str | Sequence[str] = "projected",
     engine: str = "local",
     devices: str | Sequence[str] | None = None,
     ray_options: dict[str, Any] | None = None,
@@ -115,11 +119,16 @@ def encode(
         one worker process each, ending with one store.
     ray_options : for ``engine="ray"``: ``address``, ``num_gpus_per_worker``, ``decode_cpus``,
         ``embed_workers``, ``threads`` (see :class:`clip_heads.ray_engine.RayEngine`).
+    features : "projected" (default), or "projected,pre-projection" to also store the image
+        tower's pooled output before the projection (``/images/pre_embeds``) and the projection
+        itself (``/projection``; SigLIP has none: its pre-projection features are its embeddings,
+        not normalised).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
     if dtype not in ("float16", "float32"):
         raise ValueError(f"unknown dtype {dtype!r}; valid: float16, float32")
+    features = parse_features(features)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     devices = parse_devices(devices)
@@ -145,7 +154,9 @@ def encode(
 
         run_key = run_digest({"source": os.path.abspath(os.fspath(source)), "format": format, "options": source_options or {},
                               "model": str(model), "templates": list(templates or []), "batch_size": batch_size,
-                              "dtype": dtype, "normalize": normalize, "limit": limit, "seed": seed, "shard": list(shard)})
+                              "dtype": dtype, "normalize": normalize, "limit": limit, "seed": seed, "shard": list(shard),
+                              # (the default's key stays as before, so earlier done-markers still count)
+                              **({"features": list(features)} if features != ("projected",) else {})})
         done = None if overwrite else is_done(out, run_key)
         if done is not None:  # a rerun of the array: this shard finished; list nothing, load nothing
             logger.info("%s is done (its marker says so); nothing to do", out)
@@ -164,8 +175,12 @@ def encode(
         for t in template_sets:  # a bad template fails now, not after the images
             validate_prompt_set_name(load_templates(t)[0])
 
+        if PRE_EMBEDS in src.extras:
+            raise ValueError(f"{source} has a column named {PRE_EMBEDS!r}, the name a store keeps pre-projection "
+                             "features under; rename that column")
         wanted = {"source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype,
-                  "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None}
+                  "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None,
+                  "features": ",".join(features)}
 
         if out.exists() and not overwrite:
             with FeatureStore(out) as s:
@@ -205,7 +220,7 @@ def encode(
                     logger.info("starting over (--overwrite): %s", e)
             if writer is None:
                 attrs = dict(
-                    backbone.provenance(),
+                    backbone.provenance(features),
                     normalized=normalize,
                     versions=library_versions(),
                     source=desc,
@@ -216,14 +231,17 @@ def encode(
                 if shard is not None:
                     attrs.update(shard_index=shard[0], shard_count=shard[1])
                 extras = {k: v[:1] for k, v in src.extras.items()}
-                writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype,
-                                            extras=extras_spec(extras, getattr(src, "extras_meta", None)), attrs=attrs)
+                spec = extras_spec(extras, getattr(src, "extras_meta", None))
+                if "pre-projection" in features:  # one more per-image column, at /images/pre_embeds
+                    spec[PRE_EMBEDS] = ((backbone.pre_dim,), np.dtype(dtype), None)
+                writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype, extras=spec,
+                                            attrs=attrs)
                 status = "encoded"
 
             try:
                 job = EmbedJob(src, positions, plan_blocks(len(positions), writer.progress[0], batch_size),
                                backbone.preprocess, worker_model(model) if backbone.model_id == str(model) else backbone.model_id,
-                               backbone.identity, used_precision)
+                               backbone.identity, used_precision, pre_projection="pre-projection" in features)
                 batches = _stream(src, len(positions), writer, runner.blocks(job), normalize, progress)
                 sealed = writer.sealed_prompt_sets(template_sets)
                 if sealed is not None:  # a run killed while finishing already encoded them
@@ -278,7 +296,7 @@ def _drop_finished_journal(out: Path, found: dict) -> None:
     except StoreError as e:
         logger.warning("%s is left as it is: %s", part, e)
         return
-    same = all(str(theirs.get(k)) == str(found.get(k)) for k in _IDENTITY + _MODEL_IDENTITY + ("created",))
+    same = all(str(theirs.get(k)) == str(found.get(k)) for k in _IDENTITY + _MODEL_IDENTITY + ("created", "store_id"))
     if same:
         logger.info("removing %s: the store it built is in place", part)
         StoreWriter.discard(out)
@@ -310,12 +328,16 @@ def _stream(src, n_positions: int, writer: StoreWriter, results, normalize: bool
 
 
 def commit_block(writer: StoreWriter, src, r: BlockResult, normalize: bool, extras=None) -> None:
-    """One block's rows and skips into the journal, committed whole."""
+    """One block's rows (with its pre-projection features when the engine computed them) and
+    skips into the journal, committed whole."""
     extras = src.extras if extras is None else extras
     good = r.good
     if good:
         emb = l2_normalize(r.embeds) if normalize else r.embeds
-        writer.append(emb, [src.keys[i] for i in good], src.labels[good], {k: v[good] for k, v in extras.items()})
+        cols = {k: v[good] for k, v in extras.items()}
+        if r.pre_embeds is not None:  # --features pre-projection: the pooled output, as it came (not normalised)
+            cols[PRE_EMBEDS] = r.pre_embeds
+        writer.append(emb, [src.keys[i] for i in good], src.labels[good], cols)
     for i, reason in r.bad:
         logger.warning("skipped %s: %s", src.keys[i], reason)
         writer.skip(src.keys[i], reason)

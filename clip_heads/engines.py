@@ -16,7 +16,7 @@ the same for every engine, and a run started by one engine can be finished by an
   bounded queue, read in block order, so memory stays flat however uneven the devices are.
 * :class:`clip_heads.ray_engine.RayEngine` - a Ray Data pipeline (``--engine ray``).
 
-Which of them runs a given encode or predict is :class:`clip_heads.runner.Runner`'s choice.
+:class:`clip_heads.runner.Runner` picks one of them for a run.
 """
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ class BlockResult:
 
     ``index`` is the block's number in the plan, ``n`` the items it covers, ``good`` the source
     positions that decoded (rows of ``embeds``, raw float32 ``(len(good), dim)``, not
-    normalised) and ``bad`` ``(position, reason)`` for the others.
+    normalised) and ``bad`` ``(position, reason)`` for the others. ``pre_embeds``: the image
+    tower's pooled output before the projection, float32 ``(len(good), pre_dim)``, when the job
+    asked for it (``--features pre-projection``), else None.
     """
 
     index: int
@@ -50,12 +52,15 @@ class BlockResult:
     good: list[int]
     embeds: np.ndarray
     bad: list[tuple[int, str]] = field(default_factory=list)
+    pre_embeds: np.ndarray | None = None
 
 
 @dataclass
 class EmbedJob:
     """What every engine needs: the source, the run's positions and its remaining blocks, the
-    preprocessing recipe, and the model (as named, with the identity the writer recorded)."""
+    preprocessing recipe (the family's own: :func:`clip_heads.backbones.preprocess.image_recipe`),
+    the model (as named, with the identity the writer recorded), and whether the pre-projection
+    features are wanted too."""
 
     source: Any
     positions: np.ndarray
@@ -64,6 +69,7 @@ class EmbedJob:
     model: str
     identity: dict
     precision: str = "auto"
+    pre_projection: bool = False
 
     def block_positions(self, k: int) -> np.ndarray:
         a, b = self.blocks[k]
@@ -137,13 +143,24 @@ def _loader(job: EmbedJob, indices: Sequence[int], workers: int, pin: bool):
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
-def _embed(backbone, batch: dict) -> BlockResult:
-    good = [int(i) for i in batch["good"]]
-    if good:
-        emb = backbone.encode_pixels(batch["pixels"]).cpu().numpy().astype(np.float32, copy=False)
+def embed_pixels(backbone, pixels: Any, n_good: int, pre_projection: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """One block's preprocessed pixels (a tensor, or a NaFlex batch dict) -> float32
+    ``(embeddings, pre-projection features or None)`` as numpy; empty rows where none decoded."""
+    if not n_good:
+        return (np.zeros((0, backbone.dim), np.float32),
+                np.zeros((0, backbone.pre_dim), np.float32) if pre_projection else None)
+    if pre_projection:
+        emb, pre = backbone.image_features(pixels, pre_projection=True)
     else:
-        emb = np.zeros((0, backbone.dim), np.float32)
-    return BlockResult(int(batch["index"]), int(batch["n"]), good, emb, [(int(i), str(r)) for i, r in batch["bad"]])
+        emb, pre = backbone.encode_pixels(pixels), None
+    emb = emb.cpu().numpy().astype(np.float32, copy=False)
+    return emb, (pre.cpu().numpy().astype(np.float32, copy=False) if pre is not None else None)
+
+
+def _embed(backbone, batch: dict, pre_projection: bool = False) -> BlockResult:
+    good = [int(i) for i in batch["good"]]
+    emb, pre = embed_pixels(backbone, batch["pixels"], len(good), pre_projection)
+    return BlockResult(int(batch["index"]), int(batch["n"]), good, emb, [(int(i), str(r)) for i, r in batch["bad"]], pre)
 
 
 def local_blocks(job: EmbedJob, backbone, workers: int) -> Iterator[BlockResult]:
@@ -152,7 +169,7 @@ def local_blocks(job: EmbedJob, backbone, workers: int) -> Iterator[BlockResult]
     if not job.blocks:
         return
     for batch in _loader(job, range(len(job.blocks)), workers, backbone.device.type == "cuda"):
-        yield _embed(backbone, batch)
+        yield _embed(backbone, batch, job.pre_projection)
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,15 +221,15 @@ def _device_worker(rank: int, device: str, job: EmbedJob, indices: list[int], ou
     try:
         import torch
 
-        from .backbone import Backbone
+        from .backbones.model import Backbone  # any family: the registry picks its classes from config.json
 
         if threads:
             torch.set_num_threads(threads)
         backbone = Backbone(job.model, device=device, precision=job.precision)
         check_worker_identity(backbone.identity, job.identity, f"worker {rank} ({device})")
         for batch in _loader(job, indices, workers, torch.device(device).type == "cuda"):
-            r = _embed(backbone, batch)
-            out.put(("block", r.index, r.n, r.good, r.embeds, r.bad))
+            r = _embed(backbone, batch, job.pre_projection)
+            out.put(("block", r.index, r.n, r.good, r.embeds, r.bad, r.pre_embeds))
         out.put(("done",))
     except BaseException as e:  # reported to the writer, which decides; a bug keeps its traceback
         out.put(("error", type(e).__name__, str(e), traceback.format_exc(limit=12)))
@@ -249,8 +266,8 @@ def device_blocks(job: EmbedJob, devices: Sequence[str], workers: int = 0, threa
                 _raise_worker_error(devices[w], *msg[1:])
             if msg[0] != "block" or msg[1] != k:
                 raise RuntimeError(f"worker on {devices[w]} sent {msg[0]} {msg[1:2]} where block {k} was due")
-            _, index, count, good, emb, bad = msg
-            yield BlockResult(index, count, list(good), emb, list(bad))
+            _, index, count, good, emb, bad, pre = msg
+            yield BlockResult(index, count, list(good), emb, list(bad), pre)
         for w in range(n):  # each worker's last word, so that it leaves on its own
             msg = _next(queues[w], procs[w], devices[w])
             if msg[0] == "error":

@@ -32,8 +32,9 @@ import numpy as np
 from clip_heads import zeroshot
 from clip_heads.crossval import cross_validate, write_folds
 from clip_heads.label_maps import LabelMapSpec, norm
-from clip_heads.metrics import soft_label_report
-from clip_heads.results import PathLike, Report, results_dir, write_section, write_summary
+from clip_heads.calibration import format_calibration
+from clip_heads.metrics import soft_label_metrics
+from clip_heads.results import PROBA, PathLike, Report, render, results_dir, write_section, write_summary
 from clip_heads.scoring import (EvalData, info_text, label_map_name, load_eval_data, require_prompts,
                                 score_predictions, section)
 from clip_heads.store import PromptSet
@@ -49,7 +50,7 @@ __all__ = ["run_zero_shot", "train_head", "evaluate_head"]
 # ---------------------------------------------------------------------------------------
 def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, template_ids: Any = None,
                   out_dir: PathLike | None = None, label_map: LabelMapSpec | None = None, top_k: int = 0,
-                  overwrite: bool = False, *, templates: Any = None) -> Report:
+                  overwrite: bool = False, *, plots: bool | None = None, templates: Any = None) -> Report:
     """Zero-shot: each image gets the class whose prompt vector is nearest in cosine.
 
     Parameters
@@ -62,11 +63,14 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, template_
         Without one, prompts are matched to the store's classes by name.
     top_k : also write the ``top_k`` images nearest each class prompt (:func:`clip_heads.retrieval.top_k_images`).
     overwrite : replace an ``out_dir`` holding the results of another run (see :mod:`clip_heads.results`).
+    plots : draw the figures (:func:`clip_heads.results.render`; default on, ``CLIP_HEADS_PLOTS=0``
+        turns them off); ``index.html`` is written either way.
 
     Class probabilities follow the store's scoring rule (:class:`clip_heads.zeroshot.ScoringRule`:
     CLIP's softmax at the store's ``logit_scale``, 100 when the store records none); the
-    prediction is the class of highest cosine. Writes the results layout to ``out_dir``
-    (+ ``top_k.json``/``top_k.png`` with ``top_k``).
+    prediction is the class of highest cosine; their calibration (ECE, Brier, NLL) is reported.
+    Writes the results layout to ``out_dir`` (+ ``top_k.json``/``top_k.png`` with ``top_k``), its
+    figures in ``plots/`` and ``index.html``.
     """
     template_ids = zeroshot.template_ids_argument(template_ids, templates, "run_zero_shot")
     d = load_eval_data(store_path, prompt_set)
@@ -77,8 +81,9 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, template_
     if label_map is None:  # score the store's own label set only, whatever else the set has
         V, head_classes = V[zeroshot.prompt_columns(ps, d.classes)], d.classes
     cos = zeroshot.cosine(d.X, V)
+    how = d.scoring.describe() + ("" if d.scoring.scoring == "softmax" else ", renormalised to sum to 1")
     sec, predictions = score_predictions(cos.argmax(1), d.scoring.distribution(cos), head_classes, d, label_map,
-                                         f"prompt set {ps.name!r}")
+                                         f"prompt set {ps.name!r}", probabilities=how)
     sec["scoring"] = d.scoring.to_dict()
     used = ps.templates if tids is None else [ps.templates[i] for i in tids]
     # The record of what was run keeps its key "templates" (the ids), so earlier results folders still match.
@@ -95,6 +100,7 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, template_
                 from clip_heads.retrieval import top_k_images
 
                 top_k_images(store_path, k=top_k, prompt_set=ps.name, template_ids=tids, out_dir=stage)
+            render(stage, plots, out)
     return Report("zero-shot", text, metrics, out, predictions=predictions)
 
 
@@ -157,7 +163,8 @@ def _check_backbone(head: Any, d: EvalData, what: str) -> None:
 
 def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int | None = None, seed: int = 0,
                eval_store: PathLike | None = None, label_map: LabelMapSpec | None = None,
-               head_params: dict | None = None, prompt_set: str | None = None, progress: bool = True) -> Report:
+               head_params: dict | None = None, prompt_set: str | None = None, progress: bool = True,
+               plots: bool | None = None) -> Report:
     """Train a head on a store; optionally cross-validate it and score it on another store.
 
     With ``cv=K``, stratified K-fold CV (:func:`cross_validate`, folds from
@@ -173,8 +180,10 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     Writes to ``out_dir``: the head (``config.json``, ``model.safetensors``), ``report.txt``
     and ``metrics.json`` (all sections), and one folder per section in the results layout:
     ``cv/`` (+ ``folds.csv``; out-of-fold ``predictions.csv`` with 1-based fold numbers),
-    ``eval/`` or ``train/``. The folder is swapped in whole at the end; other files a user
-    keeps there survive, the previous run's sections do not.
+    ``eval/`` or ``train/``, each with its figures (``plots/``, unless ``plots=False``) and
+    ``index.html``, and an ``index.html`` on top showing them all. Heads that predict
+    probabilities get their calibration (out of fold for CV). The folder is swapped in whole at
+    the end; other files a user keeps there survive, the previous run's sections do not.
     """
     from clip_heads.heads import get_head
 
@@ -200,14 +209,18 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
         text = format_table(report, title)
         if d.soft is not None and result.y_score is not None:
             try:
-                report["soft_labels"] = dict(soft_label_report(d.soft[0], result.y_score, d.soft[1], d.classes),
+                report["soft_labels"] = dict(soft_label_metrics(d.soft[0], result.y_score, d.soft[1], d.classes),
                                              computed="out of fold")
                 text += ("\nOut of fold: each image's probabilities come from the fold model that did not see it\n"
                          + format_soft_labels(report["soft_labels"]))
             except ValueError as err:
                 logger.info("soft-label metrics skipped: %s", err)
+        if "calibration" in report:
+            text += "\n" + format_calibration(report["calibration"])
         oof = {"key": list(d.keys), "label": names.tolist(), "prediction": np.asarray(d.classes)[result.y_pred].tolist(),
                "fold": (result.folds + 1).tolist()}
+        if result.y_score is not None:
+            oof[PROBA] = result.y_score
         sections["cv"] = (report, text, oof)
         metrics["cv"], texts = report, [text]
     head = make().fit(d.X, names)
@@ -235,7 +248,7 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     # Retraining into a folder replaces the head and every section of the previous run, and
     # keeps whatever else the user put there.
     with results_dir(out, run, overwrite=True, keep_existing=True) as stage:
-        for stale in ("cv", "eval", "train", "report.txt", "metrics.json", "predictions.csv"):
+        for stale in ("cv", "eval", "train", "report.txt", "metrics.json", "predictions.csv", "plots", "index.html"):
             p = stage / stale
             if p.is_dir():
                 shutil.rmtree(p)
@@ -247,19 +260,20 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
         if result is not None:
             write_folds(stage / "cv" / "folds.csv", d.keys, names, result.folds)
         write_summary(stage, metrics, text)
+        render(stage, plots, out)
     return Report("train", text, metrics, out, result)
 
 
 def evaluate_head(head_dir: PathLike, store_path: PathLike, out_dir: PathLike | None = None,
                   label_map: LabelMapSpec | None = None, prompt_set: str | None = None,
-                  overwrite: bool = False) -> Report:
+                  overwrite: bool = False, plots: bool | None = None) -> Report:
     """Score a saved head on a store, after checking both come from the same CLIP.
 
     Class sets are met as in :func:`train_head`'s ``eval_store``. Emotion6-style stores with an
     ``emotion_distribution`` extra also get soft-label metrics. A store holding the data the
     head was trained on (same fingerprint) is reported as resubstitution, with a warning.
-    Writes the results layout to ``out_dir``; a folder holding another run's results is not
-    replaced unless ``overwrite``.
+    Writes the results layout to ``out_dir`` (with ``plots/`` and ``index.html``); a folder
+    holding another run's results is not replaced unless ``overwrite``.
     """
     from clip_heads.heads.base import Head
 
@@ -285,4 +299,5 @@ def evaluate_head(head_dir: PathLike, store_path: PathLike, out_dir: PathLike | 
     if out is not None:
         with results_dir(out, run, overwrite) as stage:
             write_section(stage, metrics, text, predictions)
+            render(stage, plots, out)
     return Report("evaluate", text, metrics, out, predictions=predictions)

@@ -1,4 +1,4 @@
-"""Full fine-tuning of CLIP on (image, class caption) pairs: the training loop's glue.
+"""Full fine-tuning of a vision-language model on (image, class caption) pairs: the training loop's glue.
 
 Bondielli & Passaro (2021, sec. 2.2) fine-tune both towers of CLIP ViT-B/32 contrastively on
 each image paired with its class caption ("an image that evokes the emotion of {}" for emotion
@@ -18,9 +18,13 @@ of a loaded model in :mod:`clip_heads.finetune_eval`, the k-fold protocol in
 :mod:`clip_heads.finetune_cv`, WiSE-FT blends and the generalisation experiment in
 :mod:`clip_heads.wise_ft`.
 
-The loss is CLIP's symmetric InfoNCE with the model's own temperature (``logit_scale``, capped
-at CLIP's 100 as CLIP does). Captions are per class, so a batch holds the same caption many
-times: images of one class are positives of each other, never negatives (:func:`contrastive_loss`),
+The model is loaded through the backbone layer (:func:`clip_heads.backbones.model.load_backbone`),
+so any supported family fine-tunes with its own rules and its own loss (:func:`family_loss`):
+CLIP-like families keep CLIP's symmetric InfoNCE with the model's own temperature
+(``logit_scale``, capped at CLIP's 100 as CLIP does); SigLIP and SigLIP 2 train with their
+pairwise sigmoid loss at the model's own scale and bias, both learned, uncapped
+(:func:`clip_heads.backbones.losses.sigmoid_loss`). Captions are per class, so a batch holds the
+same caption many times: images of one class are positives of each other, never negatives,
 and the text tower runs once per distinct caption of the step, not once per image.
 """
 from __future__ import annotations
@@ -41,7 +45,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import zeroshot
-from .backbone import Preprocess, as_embeddings, load_clip, resolve_device
+from .backbones import towers
+from .backbones.families import FamilySpec, family_of_model
+from .backbones.losses import sigmoid_loss
+from .backbones.model import load_backbone, resolve_device
+from .backbones.preprocess import ImageRecipe
 from .catalog import DEFAULT_MODEL, PRECISIONS
 from .encode import default_workers
 from .finetune_config import FinetuneConfig, FinetuneIdentity, FinetunePlan, as_source, plan_finetune
@@ -56,8 +64,8 @@ from .train import Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "finetune_loaded", "FinetuneResult", "contrastive_loss", "model_lineage", "MAX_LOGIT_SCALE",
-           "TRAIN_LOG"]
+__all__ = ["finetune", "finetune_loaded", "FinetuneResult", "contrastive_loss", "family_loss", "model_lineage",
+           "MAX_LOGIT_SCALE", "TRAIN_LOG"]
 
 MAX_LOGIT_SCALE = math.log(zeroshot.CLIP_LOGIT_SCALE)  # CLIP clamps its learned temperature at 100
 TRAIN_LOG = "train_log.json"  # written last: a model folder that has it is complete
@@ -86,26 +94,38 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labe
     return multi_positive_clip_loss(image_embeds, text_embeds, labels, 1 / logit_scale.clamp(max=MAX_LOGIT_SCALE).exp())
 
 
-def _normed(x: Any) -> torch.Tensor:
-    return F.normalize(as_embeddings(x).float(), dim=-1)
+def family_loss(spec: FamilySpec, model: Any, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+    """The loss ``model``'s family was trained with, on L2-normalised pairs whose equal labels
+    are positives: :func:`contrastive_loss` (InfoNCE) at the model's temperature, or SigLIP's
+    :func:`~clip_heads.backbones.losses.sigmoid_loss` at its own scale and bias."""
+    if spec.loss == "sigmoid":
+        return sigmoid_loss(image_embeds, text_embeds, labels, model.logit_scale, model.logit_bias)
+    return contrastive_loss(image_embeds, text_embeds, labels, model.logit_scale)
+
+
+def _normed(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
 
 
 class _CaptionLoss:
     """``loss(batch)`` for the Trainer: images through the image tower, each distinct caption of
-    the batch once through the text tower, then :func:`contrastive_loss` on the B x B pairs."""
+    the batch once through the text tower, then the family's loss (:func:`family_loss`) on the
+    B x B pairs."""
 
-    def __init__(self, model, tokens: dict[str, torch.Tensor], n_templates: int) -> None:
+    def __init__(self, model, tokens: dict[str, torch.Tensor], n_templates: int, spec: FamilySpec | None = None) -> None:
         self.model, self.tokens, self.n_templates = model, tokens, n_templates
+        self.spec = spec or family_of_model(model)
         self.pending: list[torch.Tensor] = []  # micro-batch losses of the current optimizer step
 
     def __call__(self, batch: dict) -> torch.Tensor:
         labels, captions = batch["labels"], batch["labels"] * self.n_templates + batch["templates"]
         if len(labels) == 0:  # every image of this micro-batch was unreadable
-            return self.model.logit_scale * 0.0
+            return self.model.logit_scale.sum() * 0.0
         uniq, inverse = torch.unique(captions, return_inverse=True)
-        img = _normed(self.model.get_image_features(pixel_values=batch["pixels"]))
-        txt = _normed(self.model.get_text_features(**{k: v[uniq] for k, v in self.tokens.items()}))
-        loss = contrastive_loss(img, txt[inverse], labels, self.model.logit_scale)
+        img = _normed(towers.image_embeds(self.model, batch["pixels"]))
+        txt = _normed(towers.text_embeds(self.model, {k: v[uniq] for k, v in self.tokens.items()}))
+        loss = family_loss(self.spec, self.model, img, txt[inverse], labels)
         self.pending.append(loss.detach().float())
         return loss
 
@@ -118,7 +138,7 @@ class _EpochData:
     micro-batch ``start`` on. The order and each image's caption template depend on
     ``(seed, epoch)`` only, so a resumed run sees exactly the batches it would have seen."""
 
-    def __init__(self, src: Source, positions: np.ndarray, micro: int, preprocess: Preprocess, n_templates: int,
+    def __init__(self, src: Source, positions: np.ndarray, micro: int, preprocess: ImageRecipe, n_templates: int,
                  seed: int, workers: int, pin: bool) -> None:
         self.src, self.positions, self.micro, self.preprocess = src, np.asarray(positions), micro, preprocess
         self.n_templates, self.seed, self.workers, self.pin = n_templates, seed, workers, pin
@@ -295,20 +315,21 @@ def _train(src: Source, out: Path, plan: FinetunePlan, dev: torch.device, amp: b
     for stale in ckpt.glob(".step-*"):  # staging folders of a killed run; we hold the lock, so nobody else's
         shutil.rmtree(stale, ignore_errors=True)
 
-    loaded = load_clip(files, dev, dtype=torch.float32)  # fp32 master weights
-    clip, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.processor
+    loaded = load_backbone(files, dev, precision="fp32", trainable=True, dtype=torch.float32)  # fp32 master weights
+    clip, tokenizer, processor, spec = loaded.model, loaded.tokenizer, loaded.processor, loaded.spec
+    cap = math.log(spec.max_logit_scale) if spec.max_logit_scale else None  # CLIP's cap; SigLIP's scale is free
     if config.gradient_checkpointing:
         # transformers 5 renamed it; 4.x only has the old name.
         (getattr(clip, "activation_checkpointing_enable", None) or clip.gradient_checkpointing_enable)()
 
-    # Every caption tokenized once; caption id = class * n_templates + template.
+    # Every caption tokenized once, by the family's rule; caption id = class * n_templates + template.
     texts = [t.format(class_phrase(c)) for c in src.classes for t in tpls]
-    tok = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    tokens = {k: v.to(dev) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-    data = _EpochData(src, positions, micro, Preprocess.from_processor(processor), len(tpls), config.seed,
+    tokens = {k: v.to(dev) for k, v in loaded.tokenize(texts).items()}
+    data = _EpochData(src, positions, micro, loaded.preprocess, len(tpls), config.seed,
                       default_workers(dev) if config.workers is None else config.workers, dev.type == "cuda")
-    loss_fn = _CaptionLoss(clip, tokens, len(tpls))
-    recipe = dict(template_set=plan.template_set, n_train=int(len(positions)), classes=list(src.classes),
+    loss_fn = _CaptionLoss(clip, tokens, len(tpls), spec)
+    recipe = dict(family=spec.name, loss=spec.loss, template_set=plan.template_set, n_train=int(len(positions)),
+                  classes=list(src.classes),
                   precision=str(amp or "fp32"), device=str(dev), gradient_checkpointing=config.gradient_checkpointing,
                   steps_per_epoch=math.ceil(len(data) / (config.batch_size // micro)))
     # The starting model and its own ancestors, so WiSE-FT can tell a fine-tune from an unrelated model.
@@ -321,14 +342,15 @@ def _train(src: Source, out: Path, plan: FinetunePlan, dev: torch.device, amp: b
     clock = {"t": time.perf_counter(), "wait": 0.0}
 
     def on_step(trainer: Trainer, logs: dict) -> None:
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)  # CLIP's cap, after each update
+        if cap is not None:
+            with torch.no_grad():
+                clip.logit_scale.clamp_(0, cap)  # CLIP's cap, after each update
         now = time.perf_counter()
         loss = torch.stack(loss_fn.pending).mean().item() if loss_fn.pending else float("nan")
         loss_fn.pending.clear()
-        log["steps"].append({"step": trainer.step, "epoch": trainer.epoch + 1, "loss": loss, "lr": logs["lr"],
-                             "logit_scale": clip.logit_scale.exp().item(), "seconds": now - clock["t"],
-                             "data_wait": data.wait_s - clock["wait"]})
+        step = {"step": trainer.step, "epoch": trainer.epoch + 1, "loss": loss, "lr": logs["lr"],
+                **towers.logit_values(clip, spec), "seconds": now - clock["t"], "data_wait": data.wait_s - clock["wait"]}
+        log["steps"].append(step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if config.checkpoint_every and trainer.step % config.checkpoint_every == 0:

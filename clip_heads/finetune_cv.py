@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import Preprocess, load_clip, resolve_device
+from .backbones.model import load_backbone, resolve_device
+from .backbones.preprocess import image_recipe
 from .catalog import DEFAULT_MODEL
 from .crossval import stratified_folds, write_folds
 from .encode import default_workers
@@ -30,7 +31,7 @@ from .finetune_eval import zero_shot_report
 from .fsutil import PathLike, exclusive_lock
 from .identity import ModelFiles, resolve_model
 from .metrics import classification_report, summarize_folds
-from .results import METRICS, REPORT, Report, results_files, source_record, write_json, write_section
+from .results import METRICS, REPORT, Report, render, results_files, source_record, write_json, write_section
 from .source import Source
 from .tables import format_table
 
@@ -48,7 +49,7 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
                             config: FinetuneConfig | None = None, *, cv: int = 10, seed: int | None = None,
                             format: str = "auto", source_options: dict | None = None, keep_models: bool = False,
                             eval_batch_size: int = 64, overwrite: bool = False, progress: bool = True,
-                            **options: Any) -> Report:
+                            plots: bool | None = None, **options: Any) -> Report:
     """For each of ``cv`` folds, fine-tune from the ORIGINAL weights on the other folds and
     zero-shot the held-out fold by cosine to the class captions.
 
@@ -57,7 +58,9 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
     and each fine-tune. Each fold lives in ``out_dir/fold-NN/`` (NN the fold id of ``folds.csv``;
     its weights are deleted after scoring unless ``keep_models``). A rerun reuses a scored fold
     only if it was fine-tuned from the same weights with the same settings (anything else is
-    refused); ``overwrite=True`` discards the scored folds and starts over.
+    refused); ``overwrite=True`` discards the scored folds and starts over. The folder's figures
+    (confusion matrix, per-class bars, fold spread; ``plots=False`` skips them) and its
+    ``index.html`` are drawn from the out-of-fold evaluation.
 
     Returns a :class:`~clip_heads.results.Report` whose ``metrics`` are the
     :func:`clip_heads.metrics.summarize_folds` dict (per fold, mean, std, pooled) with ``info``.
@@ -86,7 +89,7 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
                                  progress))
             bar.update(1)
         bar.close()
-        report = _write(src, out, files, config, folds, reports, cv)
+        report = _write(src, out, files, config, folds, reports, cv, plots)
     # The table is in report.txt (the CLI prints it); the log says where, once.
     logger.info("%d-fold fine-tune CV: accuracy %.4f ± %.4f; report in %s", cv, report["mean"]["accuracy"],
                 report["std"]["accuracy"], out / "report.txt")
@@ -107,10 +110,10 @@ def _fold(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, fol
     logger.info("fold %d/%d: fine-tuning on %d images", f + 1, cv, len(train))
     res, loaded = finetune_loaded(src, here, files, config, train_indices=train, overwrite=False, progress=progress)
     if loaded is None:
-        reloaded = load_clip(here, dev, dtype=torch.float32)
+        reloaded = load_backbone(here, dev, precision="fp32", dtype=torch.float32)
         loaded = reloaded.model, reloaded.tokenizer, reloaded.processor
     clip, tokenizer, processor = loaded
-    rep = zero_shot_report(clip, tokenizer, Preprocess.from_processor(processor), src, np.flatnonzero(folds == f),
+    rep = zero_shot_report(clip, tokenizer, image_recipe(processor), src, np.flatnonzero(folds == f),
                            res.log["identity"]["templates"], dev, config.precision, eval_batch_size, workers, progress)
     rep["fold"] = f  # the fold id of folds.csv; messages count folds from 1
     # The fine-tune's own report.txt / metrics.json give way to the fold's held-out evaluation.
@@ -134,7 +137,7 @@ def _held_out_report(here: Path) -> dict | None:
 
 
 def _write(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, folds: np.ndarray, reports: list[dict],
-           cv: int) -> Report:
+           cv: int, plots: bool | None = None) -> Report:
     pos = np.concatenate([r["positions"] for r in reports]).astype(np.int64)
     y_pred = np.concatenate([r["y_pred"] for r in reports]).astype(np.int64)
     pooled = classification_report(src.labels[pos], y_pred, src.classes)
@@ -152,4 +155,5 @@ def _write(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, fo
                    "prediction": names[y_pred[order]].tolist(), "fold": (folds[pos[order]] + 1).tolist()}
     with results_files(out) as stage:
         write_section(stage, summary, text, predictions)
+        render(stage, plots, out)
     return Report("finetune-cv", text, summary, out, predictions=predictions)

@@ -1,8 +1,9 @@
-"""Zero-shot a loaded CLIP on images straight from a source: how fine-tunes are scored.
+"""Zero-shot a loaded model on images straight from a source: how fine-tunes are scored.
 
 The rule is ``clip-heads zero-shot``'s on a store that ``model`` encoded, through the same
-kernel (:mod:`clip_heads.zeroshot`): each class's caption templates are encoded and ensembled
-into one unit vector, and each image gets the class of highest cosine. Used by the fine-tune's
+kernel (:mod:`clip_heads.zeroshot`) and the same family rules (:mod:`clip_heads.backbones.towers`:
+SigLIP's prompts padded to 64 tokens, SigLIP 2's lower-cased): each class's caption templates
+are encoded and ensembled into one unit vector, and each image gets the class of highest cosine. Used by the fine-tune's
 k-fold protocol (:mod:`clip_heads.finetune_cv`) and the WiSE-FT curve (:mod:`clip_heads.wise_ft`).
 """
 from __future__ import annotations
@@ -15,7 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import zeroshot
-from .backbone import Preprocess, as_embeddings, autocast_for, load_clip, resolve_device
+from .backbones import towers
+from .backbones.families import family_of_model
+from .backbones.model import autocast_for, load_backbone, resolve_device
+from .backbones.preprocess import ImageRecipe
 from .encode import default_workers
 from .finetune_config import as_source, default_caption_templates
 from .fsutil import PathLike
@@ -29,21 +33,23 @@ __all__ = ["caption_vectors", "zero_shot_report", "evaluate_zero_shot"]
 @torch.inference_mode()
 def caption_vectors(clip: Any, tokenizer: Any, templates: Sequence[str], classes: Sequence[str],
                     device: torch.device, precision: str) -> torch.Tensor:
-    """Unit class vectors ``(C, dim)``: every template x class caption through the text tower,
-    ensembled per class by the kernel (:func:`clip_heads.zeroshot.ensemble`)."""
+    """Unit class vectors ``(C, dim)``: every template x class caption through the text tower
+    (tokenized by the model's family rule), ensembled per class by the kernel
+    (:func:`clip_heads.zeroshot.ensemble`)."""
+    spec = family_of_model(clip, tokenizer)
     texts, _, cid = build_texts(templates, classes)
-    tok = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    tok = towers.tokenize(tokenizer, spec, texts, towers.text_max_length(clip, tokenizer, spec))
     with autocast_for(device, precision):
-        E = as_embeddings(clip.get_text_features(input_ids=tok["input_ids"].to(device),
-                                                 attention_mask=tok["attention_mask"].to(device))).float()
+        E = towers.text_embeds(clip, {k: v.to(device) for k, v in tok.items()}).float()
     return zeroshot.ensemble(E, cid, len(classes), list(classes), "the captions")
 
 
 @torch.inference_mode()
-def zero_shot_report(clip: Any, tokenizer: Any, preprocess: Preprocess, src: Source, positions: np.ndarray,
+def zero_shot_report(clip: Any, tokenizer: Any, preprocess: ImageRecipe, src: Source, positions: np.ndarray,
                      templates: Sequence[str], device: torch.device, precision: str, batch_size: int, workers: int,
                      progress: bool = False) -> dict:
-    """Zero-shot a loaded CLIP on ``positions`` of ``src`` (see :func:`evaluate_zero_shot`)."""
+    """Zero-shot a loaded model on ``positions`` of ``src`` (see :func:`evaluate_zero_shot`);
+    ``preprocess`` is its image recipe (:func:`clip_heads.backbones.preprocess.image_recipe`)."""
     from tqdm.auto import tqdm
 
     from .metrics import classification_report
@@ -58,7 +64,7 @@ def zero_shot_report(clip: Any, tokenizer: Any, preprocess: Preprocess, src: Sou
             skipped[src.keys[i]] = reason
         if item["good"]:
             with autocast_for(device, precision):
-                img = as_embeddings(clip.get_image_features(pixel_values=item["pixels"].to(device))).float()
+                img = towers.image_embeds(clip, towers.image_inputs(item["pixels"], device)).float()
             preds.append(zeroshot.predict(img, V).cpu())
             good += item["good"]
     if not good:
@@ -83,8 +89,8 @@ def evaluate_zero_shot(model: str, source: PathLike | Source, *, format: str = "
     """
     src = as_source(source, format, source_options)
     dev = resolve_device(device)
-    loaded = load_clip(model, dev, dtype=torch.float32)
+    loaded = load_backbone(model, dev, precision="fp32", dtype=torch.float32)
     positions = np.arange(len(src)) if indices is None else np.asarray(indices, np.int64)
     _, tpls = load_templates(templates or default_caption_templates(src))
-    return zero_shot_report(loaded.model, loaded.tokenizer, Preprocess.from_processor(loaded.processor), src, positions,
+    return zero_shot_report(loaded.model, loaded.tokenizer, loaded.preprocess, src, positions,
                             tpls, dev, precision, batch_size, default_workers(dev) if workers is None else workers)

@@ -27,8 +27,12 @@ __all__ = ["SAFETENSORS", "SAFETENSORS_INDEX", "HUB_FILES", "HUB_PROBE_TIMEOUT",
 # ---------------------------------------------------------------------------------------
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
-# What a CLIP load reads from a hub repo: config, safetensors weights, tokenizer and image processor.
-HUB_FILES = ("*.json", "*.safetensors", "*.txt")
+# What a model load reads from a hub repo, for every family: config and processor JSONs,
+# transformers' safetensors weights (model.safetensors or its shards, not other formats' copies
+# such as open_clip's open_clip_model.safetensors), and the tokenizer's files: vocab/merges
+# (*.txt), sentencepiece models (SigLIP's spiece.model, XLM-R's sentencepiece.bpe.model,
+# Gemma's tokenizer.model) and tokenizer.json.
+HUB_FILES = ("*.json", "model*.safetensors", "*.txt", "*.model")
 HUB_PROBE_TIMEOUT = 5.0  # seconds the hub gets to answer once before the cached copy is used
 LOCAL_REVISION = "local"  # the revision recorded for a model directory
 _hub_down: dict[str, str] = {}  # endpoint -> why it could not be reached, for this process
@@ -134,7 +138,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ValueError(f"cannot load CLIP model {repo_id!r}: no such directory, and not a hub id (org/name); "
+        raise ValueError(f"cannot load model {repo_id!r}: no such directory, and not a hub id (org/name); "
                          "pass --model PATH to a directory saved with save_pretrained") from e
     if hub_offline():
         return _cached_snapshot(repo_id, "offline (HF_HUB_OFFLINE)")
@@ -174,7 +178,7 @@ def _cached_snapshot(repo_id: str, why: str) -> Path:
 
     found = try_to_load_from_cache(repo_id, "config.json")
     if not isinstance(found, str):
-        raise ValueError(f"cannot load CLIP model {repo_id!r}: {why}, and it is not in the local cache "
+        raise ValueError(f"cannot load model {repo_id!r}: {why}, and it is not in the local cache "
                          f"({constants.HF_HUB_CACHE}); run once with the hub reachable, or pass --model PATH "
                          "to a directory saved with save_pretrained")
     folder = Path(found).parent

@@ -150,6 +150,8 @@ def structure_problems(f: h5py.File, path: Path) -> list[Problem]:
     row_sets = ["images/embeds", "images/keys", "images/labels"]
     if isinstance(f.get("images/extras"), h5py.Group):
         row_sets += [f"images/extras/{n}" for n in f["images/extras"]]
+    if "images/pre_embeds" in f:  # schema 2: checked where its rows lie, whatever /images/extras links to
+        row_sets.append("images/pre_embeds")
     for name, want in [(n, rows) for n in row_sets] + [(n, skipped) for n in ("skipped/keys", "skipped/reasons") if n in f]:
         d = f[name]
         if not isinstance(d, h5py.Dataset) or d.ndim < 1:
@@ -173,6 +175,13 @@ def structure_problems(f: h5py.File, path: Path) -> list[Problem]:
     g = f.get("prompts")
     for set_name in (g if isinstance(g, h5py.Group) else []):
         problems += _prompt_problems(g[set_name], f"/prompts/{set_name}", int(emb.shape[1]))
+    if "projection" in f:
+        proj, pre = f["projection"], f.get("images/pre_embeds")
+        want = (int(emb.shape[1]), int(pre.shape[1]) if isinstance(pre, h5py.Dataset) and pre.ndim == 2 else None)
+        if not isinstance(proj, h5py.Dataset) or proj.ndim != 2 or proj.shape[0] != want[0] or (
+                want[1] is not None and proj.shape[1] != want[1]):
+            problems.append(Problem("/projection", f"has shape {getattr(proj, 'shape', None)}; the store's vectors need "
+                                                   f"({want[0]}, {want[1] if want[1] is not None else 'pre_dim'})"))
     return problems
 
 

@@ -37,8 +37,8 @@ import numpy as np
 
 from .fsutil import DiskFullError, fsync_dir, is_disk_full, remove_stale_siblings, temp_sibling
 from .integrity import DIGEST_ATTR, Problem, digest_update
-from .schema import (LIBVER, STR, PromptSet, StoreError, check_prompt_set, create_layout, now, write_isolated,
-                     write_prompt_set)
+from .schema import (LIBVER, STR, PromptSet, StoreError, check_prompt_set, create_layout, new_store_id, now,
+                     write_isolated, write_prompt_set)
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class StoreWriter:
         part = cls.partial_path(path)
         part.parent.mkdir(parents=True, exist_ok=True)
         layout = {"dim": int(dim), "classes": [str(c) for c in classes], "dtype": str(dtype),
-                  "extras": _spec_to_json(extras or {}), "attrs": dict(attrs or {}, created=now())}
+                  "extras": _spec_to_json(extras or {}), "attrs": dict(attrs or {}, created=now(), store_id=new_store_id())}
         tmp = temp_sibling(part, "new")
         try:
             with open(tmp, "wb") as f:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from .backbone import Preprocess
+from .backbones.preprocess import ImageRecipe, stack_batch
 from .images import BadImage
 from .source import Source
 
@@ -29,16 +28,17 @@ class DecodedBatches(Dataset):
     positions : np.ndarray
         Item positions in the source, in the order to decode them.
     batch_size : int
-    preprocess : Preprocess
-        The model's image recipe; its shortest-edge resize is checked against the source's
-        ``limits.max_resized_pixels`` before it runs.
+    preprocess : Preprocess or ProcessorPreprocess
+        The model's image recipe (:func:`clip_heads.backbones.preprocess.image_recipe`); its
+        resize is checked against the source's ``limits.max_resized_pixels`` before it runs.
 
     Each item is a dict: ``n`` (items in the batch), ``good`` (their positions that decoded),
-    ``pixels`` (float32 tensor ``(len(good), 3, H, W)``, or empty), ``bad`` (list of
-    ``(position, reason)``).
+    ``pixels`` (float32 tensor ``(len(good), 3, H, W)``, or empty; for a recipe that returns a
+    dict per image, such as SigLIP 2's NaFlex processor, a dict of the same keys, each stacked),
+    ``bad`` (list of ``(position, reason)``).
     """
 
-    def __init__(self, source: Source, positions: np.ndarray, batch_size: int, preprocess: Preprocess) -> None:
+    def __init__(self, source: Source, positions: np.ndarray, batch_size: int, preprocess: ImageRecipe) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         self.source, self.positions = source, np.asarray(positions)
@@ -58,10 +58,9 @@ class DecodedBatches(Dataset):
                 good.append(int(i))
             except BadImage as e:  # only decoding problems are skipped; anything else is a bug
                 bad.append((int(i), str(e) or "unreadable image"))
-        x = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0)
-        return {"n": len(chunk), "good": good, "pixels": x, "bad": bad}
+        return {"n": len(chunk), "good": good, "pixels": stack_batch(pixels), "bad": bad}
 
-    def _decode(self, i: int) -> np.ndarray:
+    def _decode(self, i: int) -> Any:
         img = self.source.load(i)
         p = self.preprocess
         if p.do_resize:

@@ -26,7 +26,8 @@ from sklearn.metrics import (
 )
 
 __all__ = ["AVERAGES", "PRF", "classification_report", "confusion_matrices", "metrics_from_confusion",
-           "soft_label_report", "defined_in_fold", "summarize_folds", "is_cv_report", "json_default"]
+           "soft_label_report", "soft_label_breakdown", "soft_label_metrics", "defined_in_fold", "summarize_folds",
+           "is_cv_report", "json_default"]
 
 AVERAGES = ("macro", "weighted")
 PRF = ("precision", "recall", "f1")
@@ -196,6 +197,49 @@ def soft_label_report(
         "n_dropped": int((~keep).sum()),
         "eps": eps,
     }
+
+
+def soft_label_breakdown(P_true: np.ndarray, P_pred: np.ndarray, true_columns: Sequence[str],
+                         pred_columns: Sequence[str], k: int = 2) -> dict[str, Any]:
+    """Predicted versus vote distributions, overall and per dominant voted class.
+
+    Columns are aligned by name as :func:`soft_label_report` aligns them, and
+    each group's numbers come from that same function, so KL and agreement mean what they mean
+    in metrics.json. Returns ``columns``, ``mean_true`` and ``mean_pred`` (the average
+    distributions), ``overall`` (the report on all samples) and ``per_class``: for every class
+    that is the argmax of some sample's votes, ``n`` and that group's report.
+    """
+    P_true, P_pred = np.asarray(P_true, np.float64), np.asarray(P_pred, np.float64)
+    overall = soft_label_report(P_true, P_pred, true_columns, pred_columns, k=k)
+    cols = overall["columns"]
+    t_idx = {str(c).strip().lower(): i for i, c in enumerate(true_columns)}
+    T = P_true[:, [t_idx[c.strip().lower()] for c in cols]]
+    Q = P_pred[:, [list(map(str, pred_columns)).index(c) for c in cols]]
+    keep = T.sum(1) > 0
+    T, Q = T[keep], Q[keep]  # as soft_label_report sees them: it smooths and renormalises itself
+    dominant = T.argmax(1)
+    per_class = {}
+    for i, c in enumerate(cols):
+        g = dominant == i
+        if g.any():
+            per_class[c] = dict(soft_label_report(T[g], Q[g], k=k), n=int(g.sum()))
+    mean_true = (T / T.sum(1, keepdims=True)).mean(0)
+    mean_pred = (Q / np.maximum(Q.sum(1, keepdims=True), 1e-300)).mean(0)
+    return {"columns": cols, "mean_true": mean_true.tolist(), "mean_pred": mean_pred.tolist(),
+            "overall": overall, "per_class": per_class, "k": overall["k"]}
+
+
+def soft_label_metrics(P_true: np.ndarray, P_pred: np.ndarray, true_columns: Sequence[str],
+                       pred_columns: Sequence[str], k: int = 2) -> dict[str, Any]:
+    """What metrics.json keeps of soft labels: :func:`soft_label_report` on all samples, plus
+    ``mean_true`` / ``mean_pred`` (the average vote and predicted distributions over
+    ``columns``) and ``by_dominant_class`` (per class that is some image's top vote: ``n``,
+    ``kl``, ``top1_agreement``, ``top{k}_agreement``), the numbers of the soft-label figure."""
+    b = soft_label_breakdown(P_true, P_pred, true_columns, pred_columns, k=k)
+    kk = b["k"]
+    keep = ("n", "kl", "top1_agreement", f"top{kk}_agreement")
+    return dict(b["overall"], mean_true=b["mean_true"], mean_pred=b["mean_pred"],
+                by_dominant_class={c: {key: r[key] for key in keep} for c, r in b["per_class"].items()})
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,9 +19,12 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
+
+from clip_heads.metrics import soft_label_breakdown  # noqa: F401  (the numbers soft_label_figure draws)
+from clip_heads.paper import PAPER_CURVES, paper_points  # noqa: F401  (the paper's points, drawn as stars)
 
 PathLike = Union[str, "os.PathLike[str]"]
 DPI = 150
@@ -251,38 +254,10 @@ def ablation_figure(rows: Sequence[dict], title: str | None = None):
     from matplotlib.patches import Patch
 
     axes[1].legend(handles=[Patch(color=COLORS["template"], label="one template"),
-                            Patch(color=COLORS["ensemble"], label="ensemble of a set")], fontsize=8, loc="lower right")
+                            Patch(color=COLORS["ensemble"], label="ensemble of a set")], fontsize=8, loc="lower right",
+                   bbox_to_anchor=(1.0, 1.0), ncols=2, frameon=False)  # above the bars, never over one
     fig.suptitle(title or "Prompt ablation, zero-shot, ranked by accuracy", fontsize=11)
     return fig
-
-
-# The generalisation experiments the paper published numbers for (reproduce.PAPER), and which
-# of its tables sit on each curve.
-PAPER_CURVES = {
-    # experiment: A -> (Table 1 key of A, CV table of A), B -> Table 1 key of B
-    "emotion-clip-on-cifar100": {"a": ("fi", "table3"), "b": "cifar100"},
-    "cifar100-clip-on-fi": {"a": ("cifar100", "table4"), "b": "fi"},
-}
-
-
-def paper_points(experiment: str) -> list[dict[str, Any]]:
-    """Bondielli & Passaro's accuracies on a generalisation curve (``emotion-clip-on-cifar100``
-    or ``cifar100-clip-on-fi``): Table 5 (fine-tuned on A, zero-shot on B) at alpha 1 on B,
-    Table 1 (zero-shot CLIP) at alpha 0 on A and B, and Table 3/4 (10-fold CV of the fine-tune
-    on A) at alpha 1 on A. Each ``{alpha, side, accuracy, label}``; numbers from
-    :data:`clip_heads.reproduce.PAPER`, the paper's, never ours."""
-    from clip_heads.reproduce import PAPER
-
-    if experiment not in PAPER_CURVES:
-        raise ValueError(f"no paper numbers for experiment {experiment!r}; known: {sorted(PAPER_CURVES)}")
-    (a1, acv), b1 = PAPER_CURVES[experiment]["a"], PAPER_CURVES[experiment]["b"]
-    return [
-        {"alpha": 1.0, "side": "b", "accuracy": PAPER["table5"][experiment]["accuracy"], "label": "paper Table 5"},
-        {"alpha": 0.0, "side": "b", "accuracy": PAPER["table1"][b1]["accuracy"], "label": "paper Table 1"},
-        {"alpha": 0.0, "side": "a", "accuracy": PAPER["table1"][a1]["accuracy"], "label": "paper Table 1"},
-        {"alpha": 1.0, "side": "a", "accuracy": PAPER[acv]["accuracy"],
-         "label": f"paper Table {acv[-1]} (10-fold CV)"},
-    ]
 
 
 def wise_ft_figure(result: dict, points: Sequence[dict] | None = None, title: str | None = None,
@@ -331,41 +306,14 @@ def wise_ft_figure(result: dict, points: Sequence[dict] | None = None, title: st
 # ---------------------------------------------------------------------------------------
 # Soft labels and calibration
 # ---------------------------------------------------------------------------------------
-def soft_label_breakdown(P_true: np.ndarray, P_pred: np.ndarray, true_columns: Sequence[str],
-                         pred_columns: Sequence[str], k: int = 2) -> dict[str, Any]:
-    """Predicted versus vote distributions, overall and per dominant voted class.
-
-    Columns are aligned by name as :func:`clip_heads.metrics.soft_label_report` aligns them, and
-    each group's numbers come from that same function, so KL and agreement mean what they mean
-    in metrics.json. Returns ``columns``, ``mean_true`` and ``mean_pred`` (the average
-    distributions), ``overall`` (the report on all samples) and ``per_class``: for every class
-    that is the argmax of some sample's votes, ``n`` and that group's report.
-    """
-    from clip_heads.metrics import soft_label_report
-
-    P_true, P_pred = np.asarray(P_true, np.float64), np.asarray(P_pred, np.float64)
-    overall = soft_label_report(P_true, P_pred, true_columns, pred_columns, k=k)
-    cols = overall["columns"]
-    t_idx = {str(c).strip().lower(): i for i, c in enumerate(true_columns)}
-    T = P_true[:, [t_idx[c.strip().lower()] for c in cols]]
-    Q = P_pred[:, [list(map(str, pred_columns)).index(c) for c in cols]]
-    keep = T.sum(1) > 0
-    T, Q = T[keep], Q[keep]  # as soft_label_report sees them: it smooths and renormalises itself
-    dominant = T.argmax(1)
-    per_class = {}
-    for i, c in enumerate(cols):
-        g = dominant == i
-        if g.any():
-            per_class[c] = dict(soft_label_report(T[g], Q[g], k=k), n=int(g.sum()))
-    mean_true = (T / T.sum(1, keepdims=True)).mean(0)
-    mean_pred = (Q / np.maximum(Q.sum(1, keepdims=True), 1e-300)).mean(0)
-    return {"columns": cols, "mean_true": mean_true.tolist(), "mean_pred": mean_pred.tolist(),
-            "overall": overall, "per_class": per_class, "k": overall["k"]}
-
-
 def soft_label_figure(breakdown: dict, title: str | None = None):
-    """Three panels from :func:`soft_label_breakdown`: the mean vote and predicted distributions,
+    """Three panels from :func:`clip_heads.metrics.soft_label_breakdown` (or the ``soft_labels``
+    entry of a metrics.json, :func:`~clip_heads.metrics.soft_label_metrics`): the mean vote and predicted distributions,
     mean KL(votes || predicted) per dominant voted class, and top-1 / top-k agreement per class."""
+    if "by_dominant_class" in breakdown:  # the soft_labels entry of a metrics.json (metrics.soft_label_metrics)
+        breakdown = {"columns": breakdown["columns"], "mean_true": breakdown["mean_true"],
+                     "mean_pred": breakdown["mean_pred"], "overall": breakdown,
+                     "per_class": breakdown["by_dominant_class"], "k": breakdown["k"]}
     cols, k = breakdown["columns"], breakdown["k"]
     C = len(cols)
     fig = _figure(max(12.0, 3 * (1.2 + 0.45 * C)), 4.6)
@@ -473,7 +421,8 @@ def write_run_plots(report: dict, out_dir: PathLike, *, calibration: dict | None
     :func:`~clip_heads.metrics.summarize_folds` dict (as in metrics.json): the confusion matrix
     (``confusion_matrix.png``), the per-class bars (``per_class.png``) and, for CV, the fold
     spread (``fold_spread.png``). ``calibration`` (or the report's own ``calibration`` entry)
-    adds ``reliability.png``; ``soft`` (:func:`soft_label_breakdown`) adds ``soft_labels.png``.
+    adds ``reliability.png``; ``soft`` (:func:`soft_label_breakdown`, or the report's own
+    ``soft_labels`` entry where it has the per-class numbers) adds ``soft_labels.png``.
     """
     figures = [("confusion_matrix", confusion_matrix_figure(report, title=None)),
                ("per_class", per_class_figure(report, title=None))]
@@ -482,6 +431,8 @@ def write_run_plots(report: dict, out_dir: PathLike, *, calibration: dict | None
     cal = calibration if calibration is not None else report.get("calibration")
     if cal is not None:
         figures.append(("reliability", reliability_figure(cal)))
+    if soft is None and "by_dominant_class" in (report.get("soft_labels") or {}):
+        soft = report["soft_labels"]
     if soft is not None:
         figures.append(("soft_labels", soft_label_figure(soft)))
     paths: list[Path] = []

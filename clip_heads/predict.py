@@ -103,7 +103,7 @@ def predict(
 
     Parameters
     ----------
-    model : the CLIP to embed with; default the head's own (``backbone.model_id`` in its
+    model : the model to embed with (any family); default the head's own (``backbone.model_id`` in its
         config). The model's identity (id, weights hash, dim) is checked against the head's.
     dtype, normalize : how the head's training vectors were stored (default: normalised, float16,
         as ``encode`` stores them); the vectors are made the same before they are scored.
@@ -112,7 +112,7 @@ def predict(
     """
     from tqdm.auto import tqdm
 
-    from .backbone import Backbone, resolve_precision
+    from .backbones.model import Backbone, resolve_precision
     from .datasets import open_source
     from .engines import ENGINES, EmbedJob, parse_devices, plan_blocks, worker_model
     from .runner import Runner

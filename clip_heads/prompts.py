@@ -123,12 +123,20 @@ def build_texts(templates: Sequence[str], classes: Sequence[str], synonyms: Mapp
 
 def encode_prompt_set(backbone, templates: str, classes: Sequence[str], synonyms: str | None = None,
                       name: str | None = None, progress: bool = False) -> PromptSet:
-    """Encode one template set for ``classes`` with the backbone's text tower (a bar with ``progress``)."""
+    """Encode one template set for ``classes`` with the backbone's text tower (a bar with ``progress``).
+
+    The prompts go through the family's text rule (:meth:`~clip_heads.backbones.model.Backbone.tokenize`:
+    padded to the longest prompt, or to SigLIP's fixed 64 tokens; lower-cased for SigLIP 2), and
+    the set keeps each prompt as the text tower read it, so ``texts`` and ``embeds`` agree. Its
+    attributes record the rule (``text_padding``, ``text_max_length``, ``text_lowercase``).
+    """
     set_name, tpls = load_templates(templates)
     syn = load_synonyms(synonyms, classes)
     texts, tid, cid = build_texts(tpls, classes, syn)
+    texts = backbone.prepare_texts(texts)
     embeds = backbone.encode_texts(texts, progress=progress, desc=f"prompts {name or set_name}").numpy()
-    attrs = {"source": templates, "synonyms": json.dumps(syn) if syn else ""}
+    attrs = {"source": templates, "synonyms": json.dumps(syn) if syn else "", "text_padding": backbone.spec.text_padding,
+             "text_max_length": int(backbone.text_max_length), "text_lowercase": bool(backbone.spec.text_lowercase)}
     return PromptSet(name or set_name, list(classes), tpls, texts, embeds, tid, cid, attrs)
 
 
@@ -165,7 +173,7 @@ def add_prompts(
 
 
 def _add_prompts(store_path, templates, classes, synonyms, name, device, overwrite, progress) -> list[str]:
-    from .backbone import Backbone
+    from .backbones.model import Backbone
     from .identity import check_identity, resolve_model
     from .writer import add_prompt_sets
 

@@ -28,11 +28,37 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .engines import BlockResult, EmbedJob, check_worker_identity, decode_block
+from .engines import BlockResult, EmbedJob, check_worker_identity, decode_block, embed_pixels
 
 logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = 'pip install "clip-heads[ray]" (or: pip install "ray[data]")'
+
+
+def pack_arrays(x: Any) -> tuple[list, bytes]:
+    """A block's pixels - a tensor, or a NaFlex batch dict of tensors (patches, their mask, the
+    patch grid) - as ``(layout, raw bytes)``: plain data between Ray's stages, each array's
+    own dtype kept. ``layout`` lists ``[key, dtype, shape]`` (key None for a bare tensor)."""
+    items = list(x.items()) if isinstance(x, dict) else [(None, x)]
+    layout, parts = [], []
+    for k, v in items:
+        a = np.ascontiguousarray(v.numpy() if hasattr(v, "numpy") else np.asarray(v))
+        layout.append([k, a.dtype.str, list(a.shape)])
+        parts.append(a.tobytes())
+    return layout, b"".join(parts)
+
+
+def unpack_arrays(layout: list, raw: bytes) -> Any:
+    """The inverse of :func:`pack_arrays`: a tensor, or a dict of tensors."""
+    import torch
+
+    out, at = {}, 0
+    for k, dt, shape in layout:
+        dtype = np.dtype(dt)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        out[k] = torch.from_numpy(np.frombuffer(raw, dtype, offset=at, count=size // dtype.itemsize).reshape(shape).copy())
+        at += size
+    return out[None] if list(out) == [None] else out
 
 
 def _ray():
@@ -45,7 +71,8 @@ def _ray():
 
 
 class _Decoder:
-    """CPU actor: one block's images decoded and preprocessed, pixels as raw float32 bytes."""
+    """CPU actor: one block's images decoded and preprocessed by the family's recipe, the pixels
+    (a NaFlex batch's patches, mask and grid too) as raw bytes."""
 
     def __init__(self, source, preprocess) -> None:
         self.source, self.preprocess = source, preprocess
@@ -54,43 +81,43 @@ class _Decoder:
         metas, pixels = [], []
         for _block, pos in zip(batch["block"], batch["positions"], strict=True):
             d = decode_block(self.source, np.asarray(pos, np.int64), self.preprocess)
-            x = d["pixels"].numpy() if d["good"] else np.zeros((0,), np.float32)
-            metas.append(json.dumps({"n": d["n"], "good": d["good"], "bad": d["bad"], "shape": list(x.shape)}))
-            pixels.append(np.ascontiguousarray(x, np.float32).tobytes())
+            layout, raw = pack_arrays(d["pixels"]) if d["good"] else ([], b"")
+            metas.append(json.dumps({"n": d["n"], "good": d["good"], "bad": d["bad"], "layout": layout}))
+            pixels.append(raw)
         return {"block": np.asarray(batch["block"], np.int64), "meta": np.asarray(metas, dtype=object),
                 "pixels": np.asarray(pixels, dtype=object)}
 
 
 class _Embedder:
-    """GPU (or CPU) actor: the model the store records, embedding one block's pixels."""
+    """GPU (or CPU) actor: the model the store records (any family), embedding one block's
+    pixels, and taking the pre-projection features too when the job asks for them."""
 
-    def __init__(self, model: str, identity: dict, precision: str, device: str, threads: int | None) -> None:
+    def __init__(self, model: str, identity: dict, precision: str, device: str, threads: int | None,
+                 pre_projection: bool = False) -> None:
         import torch
 
-        from .backbone import Backbone
+        from .backbones.model import Backbone
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads or (os.cpu_count() or 1)))
         self.backbone = Backbone(model, device=device, precision=precision)
+        self.pre_projection = pre_projection
         import socket
 
         check_worker_identity(self.backbone.identity, identity, f"Ray worker {socket.gethostname()}:{os.getpid()}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        metas, embeds = [], []
+        metas, embeds, pres = [], [], []
         for meta, raw in zip(batch["meta"], batch["pixels"], strict=True):
             m = json.loads(meta)
-            if m["good"]:
-                x = torch.from_numpy(np.frombuffer(raw, np.float32).reshape(m["shape"]).copy())
-                e = self.backbone.encode_pixels(x).cpu().numpy().astype(np.float32, copy=False)
-            else:
-                e = np.zeros((0, self.backbone.dim), np.float32)
-            metas.append(json.dumps({"n": m["n"], "good": m["good"], "bad": m["bad"], "dim": int(e.shape[1])}))
+            x = unpack_arrays(m["layout"], raw) if m["good"] else None
+            e, pre = embed_pixels(self.backbone, x, len(m["good"]), self.pre_projection)
+            metas.append(json.dumps({"n": m["n"], "good": m["good"], "bad": m["bad"], "dim": int(e.shape[1]),
+                                     "pre_dim": None if pre is None else int(pre.shape[1])}))
             embeds.append(np.ascontiguousarray(e).tobytes())
+            pres.append(b"" if pre is None else np.ascontiguousarray(pre).tobytes())
         return {"block": np.asarray(batch["block"], np.int64), "meta": np.asarray(metas, dtype=object),
-                "embeds": np.asarray(embeds, dtype=object)}
+                "embeds": np.asarray(embeds, dtype=object), "pre": np.asarray(pres, dtype=object)}
 
 
 class RayEngine:
@@ -165,7 +192,7 @@ class RayEngine:
                                 compute=ray.data.ActorPoolStrategy(size=self.decode_cpus))
             ds = ds.map_batches(_Embedder, fn_constructor_kwargs={
                 "model": job.model, "identity": job.identity, "precision": job.precision,
-                "device": self.device.type, "threads": self.threads or (
+                "device": self.device.type, "pre_projection": job.pre_projection, "threads": self.threads or (
                     None if self.num_gpus else max(1, (os.cpu_count() or 1) // self.embed_workers))},
                 batch_size=1, batch_format="numpy", num_cpus=1, num_gpus=self.num_gpus,
                 compute=ray.data.ActorPoolStrategy(size=self.embed_workers))
@@ -173,13 +200,15 @@ class RayEngine:
             it = iter(ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))
             try:
                 for batch in it:
-                    for k, meta, raw in zip(batch["block"], batch["meta"], batch["embeds"], strict=True):
+                    for k, meta, raw, raw_pre in zip(batch["block"], batch["meta"], batch["embeds"], batch["pre"], strict=True):
                         if int(k) != expected:
                             raise RuntimeError(f"Ray returned block {int(k)} where block {expected} was due")
                         m = json.loads(meta)
                         emb = np.frombuffer(raw, np.float32).reshape(len(m["good"]), m["dim"])
+                        pre = (None if m["pre_dim"] is None else
+                               np.frombuffer(raw_pre, np.float32).reshape(len(m["good"]), m["pre_dim"]))
                         yield BlockResult(int(k), int(m["n"]), [int(i) for i in m["good"]], emb,
-                                          [(int(i), str(r)) for i, r in m["bad"]])
+                                          [(int(i), str(r)) for i, r in m["bad"]], pre)
                         expected += 1
             finally:
                 close = getattr(it, "close", None)

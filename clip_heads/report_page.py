@@ -1,18 +1,20 @@
-"""``index.html``: one self-contained page per results folder.
+"""``index.html``: one self-contained page per results folder, from the dicts it shows.
 
 The page holds the run's provenance (store, model and weights hash, prompt set, head and its
 parameters, seed, CV folds, library versions), the metrics in the paper's table layout
-(rows per class, then Macro Avg., Weighted Avg., Accuracy; ``mean ± std`` for CV), and every
-plot, referenced by a path relative to the page. No script, no stylesheet or font from the
-network: it opens the same from a laptop's disk as from a cluster's.
+(rows per class, then Macro Avg., Weighted Avg., Accuracy; ``mean ± std`` for CV), an
+ablation's, a WiSE-FT curve's or a comparison's rows, and every plot, referenced by a path
+relative to the page. No script, no stylesheet or font from the network: it opens the same
+from a laptop's disk as from a cluster's.
 
 Every number in a table is a ``<span class="num">`` whose ``data-key`` is the JSON list of
 keys leading to it in ``metrics.json`` and whose ``data-value`` is its exact value, so the
 page can be checked against the file (tests do) and a value copied at full precision.
 
 * :func:`write_index` - the page from a provenance dict, a metrics dict and plot files.
-* :func:`provenance_from_metrics` - the provenance a ``metrics.json`` (and its store) records.
-* :func:`render_folder` - plots and ``index.html`` for a results folder already written.
+* :func:`metrics_table`, :func:`evaluation_sections` - the paper's table; the evaluations a metrics.json holds.
+
+What a results folder's page shows, and its figures, are :mod:`clip_heads.report_folder`'s.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
+
+__all__ = ["INDEX", "CAPTIONS", "metrics_table", "evaluation_sections", "write_index"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 INDEX = "index.html"
@@ -40,6 +44,7 @@ table.prov th{width:13em;font-weight:600;background:none;color:#444}table.prov t
 code{font-size:.92em;background:#f4f4f4;padding:0 .25em;border-radius:3px;word-break:break-all}
 figure{margin:1.2em 0 2em}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.92em}
 .note{color:#666;font-size:.92em}details{margin:.4em 0 1em}summary{cursor:pointer;color:#345}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.88em}
 """
 
 
@@ -117,17 +122,18 @@ def _small_table(metrics: dict, names: Iterable[tuple[str, str]], key: tuple, di
 
 
 def _calibration(cal: dict, key: tuple, digits: int) -> str:
-    return ("<h3>Calibration</h3>" + _small_table(cal, (("ece", "ECE (15 bins)"), ("mce", "MCE"), ("brier", "Brier"),
-                                                        ("brier_binary", "Brier (binary, sklearn)"), ("nll", "NLL"),
-                                                        ("mean_confidence", "mean confidence"),
-                                                        ("accuracy", "accuracy")), key, digits)
+    how = "; ".join(f"{label}: {cal[k]}" for k, label in (("probabilities", "probabilities"), ("computed", "computed"))
+                    if cal.get(k))
+    names = (("ece", "ECE (15 bins)"), ("mce", "MCE"), ("brier", "Brier"), ("brier_binary", "Brier (binary, sklearn)"),
+             ("nll", "NLL"), ("mean_confidence", "mean confidence"), ("accuracy", "accuracy"))
+    return ("<h3>Calibration</h3>" + (f'<p class="note">{_e(how)}</p>' if how else "") + _small_table(cal, names, key, digits)
             + f'<p class="note">Brier: {_e(cal.get("conventions", {}).get("brier", ""))}</p>')
 
 
 def _soft(soft: dict, key: tuple, digits: int) -> str:
     k = soft.get("k", 2)
-    return (f"<h3>Soft labels</h3><p class=\"note\">over {_e(', '.join(soft['columns']))}; "
-            f"{_e(soft.get('computed', ''))}</p>"
+    computed = f"; {soft['computed']}" if soft.get("computed") else ""
+    return (f"<h3>Soft labels</h3><p class=\"note\">over {_e(', '.join(soft['columns']))}{_e(computed)}</p>"
             + _small_table(soft, (("kl", "mean KL(votes ‖ predicted)"), ("top1_agreement", "top-1 agreement"),
                                   (f"top{k}_agreement", f"top-{k} agreement"), ("n_samples", "samples"),
                                   ("n_dropped", "dropped (no mass)")), key, digits))
@@ -206,8 +212,34 @@ def _value_html(v: Any, depth: int = 0) -> str:
 # ---------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------
+# What each figure shows, for its caption (by file stem).
+CAPTIONS = {
+    "confusion_matrix": "Confusion matrix: rows are the true class, colour is the fraction of that row",
+    "per_class": "Precision, recall and F1 per class, with the support beside them",
+    "fold_spread": "Each headline metric over the folds (box: quartiles; dots: folds; diamond: mean)",
+    "reliability": "Reliability diagram: accuracy per confidence bin against the diagonal, and how many samples "
+                   "each bin holds",
+    "soft_labels": "Predicted versus voted emotion distributions, by each image's top vote",
+    "ablation": "Zero-shot accuracy and macro-F1 of every template alone and of every set's ensemble, ranked",
+    "wise_ft": "WiSE-FT: zero-shot on held-out A and on B along the blend of the zero-shot and the fine-tuned model",
+    "comparison": "Headline metrics of every row of the comparison (error bars: std over folds or seeds)",
+    "top_k": "The images nearest each class prompt, best first; caption: cosine, and the image's own label "
+             "(green: the prompt's class)",
+}
+
+
+def _figure_html(full: Path, root: Path) -> str:
+    rel = full.relative_to(root).as_posix()
+    svg = full.with_suffix(".svg")
+    link = f' · <a href="{_e(svg.relative_to(root).as_posix())}">SVG</a>' if svg.is_file() and svg != full else ""
+    caption = CAPTIONS.get(full.stem, full.stem.replace("_", " "))
+    return (f'<figure><a href="{_e(rel)}"><img src="{_e(rel)}" alt="{_e(caption)}"{_png_css_width(full)}></a>'
+            f"<figcaption>{_e(caption)} <span class=\"note\">({_e(rel)}{link})</span></figcaption></figure>")
+
+
 def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict, plots: Sequence[PathLike] = (),
-                title: str | None = None, digits: int = 3) -> Path:
+                title: str | None = None, digits: int = 3, links: Sequence[tuple[str, str]] = (),
+                notes: Sequence[str] = (), blocks: Sequence[tuple[str, str]] = (), name: str | None = None) -> Path:
     """Write ``out_dir/index.html`` (atomically) and return its path.
 
     Parameters
@@ -215,9 +247,14 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
     provenance : what was run, on what (:func:`provenance_from_metrics` builds it); nested
         dicts become nested tables.
     metrics : the folder's metrics.json dict; every evaluation in it gets the paper's table,
-        plus calibration and soft-label numbers where present, an ablation its ranked rows and
-        a generalisation its WiSE-FT rows.
+        plus calibration and soft-label numbers where present, an ablation its ranked rows, a
+        generalisation its WiSE-FT rows and a comparison its rows.
     plots : image files inside ``out_dir`` (PNG shown; an SVG of the same name is linked).
+    links : ``(relative path, label)`` of pages below this one (a train-head section, a demo step).
+    notes : lines shown under the heading (figures skipped, say).
+    name : the folder's name as shown (default ``out_dir``'s; a staging folder passes its final one).
+    blocks : ``(heading, text)`` shown after the provenance: a summary's headline (as it was
+        printed) or markdown tables (``.md`` headings, tables, lists; reproduce's tables.md).
     digits : decimals shown (the exact value is in each number's ``data-value``).
     """
     from clip_heads.version import __version__
@@ -226,43 +263,57 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
     out = Path(out_dir)
     root = out.resolve()
     figures = []
+    listed = {Path(q) for q in plots}
     for p in plots:
         p = Path(p)
-        if p.suffix.lower() == ".svg" and p.with_suffix(".png") in {Path(q) for q in plots}:
+        if p.suffix.lower() == ".svg" and p.with_suffix(".png") in listed:
             continue  # linked from its PNG
         full = (p if p.is_absolute() else out / p).resolve()
         if not full.is_file():
             raise FileNotFoundError(f"plot {p} does not exist")
         try:
-            rel = full.relative_to(root).as_posix()
+            full.relative_to(root)
         except ValueError:
             raise ValueError(f"plot {p} is not inside {out}: the page references images by relative path") from None
-        svg = full.with_suffix(".svg")
-        link = f' · <a href="{_e(svg.relative_to(root).as_posix())}">SVG</a>' if svg.is_file() and svg != full else ""
-        caption = full.stem.replace("_", " ")
-        size = _png_css_width(full)
-        figures.append(f'<figure><a href="{_e(rel)}"><img src="{_e(rel)}" alt="{_e(caption)}"{size}></a>'
-                       f"<figcaption>{_e(rel)}{link}</figcaption></figure>")
+        figures.append(_figure_html(full, root))
     command = (provenance.get("command") or "results")
-    what = [str(provenance[k]) for k in ("head",) if provenance.get(k)]
+    heading = f"clip-heads {command}" + (f": {provenance['head']}" if provenance.get("head") else "")
     if provenance.get("store"):
-        what.append(f"on {Path(str(provenance['store'])).name}")
-    heading = title or f"clip-heads {command}" + (f": {' '.join(what)}" if what else "")
+        heading += f" on {Path(str(provenance['store'])).name}"
+    heading = title or heading
     body = [f"<h1>{_e(heading)}</h1>",
-            f'<p class="sub">{_e(out.name)} · written {_e(time.strftime("%Y-%m-%d %H:%M"))} by clip-heads '
-            f"{_e(__version__)}</p>", "<h2>Provenance</h2>", _value_html(dict(provenance))]
+            f'<p class="sub">{_e(name or out.name)} · written {_e(time.strftime("%Y-%m-%d %H:%M"))} by clip-heads '
+            f"{_e(__version__)}</p>"]
+    body += [f'<p class="note">{_e(n)}</p>' for n in notes]
+    if links:
+        for href, _ in links:
+            if not (root / href).is_file():
+                raise FileNotFoundError(f"linked page {href} does not exist in {out}")
+        body.append("<h2>Pages</h2><ul>" + "".join(f'<li><a href="{_e(h)}">{_e(label)}</a></li>'
+                                                   for h, label in links) + "</ul>")
+    body += ["<h2>Provenance</h2>", _value_html(dict(provenance))]
+    for name, text in blocks:
+        body.append(f"<h2>{_e(name)}</h2>" + (_markdown_html(text) if text.lstrip().startswith("#")
+                                               else f"<pre>{_e(text)}</pre>"))
     sections = evaluation_sections(metrics)
-    if sections or "rows" in metrics:
+    rows = metrics.get("rows") if isinstance(metrics.get("rows"), list) else []
+    if sections or rows or metrics.get("kind") == "wise-ft":
         body.append("<h2>Metrics</h2>")
-    if "rows" in metrics and metrics["rows"] and "rank" in metrics["rows"][0]:
+    if rows and "rank" in rows[0]:
         body.append("<h3>Prompt ablation, ranked by accuracy</h3>" + _rows_table(
-            metrics["rows"], (("rank", "Rank"), ("prompt_set", "Prompt set"), ("template", "Template"),
-                              ("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("weighted_f1", "Weighted-F1")),
+            rows, (("rank", "Rank"), ("prompt_set", "Prompt set"), ("template", "Template"),
+                   ("accuracy", "Accuracy"), ("macro_f1", "Macro-F1"), ("weighted_f1", "Weighted-F1")),
             ("rows",), digits))
-    elif "rows" in metrics and metrics["rows"] and "alpha" in metrics["rows"][0]:
+    elif rows and "alpha" in rows[0]:
         body.append("<h3>WiSE-FT curve</h3>" + _rows_table(
-            metrics["rows"], (("alpha", "alpha"), ("a_accuracy", "A accuracy"), ("a_macro_f1", "A macro-F1"),
-                              ("b_accuracy", "B accuracy"), ("b_macro_f1", "B macro-F1")), ("rows",), digits))
+            rows, (("alpha", "alpha"), ("a_accuracy", "A accuracy"), ("a_macro_f1", "A macro-F1"),
+                   ("b_accuracy", "B accuracy"), ("b_macro_f1", "B macro-F1")), ("rows",), digits))
+        body.append('<p class="note">A: held-out part of the fine-tuning data (empty when nothing was held out); '
+                    "B: the other dataset, zero-shot. alpha 0 is the zero-shot model, 1 the fine-tuned one.</p>")
+    elif rows and "protocol" in rows[0]:
+        body.append("<h3>Comparison</h3>" + _comparison_table(metrics, digits))
+    if metrics.get("kind") == "wise-ft":
+        body.append(_wise_ft_html(metrics))
     for name, key, rep in sections:
         body.append(_section_html(name, key, rep, digits))
     if figures:
@@ -273,108 +324,107 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
     return atomic_write_text(out / INDEX, page)
 
 
+def _inline(text: str) -> str:
+    import re
+
+    text = _e(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<i>\1</i>", text)
+
+
+def _markdown_html(text: str) -> str:
+    """The markdown clip-heads writes (headings, pipe tables, ``- `` lists, paragraphs) as HTML."""
+    out: list[str] = []
+    table: list[list[str]] = []
+    items: list[str] = []
+
+    def flush() -> None:
+        if table:
+            head, *rows = table
+            out.append('<table class="metrics"><tr>' + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f'<td class="n">{_inline(c)}</td>' if c[:1].isdigit() or c == "–"
+                                                  else f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                       + "</table>")
+            table.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    for line in text.splitlines():
+        t = line.strip()
+        if t.startswith("|"):
+            cells = [c.strip() for c in t.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):  # not the |---| line
+                table.append(cells)
+            continue
+        flush()
+        if t.startswith("#"):  # under the page's own h2: '#' and '##' are h3, deeper h4
+            level = 3 if len(t) - len(t.lstrip("#")) <= 2 else 4
+            out.append(f"<h{level}>{_inline(t.lstrip('#').strip())}</h{level}>")
+        elif t.startswith("- "):
+            items.append(t[2:])
+        elif t:
+            out.append(f"<p>{_inline(t)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _comparison_table(metrics: dict, digits: int) -> str:
+    """A comparison's rows (compare.py's metrics.json): its attributes, then mean ± std per metric."""
+    rows = metrics["rows"]
+    by = (metrics.get("info") or {}).get("run", {}).get("by") or [c for c in ("head", "model", "prompt_set", "store")
+                                                                  if c in rows[0]]
+    names = [m[:-5] for m in rows[0] if m.endswith("_mean")]
+    head = "".join(f"<th>{_e(c)}</th>" for c in [*by, "protocol", "data", "n"])
+    head += "".join(f'<th class="n">{_e(m.replace("_", "-"))}</th>' for m in names)
+    body = []
+    for i, r in enumerate(rows):
+        cells = [f"<td>{_e(r.get(c, ''))}</td>" for c in [*by, "protocol"]]
+        cells.append(f"<td><code>{_e(r.get('data_short', ''))}</code>{' (mixed)' if r.get('mixed_data') else ''}</td>")
+        cells.append(f"<td>{_e(r['n'])} {_e(r.get('over') or '')}</td>")
+        for m in names:
+            v, sd = r.get(f"{m}_mean"), r.get(f"{m}_std")
+            cell = _num(v, ("rows", i, f"{m}_mean"), digits)
+            if sd is not None:
+                cell += " ± " + _num(sd, ("rows", i, f"{m}_std"), digits)
+            cells.append(f'<td class="n">{cell}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    unread = metrics.get("unreadable") or []
+    note = ('<p class="note">Mean ± std (ddof=0) over the folds of one CV run, or over the runs (seeds) of a row.</p>'
+            + ("".join(f'<p class="note">not read: <code>{_e(p)}</code>: {_e(why)}</p>' for p, why in unread)))
+    return f'<table class="metrics"><tr>{head}</tr>' + "".join(body) + "</table>" + note
+
+
+def _wise_ft_html(metrics: dict) -> str:
+    """A WiSE-FT blend (its endpoints and alpha) or a sweep (its blends)."""
+    if "blends" in metrics:
+        return ("<h3>Blends</h3><table class=\"prov\">" + "".join(
+            f"<tr><th>alpha {_e(a)}</th><td><code>{_e(p)}</code></td></tr>" for a, p in metrics["blends"].items())
+            + '</table><p class="note">Model folders only: score them with <code>clip-heads encode --model</code>, '
+              "or run <code>clip-heads generalisation</code> for the curve.</p>")
+    rows = [(label, metrics.get(side) or {}) for label, side in (("zero-shot endpoint (alpha 0)", "zero_shot"),
+                                                                  ("fine-tuned endpoint (alpha 1)", "finetuned"))]
+    return (f"<h3>Blend at alpha {_e(metrics.get('alpha'))}</h3>" + _value_html(dict(rows)))
+
+
 def _png_css_width(path: Path) -> str:
-    """A ``style`` giving a 150-dpi PNG its figure's physical size (CSS has 96 px per inch), so
-    it shows at the size it was drawn for and stays sharp on high-density screens."""
+    """A ``style`` giving a PNG its physical size (CSS has 96 px per inch): the resolution its
+    ``pHYs`` chunk records (matplotlib's 150 dpi; a top-k grid's 96), 150 dpi where it records
+    none, so a figure shows at the size it was drawn for and stays sharp on high-density screens."""
     from clip_heads.plots import DPI
 
-    head = path.read_bytes()[:24] if path.suffix.lower() == ".png" else b""
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n":
+    data = path.read_bytes()[:4096] if path.suffix.lower() == ".png" else b""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n":
         return ""
-    width = int.from_bytes(head[16:20], "big")
-    return f' style="width:{round(width * 96 / DPI)}px"'
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("clip-heads", "numpy", "scikit-learn", "torch", "transformers", "h5py", "matplotlib"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def provenance_from_metrics(metrics: dict, read_store: bool = True) -> dict[str, Any]:
-    """What a metrics.json says about its run, in reading order.
-
-    ``info`` (top level, or an evaluation section's) gives the command, store, data record,
-    model, prompt set, head, parameters, seed and label map; a CV report gives its folds. With
-    ``read_store`` the store's own attributes add the model's revision and weights hash and the
-    library versions it was encoded with (or say the store can no longer be read). The
-    versions of this process are added as ``report rendered with``.
-    """
-    info = dict(metrics.get("info") or {})
-    for sec in ("eval", "train"):
-        if not info and isinstance(metrics.get(sec), dict):
-            info = dict(metrics[sec].get("info") or {})
-    run = info.get("run") or {}
-    prov: dict[str, Any] = {"command": run.get("command") or ("fine-tune CV" if metrics.get("kind") == "cv" else None)}
-    for k, label in (("store", "store"), ("model_id", "model"), ("prompt_set", "prompt set"), ("templates", "templates"),
-                     ("head", "head"), ("head_params", "head parameters"), ("seed", "seed"), ("head_dir", "head folder"),
-                     ("trained_on", "trained on"), ("eval_store", "evaluation store"),
-                     ("resubstitution", "resubstitution")):
-        v = info.get(k, run.get(k))
-        if v not in (None, "", [], {}):
-            prov[label] = v
-    if run.get("label_map"):
-        prov["label map"] = run["label_map"]
-    cv = metrics.get("cv") if isinstance(metrics.get("cv"), dict) else metrics if metrics.get("kind") == "cv" else None
-    if cv is not None:
-        prov["CV folds"] = f"{cv.get('k')} (stratified, seed {cv.get('seed', run.get('seed', 'not recorded'))})"
-    if info.get("data"):
-        prov["data"] = info["data"]
-    store = info.get("store") or run.get("store")
-    if read_store and store:
-        prov.update(_store_provenance(store))
-    prov["report rendered with"] = _versions()
-    return {k: v for k, v in prov.items() if v is not None}
-
-
-def _store_provenance(store: str) -> dict[str, Any]:
-    from clip_heads.store import open_store
-
-    try:
-        with open_store(store) as s:
-            a = s.attrs
-    except (OSError, ValueError, KeyError) as e:
-        return {"store attributes": f"not read ({type(e).__name__}: {e})"}
-    return {"model revision": a.get("model_revision"), "model weights hash": a.get("model_hash"),
-            "encoded with": a.get("versions"), "store created": a.get("created")}
-
-
-def render_folder(out_dir: PathLike, digits: int = 3) -> Path:
-    """Draw the plots of a results folder already written and write its ``index.html``.
-
-    Reads ``metrics.json`` (or a generalisation's ``generalisation.json``); plots go to
-    ``out_dir/plots/`` (replaced whole). Returns the page's path.
-    """
-    from clip_heads import plots as P
-    from clip_heads.fsutil import staged_dir
-
-    out = Path(out_dir)
-    metrics_path, gen = out / "metrics.json", out / "generalisation.json"
-    source = metrics_path if metrics_path.is_file() else gen if gen.is_file() else None
-    if source is None:
-        raise FileNotFoundError(f"{out} has no metrics.json (nor generalisation.json): not a clip-heads results folder")
-    try:
-        metrics = json.loads(source.read_text())
-    except ValueError as e:
-        raise ValueError(f"{source} is not valid JSON: {e}") from e
-    written: list[Path] = []
-    with staged_dir(out / "plots") as stage:
-        if "rows" in metrics and metrics["rows"] and "alpha" in metrics["rows"][0]:
-            points = P.paper_points(out.name) if out.name in P.PAPER_CURVES else None
-            written += P.save_figure(P.wise_ft_figure(metrics, points), stage, "wise_ft")
-        if "rows" in metrics and metrics["rows"] and "rank" in metrics["rows"][0]:
-            written += P.save_figure(P.ablation_figure(metrics["rows"]), stage, "ablation")
-        for _name, key, rep in evaluation_sections(metrics):
-            sub = stage / key[0] if key else stage
-            written += P.write_run_plots(rep, sub)
-    final = [out / "plots" / p.relative_to(stage) for p in written]
-    prov = provenance_from_metrics(metrics) if source == metrics_path else {
-        "command": "generalisation", **{k: v for k, v in metrics.get("settings", {}).items()
-                                        if k not in ("a_templates", "b_templates")}}
-    return write_index(out, prov, metrics, final, digits=digits)
+    width = int.from_bytes(data[16:20], "big")
+    dpi, pos = float(DPI), 8
+    while pos + 8 <= len(data):  # chunks before the image data: IHDR, pHYs, ...
+        size, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"pHYs" and pos + 17 <= len(data) and data[pos + 16] == 1:  # unit: metre
+            dpi = int.from_bytes(data[pos + 8:pos + 12], "big") * 0.0254
+            break
+        if kind == b"IDAT":
+            break
+        pos += 12 + size
+    return f' style="width:{round(width * 96 / dpi)}px"'

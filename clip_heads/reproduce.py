@@ -16,33 +16,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .catalog import DEFAULT_MODEL
+from .paper import PAPER  # noqa: F401  (the paper's numbers; re-exported here as before)
 from .results import Report
 
 logger = logging.getLogger(__name__)
 
 HEADS = ("linear", "mlp", "contrastive", "tip-adapter")
 CIFAR100_SIZES = {"all": 60_000, "train": 50_000, "test": 10_000}
-
-# Transcribed from Bondielli & Passaro (2021), Tables 1-5. (precision, recall, F1) for macro and
-# weighted averages, then accuracy. These are the paper's numbers, never ours.
-PAPER: dict[str, Any] = {
-    "table1": {
-        "cifar100": {"macro": (0.69, 0.62, 0.61), "weighted": (0.69, 0.62, 0.61), "accuracy": 0.62},
-        "fi": {"macro": (0.46, 0.44, 0.42), "weighted": (0.52, 0.49, 0.48), "accuracy": 0.49},
-    },
-    "table2": {  # zero-shot per class on FI: precision, recall, F1
-        "amusement": (0.80, 0.45, 0.58), "anger": (0.46, 0.37, 0.41), "awe": (0.38, 0.75, 0.50),
-        "contentment": (0.61, 0.72, 0.66), "disgust": (0.36, 0.10, 0.16), "excitement": (0.45, 0.43, 0.44),
-        "fear": (0.30, 0.49, 0.37), "sadness": (0.30, 0.20, 0.24),
-    },
-    "table3": {"macro": (0.64, 0.65, 0.64), "weighted": (0.70, 0.67, 0.68), "accuracy": 0.67},
-    "table4": {"macro": (0.82, 0.81, 0.81), "weighted": (0.82, 0.82, 0.81), "accuracy": 0.81},
-    "table5": {
-        "emotion-clip-on-cifar100": {"macro": (0.57, 0.41, 0.40), "weighted": (0.57, 0.41, 0.40), "accuracy": 0.41},
-        "cifar100-clip-on-fi": {"macro": (0.43, 0.30, 0.30), "weighted": (0.50, 0.39, 0.34), "accuracy": 0.39},
-    },
-}
-
 
 def _prf(report: dict, avg: str) -> tuple[float, float, float]:
     r = report[avg]
@@ -105,6 +85,7 @@ def reproduce(
     workers: int | None = None,
     finetune_options: dict[str, Any] | None = None,
     progress: bool = True,
+    plots: bool | None = None,
 ) -> Report:
     """Run B&P's experiments (and the heads) and write ``out_dir/tables.md`` + ``metrics.json``.
 
@@ -118,6 +99,11 @@ def reproduce(
         1-2 and the heads only.
     finetune_options : passed to the fine-tunes (``epochs``, ``batch_size``, ``micro_batch``, ``lr``...);
         the defaults are the paper's recipe.
+    plots : draw every step's figures (default on; ``index.html`` pages are written either way).
+
+    Every "ours" number of the summary tables is a row of ``comparison/`` (:func:`clip_heads.compare.compare_runs`
+    over every step's folder: the mean over folds for CV), printed next to the paper's in the
+    paper's layout; per-class tables come from the step's own metrics.json.
 
     Every step writes into its own folder and is skipped on a rerun when complete (stores,
     fine-tune folds and WiSE-FT blends resume), so an interrupted reproduction continues.
@@ -127,9 +113,10 @@ def reproduce(
     cannot pass for the paper's data. ``report.txt`` holds the same text as ``tables.md``.
     Returns a :class:`~clip_heads.results.Report` whose ``metrics`` are what metrics.json holds.
     """
+    from .compare import compare_runs
     from .encode import encode
     from .evaluate import run_zero_shot, train_head
-    from .results import METRICS, REPORT, data_record, results_files, write_json
+    from .results import METRICS, REPORT, data_record, render, results_files, write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,11 +134,13 @@ def reproduce(
         logger.warning("reproduce: %s", line)
 
     # Tables 1-2: zero-shot with the paper's captions.
+    steps: dict[str, Path] = {"zero-shot/fi": out / "zero-shot" / "fi",
+                              "zero-shot/cifar100": out / "zero-shot" / "cifar100"}
     zs = {
-        "fi": run_zero_shot(str(stores["fi"]), prompt_set="bp-emotion", out_dir=out / "zero-shot" / "fi",
-                            overwrite=True).metrics,
-        "cifar100": run_zero_shot(str(stores["cifar100"]), prompt_set="bp-photo", out_dir=out / "zero-shot" / "cifar100",
-                                  overwrite=True).metrics,
+        "fi": run_zero_shot(str(stores["fi"]), prompt_set="bp-emotion", out_dir=steps["zero-shot/fi"],
+                            overwrite=True, plots=plots).metrics,
+        "cifar100": run_zero_shot(str(stores["cifar100"]), prompt_set="bp-photo", out_dir=steps["zero-shot/cifar100"],
+                                  overwrite=True, plots=plots).metrics,
     }
     results["zero_shot"] = zs
 
@@ -159,30 +148,39 @@ def reproduce(
     results["heads"] = {}
     for name, store in stores.items():
         for head in heads:
-            rep = train_head(head, str(store), out / "heads" / f"{name}-{head}", cv=cv, seed=seed, progress=progress)
+            steps[f"heads/{name}/{head}"] = out / "heads" / f"{name}-{head}"
+            rep = train_head(head, str(store), steps[f"heads/{name}/{head}"], cv=cv, seed=seed, progress=progress,
+                             plots=plots)
             results["heads"][f"{name}/{head}"] = {"mean": rep.metrics["cv"]["mean"], "std": rep.metrics["cv"]["std"]}
 
     if finetune:
         from .finetune_cv import cross_validate_finetune
         from .wise_ft import generalisation
 
-        ft = dict(finetune_options or {}, device=device, workers=workers, progress=progress)
+        ft = dict(finetune_options or {}, device=device, workers=workers, progress=progress, plots=plots)
+        steps.update({"finetune/fi": out / "finetune" / "fi-cv", "finetune/cifar100": out / "finetune" / "cifar100-cv"})
         results["finetune_cv"] = {
-            "fi": cross_validate_finetune(str(fi), out / "finetune" / "fi-cv", model, cv=cv, seed=seed, format="fi",
+            "fi": cross_validate_finetune(str(fi), steps["finetune/fi"], model, cv=cv, seed=seed, format="fi",
                                           **ft).metrics,
-            "cifar100": cross_validate_finetune(str(cifar), out / "finetune" / "cifar100-cv", model, cv=cv, seed=seed,
+            "cifar100": cross_validate_finetune(str(cifar), steps["finetune/cifar100"], model, cv=cv, seed=seed,
                                                 format="cifar100", source_options=cifar_opts, **ft).metrics,
         }
+        for name in ("emotion-clip-on-cifar100", "cifar100-clip-on-fi"):
+            steps[f"table5/{name}"] = out / "table5" / name
         gen = {
-            "emotion-clip-on-cifar100": generalisation(str(fi), str(cifar), out / "table5" / "emotion-clip-on-cifar100", model,
-                                                       alphas=alphas, holdout=None, seed=seed, a_format="fi",
+            "emotion-clip-on-cifar100": generalisation(str(fi), str(cifar), steps["table5/emotion-clip-on-cifar100"],
+                                                       model, alphas=alphas, holdout=None, seed=seed, a_format="fi",
                                                        b_format="cifar100", b_options=cifar_opts, **ft),
-            "cifar100-clip-on-fi": generalisation(str(cifar), str(fi), out / "table5" / "cifar100-clip-on-fi", model,
+            "cifar100-clip-on-fi": generalisation(str(cifar), str(fi), steps["table5/cifar100-clip-on-fi"], model,
                                                   alphas=alphas, holdout=None, seed=seed, a_format="cifar100",
                                                   a_options=cifar_opts, b_format="fi", **ft),
         }
         results["table5"] = {k: {"rows": v["rows"], "finetuned_b": v["reports"][f"{1.0:.2f}"]["b"]} for k, v in gen.items()}
 
+    # One table across every step (compare): the "ours" cells of the paper's tables are its rows.
+    comp = compare_runs([str(p) for p in steps.values()], out_dir=out / "comparison", overwrite=True, plots=plots)
+    results["comparison"] = {"folder": str(out / "comparison"), "steps": {k: str(v) for k, v in steps.items()},
+                             "rows": comp.rows}
     text = tables_markdown(results)
     run = {"command": "reproduce", "fi": str(fi), "cifar": str(cifar), "model": model, "cv": cv, "seed": seed,
            "heads": list(heads), "finetune": finetune, "alphas": list(alphas), "cifar_split": cifar_split}
@@ -191,6 +189,7 @@ def reproduce(
         (stage / "tables.md").write_text(text)
         (stage / REPORT).write_text(text)
         write_json(stage / METRICS, json.loads(json.dumps(results, default=str)))
+    render(out, plots=False)  # the tables, and a link to every step's page
     return Report("reproduce", text, results, out)
 
 
@@ -216,49 +215,105 @@ def data_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _compare_row(results: dict[str, Any], step: str, head: str | None = None,
+                 protocol: str | None = None) -> dict | None:
+    """The comparison row that holds step ``step``'s evaluation (its head and protocol)."""
+    comp = results.get("comparison") or {}
+    run = (comp.get("steps") or {}).get(step)
+    for r in comp.get("rows") or ():
+        if run in str(r.get("runs", "")).split(";") and (head is None or r["head"] == head) \
+                and (protocol is None or str(r["protocol"]).startswith(protocol)):
+            return r
+    return None
+
+
+def _as_report(row: dict, stat: str = "mean") -> dict | None:
+    """A comparison row's means (or stds) in the shape of a report's headline numbers."""
+    def g(m: str) -> float | None:
+        return row.get(f"{m}_{stat}")
+
+    if g("accuracy") is None:
+        return None
+    return {"accuracy": g("accuracy"),
+            "macro": {"precision": g("macro_precision"), "recall": g("macro_recall"), "f1": g("macro_f1")},
+            "weighted": {"precision": g("weighted_precision"), "recall": g("weighted_recall"), "f1": g("weighted_f1")}}
+
+
+def _ours(results: dict[str, Any], step: str, fallback: dict | None, head: str | None = None,
+          protocol: str | None = None) -> tuple[dict | None, dict | None]:
+    """(mean, std) of our measurement of ``step``: its comparison row, or (a folder written
+    before reproduce compared its steps) the step's own numbers."""
+    row = _compare_row(results, step, head, protocol)
+    if row is None:
+        return fallback, None
+    return _as_report(row), (_as_report(row, "std") if row.get("n", 1) > 1 else None)
+
+
 def tables_markdown(results: dict[str, Any]) -> str:
-    """The paper's table layouts with our measurement and the paper's number side by side."""
+    """The paper's table layouts with our measurement and the paper's number side by side.
+
+    Our summary numbers are the rows of the run's comparison (``results["comparison"]``, from
+    :func:`clip_heads.compare.compare_runs` over every step), per-class numbers the steps' own.
+    """
     zs = results["zero_shot"]
     data = results.get("data") or {}
 
     def n(ds: str) -> str:  # "CIFAR-100: 916 images" beside a table's title, so no sample passes for the whole set
         return f"{data[ds]['n_images']:,} images" if ds in data else "images not recorded"
 
+    def ours(step: str, fallback: dict | None, **kw: Any) -> dict | None:
+        return _ours(results, step, fallback, **kw)[0]
+
+    source = ("Every *ours* summary number is a row of `comparison/comparison.csv` (clip-heads compare over "
+              "every step's folder; CV: mean over folds).\n" if results.get("comparison") else "")
     parts = [
         "# Bondielli & Passaro (2021), reproduced with clip-heads\n",
         f"Model `{results['model']}`; {results['cv']}-fold stratified CV, seed {results['seed']}. "
         "Columns marked *paper* are the numbers printed in the paper (ViT-B/32, OpenAI `clip` package), "
-        "transcribed for comparison; columns marked *ours* were measured by this run.\n",
+        "transcribed for comparison; columns marked *ours* were measured by this run.\n" + source,
         data_markdown(results["data"]) if "data" in results else "",
         _summary_table(f"Table 1: zero-shot (CIFAR-100: {n('cifar100')}; FI: {n('fi')})",
-                       [("CIFAR-100", zs["cifar100"], PAPER["table1"]["cifar100"]),
-                        ("Image-Emotion (FI)", zs["fi"], PAPER["table1"]["fi"])]),
+                       [("CIFAR-100", ours("zero-shot/cifar100", zs["cifar100"]), PAPER["table1"]["cifar100"]),
+                        ("Image-Emotion (FI)", ours("zero-shot/fi", zs["fi"]), PAPER["table1"]["fi"])]),
         _per_class_table(f"Table 2: zero-shot per class on FI ({n('fi')})", zs["fi"], PAPER["table2"]),
     ]
     if "finetune_cv" in results:
         ft = results["finetune_cv"]
         parts += [
             _summary_table(f"Table 3: Emotion-CLIP, {results['cv']}-fold CV on FI (mean over folds; {n('fi')})",
-                           [("FI", ft["fi"]["mean"], PAPER["table3"])]),
+                           [("FI", ours("finetune/fi", ft["fi"]["mean"]), PAPER["table3"])]),
             _per_class_table("Table 3, per class", ft["fi"]["mean"], {}),
             _summary_table(f"Table 4: CIFAR100-CLIP, {results['cv']}-fold CV on CIFAR-100 (mean over folds; {n('cifar100')})",
-                           [("CIFAR-100", ft["cifar100"]["mean"], PAPER["table4"])]),
+                           [("CIFAR-100", ours("finetune/cifar100", ft["cifar100"]["mean"]), PAPER["table4"])]),
         ]
         t5 = results["table5"]
+        b1 = {"head": f"WiSE-FT alpha {1.0:.2f}", "protocol": "zero-shot on B"}
         parts.append(_summary_table(f"Table 5: fine-tuned on one dataset, zero-shot on the other (CIFAR-100: {n('cifar100')}; "
                                     f"FI: {n('fi')})", [
-            ("Emotion-CLIP on CIFAR-100", t5["emotion-clip-on-cifar100"]["finetuned_b"], PAPER["table5"]["emotion-clip-on-cifar100"]),
-            ("CIFAR100-CLIP on FI", t5["cifar100-clip-on-fi"]["finetuned_b"], PAPER["table5"]["cifar100-clip-on-fi"]),
+            ("Emotion-CLIP on CIFAR-100", ours("table5/emotion-clip-on-cifar100",
+                                               t5["emotion-clip-on-cifar100"]["finetuned_b"], **b1),
+             PAPER["table5"]["emotion-clip-on-cifar100"]),
+            ("CIFAR100-CLIP on FI", ours("table5/cifar100-clip-on-fi", t5["cifar100-clip-on-fi"]["finetuned_b"], **b1),
+             PAPER["table5"]["cifar100-clip-on-fi"]),
         ]))
         for name, t in t5.items():
             lines = [f"### WiSE-FT: {name} (alpha 0 = zero-shot CLIP, 1 = fine-tuned)\n", "| alpha | accuracy on the other dataset | macro F1 |", "|---|---|---|"]
-            lines += [f"| {r['alpha']:.2f} | {_fmt(r['b_accuracy'])} | {_fmt(r['b_macro_f1'])} |" for r in t["rows"]]
+            for r in t["rows"]:
+                m = ours(f"table5/{name}", {"accuracy": r["b_accuracy"], "macro": {"f1": r["b_macro_f1"]}},
+                         head=f"WiSE-FT alpha {r['alpha']:.2f}", protocol="zero-shot on B")
+                lines.append(f"| {r['alpha']:.2f} | {_fmt(m['accuracy'])} | {_fmt(m['macro']['f1'])} |")
             parts.append("\n".join(lines) + "\n")
     else:
         parts.append("Tables 3-5 need full fine-tunes of CLIP; rerun without `--no-finetune` (a GPU job).\n")
     for ds, label in (("fi", "FI"), ("cifar100", "CIFAR-100")):
-        rows = [("zero-shot (no training)", results["zero_shot"][ds], None)]
-        rows += [(f"{k.split('/')[1]} head", v["mean"], v["std"]) for k, v in results["heads"].items() if k.startswith(ds + "/")]
+        rows = [("zero-shot (no training)", ours(f"zero-shot/{ds}", results["zero_shot"][ds]), None)]
+        for k, v in results["heads"].items():
+            if k.startswith(ds + "/"):
+                head = k.split("/")[1]
+                mean, std = _ours(results, f"heads/{ds}/{head}", v["mean"], protocol=f"{results['cv']}-fold cv")
+                if mean is v["mean"]:  # no comparison row: the step's own std
+                    std = v["std"]
+                rows.append((f"{head} head", mean, std))
         parts.append(_heads_table(f"Beyond the paper: heads on frozen CLIP vectors, {results['cv']}-fold CV on {label} "
                                   f"({n(ds)})", rows))
     return "\n".join(parts)

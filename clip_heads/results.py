@@ -8,7 +8,8 @@ everywhere (README, "Evaluation")::
                               which data (store or source, split, number of images, fingerprint)
     OUT/per_class.csv         \
     OUT/confusion_matrix.csv   > of the evaluation the folder holds, if it holds one
-    OUT/predictions.csv       /  (key, label, prediction[, fold])
+    OUT/predictions.csv       /  (key, label, prediction[, fold], proba_<class>...)
+    OUT/index.html            the run's page, and OUT/plots/ its figures (:func:`render`)
 
 ``zero-shot``, ``evaluate`` and ``finetune --cv`` hold one evaluation (the CV's predictions are
 out of fold, with ``folds.csv`` beside them); ``ablate-prompts`` adds ``ablation.csv`` and its
@@ -51,12 +52,16 @@ from clip_heads.tables import write_report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PathLike", "REPORT", "METRICS", "PREDICTIONS", "Report", "store_fingerprint", "data_record", "source_record",
-           "describe_data", "previous_run", "check_target", "results_dir", "results_files", "write_section",
-           "write_summary", "write_json", "slug", "default_out_dir"]
+__all__ = ["PathLike", "REPORT", "METRICS", "PREDICTIONS", "PROBA", "INDEX", "PLOTS", "PLOTS_ENV", "Report",
+           "store_fingerprint", "data_record", "source_record", "describe_data", "previous_run", "check_target",
+           "results_dir", "results_files", "write_section", "write_summary", "write_json", "plots_enabled",
+           "render", "slug", "default_out_dir"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 REPORT, METRICS, PREDICTIONS = "report.txt", "metrics.json", "predictions.csv"
+INDEX, PLOTS = "index.html", "plots"
+PROBA = "proba"  # the predictions' probability matrix; predictions.csv has a proba_<class> column per class
+PLOTS_ENV = "CLIP_HEADS_PLOTS"  # "0" turns figures off where a call does not say (batch sweeps, test suites)
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,7 +71,8 @@ REPORT, METRICS, PREDICTIONS = "report.txt", "metrics.json", "predictions.csv"
 class Report(MappingABC):
     """What an evaluation command returns: ``text`` is what it prints, ``metrics`` what
     metrics.json holds, ``predictions`` the columns of predictions.csv (``key, label,
-    prediction``), ``out_dir`` where it wrote. Reads as the mapping ``metrics``
+    prediction``, and ``proba``: the ``(n, n_classes)`` probabilities where the head has them),
+    ``out_dir`` where it wrote (with its ``index.html``). Reads as the mapping ``metrics``
     (``report["accuracy"]``), so callers of the dicts some commands returned before still work.
     """
 
@@ -75,7 +81,7 @@ class Report(MappingABC):
     metrics: dict[str, Any]
     out_dir: Path | None = None
     cv: Any = None  # clip_heads.crossval.CVResult of train-head --cv
-    predictions: dict[str, list] | None = None
+    predictions: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -254,10 +260,11 @@ def results_files(out: PathLike) -> Iterator[Path]:
 
     The block writes into a staging folder inside ``out`` (as with :func:`results_dir`); when it
     ends without an error, each file is moved over its namesake in ``out`` atomically and
-    durably, ``metrics.json`` last, and nothing else in ``out`` is touched. On an error ``out``
-    keeps its previous files. The caller has checked that ``out`` is its own run's folder.
+    durably, ``metrics.json`` last, and nothing else in ``out`` is touched. The one folder it
+    may hold is ``plots/`` (:func:`render`), swapped in whole. On an error ``out`` keeps its
+    previous files. The caller has checked that ``out`` is its own run's folder.
     """
-    from clip_heads.fsutil import durable_replace, temp_sibling
+    from clip_heads.fsutil import durable_replace, replace_dir, temp_sibling
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,27 +273,45 @@ def results_files(out: PathLike) -> Iterator[Path]:
     try:
         yield stage
         files = sorted(p for p in stage.iterdir())
-        folders = [p.name for p in files if not p.is_file()]
+        folders = [p.name for p in files if not p.is_file() and p.name != PLOTS]
         if folders:
-            raise ValueError(f"results_files writes files only; {folders} are folders")
-        for p in sorted(files, key=lambda p: p.name == METRICS):  # metrics.json last: it marks them complete
+            raise ValueError(f"results_files writes files (and {PLOTS}/) only; {folders} are folders")
+        if (stage / PLOTS).is_dir():
+            replace_dir(stage / PLOTS, out / PLOTS)
+        elif (out / PLOTS).is_dir() and (stage / INDEX).is_file():
+            shutil.rmtree(out / PLOTS)  # a page drawn without figures: the old ones are of another run
+        # metrics.json last: it marks them complete
+        for p in sorted((p for p in files if p.is_file()), key=lambda p: p.name == METRICS):
             durable_replace(p, out / p.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_section(out: PathLike, report: dict, text: str,
-                  predictions: Mapping[str, Sequence[Any]] | None = None) -> Path:
+                  predictions: Mapping[str, Any] | None = None) -> Path:
     """One evaluation in the layout: ``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv``,
     ``report.txt`` (:func:`clip_heads.metrics.write_report`) and ``predictions.csv``, whose
-    columns are the keys of ``predictions`` (``key, label, prediction[, fold]``)."""
+    columns are the keys of ``predictions`` (``key, label, prediction[, fold]``), then, where
+    ``predictions[PROBA]`` holds the ``(n, n_classes)`` probabilities, one ``proba_<class>``
+    column per class of ``report`` (9 significant digits): the numbers its calibration and
+    top-k accuracy were computed from."""
     out = write_report(report, out, text=text)
     if predictions is not None:
-        columns = list(predictions)
+        columns = [c for c in predictions if c != PROBA]
+        rows: Any = zip(*(predictions[c] for c in columns), strict=True)
+        P = predictions.get(PROBA)
+        header = list(columns)
+        if P is not None:
+            P = np.asarray(P, np.float64)
+            classes = list(report["classes"])
+            if P.shape[1] != len(classes):
+                raise ValueError(f"{P.shape[1]} probability columns for the report's {len(classes)} classes")
+            header += [f"proba_{c}" for c in classes]
+            rows = (list(r) + [format(v, ".9g") for v in p] for r, p in zip(rows, P.tolist(), strict=True))
         with open(out / PREDICTIONS, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(columns)
-            w.writerows(zip(*(predictions[c] for c in columns), strict=True))
+            w.writerow(header)
+            w.writerows(rows)
     return out
 
 
@@ -304,6 +329,26 @@ def write_json(path: PathLike, data: Any) -> Path:
     path = Path(path)
     path.write_text(json.dumps(data, indent=2, default=json_default))
     return path
+
+
+def plots_enabled(plots: bool | None = None) -> bool:
+    """Whether to draw figures: ``plots`` when a call says, else the environment's
+    ``CLIP_HEADS_PLOTS`` (``0``, ``false``, ``no`` or ``off`` turn them off; on by default)."""
+    if plots is not None:
+        return bool(plots)
+    return os.environ.get(PLOTS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def render(out: PathLike, plots: bool | None = None, final: PathLike | None = None, title: str | None = None) -> Path:
+    """Draw the figures of the results folder ``out`` into ``out/plots/`` and write
+    ``out/index.html`` (:func:`clip_heads.report_folder.render_folder`), from what its
+    ``metrics.json`` holds. Every command calls it on the folder it writes, last, inside its
+    staging folder where it has one (``final`` is the folder the staging folder becomes, whose
+    name the page shows). ``plots=False`` writes the page without figures."""
+    from clip_heads.report_folder import render_folder
+
+    return render_folder(out, plots=plots_enabled(plots), title=title,
+                         name=Path(final).name if final is not None else None)
 
 
 def slug(value: Any, limit: int = 40) -> str:

@@ -30,11 +30,13 @@ def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None
     is their older name); within a class, best first (ties by store order). The score is the
     cosine, which every scoring rule ranks by. With ``out_dir``, writes ``top_k.json`` and,
     when the images can be found again from the store's recorded source, ``top_k.png`` (one
-    row per class, its name at the left).
+    row per class, its name and how many of its k images carry its label at the left; each
+    image captioned with its cosine and its own label, green where that is the row's class).
     """
     template_ids = zeroshot.template_ids_argument(template_ids, templates, "top_k_images")
     with open_store(store_path) as s:
         X, keys, source = s.embeddings(), s.keys, s.attrs.get("source") or {}
+        labels, store_classes = s.labels, s.classes
         ps = s.prompt_set(prompt_set)
     S = zeroshot.cosine(X, zeroshot.class_vectors(ps, zeroshot.resolve_template_ids(ps, template_ids)))
     k = max(1, min(int(k), len(keys)))
@@ -49,7 +51,10 @@ def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None
         out.mkdir(parents=True, exist_ok=True)
         doc = {"prompt_set": ps.name, "k": k, "top_k": result}
         atomic_write_text(out / "top_k.json", json.dumps(doc, indent=2, default=json_default))
-        _write_grid(result, source, out / "top_k.png", thumb)
+        index = {key: i for i, key in enumerate(keys)}
+        own = {key: (store_classes[labels[index[key]]] if labels[index[key]] >= 0 else None)
+               for row in result.values() for key, _ in row}
+        _write_grid(result, source, out / "top_k.png", thumb, own, f"prompt set {ps.name!r}")
     return result
 
 
@@ -76,9 +81,41 @@ def _image_loader(source: dict) -> Callable[[str], Any] | None:
     return load
 
 
-def _write_grid(result: dict[str, list[tuple[str, float]]], source: dict, path: Path, thumb: int) -> Path | None:
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
+def _fit(draw: Any, text: str, font: Any, width: int) -> str:
+    """``text`` cut (with an ellipsis) to ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
 
+
+def _font(size: int) -> Any:
+    """DejaVu Sans (the font matplotlib ships, so the figures and the grid match), else PIL's own."""
+    import importlib.util
+
+    from PIL import ImageFont
+
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size=size)
+
+
+GRID_DPI = 96  # one image pixel per CSS pixel in the report page
+GRID_PAD, GRID_CAPTION = 4, 26  # pixels between tiles; under each tile, two caption lines
+
+
+def _write_grid(result: dict[str, list[tuple[str, float]]], source: dict, path: Path, thumb: int,
+                own: dict[str, str | None] | None = None, what: str = "") -> Path | None:
+    """The grid: one row per class prompt (its name, and how many of the row carry its label, at
+    the left), each tile captioned with the image's cosine to the prompt and its own label
+    (green: the row's class, red: another, grey: unlabelled)."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    own = own or {}
     load = _image_loader(source)
     images = {}
     if load is not None:
@@ -92,21 +129,31 @@ def _write_grid(result: dict[str, list[tuple[str, float]]], source: dict, path: 
         logger.info("top-k grid skipped: the images of source %r are not reachable (only top_k.json written)",
                     source.get("root"))
         return None
-    font = ImageFont.load_default()
+    font, small = _font(12), _font(10)
     draw0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 12 + max(int(draw0.textlength(c, font=font)) for c in result)
     k = max(len(r) for r in result.values())
-    pad = 4
-    grid = Image.new("RGB", (label_w + k * (thumb + pad), len(result) * (thumb + pad) + pad), "white")
+    hits = {cls: sum(own.get(key) == cls for key, _ in row) for cls, row in result.items()}
+    label_w = 12 + max(int(max(draw0.textlength(c, font=font), draw0.textlength(f"{len(r)}/{len(r)} its own", font=small)))
+                       for c, r in result.items())
+    label_w = min(label_w, 220)
+    pad, cap = GRID_PAD, GRID_CAPTION
+    grid = Image.new("RGB", (label_w + k * (thumb + pad), len(result) * (thumb + cap + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for r, (cls, row) in enumerate(result.items()):
-        top = pad + r * (thumb + pad)
-        draw.text((6, top + thumb // 2 - 6), cls, fill="black", font=font)
-        for j, (key, _) in enumerate(row):
+        top = pad + r * (thumb + cap + pad)
+        draw.text((6, top + thumb // 2 - 12), _fit(draw, cls, font, label_w - 10), fill="black", font=font)
+        draw.text((6, top + thumb // 2 + 4), f"{hits[cls]}/{len(row)} its own", fill="#555555", font=small)
+        for j, (key, score) in enumerate(row):
             img = images.get(key)
             tile = Image.new("RGB", (thumb, thumb), "lightgray") if img is None else ImageOps.fit(img, (thumb, thumb))
-            grid.paste(tile, (label_w + j * (thumb + pad), top))
-    grid.save(path)
+            x = label_w + j * (thumb + pad)
+            grid.paste(tile, (x, top))
+            label = own.get(key)
+            color = "#888888" if label is None else "#1a7f37" if label == cls else "#c62828"
+            draw.text((x, top + thumb + 1), f"cos {score:.3f}", fill="black", font=small)
+            draw.text((x, top + thumb + 13), _fit(draw, label if label is not None else "unlabelled", small, thumb),
+                      fill=color, font=small)
+    grid.save(path, dpi=(GRID_DPI, GRID_DPI))
     if found < len(images):
         logger.info("top-k grid: %d of %d images not found, drawn grey", len(images) - found, len(images))
     return path

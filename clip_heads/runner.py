@@ -1,8 +1,6 @@
-"""The engine of one run (encode or predict), chosen from its options: this process, one worker
-per device (:mod:`clip_heads.engines`), or a Ray Data pipeline (:mod:`clip_heads.ray_engine`).
-
-It sits above both engines' modules, which know nothing of each other's choice.
-"""
+"""Which engine embeds a run's blocks (:mod:`clip_heads.engines`, :mod:`clip_heads.ray_engine`):
+the one choice encode and predict share. Kept apart from both so that neither engine module
+imports the other's chooser (the Ray engine builds on :mod:`clip_heads.engines`)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -23,7 +21,7 @@ class Runner:
         self.engine, self.backbone, self.devices, self.workers = engine, backbone, devices, workers
         self.ray = None
         if engine == "ray":
-            from .ray_engine import RayEngine  # imports ray: only when asked for
+            from .ray_engine import RayEngine  # Ray only when asked for
 
             self.ray = RayEngine(**(ray_options or {}), progress=progress)
             self.device = self.ray.device

@@ -1,7 +1,9 @@
 """How a feature store is laid out and written: the schema every writer and reader shares.
 
 The layout itself is described in :mod:`clip_heads.store` (the reader). This module holds what
-the writers need and the reader checks against: the schema version and chunking, the record of
+the writers need and the reader checks against: the schema version (2: the model family's
+attributes, the optional pre-projection column and the projection written from an array
+attribute) and chunking, a store's birth (``created`` and a random ``store_id``), the record of
 a prompt set (:class:`PromptSet`), :func:`create_layout` (every dataset of a new store, chunked,
 resizable, checksummed), string datasets with their digests, and prompt sets checked and
 written. The encode stream (:mod:`clip_heads.journal`), the writers (:mod:`clip_heads.writer`)
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -23,9 +26,14 @@ from .errors import BadValueError
 from .fsutil import DiskFullError, durable_replace, fsync_file, run_isolated, temp_sibling
 from .integrity import DIGEST_ATTR, string_digest
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the model family's attributes and optional pre-projection features (issue 10)
 STR = h5py.string_dtype()
 JSON_ATTRS = ("preprocess", "versions", "source")
+PRE_EMBEDS = "pre_embeds"  # the extra column of pre-projection features, stored at /images/pre_embeds
+# Attributes given to create_layout that are arrays, written as root datasets of that name: a
+# record {"shape", "dtype": "<f4", "data": base64} (clip_heads.backbones.model.encode_array),
+# which a journal's JSON layout can carry.
+ARRAY_ATTRS = {"projection_weight": "projection"}
 ROW_CHUNK = 1024
 EMBED_CHUNK = 256
 # HDF5 1.10 file format: checksummed metadata (superblock, object headers, chunk indexes),
@@ -34,7 +42,7 @@ LIBVER = ("v110", "v110")
 # Prompt set names: a letter or digit, then letters, digits, '.', '_' or '-'; the names of the
 # store's own groups are reserved so a path never reads as two things.
 PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_NAMES = frozenset({"classes", "images", "progress", "prompts", "skipped"})
+RESERVED_NAMES = frozenset({"classes", "images", "progress", "prompts", "skipped", "projection"})
 
 
 class StoreError(ValueError):
@@ -51,6 +59,17 @@ ISOLATED_ERRORS = {"StoreError": StoreError, "PromptSetNameError": PromptSetName
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_store_id() -> str:
+    """A store's birth name: random, so a store rewritten within the same second is another store."""
+    return uuid.uuid4().hex
+
+
+def birth(attrs) -> str:
+    """What tells one store file from another written at the same path: its ``created`` stamp
+    and ``store_id`` (older stores have only the stamp)."""
+    return f"{attrs.get('created')} {attrs.get('store_id', '')}".strip()
 
 
 def library_versions() -> dict[str, str]:
@@ -119,13 +138,18 @@ def create_layout(
     then :func:`write_strings` digests and ``progress`` are set."""
     f.attrs["schema_version"] = SCHEMA_VERSION
     for k, v in attrs.items():
-        if v is not None:
+        if k in ARRAY_ATTRS:
+            if v is not None:
+                f.create_dataset(ARRAY_ATTRS[k], data=_array_record(v, k), fletcher32=True)
+        elif v is not None:
             f.attrs[k] = json.dumps(v, sort_keys=True) if k in JSON_ATTRS else v
     f.attrs["dim"] = int(dim)
     f.attrs["dtype"] = dtype
     f.attrs["complete"] = False
     if "created" not in f.attrs:
         f.attrs["created"] = now()
+    if "store_id" not in f.attrs:  # `created` has one-second resolution: two stores may share it
+        f.attrs["store_id"] = new_store_id()
     write_strings(f, "classes", list(classes))
     g = f.create_group("images")
     g.create_dataset("embeds", shape=(rows, dim), maxshape=(None, dim), chunks=(EMBED_CHUNK, dim), dtype=dtype, fletcher32=True)
@@ -134,14 +158,31 @@ def create_layout(
     ge = g.create_group("extras")
     for name, (tail, edtype, columns) in extras.items():
         is_str = h5py.check_string_dtype(np.dtype(edtype)) is not None
-        d = ge.create_dataset(name, shape=(rows, *tail), maxshape=(None, *tail), chunks=(ROW_CHUNK, *tail), dtype=edtype,
-                              fletcher32=not is_str)
+        where, chunk = (g, EMBED_CHUNK) if name == PRE_EMBEDS else (ge, ROW_CHUNK)
+        d = where.create_dataset(name, shape=(rows, *tail), maxshape=(None, *tail), chunks=(chunk, *tail), dtype=edtype,
+                                 fletcher32=not is_str)
+        if name == PRE_EMBEDS:
+            # Writers fill every extra column by its path under /images/extras: the link takes them there.
+            ge[name] = h5py.SoftLink(d.name)
         if columns:
             d.attrs["columns"] = json.dumps(list(columns))
     s = f.create_group("skipped")
     for name in ("keys", "reasons"):
         s.create_dataset(name, shape=(skipped,), maxshape=(None,), chunks=(256,), dtype=STR)
     f.create_dataset("progress", data=np.zeros(3, np.int64))
+
+
+def _array_record(v: Any, name: str) -> np.ndarray:
+    """An array from its JSON record (``shape``, ``dtype`` "<f4", base64 ``data``) or as given."""
+    import base64
+
+    if isinstance(v, Mapping):
+        try:
+            a = np.frombuffer(base64.b64decode(v["data"]), dtype=np.dtype(v["dtype"])).reshape(v["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"attribute {name} is not an array record ({type(e).__name__}: {e})") from e
+        return a.astype(np.float32)
+    return np.asarray(v, np.float32)
 
 
 def write_strings(g: h5py.Group, name: str, values: Sequence[str]) -> h5py.Dataset:

@@ -22,10 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from clip_heads import zeroshot
+from clip_heads.calibration import calibration_of, format_calibration
 from clip_heads.datasets import EMOTION6_DISTRIBUTION  # columns of stores written before they were recorded
 from clip_heads.label_maps import LabelMapSpec, align_labels, load_label_map
-from clip_heads.metrics import classification_report, soft_label_report
-from clip_heads.results import PathLike, data_record, describe_data
+from clip_heads.metrics import classification_report, soft_label_metrics
+from clip_heads.results import PROBA, PathLike, data_record, describe_data
 from clip_heads.store import PromptSet, open_store
 from clip_heads.tables import format_soft_labels, format_table
 
@@ -88,13 +89,17 @@ def require_prompts(d: EvalData) -> PromptSet:
 
 
 def score_predictions(pred: np.ndarray, proba: np.ndarray | None, head_classes: Sequence[str], d: EvalData,
-                      label_map: LabelMapSpec | None, head_desc: str) -> tuple[dict[str, Any], dict[str, list]]:
+                      label_map: LabelMapSpec | None, head_desc: str,
+                      probabilities: str = "the head's predict_proba") -> tuple[dict[str, Any], dict[str, Any]]:
     """``(report, predictions columns)`` for predictions ``pred`` (indices into ``head_classes``)
     on store ``d``.
 
     With probabilities, the prediction is the argmax of the probabilities summed into the
     evaluation classes (:meth:`~clip_heads.label_maps.LabelAlignment.decision_rule`), and every
-    metric uses that one matrix. The columns are ``key, label, prediction`` by class name.
+    metric uses that one matrix: the tables, top-k, soft labels, and the calibration (ECE, Brier,
+    NLL: :func:`clip_heads.calibration.calibration_of`; ``probabilities`` says which they are).
+    The columns are ``key, label, prediction`` by class name, and with probabilities
+    ``proba`` (the ``(n, n_classes)`` matrix, one ``proba_<class>`` column each in predictions.csv).
     """
     align = align_labels(head_classes, d.classes, label_map, head_desc=head_desc, store_desc=f"store {d.path.name}")
     y, keep = align.map_truth(d.y)
@@ -110,14 +115,21 @@ def score_predictions(pred: np.ndarray, proba: np.ndarray | None, head_classes: 
     out["alignment"] = {"mode": align.mode, "label_map": align.map_name, "head_classes": list(head_classes),
                         "store_classes": d.classes, "dropped_classes": align.dropped, "n_dropped": int((~keep).sum())}
     out["decision_rule"] = rule
+    if P is not None:
+        merged = " summed per evaluation class" if rule.get("merged") else ""
+        cal = calibration_of(y, P, align.classes, probabilities=probabilities + merged)
+        if cal is not None:
+            out["calibration"] = cal
     if d.soft is not None and P is not None:
         try:
-            out["soft_labels"] = soft_label_report(d.soft[0][keep], P, d.soft[1], align.classes)
+            out["soft_labels"] = soft_label_metrics(d.soft[0][keep], P, d.soft[1], align.classes)
         except ValueError as e:
             logger.info("soft-label metrics skipped: %s", e)
     names = np.asarray(align.classes, dtype=object)
-    predictions = {"key": np.asarray(d.keys, dtype=object)[keep].tolist(), "label": names[y].tolist(),
-                   "prediction": names[p].tolist()}
+    predictions: dict[str, Any] = {"key": np.asarray(d.keys, dtype=object)[keep].tolist(), "label": names[y].tolist(),
+                                   "prediction": names[p].tolist()}
+    if P is not None:
+        predictions[PROBA] = P
     return out, predictions
 
 
@@ -135,6 +147,8 @@ def section_text(sec: dict, title: str, digits: int = 2) -> str:
         text += sec["decision_rule"]["text"] + "\n"
     if "soft_labels" in sec:
         text += "\n" + format_soft_labels(sec["soft_labels"])
+    if "calibration" in sec:
+        text += "\n" + format_calibration(sec["calibration"])
     return text
 
 

@@ -114,9 +114,11 @@ def run_digest(args: Mapping[str, Any]) -> str:
 def _created(store: Path) -> str | None:
     import h5py
 
+    from .store import birth
+
     try:
         with h5py.File(store, "r", locking=False) as f:
-            return str(f.attrs["created"]) if f.attrs.get("complete", False) else None
+            return birth(f.attrs) if f.attrs.get("complete", False) else None
     except (OSError, KeyError):
         return None
 

@@ -1,19 +1,32 @@
 """The HDF5 feature store: one file per (image source, model), self-describing.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
     /                     attrs: schema_version, model_id, model_hash, dim, normalized, dtype,
                                  preprocess (json), versions (json), source (json),
-                                 source_fingerprint, precision, batch_size, created, completed,
-                                 complete, default_prompts, [virtual_sources (json)]
+                                 source_fingerprint, precision, batch_size, created, store_id, completed,
+                                 complete, default_prompts, [virtual_sources (json)],
+                                 family, scoring, logit_scale, [logit_bias], text_padding,
+                                 text_max_length, text_lowercase, features, [pre_dim, projection]
     /classes              (C,) str
     /images/embeds        (N, D) float16|float32, chunked, maxshape (None, D)
     /images/keys          (N,) str      stable id: path relative to the source root, or the dataset's id
     /images/labels        (N,) int64    index into /classes, or -1 (unlabelled)
     /images/extras/<name> (N, ...)      optional per-image columns (soft labels, valence, split...)
+    /images/pre_embeds    (N, D') optional: the image tower's pooled output before the projection
+                                  (encode --features projected,pre-projection); writers carry it as
+                                  the extra column ``pre_embeds`` (/images/extras/pre_embeds is a
+                                  soft link to it)
+    /projection           (D, D') float32, optional: the image projection, embeds = pre_embeds @ P.T
+                                  (attr projection names it; "none" where the family has none: SigLIP)
     /skipped/keys, /skipped/reasons     images that could not be read, and why
     /progress             (3,) int64    items consumed, rows written, items skipped
     /prompts/<set>/texts, embeds (P, D), template_id (P,), class_id (P,), classes (C',), templates (T,)
+
+The model family's attributes (schema 2) say how its vectors are scored: ``family`` (``clip``,
+``siglip``, ``siglip2``, ...), ``scoring`` (softmax or sigmoid), the model's own learned
+``logit_scale`` (a temperature) and ``logit_bias`` (sigmoid families), and how its prompts were
+tokenized. A schema 1 store records none of them and reads as CLIP.
 
 A prompt set carries its own class list, so prompts for another label set (FI's eight emotions
 queried against an Emotion6 store, say) live beside the dataset's own. Zero-shot with one
@@ -46,9 +59,11 @@ from .integrity import DIGEST_ATTR, bad_chunk_rows, string_digest, structure_pro
 from .journal import is_journal, open_journal
 # The schema's names stay importable from here, where readers have always found them.
 from .schema import (  # noqa: F401
+    ARRAY_ATTRS,
     EMBED_CHUNK,
     JSON_ATTRS,
     LIBVER,
+    PRE_EMBEDS,
     PROMPT_SET_NAME,
     RESERVED_NAMES,
     ROW_CHUNK,
@@ -57,11 +72,13 @@ from .schema import (  # noqa: F401
     PromptSet,
     PromptSetNameError,
     StoreError,
+    birth,
     check_prompt_set,
     create_layout,
     extras_spec,
     l2_normalize,
     library_versions,
+    new_store_id,
     now,
     validate_prompt_set_name,
     write_prompt_set,
@@ -219,6 +236,32 @@ class FeatureStore:
         """What a head needs to check it is used with the model it was trained on."""
         return {"model_id": self.model_id, "model_hash": self.model_hash, "dim": self.dim}
 
+    @property
+    def family(self) -> str:
+        """The model family that encoded the store (``clip`` for stores before schema 2)."""
+        return str(self._f.attrs.get("family") or "clip")
+
+    @property
+    def has_pre_embeds(self) -> bool:
+        return f"images/{PRE_EMBEDS}" in self._f
+
+    def pre_embeddings(self, dtype=np.float32, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Pre-projection image features ``(n_samples, pre_dim)`` (never normalised), all rows or
+        the selected ones; only in stores encoded with ``--features projected,pre-projection``."""
+        if not self.has_pre_embeds:
+            raise StoreError(f"store {self.path} has no pre-projection features; re-encode it with "
+                             "--features projected,pre-projection")
+        x = self._read(f"images/{PRE_EMBEDS}", slice(0, len(self)) if rows is None else rows)
+        return x.astype(dtype, copy=False)
+
+    def projection(self) -> np.ndarray | None:
+        """The image projection ``(dim, pre_dim)`` float32 (``embeds = pre_embeds @ P.T``, before
+        normalisation), or None: a family without one (SigLIP: the pooled output is the
+        embedding), or a store without pre-projection features."""
+        if "projection" not in self._f or not isinstance(self._f["projection"], h5py.Dataset):
+            return None
+        return self._read("projection").astype(np.float32)
+
     # -- image side --------------------------------------------------------------------
     def __len__(self) -> int:
         return self.progress["rows"]
@@ -270,6 +313,12 @@ class FeatureStore:
         ``"images/extras/valence"`` ...) for rows ``[start, stop)``, checksums checked; strings
         come back as utf-8 bytes. For copying a store's columns as they are."""
         return self._read(name, slice(start, len(self) if stop is None else stop))
+
+    @staticmethod
+    def extra_dataset(name: str) -> str:
+        """Where an extra column's rows lie: ``images/extras/<name>``, but ``images/pre_embeds``
+        for the pre-projection features (which /images/extras/pre_embeds only links to)."""
+        return f"images/{PRE_EMBEDS}" if name == PRE_EMBEDS else f"images/extras/{name}"
 
     def extras_layout(self) -> dict[str, tuple[tuple[int, ...], Any, list[str] | None]]:
         """Shape tail, HDF5 dtype and column names of each extra, as :func:`create_layout` takes them."""
@@ -344,7 +393,10 @@ class FeatureStore:
             "n_skipped": self.progress["skipped"],
             "skipped": self.skipped()[:20],
             "classes": counts,
-            "extras": self.extra_names(),
+            "extras": [n for n in self.extra_names() if n != PRE_EMBEDS],
+            "family": self.family,
+            "scoring": {k: a.get(k) for k in ("scoring", "logit_scale", "logit_bias") if a.get(k) is not None},
+            "features": a.get("features") or "projected",
             "prompt_sets": {
                 n: {
                     "templates": len(self._f[f"prompts/{n}/templates"]),

@@ -126,9 +126,14 @@ def _read_all(d: h5py.Dataset) -> list[Problem]:
 
 
 def _vector_problems(f: h5py.File) -> list[Problem]:
-    d = f["images/embeds"]
+    out = _rows_problems(f["images/embeds"], bool(f.attrs.get("normalized", False)))
+    if isinstance(f.get("images/pre_embeds"), h5py.Dataset):  # never normalised
+        out += _rows_problems(f["images/pre_embeds"], False)
+    return out
+
+
+def _rows_problems(d: h5py.Dataset, normalized: bool) -> list[Problem]:
     out: list[Problem] = []
-    normalized = bool(f.attrs.get("normalized", False))
     step = d.chunks[0] if d.chunks else max(1, d.shape[0])
     for a in range(0, d.shape[0], step):
         try:
@@ -140,6 +145,6 @@ def _vector_problems(f: h5py.File) -> list[Problem]:
             bad |= np.abs(np.linalg.norm(np.nan_to_num(x), axis=1) - 1.0) > 1e-2
         if bad.any():
             i = np.flatnonzero(bad)
-            out.append(Problem("/images/embeds", f"has {len(i)} vectors that are {'not finite or not unit length' if normalized else 'not finite'} "
-                                                 f"(first at row {a + int(i[0])})", (a + int(i[0]), a + int(i[-1]) + 1)))
+            out.append(Problem(d.name, f"has {len(i)} vectors that are {'not finite or not unit length' if normalized else 'not finite'} "
+                                       f"(first at row {a + int(i[0])})", (a + int(i[0]), a + int(i[-1]) + 1)))
     return out

@@ -81,13 +81,15 @@ def source_problems(f: h5py.File, path: Path) -> list[str]:
         try:
             with h5py.File(p, "r", locking=False) as g:
                 created = str(g.attrs.get("created"))
+                store_id = str(g.attrs.get("store_id", ""))
                 rows = int(g["images/embeds"].shape[0]) if "images/embeds" in g else -1
         except OSError as e:
             changed.append(f"{p} (cannot be opened: {str(e).splitlines()[0]})")
             continue
-        if created != str(r.get("created")) or rows != int(r.get("rows", -1)):
-            changed.append(f"{p} (created {created}, {rows} rows; the merge read created {r.get('created')}, "
-                           f"{r.get('rows')} rows)")
+        if created != str(r.get("created")) or rows != int(r.get("rows", -1)) or (
+                "store_id" in r and store_id != str(r["store_id"])):
+            changed.append(f"{p} (created {created}, id {store_id or '-'}, {rows} rows; the merge read created "
+                           f"{r.get('created')}, id {r.get('store_id') or '-'}, {r.get('rows')} rows)")
     out = []
     if missing:
         out.append(f"{len(missing)} of its {len(recs)} shard files are missing: {', '.join(missing[:5])}"

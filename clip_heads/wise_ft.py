@@ -1,4 +1,4 @@
-"""WiSE-FT and the generalisation experiment: blends of a zero-shot and a fine-tuned CLIP.
+"""WiSE-FT and the generalisation experiment: blends of a zero-shot and a fine-tuned model.
 
 * :func:`interpolate` / :func:`interpolate_sweep` write WiSE-FT weight-space ensembles
   ``(1 - alpha) * zero-shot + alpha * fine-tuned`` (Wortsman et al., CVPR 2022).
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .backbone import Preprocess, load_clip, resolve_device
+from .backbones.model import Backbone, load_backbone, resolve_device
 from .catalog import DEFAULT_MODEL
 from .encode import default_workers
 from .finetune import finetune_loaded, model_lineage
@@ -28,7 +28,7 @@ from .finetune_eval import zero_shot_report
 from .fsutil import PathLike, atomic_write_text, exclusive_lock, staged_dir
 from .identity import ModelFiles, resolve_model
 from .prompts import load_templates
-from .results import METRICS, REPORT, Report, results_files, source_record, write_json
+from .results import METRICS, REPORT, Report, render, results_files, source_record, write_json
 from .source import Source
 
 logger = logging.getLogger(__name__)
@@ -113,15 +113,26 @@ def _check_replaceable(out: Path) -> None:
                          "replace what it holds: choose a new folder")
 
 
+def _check_family(zs: Backbone, ft: Backbone) -> None:
+    """Refuse two endpoints of different families (CLIP and SigLIP, say) by name."""
+    if zs.spec.name != ft.spec.name:
+        raise ValueError(f"cannot interpolate {zs.files.model_id} ({zs.spec.title}) and {ft.files.model_id} "
+                         f"({ft.spec.title}): WiSE-FT blends two checkpoints of the same family and architecture, "
+                         "a model and its own fine-tune")
+
+
 class _Pair:
-    """A zero-shot and a fine-tuned CLIP, checked to be interpolable; ``model`` carries the blend."""
+    """A zero-shot and a fine-tuned model of one family, checked to be interpolable; ``model``
+    carries the blend, ``preprocess`` its image recipe."""
 
     def __init__(self, zero_shot: str | ModelFiles, finetuned: str | ModelFiles, device: torch.device | str = "cpu") -> None:
-        zs = load_clip(zero_shot, device, dtype=torch.float32)
-        ft = load_clip(finetuned, device, dtype=torch.float32)
+        zs = load_backbone(zero_shot, device, precision="fp32", dtype=torch.float32)
+        ft = load_backbone(finetuned, device, precision="fp32", dtype=torch.float32)
+        _check_family(zs, ft)
         _check_compatible(zs.model, ft.model, zs.files.model_id, ft.files.model_id)
         _check_related(zs.files, ft.files)
-        self.model, self.tokenizer, self.processor = ft.model, ft.tokenizer, ft.processor
+        self.model, self.tokenizer, self.processor, self.preprocess = ft.model, ft.tokenizer, ft.processor, ft.preprocess
+        self.spec = ft.spec
         self.zero_shot, self.finetuned = zs.files, ft.files
         self.zs_state = {k: v.detach().clone() for k, v in zs.model.state_dict().items()}
         self.ft_state = {k: v.detach().clone() for k, v in ft.model.state_dict().items()}
@@ -148,6 +159,7 @@ class _Pair:
             (tmp / "wise_ft.json").write_text(json.dumps(record))
             (tmp / REPORT).write_text(_blend_text(record) + "\n")
             write_json(tmp / METRICS, {"info": {"run": self.run([alpha])}, "kind": "wise-ft", **record})
+            render(tmp, plots=False, final=out)  # a blend has no scores to draw: its page says what it is
         return out
 
     def run(self, alphas: Sequence[float]) -> dict:
@@ -166,8 +178,10 @@ def _blend_text(record: dict) -> str:
 def interpolate(zero_shot_dir: str, finetuned_dir: str, alpha: float, out_dir: PathLike) -> Path:
     """Write the WiSE-FT model ``(1 - alpha) * zero_shot + alpha * finetuned`` to ``out_dir``.
 
-    Every floating-point tensor is interpolated, other buffers are copied; the two models must
-    have the same architecture, config and tensor shapes (the first mismatch is named), and a
+    Every floating-point tensor is interpolated (SigLIP's ``logit_scale`` and ``logit_bias``
+    too), other buffers are copied; the two models must be of the same family (CLIP and SigLIP
+    are refused by name) with the same architecture, config and tensor shapes (the first
+    mismatch is named), and a
     warning says when neither was fine-tuned from the other. ``out_dir`` may not be or overlap
     an input. The tokenizer and image processor come from ``finetuned_dir``. Returns ``out_dir``,
     loadable like a hub id; its ``wise_ft.json`` records both endpoints.
@@ -211,6 +225,7 @@ def _write_blends(zero_shot: str, finetuned: str, alphas: Sequence[float], root:
                 (stage / REPORT).write_text("\n".join(lines) + "\n")
                 write_json(stage / METRICS, {"info": {"run": pair.run(alphas)}, "kind": "wise-ft",
                                              "blends": {f"{a:.2f}": str(p) for a, p in zip(alphas, written, strict=True)}})
+            render(root, plots=False)  # links every blend's page
         return written
 
 
@@ -223,7 +238,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
                    finetuned: str | None = None, a_format: str = "auto", b_format: str = "auto",
                    a_options: dict | None = None, b_options: dict | None = None, a_templates: str | None = None,
                    b_templates: str | None = None, save_models: bool = False, eval_batch_size: int = 64,
-                   progress: bool = True, **options: Any) -> Report:
+                   progress: bool = True, plots: bool | None = None, **options: Any) -> Report:
     """Fine-tune on A, then zero-shot held-out A and all of B with every WiSE-FT blend.
 
     Parameters
@@ -242,7 +257,9 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     Writes ``report.txt`` (the table) and ``metrics.json`` (``info``, settings, rows, reports),
     ``generalisation.json``, ``generalisation.csv`` and ``generalisation.txt`` (as before), and
     ``alpha-X.XX.json`` per alpha (reused by a rerun); with ``save_models``, every blend as
-    ``alpha-X.XX/`` model directory. Returns a :class:`~clip_heads.results.Report` whose
+    ``alpha-X.XX/`` model directory; ``plots/wise_ft.png`` (the curve, with the paper's Table 1,
+    3/4 and 5 numbers as stars when A and B are FI and CIFAR-100; ``plots=False`` skips it) and
+    ``index.html``. Returns a :class:`~clip_heads.results.Report` whose
     ``metrics`` hold ``settings``, ``rows``, ``reports`` and ``text``.
     """
     from .crossval import stratified_folds
@@ -265,7 +282,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     _, tpl_a = load_templates(a_templates or default_caption_templates(src_a))
     _, tpl_b = load_templates(b_templates or default_caption_templates(src_b))
     pair = _Pair(model, finetuned, dev)
-    preprocess = Preprocess.from_processor(pair.processor)
+    preprocess = pair.preprocess
     settings = {"model": str(model), "model_revision": pair.zero_shot.revision, "model_hash": pair.zero_shot.weights_hash,
                 "finetuned": str(finetuned), "finetuned_hash": pair.finetuned.weights_hash, "a": src_a.fingerprint(),
                 "b": src_b.fingerprint(), "holdout": holdout, "seed": seed, "a_templates": tpl_a, "b_templates": tpl_b}
@@ -304,6 +321,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         (stage / "generalisation.txt").write_text(text + "\n")
         (stage / REPORT).write_text(text + "\n")
         write_json(stage / METRICS, dict(result, info={"run": run, "data": data}, kind="generalisation"))
+        render(stage, plots, out)
     return Report("generalisation", text, dict(result, info={"run": run, "data": data}), out)
 
 

@@ -191,7 +191,8 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
             if not stores or n_total is None or found != list(range(int(n_total))):
                 raise StoreError(f"need every shard 0..N-1 of one encode exactly once; got shard indices {found} of {n_total}")
             for s in stores[1:]:
-                for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count"):
+                for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count",
+                          "features"):
                     if str(s.attrs.get(k)) != str(first.get(k)):
                         raise StoreError(f"{s.path} has {k}={s.attrs.get(k)!r} but {stores[0].path} has {first.get(k)!r}")
             stores.sort(key=lambda s: int(s.attrs["shard_index"]))
@@ -206,9 +207,13 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
 
 
 def _merged_attrs(s0: FeatureStore) -> dict:
-    return {k: v for k, v in s0.attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed",
-                                                         "schema_version", "dim", "dtype", "merged_from",
-                                                         "virtual_sources", "virtual_shards")}
+    out = {k: v for k, v in s0.attrs.items() if k not in ("shard_index", "shard_count", "complete", "completed", "store_id",
+                                                        "schema_version", "dim", "dtype", "merged_from",
+                                                        "virtual_sources", "virtual_shards")}
+    proj = s0.projection()  # a dataset, not an attribute: create_layout writes it back as /projection
+    if proj is not None:
+        out["projection_weight"] = proj
+    return out
 
 
 def _finish_merge(f: h5py.File, s0: FeatureStore, paths: list[Path], rows: int, skipped: int) -> None:
@@ -242,7 +247,8 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
         s0 = stores[0]
         extras = s0.extras_layout()
         rows, skipped = sum(len(s) for s in stores), sum(s.progress["skipped"] for s in stores)
-        names = ["images/embeds", "images/keys", "images/labels"] + [f"images/extras/{e}" for e in extras]
+        # Virtual datasets where the rows lie (the pre-projection link stays a link to its new target)
+        names = ["images/embeds", "images/keys", "images/labels"] + [FeatureStore.extra_dataset(e) for e in extras]
         for p, g in zip(paths, files, strict=True):
             if "virtual_sources" in g.attrs:  # a store over other files is not a shard
                 raise StoreError(f"{p} is itself a merged store over shard files; merge the shards it lists")
@@ -265,7 +271,8 @@ def _merge_virtual(tmp: Path, paths: list[Path], out: Path) -> None:
                 f[name].attrs[DIGEST_ATTR] = h.hexdigest()
             f.attrs["virtual_sources"] = json.dumps(rels)
             f.attrs[SHARDS_ATTR] = json.dumps([
-                {"file": rel, "rows": len(s), "skipped": s.progress["skipped"], "created": str(s.attrs.get("created"))}
+                {"file": rel, "rows": len(s), "skipped": s.progress["skipped"], "created": str(s.attrs.get("created")),
+                 "store_id": str(s.attrs.get("store_id", ""))}
                 for rel, s in zip(rels, stores, strict=True)])
             _finish_merge(f, s0, paths, rows, skipped)
     finally:

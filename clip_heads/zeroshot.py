@@ -10,7 +10,7 @@ Every zero-shot path of the package goes through here, so each rule is written o
   independent ``sigmoid(logit_scale * cos + logit_bias)``. The scale and bias are the model's
   own, read from the store's attributes (:meth:`ScoringRule.from_attrs`) or from a loaded model
   (:meth:`ScoringRule.from_model`); a store that records none (schema 1) is scored as CLIP at
-  :data:`CLIP_LOGIT_SCALE`, the one place that value is written.
+  :data:`CLIP_LOGIT_SCALE` (written once, in the family registry :mod:`clip_heads.backbones.families`).
 
 Arrays in, arrays out: numpy inputs give float32 numpy results, torch tensors give tensors on
 their own device and dtype. This module imports neither torch nor scikit-learn itself.
@@ -27,16 +27,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from clip_heads.backbones.families import CLIP_LOGIT_SCALE, SIGMOID_FAMILIES, get_family
 from clip_heads.label_maps import norm
 
 __all__ = ["CLIP_LOGIT_SCALE", "SIGMOID_FAMILIES", "SCORINGS", "ScoringRule", "l2_normalize", "ensemble",
            "template_mask", "class_vectors", "template_vectors", "resolve_template_ids", "template_ids_argument",
            "prompt_columns", "cosine", "predict"]
 
-# CLIP's learned temperature: what its training clamps logit_scale at, and where it ends.
-CLIP_LOGIT_SCALE = 100.0
-# Model families (config.json model_type) trained with the pairwise sigmoid loss.
-SIGMOID_FAMILIES = frozenset({"siglip", "siglip2"})
+# CLIP_LOGIT_SCALE (100): CLIP's learned temperature, what its training clamps logit_scale at and
+# where it ends; the family registry holds it, here it is the default for stores that record none.
+# Families trained with the pairwise sigmoid loss (SigLIP, SigLIP 2) score with sigmoid + bias;
+# SIGMOID_FAMILIES comes from the family registry (clip_heads.backbones.families).
 SCORINGS = ("softmax", "sigmoid")
 
 
@@ -202,11 +203,12 @@ class ScoringRule:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> "ScoringRule":
-        """The rule a store records: attrs ``scoring`` (or else ``family``: sigmoid for
-        :data:`SIGMOID_FAMILIES`), ``logit_scale`` and ``logit_bias``; CLIP's softmax at
-        :data:`CLIP_LOGIT_SCALE` for what a store does not record."""
-        family = str(attrs.get("family") or "clip")
-        scoring = str(attrs.get("scoring") or ("sigmoid" if family in SIGMOID_FAMILIES else "softmax"))
+        """The rule a store records: attrs ``scoring`` (or else the ``family``'s, from the
+        family registry), ``logit_scale`` and ``logit_bias``, as the encode read them from the
+        model; CLIP's softmax at :data:`CLIP_LOGIT_SCALE` for what a store does not record
+        (schema 1). An unknown family is refused."""
+        family = get_family(attrs.get("family") or None)
+        scoring = str(attrs.get("scoring") or family.scoring)
         scale = attrs.get("logit_scale")
         bias = attrs.get("logit_bias")
         return cls(scoring, CLIP_LOGIT_SCALE if scale is None else float(scale), 0.0 if bias is None else float(bias))
@@ -214,12 +216,14 @@ class ScoringRule:
     @classmethod
     def from_model(cls, model: Any) -> "ScoringRule":
         """The rule of a loaded Hugging Face model: its learned ``logit_scale`` (a log, as
-        transformers stores it) and ``logit_bias`` if it has one; family from its config."""
-        family = str(getattr(getattr(model, "config", None), "model_type", "clip"))
-        scale = float(model.logit_scale.detach().exp().item())
+        transformers stores it) and ``logit_bias`` if it has one; sigmoid for a model_type of
+        the sigmoid families (SigLIP's "siglip", "siglip2"), softmax otherwise."""
+        model_type = str(getattr(getattr(model, "config", None), "model_type", "clip"))
+        sigmoid = any(model_type in get_family(f).model_classes for f in SIGMOID_FAMILIES)
+        scale = float(model.logit_scale.detach().exp().reshape(-1)[0].item())
         bias = getattr(model, "logit_bias", None)
-        return cls("sigmoid" if family in SIGMOID_FAMILIES else "softmax", scale,
-                   0.0 if bias is None else float(bias.detach().reshape(-1)[0].item()))
+        return cls("sigmoid" if sigmoid else "softmax", scale,
+                   0.0 if bias is None or not sigmoid else float(bias.detach().reshape(-1)[0].item()))
 
     def logits(self, cos: Any) -> Any:
         """``logit_scale * cos`` (+ ``logit_bias`` for sigmoid; a softmax ignores a constant)."""

@@ -9,7 +9,7 @@ import numpy as np
 from clip_heads.store import open_store
 from conftest import SHARED_DATASETS
 
-TIMESTAMPS = ("created", "completed")
+TIMESTAMPS = ("created", "completed", "store_id")  # when and which file: not content
 
 
 def jpeg_folder(root: Path, n_per_class: int = 5, classes=("anger", "joy", "sadness"), seed: int = 0) -> Path:

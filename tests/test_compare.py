@@ -13,6 +13,7 @@ from clip_heads.compare import MixedDataError, compare_runs, read_run
 from clip_heads.evaluate import run_zero_shot, train_head
 from clip_heads.metrics import classification_report, summarize_folds
 from test_evaluate import blob_store
+from test_report_page import check_page
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -33,7 +34,7 @@ def cv_metrics(folder):
 
 def test_three_seeds_give_mean_and_std_over_the_runs(runs, tmp_path):
     dirs = [runs / f"lin-s{s}" for s in (0, 1, 2)]
-    comp = compare_runs(dirs, out_dir=tmp_path / "out")
+    comp = compare_runs(dirs, out_dir=tmp_path / "out", plots=True)
     assert len(comp.rows) == 1
     row = comp.rows[0]
     assert row["n"] == 3 and row["over"] == "seeds" and not row["mixed_data"]
@@ -128,11 +129,18 @@ def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_cli_exit_codes_and_files(runs, tmp_path):
+def test_cli_exit_codes_and_files(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIP_HEADS_PLOTS", "1")  # the default, which the suite turns off
     ok = run_cli("-q", "compare", str(runs / "lin-s0"), str(runs / "lin-s1"), "--out", str(tmp_path / "c"))
     assert ok.exit_code == 0, ok.output
     assert {p.name for p in (tmp_path / "c").iterdir()} == {"comparison.csv", "comparison.md", "comparison.png",
-                                                            "comparison.svg", "metrics.json"}
+                                                            "comparison.svg", "metrics.json", "index.html"}
+    page, metrics = check_page(tmp_path / "c")  # the rows' numbers on the page are metrics.json's
+    assert "comparison.png" in page.imgs and {("rows", 0, "accuracy_mean"), ("rows", 0, "accuracy_std")} <= {
+        tuple(n["key"]) for n in page.nums}
+    fast = run_cli("-q", "compare", str(runs / "lin-s0"), "--out", str(tmp_path / "fast"), "--no-plots")
+    assert fast.exit_code == 0 and not (tmp_path / "fast" / "comparison.png").exists()
+    assert (tmp_path / "fast" / "index.html").is_file()
     mixed = run_cli("compare", str(runs / "lin-s0"), str(runs / "lin-t"), "--by", "head", "--out", str(tmp_path / "m"))
     assert mixed.exit_code == 2 and "--allow-mixed-data" in mixed.output and "Traceback" not in mixed.output
     assert not (tmp_path / "m").exists()
@@ -147,3 +155,29 @@ def test_cli_exit_codes_and_files(runs, tmp_path):
     again = run_cli("compare", str(runs / "zs"), "--out", str(tmp_path / "c"))
     assert again.exit_code == 1 and "--overwrite" in again.output
     assert "lin-s0" in (tmp_path / "c" / "comparison.csv").read_text()
+
+
+def test_a_generalisation_folder_gives_one_row_per_alpha_and_side(tmp_path):
+    rng = np.random.default_rng(1)
+
+    def rep(right):
+        y = rng.integers(0, 3, 40)
+        return classification_report(y, np.where(rng.random(40) < right, y, (y + 1) % 3), ["a", "b", "c"])
+
+    reports = {f"{a:.2f}": {"a": rep(0.5 + 0.4 * a), "b": rep(0.8 - 0.4 * a)} for a in (0.0, 1.0)}
+    data = {"a": {"fingerprint": "aaa111", "source_root": "/d/FI"}, "b": {"fingerprint": "bbb222", "source_root": "/d/C"}}
+    m = {"info": {"run": {"command": "generalisation", "model": "tiny", "finetuned": "ft", "holdout": 4, "seed": 0},
+                  "data": data}, "kind": "generalisation", "rows": [], "reports": reports}
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "metrics.json").write_text(json.dumps(m))
+    comp = compare_runs([tmp_path / "gen"])
+    got = {(r["head"], r["protocol"][:9]): r for r in comp.rows}
+    assert set(got) == {(f"WiSE-FT alpha {a}", p) for a in ("0.00", "1.00") for p in ("held-out ", "zero-shot")}
+    b1 = got[("WiSE-FT alpha 1.00", "zero-shot")]
+    assert b1["accuracy_mean"] == reports["1.00"]["b"]["accuracy"] and b1["data"] == "source:bbb222"
+    assert b1["weighted_precision_mean"] == reports["1.00"]["b"]["weighted"]["precision"]
+    # An older folder (generalisation.json only) is named with what to do.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "generalisation.json").write_text("{}")
+    with pytest.raises(ValueError, match="rerun `clip-heads generalisation`"):
+        read_run(tmp_path / "old")

@@ -112,6 +112,14 @@ def test_demo_downloads_verifies_and_reports(tiny_clip, tmp_path, server):
     assert (out / "head-mlp" / "config.json").exists() and (out / "head-linear" / "model.safetensors").exists()
     # The ablation ranks each of the 19 templates alone and both ensembles.
     assert len(json.loads((out / "ablation" / "metrics.json").read_text())["rows"]) == 19 + 2
+    # Its page: the headline as printed, and a link to every step's own page (each of which exists).
+    from test_report_page import check_page, parse
+
+    page = parse(out / "index.html")
+    assert {"zero-shot/index.html", "ablation/index.html", "head-linear/index.html", "head-mlp/index.html"} <= set(page.refs)
+    assert all((out / ref).is_file() for ref in page.refs) and "best templates" in "".join(page.text)
+    for step in ("zero-shot", "ablation", "head-linear/cv"):
+        check_page(out / step)
 
 
 def test_demo_refuses_a_wrong_checksum_and_keeps_nothing(tiny_clip, tmp_path, server):

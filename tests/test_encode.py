@@ -333,13 +333,13 @@ class _InterpolationMode:
     [(3, 3), (Image.Resampling.BICUBIC, 3), ("bilinear", 2), (_InterpolationMode("bicubic"), 3), (_InterpolationMode("nearest"), 0)],
 )
 def test_resample_from_either_processor_backend(value, code):
-    from clip_heads.backbone import _resample_code
+    from clip_heads.backbones.preprocess import resample_code as _resample_code
 
     assert _resample_code(value) == code
 
 
 def test_unknown_resample_is_refused():
-    from clip_heads.backbone import _resample_code
+    from clip_heads.backbones.preprocess import resample_code as _resample_code
 
     with pytest.raises(ValueError, match="spline36"):
         _resample_code("spline36")

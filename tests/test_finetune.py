@@ -286,6 +286,10 @@ def test_cross_validation_uses_the_heads_folds_and_the_original_weights(tuned, t
     assert (tmp_path / "cv" / "report.txt").read_text() == summary.text
     for name in ("per_class.csv", "confusion_matrix.csv", "folds.csv"):
         assert (tmp_path / "cv" / name).is_file()
+    from test_report_page import check_page  # its page: the paper's table, mean ± std over the folds
+
+    page, _ = check_page(tmp_path / "cv")
+    assert {("mean", "accuracy"), ("std", "accuracy"), ("pooled", "accuracy")} <= {tuple(n["key"]) for n in page.nums}
     fold0 = json.loads((tmp_path / "cv" / "fold-00" / "metrics.json").read_text())
     assert fold0["accuracy"] == accs[0] and "Fold 1 of 3" in (tmp_path / "cv" / "fold-00" / "report.txt").read_text()
 
@@ -298,6 +302,13 @@ def test_interpolation_endpoints_are_exact_and_midpoint_is_the_mean(tuned, tiny_
     sweep = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
     assert sweep["kind"] == "wise-ft" and sweep["blends"] == {"0.00": str(dirs[0]), "1.00": str(dirs[1])}
     assert json.loads((dirs[1] / "metrics.json").read_text())["alpha"] == 1.0 and (dirs[1] / "report.txt").is_file()
+    from test_report_page import parse  # the sweep's page links each blend's, which names its endpoints
+
+    page = parse(tmp_path / "sweep" / "index.html")
+    assert {"alpha-0.00/index.html", "alpha-1.00/index.html"} <= set(page.refs)
+    record = json.loads((dirs[1] / "wise_ft.json").read_text())
+    blend_page = (dirs[1] / "index.html").read_text()
+    assert record["finetuned"]["model_hash"] in blend_page and record["zero_shot"]["model_hash"] in blend_page
     assert all(torch.equal(a0[k], zs[k]) for k in zs) and all(torch.equal(a1[k], ft[k]) for k in ft)
     mid = weights(interpolate(tiny_clip, str(tuned["out"]), 0.5, tmp_path / "mid"))
     for k in zs:
@@ -321,7 +332,8 @@ def test_interpolation_refuses_models_of_other_shapes(tiny_clip, tmp_path):
 def test_generalisation_table_along_the_wise_ft_curve(tuned, tiny_clip, tmp_path):
     b = open_source(make_colours(tmp_path / "b", {"black": (10, 10, 10), "white": (245, 245, 245)}, n=6, broken=False))
     result = generalisation(tuned["src"], b, tmp_path / "gen", tiny_clip, alphas=[0.0, 0.5, 1.0], holdout=4, seed=0,
-                            finetuned=str(tuned["out"]), a_templates="bp-photo", b_templates="bp-photo", workers=0)
+                            finetuned=str(tuned["out"]), a_templates="bp-photo", b_templates="bp-photo", workers=0,
+                            plots=True)
     rows = result["rows"]
     assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
     # alpha 0 is the zero-shot model and alpha 1 the fine-tuned one, on the same held-out fold.
@@ -339,6 +351,17 @@ def test_generalisation_table_along_the_wise_ft_curve(tuned, tiny_clip, tmp_path
     written = json.loads((tmp_path / "gen" / "metrics.json").read_text())
     assert written["info"]["run"]["command"] == "generalisation" and written["rows"] == rows
     assert written["info"]["data"]["a"]["n_images"] == len(tuned["test"]) and written["info"]["data"]["b"]["n_images"] == 12
+    # Its page: the curve's rows equal metrics.json's, the WiSE-FT figure beside them.
+    from test_report_page import check_page
+
+    page, _ = check_page(tmp_path / "gen")
+    assert page.imgs == ["plots/wise_ft.png"] and {("rows", 2, "b_accuracy")} <= {tuple(n["key"]) for n in page.nums}
+    # compare reads it: one row per alpha and side, alpha 1 on B the fine-tuned model's zero-shot of B.
+    from clip_heads.compare import compare_runs
+
+    rows_c = {(r["head"], r["protocol"].split(" ")[0]): r for r in compare_runs([tmp_path / "gen"]).rows}
+    assert rows_c[("WiSE-FT alpha 1.00", "zero-shot")]["accuracy_mean"] == rows[-1]["b_accuracy"]
+    assert rows_c[("WiSE-FT alpha 0.00", "held-out")]["macro_f1_mean"] == rows[0]["a_macro_f1"]
     with pytest.raises(ValueError, match="alpha"):
         generalisation(tuned["src"], b, tmp_path / "gen", tiny_clip, alphas=[2.0], finetuned=str(tuned["out"]))
 

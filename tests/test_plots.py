@@ -203,6 +203,7 @@ def test_soft_label_breakdown_groups_by_dominant_vote_with_the_metrics_definitio
 
 def test_import_clip_heads_does_not_import_matplotlib():
     code = ("import sys, clip_heads, clip_heads.plots, clip_heads.calibration, clip_heads.report_page, "
-            "clip_heads.compare, clip_heads.cli; print('matplotlib' in sys.modules)")
+            "clip_heads.report_folder, clip_heads.results, clip_heads.compare, clip_heads.cli; "
+            "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

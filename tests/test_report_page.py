@@ -10,7 +10,8 @@ from clip_heads.ablation import ablate_prompts
 from clip_heads.calibration import calibration_report
 from clip_heads.evaluate import run_zero_shot, train_head
 from clip_heads.metrics import classification_report
-from clip_heads.report_page import metrics_table, provenance_from_metrics, render_folder, write_index
+from clip_heads.report_folder import provenance_from_metrics, render_folder
+from clip_heads.report_page import metrics_table, write_index
 from test_evaluate import blob_store
 
 
@@ -81,12 +82,16 @@ def store(tmp_path_factory):
 
 
 def test_train_head_cv_page(store, tmp_path):
-    train_head("linear", store, tmp_path / "lin", cv=3, seed=4)
-    index = render_folder(tmp_path / "lin")
+    train_head("linear", store, tmp_path / "lin", cv=3, seed=4, plots=True)  # the command writes the pages
+    index = tmp_path / "lin" / "index.html"
     page, metrics = check_page(tmp_path / "lin")
     imgs = page.imgs
-    assert sorted(imgs) == sorted(f"plots/cv/{s}.png" for s in ("confusion_matrix", "per_class", "fold_spread"))
+    assert sorted(imgs) == sorted(f"cv/plots/{s}.png" for s in ("confusion_matrix", "per_class", "fold_spread",
+                                                                "reliability"))
     assert all(Path(index.parent, r).with_suffix(".svg").name in {Path(x).name for x in page.refs} for r in imgs)
+    assert "cv/index.html" in page.refs  # the section's own page, which shows the same figures
+    sub, _ = check_page(tmp_path / "lin" / "cv")
+    assert sorted(sub.imgs) == sorted(r[len("cv/"):] for r in imgs)
     keys = {tuple(n["key"]) for n in page.nums}
     cv = metrics["cv"]
     for c in cv["classes"]:  # the paper's table, every cell: mean and std per class, pooled below
@@ -104,14 +109,14 @@ def test_train_head_cv_page(store, tmp_path):
 
 
 def test_zero_shot_and_ablation_pages(store, tmp_path):
-    run_zero_shot(store, out_dir=tmp_path / "zs")
-    render_folder(tmp_path / "zs")
+    run_zero_shot(store, out_dir=tmp_path / "zs", plots=True)
     page, metrics = check_page(tmp_path / "zs")
-    assert ("accuracy",) in {tuple(n["key"]) for n in page.nums}
-    assert sorted(page.imgs) == ["plots/confusion_matrix.png", "plots/per_class.png"]
+    assert {("accuracy",), ("calibration", "ece")} <= {tuple(n["key"]) for n in page.nums}
+    assert sorted(page.imgs) == ["plots/confusion_matrix.png", "plots/per_class.png", "plots/reliability.png"]
 
-    ablate_prompts(store, out_dir=tmp_path / "abl")
-    render_folder(tmp_path / "abl", digits=4)
+    ablate_prompts(store, out_dir=tmp_path / "abl", plots=False)
+    assert not (tmp_path / "abl" / "plots").exists() and "not drawn" in (tmp_path / "abl" / "index.html").read_text()
+    render_folder(tmp_path / "abl", digits=4)  # drawn afterwards from metrics.json alone
     page, metrics = check_page(tmp_path / "abl", digits=4)
     keys = {tuple(n["key"]) for n in page.nums}
     assert {("rows", i, "accuracy") for i in range(len(metrics["rows"]))} <= keys
@@ -192,3 +197,25 @@ def test_many_classes_put_the_averages_first_and_keep_every_row(tmp_path):
     keys = [tuple(n["key"]) for n in page.nums]
     assert all(("per_class", c, "f1") in keys for c in classes)
     assert keys.count(("accuracy",)) == 2  # in the summary and in the full table, the same value
+
+
+def test_a_generalisation_of_fi_and_cifar100_gets_the_paper_points_whatever_its_folder(tmp_path, monkeypatch):
+    from clip_heads import plots
+    from clip_heads.paper import paper_experiment, paper_points
+
+    assert paper_experiment("fi", "cifar100") == "emotion-clip-on-cifar100"
+    assert paper_experiment("cifar100", "fi") == "cifar100-clip-on-fi"
+    assert paper_experiment("folder", "cifar100") is None
+    drawn = []
+    real = plots.wise_ft_figure
+    monkeypatch.setattr(plots, "wise_ft_figure", lambda result, points=None, **kw: drawn.append(points) or real(
+        result, points, **kw))
+    rows = [{"alpha": a, "a_accuracy": 0.5, "a_macro_f1": 0.4, "b_accuracy": 0.3, "b_macro_f1": 0.2} for a in (0.0, 1.0)]
+    for name, fmt_a, fmt_b in (("mine", "cifar100", "fi"), ("other", "folder", "fi")):
+        (tmp_path / name).mkdir()
+        data = {"a": {"source_format": fmt_a, "source_root": "/d/A"}, "b": {"source_format": fmt_b, "source_root": "/d/B"}}
+        (tmp_path / name / "metrics.json").write_text(json.dumps(
+            {"info": {"run": {"command": "generalisation"}, "data": data}, "kind": "generalisation", "rows": rows}))
+        render_folder(tmp_path / name)
+        check_page(tmp_path / name)
+    assert drawn == [paper_points("cifar100-clip-on-fi"), None]  # no paper number for a pair the paper did not run

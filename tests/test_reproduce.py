@@ -68,7 +68,25 @@ def test_reproduce_writes_every_table(tiny_clip, tmp_path, finetune, one_thread)
     # The results layout's record on top, as in every command's folder.
     assert results["info"]["run"]["command"] == "reproduce" and results["info"]["data"] == data
     assert results["info"]["run"]["finetune"] == finetune and results["text"] == text
+    # The "ours" cells are the rows of the comparison of every step (clip-heads compare).
+    comp = {r["runs"]: r for r in results["comparison"]["rows"]}
+    zs_row = comp[str(out / "zero-shot" / "fi")]
+    assert zs_row["accuracy_mean"] == results["zero_shot"]["fi"]["accuracy"]
+    assert (out / "comparison" / "comparison.csv").is_file() and "comparison.csv" in text
+    lin = comp[str(out / "heads" / "fi-linear")]
+    assert lin["n"] == 2 and lin["accuracy_mean"] == pytest.approx(results["heads"]["fi/linear"]["mean"]["accuracy"])
+    assert f"| linear head | {lin['accuracy_mean']:.2f} | {lin['accuracy_std']:.2f} |" in text
+    # The page: tables.md as HTML tables, a link to every step's page.
+    from test_report_page import parse
+
+    page = parse(out / "index.html")
+    assert "table" in page.tags and all((out / ref).is_file() for ref in page.refs)
+    assert {"comparison/index.html", "zero-shot/fi/index.html", "heads/fi-linear/index.html"} <= set(page.refs)
     if finetune:
+        t5 = str(out / "table5" / "emotion-clip-on-cifar100")
+        b1 = next(r for r in results["comparison"]["rows"] if r["runs"] == t5 and r["head"] == "WiSE-FT alpha 1.00"
+                  and r["protocol"].startswith("zero-shot on B"))
+        assert b1["accuracy_mean"] == results["table5"]["emotion-clip-on-cifar100"]["finetuned_b"]["accuracy"]
         rows = results["table5"]["emotion-clip-on-cifar100"]["rows"]
         assert [r["alpha"] for r in rows] == [0.0, 1.0]
         cv = results["finetune_cv"]["fi"]

@@ -2,6 +2,7 @@
 that does not redo finished blocks. Skipped when Ray is not installed (the ``test`` extra has it)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -50,3 +51,22 @@ def test_ray_encode_killed_then_resumed_equals_the_single_process_store(local_ra
     a, b = content(ref), content(out)
     assert_same(a, b, atol=1e-3)  # keys, order, labels, skipped with reasons, prompt sets, provenance
     assert len(a["keys"]) == 15 and a["skipped"] == [("joy/broken.jpg", a["skipped"][0][1])]
+
+
+def test_ray_carries_naflex_batches_and_pre_projection_features_into_the_single_process_store(
+        local_ray, tiny_families, tmp_path):
+    # SigLIP 2 NaFlex: each block's patches, mask and grid cross Ray's stages as raw arrays, and the
+    # embedding actors send the pooled output back beside the embeddings (issue 10 on any engine).
+    from clip_heads.store import open_store
+
+    root = jpeg_folder(tmp_path / "imgs", n_per_class=3)
+    common = [str(root), "--model", tiny_families["siglip2"], "--batch-size", "4", "--dtype", "float32",
+              "-t", "bp-emotion", "--features", "projected,pre-projection"]
+    ref, out = tmp_path / "one.h5", tmp_path / "ray.h5"
+    assert CliRunner().invoke(main, ["-q", "encode", *common, "--workers", "0", "--out", str(ref)]).exit_code == 0
+    res = CliRunner().invoke(main, ["-q", "encode", *common, "--engine", "ray", "--decode-cpus", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert_same(content(ref), content(out), atol=1e-5)
+    with open_store(ref) as a, open_store(out) as b:
+        assert a.family == b.family == "siglip2" and b.pre_embeddings().shape == (9, a.pre_embeddings().shape[1])
+        np.testing.assert_allclose(b.pre_embeddings(), a.pre_embeddings(), rtol=0, atol=1e-5)
