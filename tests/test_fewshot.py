@@ -219,3 +219,28 @@ def test_fi_protocol_trains_on_80_and_scores_on_15_percent(tmp_path):
     assert (rep["n_train"], rep["n_test"]) == (320, 60) and "80/5/15" in rep.text
     with pytest.raises(BadValueError, match="no split column"):
         run_few_shot(tmp_path / "s.h5", tmp_path / "x", heads=["gda"], shots="4", seeds=[1], protocol="split-column")
+
+
+def test_prolip_on_a_store_encoded_with_pre_projection_features(tiny_clip, tmp_path):
+    from PIL import Image
+
+    from clip_heads.encode import encode
+
+    rng = np.random.default_rng(0)
+    rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    for name, c in rgb.items():
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(4):
+            arr = np.clip(np.array(c)[None, None] + rng.normal(0, 20, (30, 36, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / name / f"{i}.jpg", quality=95)
+    r = encode(str(tmp_path / "imgs"), tmp_path / "s.h5", model=tiny_clip, workers=0, progress=False,
+               dtype="float32", features="projected,pre-projection")
+    rep = run_few_shot(r.path, tmp_path / "o", heads=["prolip", "zero-shot"], shots="2", seeds=[1],
+                       params={"prolip": {"reg": float("inf")}}, test_fraction=0.5)
+    rows = {x["head"]: float(x["accuracy"]) for x in csv.DictReader((tmp_path / "o" / "few_shot.csv").open())}
+    # lambda = inf leaves the store's own projection: prolip on pre_embeds is zero-shot on embeds.
+    assert rows["prolip"] == rows["zero-shot"]
+    assert rep["n_test"] == 6
+    plain = encode(str(tmp_path / "imgs"), tmp_path / "p.h5", model=tiny_clip, workers=0, progress=False)
+    with pytest.raises(BadValueError, match="pre-projection"):
+        run_few_shot(plain.path, tmp_path / "x", heads=["prolip"], shots="1", seeds=[1])
