@@ -41,6 +41,11 @@ HEAD_CLASSES: dict[str, str] = {
     "mlp": "clip_heads.heads.mlp:MLPHead",
     "contrastive": "clip_heads.heads.contrastive:ContrastiveHead",
     "tip-adapter": "clip_heads.heads.tip_adapter:TipAdapterHead",
+    "zs-lp": "clip_heads.heads.zs_lp:ZSLPHead",
+    "clap": "clip_heads.heads.clap:CLAPHead",
+    "lpp": "clip_heads.heads.lpp:LPPHead",
+    "gda": "clip_heads.heads.gda:GDAHead",
+    "prolip": "clip_heads.heads.prolip:ProLIPHead",
 }
 
 

@@ -538,6 +538,39 @@ def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_
     click.echo(f"head and reports written to {out_dir}; {_page(out_dir)}")
 
 
+@main.command("few-shot")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Results folder (few_shot.csv, the mean ± std table, few_shot.png, the samples and the split).")
+@click.option("--heads", default="zs-lp,clap,lpp,gda,tip-adapter,linear", show_default=True, help="Comma-separated registered heads.")
+@click.option("--shots", default="1,2,4,8,16", show_default=True, help="Comma-separated images per class; 'all' for the whole training split.")
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds: one sample of the shots per seed.")
+@click.option("--prompts", "prompt_set", default=None, help="Prompt set for the heads that use prompts. [default: the store's default set]")
+@click.option("--param", "params", multiple=True, metavar="HEAD.KEY=VALUE", help="A head's parameter, e.g. --param gda.cv=3 (repeatable).")
+@click.option("--protocol", default="auto", show_default=True, type=click.Choice(["auto", "split-column", "stratified", "fi"]), help="Which rows train and test: the store's split column if it has one (auto), only that, a seeded stratified split, or FI's seeded 80/5/15.")
+@click.option("--test-fraction", default=0.3, show_default=True, type=float, help="Test share of the seeded stratified split.")
+@click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
+@friendly
+def few_shot(store, out_dir, heads, shots, seeds, prompt_set, params, protocol, test_fraction, overwrite):
+    """Few-shot grid on STORE: K images per class from the training split, every head on the same samples, scored on the test split."""
+    from .fewshot import run_few_shot
+
+    per_head: dict = {}
+    for key, value in _params(params).items():
+        head, dot, name = key.partition(".")
+        if not dot or not head or not name:
+            raise click.BadParameter(f"{key!r} is not HEAD.KEY", param_hint="--param")
+        per_head.setdefault(head, {})[name] = value
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds") from None
+    rep = run_few_shot(store, out_dir, heads=[h.strip() for h in heads.split(",") if h.strip()], shots=shots,
+                       seeds=seed_list, params=per_head, prompt_set=prompt_set, test_fraction=test_fraction,
+                       overwrite=overwrite, protocol=protocol)
+    click.echo(rep.text)
+    click.echo(f"written to {out_dir}")
+
+
 @main.command()
 @click.argument("head_dir", type=Existing(file_okay=False))
 @click.argument("store", type=Existing(dir_okay=False))

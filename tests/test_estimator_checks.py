@@ -34,17 +34,30 @@ PROMPT_DIMS = (1, 2, 3, 4, 5, 10)
 CANNOT_APPLY = {
     "zero-shot": {"check_classifiers_train": "zero-shot learns nothing from (X, y): its accuracy on the "
                                              "check's blobs is that of random prompt vectors"},
-    "tip-adapter": {},
+    "tip-adapter": {}, "zs-lp": {}, "clap": {}, "lpp": {}, "gda": {}, "prolip": {},
 }
 
 
-@pytest.mark.parametrize("name", ["zero-shot", "tip-adapter"])
+def prompt_head(name: str, dim: int):
+    """A prompt head for data of ``dim`` features (prolip: pre-projection features mapped to 4-d prompts)."""
+    # Small budgets for the trained ones: the checks fit hundreds of times. GDA's logits shrink with
+    # D / N (its precision estimator), far below 100 * cos to random prompts on the checks' 2-d blobs,
+    # so its zero-shot term is scaled down there: the checks test the estimator, not the prompts.
+    if name == "prolip":
+        projection = np.random.default_rng(dim).normal(size=(4, dim))
+        return HEADS[name](prompt_embeds=check_prompts(4), projection=projection, epochs=5, lr=3e-2)
+    fast = {"epochs": 5, "lr": 3e-2}
+    kw = {"zs-lp": fast, "clap": fast, "gda": {"logit_scale": 1e-3}}.get(name, {})
+    return HEADS[name](prompt_embeds=check_prompts(dim), **kw)
+
+
+@pytest.mark.parametrize("name", ["zero-shot", "tip-adapter", "zs-lp", "clap", "lpp", "gda", "prolip"])
 def test_prompt_heads_pass_every_check_that_can_apply(name):
     outcomes = collections.defaultdict(list)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for dim in PROMPT_DIMS:
-            results = check_estimator(HEADS[name](prompt_embeds=check_prompts(dim)), on_fail=None)
+            results = check_estimator(prompt_head(name, dim), on_fail=None)
             for i, r in enumerate(results):  # one class, so the same checks in the same order
                 outcomes[(i, r["check_name"])].append(r["status"])
     # A check scikit-learn skipped where it applied (pandas absent, say) is not a failure.
@@ -58,6 +71,8 @@ def test_param_validation_names_the_parameter(name):
     # scikit-learn's own check: every parameter has a constraint, and a bad type or value raises
     # InvalidParameterError "The 'p' parameter of Head must be ... Got ... instead." from fit.
     kw = {"prompt_embeds": check_prompts(5)} if HEADS[name].uses_prompts else {}
+    if name == "prolip":
+        kw["projection"] = np.eye(5)
     check_param_validation(HEADS[name].__name__, HEADS[name](**kw))
 
 
@@ -96,7 +111,9 @@ def test_make_head_checks_grids_and_builds_valid_heads():
 
 
 def test_capabilities_are_declared():
-    assert {n for n, h in HEADS.items() if h.uses_prompts} == {"zero-shot", "contrastive", "tip-adapter"}
+    assert {n for n, h in HEADS.items() if h.uses_prompts} == {"zero-shot", "contrastive", "tip-adapter", "zs-lp",
+                                                                "clap", "lpp", "gda", "prolip"}
+    assert {n for n, h in HEADS.items() if getattr(h, "uses_pre_projection", False)} == {"prolip"}
     assert {n for n, h in HEADS.items() if h.can_requery} == {"zero-shot", "contrastive"}
     assert all(hasattr(h, "with_prompts") == h.can_requery for h in HEADS.values())
     assert ZeroShotHead.can_requery and not TipAdapterHead.can_requery

@@ -18,7 +18,7 @@ from clip_heads.heads.contrastive import class_clip_loss, multi_positive_clip_lo
 from conftest import make_blobs
 
 N_CLASSES, DIM, N_TRAIN = 4, 16, 600
-TEXT_HEADS = {"zero-shot", "contrastive", "tip-adapter"}
+TEXT_HEADS = {"zero-shot", "contrastive", "tip-adapter", "zs-lp", "clap", "lpp", "gda", "prolip"}
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,14 @@ def data():
 def make_head(name, data, **kw):
     if name in TEXT_HEADS:
         kw.setdefault("prompt_embeds", data["prompts"])
+    if name == "prolip":  # the identity projection: its pre-projection features are the vectors themselves
+        kw.setdefault("projection", np.eye(DIM, dtype=np.float32))
     return get_head(name)(**kw)
 
 
 def test_registry_lists_every_head_and_refuses_unknown_names():
-    assert list_heads() == ["zero-shot", "linear", "mlp", "contrastive", "tip-adapter"]
+    assert list_heads() == ["zero-shot", "linear", "mlp", "contrastive", "tip-adapter", "zs-lp", "clap", "lpp", "gda",
+                            "prolip"]
     assert all(HEADS[n].name == n for n in list_heads())
     with pytest.raises(ValueError, match="unknown head 'svm'.*linear"):
         get_head("svm")
@@ -126,7 +129,7 @@ def test_save_load_round_trip_gives_identical_predictions(name, data, tmp_path):
     names = np.array(["anger", "awe", "fear", "joy"])  # string labels must survive the trip
     y = names[data["ytr"]]
     kw = {"prompt_embeds": {n: data["prompts"][i] for i, n in enumerate(names)}} if name in TEXT_HEADS else {}
-    head = get_head(name)(**kw).fit(data["Xtr"], y).set_backbone("org/clip-b32", "abc123", DIM)
+    head = make_head(name, data, **kw).fit(data["Xtr"], y).set_backbone("org/clip-b32", "abc123", DIM)
     head.save_pretrained(tmp_path / "h")
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "h" / "config.json").read_text())

@@ -5,14 +5,19 @@ from typing import Any, Mapping
 
 from clip_heads.catalog import HEAD_CLASSES, list_heads
 from clip_heads.heads.base import Head
+from clip_heads.heads.clap import CLAPHead
 from clip_heads.heads.contrastive import ContrastiveHead
 from clip_heads.heads.files import HeadFileError
+from clip_heads.heads.gda import GDAHead
 from clip_heads.heads.linear import LinearHead
+from clip_heads.heads.lpp import LPPHead
 from clip_heads.heads.mlp import MLPHead
 from clip_heads.heads.params import ParameterError, check_names
+from clip_heads.heads.prolip import ProLIPHead
 from clip_heads.heads.registry import UnknownHeadError, head_class
 from clip_heads.heads.tip_adapter import TipAdapterHead
 from clip_heads.heads.zero_shot import ZeroShotHead, class_prompt_vectors
+from clip_heads.heads.zs_lp import ZSLPHead
 
 # Built from the one registry, catalog.HEAD_CLASSES: a new head is registered there alone.
 HEADS: dict[str, type[Head]] = {name: head_class(name) for name in HEAD_CLASSES}
@@ -40,4 +45,5 @@ def make_head(name: str, params: Mapping[str, Any] | None = None) -> Head:
 
 
 __all__ = ["HEADS", "Head", "list_heads", "get_head", "make_head", "ParameterError", "HeadFileError", "UnknownHeadError",
-           "class_prompt_vectors", "ZeroShotHead", "LinearHead", "MLPHead", "ContrastiveHead", "TipAdapterHead"]
+           "class_prompt_vectors", "ZeroShotHead", "LinearHead", "MLPHead", "ContrastiveHead", "TipAdapterHead",
+           "ZSLPHead", "CLAPHead", "LPPHead", "GDAHead", "ProLIPHead"]

@@ -292,6 +292,21 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.setdiff1d(idx, va), va
 
 
+def rows_of(X: Any, y: Any, views: Any, idx: Any = None) -> tuple[Any, Any]:
+    """Training rows of the images ``idx`` (all by default): their plain vectors, then their
+    views, each with its image's label. Torch tensors or arrays; a validation split is carved by
+    image first, so no view of a validation image ever trains (``views`` None: just the rows)."""
+    if idx is not None:
+        X, y = X[idx], y[idx]
+        views = None if views is None else views[idx]
+    if views is None:
+        return X, y
+    n, k, d = views.shape
+    if isinstance(X, torch.Tensor):
+        return torch.cat([X, views.reshape(n * k, d).to(X)]), torch.cat([y, y.repeat_interleave(k)])
+    return np.concatenate([X, views.reshape(n * k, d)]), np.concatenate([y, np.repeat(y, k)])
+
+
 def seed_from(random_state: Any) -> int:
     """One int seed per fit from sklearn's ``random_state`` (int, RandomState or None)."""
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
@@ -332,25 +347,32 @@ class TrainedHead(Head):
 
     def _train(self, X: torch.Tensor, y: torch.Tensor, seed: int,
                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+               prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               views: torch.Tensor | None = None) -> None:
         """Seeded init, an optional stratified validation split, then the training loop.
 
         ``loss_fn(model(prepare(X_batch)), y_batch)``; the validation score is the accuracy of
         :meth:`_module_logits` on the prepared validation rows. ``prepare`` (e.g. the L2
         normalisation) runs a batch at a time, and batches are gathered from ``X`` by index, so
-        a fit holds no copy of the training rows. Sets ``model_``, ``loss_curve_``,
+        a fit holds no copy of the training rows (unless ``views`` (n, K, dim) are given: an
+        image's views then train beside it, never a validation image's). Sets ``model_``, ``loss_curve_``,
         ``val_scores_``, ``best_epoch_``, ``n_epochs_`` and ``stop_reason_`` ("plateau", or
         "epochs" when the cap ended it).
         """
         from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
 
         prepare = prepare if prepare is not None else (lambda t: t)
-        eval_fn, rows = None, torch.arange(len(X), device=X.device)
+        eval_fn, train_rows = None, None
         if self.validation_fraction:
             split = validation_split(y.cpu().numpy(), self.validation_fraction, seed)
-            rows, va = (torch.from_numpy(i).to(X.device) for i in split)
+            train_rows, va = (torch.from_numpy(i).to(X.device) for i in split)
             X_val, y_val = prepare(X[va]), y[va]
             eval_fn = lambda: accuracy(self._module_logits(X_val), y_val)  # noqa: E731
+        if views is None:
+            rows = train_rows if train_rows is not None else torch.arange(len(X), device=X.device)
+        else:  # the training images' rows, then their views (a copy: views are few-shot sized)
+            X, y = rows_of(X, y, views, train_rows)
+            rows = torch.arange(len(X), device=X.device)
         with seeded(seed, self.device):
             self.model_ = model = self._build().to(self.device)
         batches = TensorBatches(rows, batch_size=auto_batch_size(self.batch_size, len(rows)), seed=seed)

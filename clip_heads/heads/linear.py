@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from clip_heads.heads.base import DEVICE, Head, l2_normalize, seed_from, validation_split
 from clip_heads.heads.params import FRACTION, POSITIVE, POSITIVE_INT, check_grid
+from clip_heads.heads.views import ViewsFit, rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def _accuracy(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor
     return hits / len(X)
 
 
-class LinearHead(Head):
+class LinearHead(ViewsFit, Head):
     """Multinomial logistic regression on (L2-normalised) image vectors.
 
     Without a fixed ``C``, every other value of ``Cs`` is fitted in increasing order on a
@@ -171,6 +172,9 @@ class LinearHead(Head):
     random_state : int, RandomState or None, default=0
         Seeds the validation split.
     device : str, default="cpu"
+    use_views : bool, default=False
+        Train on the images' augmented views too (``fit(X, y, views=V)``, V of shape
+        ``(n_samples, K, dim)``); the validation split holds plain vectors of held-out images only.
 
     Attributes
     ----------
@@ -188,12 +192,13 @@ class LinearHead(Head):
     name = "linear"
     _parameter_constraints = {"C": [POSITIVE, None], "Cs": ["array-like"], "normalize": ["boolean"],
                               "validation_fraction": [FRACTION], "max_iter": [POSITIVE_INT], "tol": [POSITIVE],
-                              "random_state": ["random_state"], "device": DEVICE}
+                              "random_state": ["random_state"], "device": DEVICE, "use_views": ["boolean"]}
     _extra_types = {"C_": (float, int), "n_iter_": (int,), "converged_": (bool,), "val_scores_": (dict,)}
 
     def __init__(self, C: float | None = None, Cs: Sequence[float] = DEFAULT_CS, normalize: bool = True,
                  validation_fraction: float = 0.2, max_iter: int = 500, tol: float = 1e-5,
-                 random_state: Any = 0, device: str = "cpu") -> None:
+                 random_state: Any = 0, device: str = "cpu", use_views: bool = False) -> None:
+        self.use_views = use_views
         self.C = C
         self.Cs = Cs
         self.normalize = normalize
@@ -207,8 +212,15 @@ class LinearHead(Head):
         super()._check_params()
         check_grid(type(self).__name__, "Cs", self.Cs)
 
-    def _fit(self, X_np: np.ndarray, y_np: np.ndarray) -> None:
+    def _fit_rows(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None) -> None:
+        self._fit(X_np, y_np, views)
+
+    def _fit(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None = None) -> None:
         X, y = torch.from_numpy(X_np).to(self.device, torch.float32), torch.from_numpy(y_np).to(self.device)
+        # Augmented views (use_views) train beside their image; the C search's validation split is
+        # carved by image and scored on plain vectors only.
+        V = None if views is None else torch.from_numpy(views).to(self.device, torch.float32)
+        V = l2_normalize(V) if V is not None and self.normalize else V
         k = len(self.classes_)
         self.val_scores_: dict[float, float] = {}
         init = None
@@ -220,7 +232,9 @@ class LinearHead(Head):
             # One working copy, training rows first: the split's two parts are slices of it.
             order = torch.from_numpy(np.concatenate([tr, va])).to(self.device)
             X, y = working_copy(X, order, self.normalize), y[order]
+            V = None if V is None else V[order]
             fit_part, val_part = slice(0, len(tr)), slice(len(tr), None)
+            fit_rows = rows_of(X[fit_part], y[fit_part], None if V is None else V[fit_part])
             fits: dict[float, tuple] = {}
 
             def score(C: float) -> float:
@@ -232,7 +246,7 @@ class LinearHead(Head):
                     start = ((lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2)
                 else:
                     start = fits[max(below)][:2] if below else None
-                fits[C] = fit = fit_logistic(X[fit_part], y[fit_part], k, C, start, self.max_iter, self.tol)
+                fits[C] = fit = fit_logistic(*fit_rows, k, C, start, self.max_iter, self.tol)
                 acc = _accuracy(X[val_part], y[val_part], fit[0], fit[1])
                 logger.debug("C=%g: val accuracy %.4f (%d iterations%s)", C, acc, fit[2],
                              "" if fit[3] else f", stopped at max_iter={self.max_iter}")
@@ -241,7 +255,8 @@ class LinearHead(Head):
             self.C_, self.val_scores_ = search_grid(self.Cs, score)
             init = fits[self.C_][:2]
             logger.info("linear head: C=%g chosen, val accuracy %.4f", self.C_, self.val_scores_[self.C_])
-        W, b, self.n_iter_, self.converged_ = fit_logistic(X, y, k, self.C_, init, self.max_iter, self.tol)
+        W, b, self.n_iter_, self.converged_ = fit_logistic(*rows_of(X, y, V), k, self.C_, init, self.max_iter,
+                                                           self.tol)
         if not self.converged_:
             logger.warning("linear head: L-BFGS stopped at its iteration cap (max_iter=%d) before converging "
                            "(tol=%g) at C=%g: raise max_iter", self.max_iter, self.tol, self.C_)

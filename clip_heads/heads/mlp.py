@@ -10,6 +10,7 @@ from torch import nn
 
 from clip_heads.heads.base import TrainedHead, l2_normalize, seed_from, trained_head_constraints
 from clip_heads.heads.params import POSITIVE_INT, Interval, Real
+from clip_heads.heads.views import ViewsFit
 
 
 # Dropout's mask from 16-bit random integers, four to a 64-bit draw: on CPU, nn.Dropout's
@@ -33,7 +34,7 @@ class Dropout(nn.Dropout):
         return x * keep
 
 
-class MLPHead(TrainedHead):
+class MLPHead(ViewsFit, TrainedHead):
     """``Linear(dim, hidden) -> ReLU -> Dropout -> Linear(hidden, n_classes)``, AdamW, trained to a plateau.
 
     Parameters
@@ -59,6 +60,9 @@ class MLPHead(TrainedHead):
         L2-normalise the vectors first.
     random_state : int, RandomState or None, default=0
     device : str, default="cpu"
+    use_views : bool, default=False
+        Train on the images' augmented views too (``fit(X, y, views=V)``); the validation split
+        holds plain vectors of held-out images only.
 
     Attributes
     ----------
@@ -76,12 +80,13 @@ class MLPHead(TrainedHead):
 
     name = "mlp"
     _parameter_constraints = {"hidden": [POSITIVE_INT], "dropout": [Interval(Real, 0, 1, closed="left")],
-                              **trained_head_constraints()}
+                              **trained_head_constraints(), "use_views": ["boolean"]}
 
     def __init__(self, hidden: int = 512, dropout: float = 0.2, lr: float = 2e-3, weight_decay: float = 1e-2,
                  batch_size: int | str = "auto", epochs: int = 200, patience: int | None = 10,
                  validation_fraction: float | None = 0.1, normalize: bool = True, random_state: Any = 0,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", use_views: bool = False) -> None:
+        self.use_views = use_views
         self.hidden = hidden
         self.dropout = dropout
         self.lr = lr
@@ -102,11 +107,15 @@ class MLPHead(TrainedHead):
         X = X.to(self.device)
         return l2_normalize(X) if self.normalize else X
 
-    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+    def _fit_rows(self, X: np.ndarray, y: np.ndarray, views: np.ndarray | None) -> None:
+        self._fit(X, y, views)
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, views: np.ndarray | None = None) -> None:
         # Normalised a batch at a time (prepare=): no normalised copy of the training data.
         X, y = torch.from_numpy(X).to(self.device), torch.from_numpy(y).to(self.device)
+        V = None if views is None else torch.from_numpy(views).to(self.device)
         self._train(X, y, seed_from(self.random_state), F.cross_entropy,
-                    prepare=l2_normalize if self.normalize else None)
+                    prepare=l2_normalize if self.normalize else None, views=V)
 
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         d, h, k = self.n_features_in_, self.hidden, len(self.classes_)

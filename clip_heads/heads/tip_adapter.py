@@ -6,6 +6,11 @@ for CLIP, ``+ logit_bias`` for SigLIP's sigmoid rule.
 
 Training-free: the cache is the L2-normalised training vectors; only alpha and beta are chosen,
 on a validation split. Tip-Adapter-F (``finetune_keys=True``) also trains the keys.
+
+With augmented views (``use_views=True``, ``fit(X, y, views=V)``, V ``(n_samples, K, dim)`` from
+``encode --views K``) each key is, as in the paper (which averages the features of 10 epochs of
+random-crop and flip augmentation), the normalised mean of the image's normalised views; the
+zero-shot term and the validation queries stay the plain vectors.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from clip_heads import zeroshot
 from clip_heads.heads.base import (DEVICE, ROUND_STEPS, SCORING_CONSTRAINTS, Head, accuracy, auto_batch_size,
                                    l2_normalize, seed_from, threads_for, validation_split)
 from clip_heads.heads.params import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROMPTS, StrOptions, check_grid
+from clip_heads.heads.views import ViewsFit
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors
 from clip_heads.train import TensorBatches, Trainer
 
@@ -95,7 +101,7 @@ def _block_cache_logits(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return acc
 
 
-class TipAdapterHead(Head):
+class TipAdapterHead(ViewsFit, Head):
     """Tip-Adapter / Tip-Adapter-F over cached image vectors and class prompt vectors.
 
     Parameters
@@ -129,6 +135,8 @@ class TipAdapterHead(Head):
         before this parameter existed loads as softmax.
     logit_bias : float, default=0.0
         The sigmoid rule's learned bias (SigLIP); a softmax ignores it.
+    use_views : bool, default=False
+        Keys from the augmented views (``fit(X, y, views=V)``): see the module docstring.
 
     Attributes
     ----------
@@ -154,7 +162,7 @@ class TipAdapterHead(Head):
                               **SCORING_CONSTRAINTS, "validation_fraction": [FRACTION],
                               "finetune_keys": ["boolean"], "epochs": [POSITIVE_INT], "patience": [POSITIVE_INT],
                               "lr": [POSITIVE], "batch_size": [POSITIVE_INT, StrOptions({"auto"})],
-                              "random_state": ["random_state"], "device": DEVICE}
+                              "random_state": ["random_state"], "device": DEVICE, "use_views": ["boolean"]}
     _extra_types = {"alpha_": (float, int), "beta_": (float, int), "search_scores_": (list, type(None)),
                     "best_epoch_": (int, type(None)), "stop_reason_": (str, type(None))}
 
@@ -163,8 +171,10 @@ class TipAdapterHead(Head):
                  betas: Sequence[float] = DEFAULT_BETAS, logit_scale: float = zeroshot.CLIP_LOGIT_SCALE,
                  validation_fraction: float = 0.2, finetune_keys: bool = False, epochs: int = 200,
                  patience: int = 10, lr: float = 1e-3, batch_size: int | str = "auto", random_state: Any = 0,
-                 device: str = "cpu", *, scoring: str = "softmax", logit_bias: float = 0.0) -> None:
+                 device: str = "cpu", *, scoring: str = "softmax", logit_bias: float = 0.0,
+                 use_views: bool = False) -> None:
         self.prompt_embeds = prompt_embeds
+        self.use_views = use_views
         self.alpha = alpha
         self.beta = beta
         self.alphas = alphas
@@ -189,14 +199,19 @@ class TipAdapterHead(Head):
         check_grid(type(self).__name__, "alphas", self.alphas, positive=False)
         check_grid(type(self).__name__, "betas", self.betas, positive=False)
 
-    def fit(self, X: Any, y: Any) -> "TipAdapterHead":
-        """Build the cache from ``X`` (n_samples, dim) and ``y``, choose alpha/beta; returns self."""
-        self._check_params()
+    def fit(self, X: Any, y: Any, views: Any = None) -> "TipAdapterHead":
+        """Build the cache from ``X`` (n_samples, dim) and ``y`` (keys from ``views`` with
+        ``use_views``), choose alpha/beta; returns self."""
+        return super().fit(X, y, views)
+
+    def _check_inputs(self) -> None:
         if self.prompt_embeds is None:
             raise ValueError("TipAdapterHead needs prompt_embeds (class prompt vectors from the text tower)")
-        return super().fit(X, y)
 
-    def _fit(self, X_np: np.ndarray, y_np: np.ndarray) -> None:
+    def _fit_rows(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None) -> None:
+        self._fit(X_np, y_np, views)
+
+    def _fit(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None = None) -> None:
         self.class_embeds_ = torch.from_numpy(class_prompt_vectors(self.prompt_embeds, self.classes_.tolist()))
         if self.class_embeds_.shape[1] != X_np.shape[1]:
             raise ValueError(f"prompt vectors have dim {self.class_embeds_.shape[1]} but image vectors "
@@ -209,6 +224,8 @@ class TipAdapterHead(Head):
         y = torch.from_numpy(y_np).to(self.device)
         # A block at a time: the zero-shot kernel normalises its input, a copy of the whole X at once.
         zs = torch.cat([self._zero_shot(X[i:i + QUERY_BLOCK * 8]) for i in range(0, len(X), QUERY_BLOCK * 8)])
+        # The cache's keys: the plain vectors, or the normalised mean of each image's normalised views.
+        K = X if views is None else l2_normalize(l2_normalize(torch.from_numpy(views).to(self.device)).mean(1))
         values = F.one_hot(y, len(self.classes_)).float()
         search = self.alpha is None or self.beta is None
         alpha, beta = self.alpha, self.beta
@@ -219,18 +236,18 @@ class TipAdapterHead(Head):
             tr, va = (torch.from_numpy(i).to(self.device) for i in split)
             val = (X[va], zs[va], y[va])
             if search:
-                alpha, beta = self._search(X, values, *val, key_index=tr)  # the split's cache, not a copy
+                alpha, beta = self._search(K, values, *val, key_index=tr)  # the split's cache, not a copy
                 # Cache logits are sums over a class's entries, so an alpha found with the
                 # smaller split cache is rescaled to the full cache used from now on.
                 scale = len(tr) / len(X)
             if self.finetune_keys:
-                keys, self.best_epoch_, self.stop_reason_ = self._finetune(X[tr], zs[tr], y[tr], values[tr], alpha,
+                keys, self.best_epoch_, self.stop_reason_ = self._finetune(K[tr], zs[tr], y[tr], values[tr], alpha,
                                                                            beta, seed, val)
                 if search:  # trained keys shift the best trade-off, so search again (as the paper does)
                     alpha_ft, beta_ft = self._search(keys, values[tr], *val)
-        self.keys_, self.cache_labels_ = X, y
+        self.keys_, self.cache_labels_ = K, y
         if self.finetune_keys:
-            self.keys_, _, _ = self._finetune(X, zs, y, values, alpha * scale, beta, seed, None, self.best_epoch_)
+            self.keys_, _, _ = self._finetune(K, zs, y, values, alpha * scale, beta, seed, None, self.best_epoch_)
             if search:
                 alpha, beta = alpha_ft, beta_ft
         self.alpha_, self.beta_ = float(alpha * scale), float(beta)

@@ -1,0 +1,340 @@
+"""The few-shot protocol: ``clip-heads few-shot STORE --heads ... --shots 1,2,4,8,16 --seeds 1,2,3``.
+
+For every seed and shot count, K images per class are drawn from the training split
+(:func:`clip_heads.protocols.sample_shots`: by seed alone, so every head at a (seed, K) gets the
+same images), each head is fitted on them only and scored on the whole test split. The split is
+the store's own ``split`` column (``train``/``test``; ``val`` rows are left out), or a seeded
+stratified one (:func:`clip_heads.protocols.store_split`), recorded in ``split.csv``.
+
+**Honesty.** A head never sees a test vector before it is scored: it is built and fitted on the
+K shots alone, and a head that chooses hyper-parameters carves its validation from the shots or
+uses its validation-free rule (each head's docstring says which); at one shot, where no split
+can be carved, linear and tip-adapter take fixed values (:data:`ONE_SHOT_FIXED`). What each head chose is
+written to ``choices.json``; the test suite checks it is unchanged when every test vector is
+replaced by noise.
+
+Writes, through :func:`clip_heads.results.results_dir` (a folder swapped in whole):
+``few_shot.csv`` (head, shots, seed, accuracy, macro_f1, fit_seconds), ``few_shot.md`` and
+``report.txt`` (mean ± std of accuracy over seeds, rows heads, columns shots: the layout of
+CoOp's and Tip-Adapter's tables), ``few_shot.png``/``.svg`` (accuracy against shots per head,
+error bars over seeds), ``samples.json`` (the keys drawn per seed and shot count),
+``split.csv``, ``choices.json`` and ``metrics.json`` (the run and the table's numbers).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from clip_heads.errors import BadValueError
+from clip_heads.protocols import Split, sample_shots, store_split
+from clip_heads.results import PathLike, Report, results_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_few_shot", "FewShotData", "load_few_shot_data", "parse_shots", "fitted_choices", "DEFAULT_HEADS",
+           "DEFAULT_SHOTS", "DEFAULT_SEEDS"]
+
+DEFAULT_HEADS = ("zs-lp", "clap", "lpp", "gda", "tip-adapter", "linear")
+DEFAULT_SHOTS = (1, 2, 4, 8, 16)
+DEFAULT_SEEDS = (1, 2, 3)
+CSV_COLUMNS = ("head", "shots", "seed", "accuracy", "macro_f1", "fit_seconds")
+VIEWS_COLUMN = "views"  # the store's per-image augmented views, (n, K, dim) (encode --views K)
+# At one shot per class no validation split can be carved from the shots, and the heads that
+# choose on one (linear's C, tip-adapter's alpha and beta) take fixed values instead, unless the
+# user gave them: linear's C = 1 (scikit-learn's default), Tip-Adapter's alpha = 1, beta = 5.5
+# (the values its paper starts from on ImageNet). Recorded in choices.json with the rest.
+ONE_SHOT_FIXED: dict[str, dict[str, float]] = {"linear": {"C": 1.0}, "tip-adapter": {"alpha": 1.0, "beta": 5.5}}
+
+
+class FewShotData:
+    """A store's labelled rows and what the heads need, read once for the whole grid."""
+
+    def __init__(self, path: Path, X: np.ndarray, y: np.ndarray, classes: list[str], keys: list[str],
+                 split_column: np.ndarray | None, prompts: Any, scoring: Any, pre: np.ndarray | None,
+                 projection: np.ndarray | None, views: np.ndarray | None = None) -> None:
+        self.path, self.X, self.y, self.classes, self.keys = path, X, y, classes, keys
+        self.split_column, self.prompts, self.scoring = split_column, prompts, scoring
+        self.pre, self.projection, self.views = pre, projection, views
+
+
+def load_few_shot_data(path: PathLike, prompt_set: str | None = None, pre_projection: bool = False,
+                       views: bool = False) -> FewShotData:
+    """Read store ``path``: vectors, labels, keys, its ``split`` column, a prompt set, its scoring
+    rule, (``pre_projection``) the pre-projection features and projection that ``prolip`` needs,
+    and (``views``) the augmented views ``(n, K, dim)`` of the ``views`` column."""
+    from clip_heads import zeroshot
+    from clip_heads.heads.prolip import NO_PROJECTION
+    from clip_heads.heads.views import NO_VIEWS
+    from clip_heads.protocols import SPLIT_COLUMN
+    from clip_heads.store import open_store
+
+    path = Path(path)
+    with open_store(path) as s:
+        X, y, classes = s.arrays()
+        keys = s.keys
+        split = s.extra(SPLIT_COLUMN) if SPLIT_COLUMN in s.extra_names() else None
+        prompts = s.prompt_set(prompt_set) if s.prompt_sets() or prompt_set else None
+        scoring = zeroshot.ScoringRule.from_attrs(s.attrs)
+        pre = projection = None
+        if pre_projection:
+            if not getattr(s, "has_pre_embeds", False) or s.projection() is None:
+                raise BadValueError(f"store {path}: {NO_PROJECTION}")
+            pre, projection = s.pre_embeddings(), s.projection()
+        V = None
+        if views:
+            if VIEWS_COLUMN not in s.extra_names():
+                raise BadValueError(f"store {path}: {NO_VIEWS}")
+            V = s.extra(VIEWS_COLUMN).astype(np.float32, copy=False)
+    labelled = y >= 0
+    if labelled.sum() == 0:
+        raise BadValueError(f"store {path} has no labelled samples for a few-shot run")
+    keep = np.flatnonzero(labelled)
+    return FewShotData(path, X[keep], y[keep], classes, [keys[i] for i in keep],
+                       None if split is None else np.asarray(split)[keep], prompts, scoring,
+                       None if pre is None else pre[keep], projection, None if V is None else V[keep])
+
+
+def parse_shots(spec: Any) -> list[int | str]:
+    """``"1,2,4,all"`` or a sequence -> ``[1, 2, 4, "all"]``; a one-line error for anything else."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[int | str] = []
+    for item in items:
+        text = str(item).strip().lower()
+        if text == "all":
+            out.append("all")
+            continue
+        try:
+            k = int(text)
+        except ValueError:
+            k = 0
+        if k < 1 or str(k) != text:
+            raise BadValueError(f"shots must be positive integers or 'all', got {item!r} in {spec!r}")
+        out.append(k)
+    if not out or len(set(map(str, out))) != len(out):
+        raise BadValueError(f"shots must list distinct shot counts, got {spec!r}")
+    return out
+
+
+def fitted_choices(head: Any) -> dict[str, Any]:
+    """What a fitted head chose or learned that is a hyper-parameter or a stopping point: its
+    public fitted scalars (``alpha_``, ``C_``, ``best_epoch_``, ``reg_`` ...) and short vectors
+    (CLAP's multipliers), JSON-ready. Weights and curves are left out."""
+    out = {}
+    for name, value in sorted(vars(head).items()):
+        if not name.endswith("_") or name.startswith("_") or name in ("classes_", "n_features_in_"):
+            continue
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[name] = value
+        elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+            out[name] = {str(k): float(v) for k, v in value.items()}
+        elif isinstance(value, (list, np.ndarray)) and np.ndim(value) == 1 and len(value) <= 64 \
+                and not name.endswith("curve_") and not name.endswith("scores_"):
+            out[name] = [float(v) for v in value]
+    return out
+
+
+def _head_params(name: str, d: FewShotData, params: Mapping[str, Any], seed: int,
+                 shots: int | str = "all") -> dict[str, Any]:
+    from clip_heads import zeroshot
+    from clip_heads.heads import get_head
+
+    cls = get_head(name)
+    p = dict(params)
+    if shots == 1:
+        for k, v in ONE_SHOT_FIXED.get(name, {}).items():
+            p.setdefault(k, v)
+    p.setdefault("random_state", seed)
+    if cls.zero_shot_scoring:
+        for k in ("scoring", "logit_scale", "logit_bias"):
+            p.setdefault(k, getattr(d.scoring, k))
+    if cls.uses_prompts and p.get("prompt_embeds") is None:
+        if d.prompts is None:
+            raise BadValueError(f"head {name!r} needs class prompts, but store {d.path} has no prompt set (add one "
+                                f"with `clip-heads prompts`)")
+        V = zeroshot.class_vectors(d.prompts, classes=d.classes)
+        p["prompt_embeds"] = {c: v for c, v in zip(d.classes, V, strict=True)}
+    if getattr(cls, "uses_pre_projection", False):
+        p.setdefault("projection", d.projection)
+    return p
+
+
+PROTOCOLS = ("auto", "split-column", "stratified", "fi")
+
+
+def protocol_split(protocol: str, d: FewShotData, seed: int, test_fraction: float) -> Split:
+    """The rows that train and test under ``protocol`` (see :func:`run_few_shot`)."""
+    from clip_heads.protocols import fi_split
+
+    if protocol not in PROTOCOLS:
+        raise BadValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if protocol == "split-column" and d.split_column is None:
+        raise BadValueError(f"protocol 'split-column': store {d.path} has no split column")
+    if protocol == "fi":
+        return fi_split(d.y, seed)
+    column = None if protocol == "stratified" else d.split_column
+    return store_split(d.y, column, seed=seed, test_fraction=test_fraction)
+
+
+def _table(rows: list[dict], heads: Sequence[str], shots: Sequence[Any]) -> tuple[str, dict]:
+    """Markdown mean ± std (over seeds) of accuracy in %, rows heads, columns shots; and the numbers."""
+    numbers: dict[str, dict[str, dict[str, float]]] = {}
+    lines = ["| head | " + " | ".join(f"{k} shots" if k != "all" else "all" for k in shots) + " |",
+             "|---|" + "---|" * len(shots)]
+    for h in heads:
+        cells = []
+        for k in shots:
+            acc = np.asarray([r["accuracy"] for r in rows if r["head"] == h and r["shots"] == k]) * 100
+            mean, std = float(acc.mean()), float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+            numbers.setdefault(h, {})[str(k)] = {"mean": mean, "std": std, "n_seeds": int(len(acc))}
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {h} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", numbers
+
+
+def _plot(numbers: dict, heads: Sequence[str], shots: Sequence[Any], out: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from clip_heads.plots import save_figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = np.arange(len(shots))
+    for h in heads:
+        m = [numbers[h][str(k)]["mean"] for k in shots]
+        s = [numbers[h][str(k)]["std"] for k in shots]
+        ax.errorbar(xs, m, yerr=s, marker="o", capsize=3, label=h)
+    ax.set_xticks(xs, [str(k) for k in shots])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure(fig, out, "few_shot")
+
+
+def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] = DEFAULT_HEADS,
+                 shots: Any = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS,
+                 params: Mapping[str, Mapping[str, Any]] | None = None, prompt_set: str | None = None,
+                 test_fraction: float = 0.3, split_seed: int = 0, plots: bool = True,
+                 overwrite: bool = False, protocol: str = "auto") -> Report:
+    """Run the few-shot grid on a store and write its results folder (see the module docstring).
+
+    Parameters
+    ----------
+    heads : registered head names. shots : ints and/or ``"all"`` (``"1,2,all"`` too).
+    seeds : one sample of K shots per seed (the head's ``random_state`` is the seed too).
+    params : per head name, parameters passed to it (``{"gda": {"cv": 3}}``).
+    test_fraction, split_seed : the seeded stratified split used when the store has no split column.
+    protocol : ``"auto"`` (the store's split column, else the seeded stratified split),
+        ``"split-column"`` (the store's, or an error), ``"stratified"`` (ignore the column) or
+        ``"fi"`` (FI's seeded 80/5/15: shots from the 80%, scored on the 15%).
+    ``--param HEAD.use_views=true`` fits that head on the sampled images' augmented views too
+    (the store's ``views`` column, ``encode --views K``).
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from clip_heads.heads import get_head, make_head
+
+    shots = parse_shots(shots)
+    heads = list(heads)
+    for h in heads:
+        get_head(h)  # an unknown name fails before any work
+    if not heads or len(set(heads)) != len(heads):
+        raise BadValueError(f"heads must list distinct head names, got {heads}")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise BadValueError(f"seeds must list distinct integers, got {seeds}")
+    params = {k: dict(v) for k, v in (params or {}).items()}
+    unknown = sorted(set(params) - set(heads))
+    if unknown:
+        raise BadValueError(f"parameters given for heads not in the run: {unknown}; heads are {heads}")
+    needs_pre = any(getattr(get_head(h), "uses_pre_projection", False) for h in heads)
+    with_views = {h for h in heads if params.get(h, {}).get("use_views") is True}
+    if with_views & {h for h in heads if getattr(get_head(h), "uses_pre_projection", False)}:
+        raise BadValueError("use_views with prolip needs views of the pre-projection features, which no store "
+                            "holds; drop use_views for prolip")
+    d = load_few_shot_data(store_path, prompt_set, pre_projection=needs_pre, views=bool(with_views))
+    split: Split = protocol_split(protocol, d, split_seed, test_fraction)
+    names = np.asarray(d.classes, dtype=object)
+    y_names = names[d.y]
+    test_classes = sorted(set(d.y[split.test].tolist()))
+    for h in heads:  # a bad parameter fails now, before the grid
+        make_head(h, _head_params(h, d, params.get(h, {}), seeds[0]))
+
+    rows: list[dict] = []
+    choices: list[dict] = []
+    samples: dict[str, dict[str, list[str]]] = {}
+    for seed in seeds:
+        for k in shots:
+            idx = sample_shots(d.y, split.train, k, seed, class_names=d.classes)
+            samples.setdefault(str(seed), {})[str(k)] = [d.keys[i] for i in idx]
+            for h in heads:
+                X = d.pre if getattr(get_head(h), "uses_pre_projection", False) else d.X
+                head = make_head(h, _head_params(h, d, params.get(h, {}), seed, k))
+                t0 = time.perf_counter()
+                if h in with_views:  # the views of the sampled images only; scored on plain vectors
+                    head.fit(X[idx], y_names[idx], views=d.views[idx])
+                else:
+                    head.fit(X[idx], y_names[idx])
+                fit_s = time.perf_counter() - t0
+                pred = head.predict(X[split.test])
+                truth = y_names[split.test]
+                rows.append({"head": h, "shots": k, "seed": seed, "accuracy": float(accuracy_score(truth, pred)),
+                             "macro_f1": float(f1_score(truth, pred, labels=names[test_classes].tolist(),
+                                                        average="macro", zero_division=0)),
+                             "fit_seconds": fit_s})
+                choices.append({"head": h, "shots": k, "seed": seed, "chosen": fitted_choices(head)})
+                logger.info("few-shot %s, %s shots, seed %d: accuracy %.4f (%.2f s)", h, k, seed,
+                            rows[-1]["accuracy"], fit_s)
+
+    table, numbers = _table(rows, heads, shots)
+    header = (f"Few-shot: {len(heads)} heads x {len(shots)} shot counts x {len(seeds)} seeds on {d.path.name}\n"
+              f"split: {split.source}; {len(split.train)} training images, {len(split.test)} test images\n"
+              f"test accuracy (%), mean ± std over seeds {seeds}\n\n")
+    text = header + table
+    run = {"command": "few-shot", "store": os.path.abspath(d.path), "heads": heads, "shots": [str(k) for k in shots],
+           "protocol": protocol,
+           "seeds": seeds, "params": params, "prompt_set": None if d.prompts is None else d.prompts.name,
+           "split": split.source}
+    metrics = {"kind": "few-shot", "info": {"run": run, "store": str(d.path)}, "table": numbers, "n_train": int(len(split.train)),
+               "n_test": int(len(split.test))}
+    out = Path(out_dir)
+    with results_dir(out, run, overwrite) as stage:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "accuracy": f"{r['accuracy']:.6f}", "macro_f1": f"{r['macro_f1']:.6f}",
+                             "fit_seconds": f"{r['fit_seconds']:.4f}"})
+        (stage / "few_shot.csv").write_text(buf.getvalue(), encoding="utf-8")
+        (stage / "few_shot.md").write_text(table, encoding="utf-8")
+        (stage / "report.txt").write_text(text, encoding="utf-8")
+        labels = split.labels(len(d.y))
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["key", "split"])
+        w.writerows(zip(d.keys, labels, strict=True))
+        (stage / "split.csv").write_text(buf.getvalue(), encoding="utf-8")
+        (stage / "samples.json").write_text(json.dumps(samples, indent=1), encoding="utf-8")
+        (stage / "choices.json").write_text(json.dumps(choices, indent=1, default=_json_default), encoding="utf-8")
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        if plots:
+            _plot(numbers, heads, shots, stage, f"{d.path.stem}: few-shot accuracy")
+    return Report("few-shot", text, metrics, out)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isinf(o):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
