@@ -539,8 +539,8 @@ def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_
 
 
 @main.command("few-shot")
-@click.argument("store", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Results folder (few_shot.csv, the mean ± std table, few_shot.png, the samples and the split).")
+@click.argument("store", type=Existing(dir_okay=False))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Results folder (few_shot.csv, the mean ± std table, few_shot.png, the samples and the split).")
 @click.option("--heads", default="zs-lp,clap,lpp,gda,tip-adapter,linear", show_default=True, help="Comma-separated registered heads.")
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Comma-separated images per class; 'all' for the whole training split.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds: one sample of the shots per seed.")

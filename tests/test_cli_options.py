@@ -41,7 +41,7 @@ def _commands():
 # -------------------------------------------------------------------------------------------------- names
 def test_every_command_that_writes_takes_out_and_o():
     writers = {name for name, cmd in _commands() if any("--out" in p.opts for p in cmd.params)}
-    assert writers >= {"encode", "predict", "zero-shot", "train-head", "evaluate", "ablate-prompts", "compare", "demo",
+    assert writers >= {"encode", "predict", "zero-shot", "train-head", "evaluate", "ablate-prompts", "few-shot", "compare", "demo",
                        "finetune", "wise-ft", "generalisation", "reproduce"}
     for name in writers:
         out = next(p for p in main.commands[name].params if "--out" in p.opts)
@@ -103,6 +103,7 @@ def test_wise_ft_alphas_and_its_former_name(tiny_clip, tmp_path):
     (["prompts", "M", "-t", "bp-photo"], "STORE"),
     (["zero-shot", "M"], "STORE"),
     (["ablate-prompts", "M"], "STORE"),
+    (["few-shot", "M", "-o", "O"], "STORE"),
     (["train-head", "linear", "M", "-o", "O"], "STORE"),
     (["train-head", "linear", "S", "-o", "O", "--eval-store", "M"], "--eval-store"),
     (["evaluate", "M", "S"], "HEAD_DIR"),
