@@ -205,3 +205,17 @@ def test_quiet_silences_info_and_progress_never_warnings(store, tmp_path, caplog
     assert any("was trained on this data" in m for m in warnings)
     assert quiet_records == [(logging.WARNING, m) for m in warnings]
     assert quiet == loud
+
+
+def test_python_m_clip_heads_is_the_command():
+    import subprocess
+    import sys
+
+    for mod in ("clip_heads", "clip_heads.cli"):
+        res = subprocess.run([sys.executable, "-m", mod, "info", "/no/such/store.h5"], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 1 and res.stderr.strip() == "Error: STORE: File '/no/such/store.h5' does not exist.", res
+    res = subprocess.run([sys.executable, "-m", "clip_heads", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("Usage: clip-heads ")
+    listed = {ln.split()[0] for ln in res.stdout.split("Commands:")[1].splitlines() if ln.strip()}
+    assert listed == set(main.commands) and "few-shot" in listed and len(listed) == 17
