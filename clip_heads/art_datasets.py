@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from .emotions import MIKELS_EMOTIONS
+from .errors import BadValueError
 from .folders import IMAGE_EXTENSIONS, check_inside, check_listed_file, open_text, require_dir, warn_outside
 from .source import Source, outside_root
 
@@ -115,7 +116,7 @@ class AbstractSource(Source):
         require_dir(path, self.format)
         self._set_root_policy(path, allow_outside_root)
         if ties not in ABSTRACT_TIES:
-            raise ValueError(f"abstract ties must be one of {', '.join(ABSTRACT_TIES)}; got {ties!r}")
+            raise BadValueError(f"abstract ties must be one of {', '.join(ABSTRACT_TIES)}; got {ties!r}")
         gt = os.path.join(path, ABSTRACT_GROUND_TRUTH)
         if not os.path.exists(gt):
             raise FileNotFoundError(f"abstract source '{path}' lacks '{ABSTRACT_GROUND_TRUTH}' (expected the "

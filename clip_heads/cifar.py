@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .errors import BadValueError
 from .images import DEFAULT_LIMITS, RefusedFile, open_regular, read_regular
 from .source import Source, outside_root
 
@@ -202,9 +203,9 @@ class Cifar100Source(Source):
     def __init__(self, path: str, split: str = "test", label_level: str = "fine",
                  allow_outside_root: bool = False) -> None:
         if split not in self.SPLITS:
-            raise ValueError(f"cifar100 split must be one of {', '.join(self.SPLITS)}; got {split!r}")
+            raise BadValueError(f"cifar100 split must be one of {', '.join(self.SPLITS)}; got {split!r}")
         if label_level not in self.LABEL_LEVELS:
-            raise ValueError(f"cifar100 label_level must be one of {', '.join(self.LABEL_LEVELS)}; "
+            raise BadValueError(f"cifar100 label_level must be one of {', '.join(self.LABEL_LEVELS)}; "
                              f"got {label_level!r}")
         splits = ["train", "test"] if split == "all" else [split]
         if os.path.isdir(path):

@@ -34,6 +34,7 @@ from typing import Any, Union
 import numpy as np
 
 from .art_datasets import ABSTRACT_GROUND_TRUTH, AbstractSource, ArtPhotoSource, looks_like_artphoto
+from .errors import BadValueError
 from .cifar import Cifar100Source, find_cifar_dir
 from .emoset import EMOSET_SPLITS, EmoSetSource
 from .emotionroi import EMOTIONROI_SPLIT_DIR, EmotionROISource
@@ -120,7 +121,7 @@ class WebEmoSource(Source):
         require_dir(path, self.format)
         self._set_root_policy(path, allow_outside_root)
         if str(level).strip() not in {str(v) for v in WEBEMO_LEVELS}:
-            raise ValueError(f"webemo level must be one of 2, 7, 25; got {level!r}")
+            raise BadValueError(f"webemo level must be one of 2, 7, 25; got {level!r}")
         level = int(level)
         up = {f: (p, m) for p, mids in WEBEMO_HIERARCHY.items() for m, fs in mids.items() for f in fs}
         fine_names = sorted(up)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .emotions import MIKELS_EMOTIONS
+from .errors import BadValueError
 from .folders import check_inside, check_listed_file, read_json, require_dir
 from .source import Source
 
@@ -98,7 +99,7 @@ class EmoSetSource(Source):
         self._set_root_policy(path, allow_outside_root)
         split = str(split).strip().lower()
         if split not in ("all",) + EMOSET_SPLITS:
-            raise ValueError(f"emoset split must be one of all, {', '.join(EMOSET_SPLITS)}; got {split!r}")
+            raise BadValueError(f"emoset split must be one of all, {', '.join(EMOSET_SPLITS)}; got {split!r}")
         attributes = _flag(attributes, "emoset attributes")
         splits = list(EMOSET_SPLITS) if split == "all" else [split]
         lists = {s: os.path.join(path, f"{s}.json") for s in splits}

@@ -31,6 +31,7 @@ import numpy as np
 
 from clip_heads import zeroshot
 from clip_heads.crossval import cross_validate, write_folds
+from clip_heads.errors import BadValueError
 from clip_heads.label_maps import LabelMapSpec, norm
 from clip_heads.calibration import format_calibration
 from clip_heads.metrics import soft_label_metrics
@@ -50,14 +51,14 @@ __all__ = ["run_zero_shot", "train_head", "evaluate_head"]
 # ---------------------------------------------------------------------------------------
 def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, template_ids: Any = None,
                   out_dir: PathLike | None = None, label_map: LabelMapSpec | None = None, top_k: int = 0,
-                  overwrite: bool = False, *, plots: bool | None = None, templates: Any = None) -> Report:
+                  overwrite: bool = False, *, plots: bool | None = None) -> Report:
     """Zero-shot: each image gets the class whose prompt vector is nearest in cosine.
 
     Parameters
     ----------
     prompt_set : name of a prompt set in the store (default: the store's default set).
     template_ids : ids of the set's templates (``[0, 3]``, ``"0,3"``) or template texts;
-        default all (their ensemble). ``templates`` is its older name.
+        default all (their ensemble).
     label_map : when the prompt set's classes differ from the store's (FI prompts on an
         Emotion6 store): built-in name, JSON path or dict (see :mod:`clip_heads.label_maps`).
         Without one, prompts are matched to the store's classes by name.
@@ -72,7 +73,6 @@ def run_zero_shot(store_path: PathLike, prompt_set: str | None = None, template_
     Writes the results layout to ``out_dir`` (+ ``top_k.json``/``top_k.png`` with ``top_k``), its
     figures in ``plots/`` and ``index.html``.
     """
-    template_ids = zeroshot.template_ids_argument(template_ids, templates, "run_zero_shot")
     d = load_eval_data(store_path, prompt_set)
     ps = require_prompts(d)
     tids = zeroshot.resolve_template_ids(ps, template_ids)
@@ -188,7 +188,7 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     from clip_heads.heads import get_head
 
     if label_map is not None and eval_store is None:
-        raise ValueError("a label map applies to an eval store: pass eval_store too "
+        raise BadValueError("a label map applies to an eval store: pass eval_store too "
                          "(the training store's own labels need none)")
     head_cls = get_head(head_name)
     d = load_eval_data(store_path, prompt_set)

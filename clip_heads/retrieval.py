@@ -22,18 +22,15 @@ __all__ = ["top_k_images"]
 
 
 def top_k_images(store_path: PathLike, k: int = 8, prompt_set: str | None = None, template_ids: Any = None,
-                 out_dir: PathLike | None = None, thumb: int = 96, *,
-                 templates: Any = None) -> dict[str, list[tuple[str, float]]]:
+                 out_dir: PathLike | None = None, thumb: int = 96) -> dict[str, list[tuple[str, float]]]:
     """The ``k`` images most similar (cosine) to each class prompt: ``{class: [(key, score), ...]}``.
 
-    Classes are the prompt set's (its ``template_ids``, default all: the ensemble; ``templates``
-    is their older name); within a class, best first (ties by store order). The score is the
+    Classes are the prompt set's (its ``template_ids``, default all: the ensemble); within a class, best first (ties by store order). The score is the
     cosine, which every scoring rule ranks by. With ``out_dir``, writes ``top_k.json`` and,
     when the images can be found again from the store's recorded source, ``top_k.png`` (one
     row per class, its name and how many of its k images carry its label at the left; each
     image captioned with its cosine and its own label, green where that is the row's class).
     """
-    template_ids = zeroshot.template_ids_argument(template_ids, templates, "top_k_images")
     with open_store(store_path) as s:
         X, keys, source = s.embeddings(), s.keys, s.attrs.get("source") or {}
         labels, store_classes = s.labels, s.classes

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from .emotions import POLARITY
+from .errors import BadValueError
 from .folders import check_inside, check_listed_file, read_lines, require_dir
 from .source import Source
 
@@ -51,7 +52,7 @@ class TwitterISource(Source):
         require_dir(path, self.format)
         self._set_root_policy(path, allow_outside_root)
         if str(agreement).strip() not in {str(k) for k in TWITTER_LISTS}:
-            raise ValueError(f"twitter1 agreement must be one of 3, 4, 5; got {agreement!r}")
+            raise BadValueError(f"twitter1 agreement must be one of 3, 4, 5; got {agreement!r}")
         agreement = int(agreement)
         images = os.path.join(path, TWITTER_IMAGES)
         levels = [k for k in sorted(TWITTER_LISTS, reverse=True) if k >= agreement]

@@ -21,17 +21,17 @@ retrieval, ``reproduce``, the fine-tune's zero-shot evaluation, and the prompt-b
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from clip_heads.backbones.families import CLIP_LOGIT_SCALE, SIGMOID_FAMILIES, get_family
+from clip_heads.errors import BadValueError
 from clip_heads.label_maps import norm
 
 __all__ = ["CLIP_LOGIT_SCALE", "SIGMOID_FAMILIES", "SCORINGS", "ScoringRule", "l2_normalize", "ensemble",
-           "template_mask", "class_vectors", "template_vectors", "resolve_template_ids", "template_ids_argument",
+           "template_mask", "class_vectors", "template_vectors", "resolve_template_ids",
            "prompt_columns", "cosine", "predict"]
 
 # CLIP_LOGIT_SCALE (100): CLIP's learned temperature, what its training clamps logit_scale at and
@@ -139,20 +139,9 @@ def resolve_template_ids(ps: Any, spec: Any) -> list[int] | None:
         i = ps.templates.index(t) if t in ps.templates else int(t) if str(t).strip().isdigit() else -1
         if not 0 <= i < len(ps.templates):
             listing = "; ".join(f"{j}: {tpl}" for j, tpl in enumerate(ps.templates))
-            raise ValueError(f"prompt set {ps.name!r} has no template {t!r}; its templates are {listing}")
+            raise BadValueError(f"prompt set {ps.name!r} has no template {t!r}; its templates are {listing}")
         ids.append(i)
     return ids
-
-
-def template_ids_argument(template_ids: Any, templates: Any, where: str) -> Any:
-    """``template_ids``, or the value of its older keyword ``templates`` (with a DeprecationWarning)."""
-    if templates is None:
-        return template_ids
-    if template_ids is not None:
-        raise TypeError(f"{where}: give template_ids only (templates is its older name)")
-    warnings.warn(f"{where}: the keyword templates is now template_ids (templates names template sets elsewhere)",
-                  DeprecationWarning, stacklevel=3)
-    return templates
 
 
 def prompt_columns(ps: Any, classes: Sequence[str]) -> list[int]:

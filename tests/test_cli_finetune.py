@@ -44,7 +44,7 @@ def test_finetune_encode_wise_ft_and_generalisation(tiny_clip, tmp_path):
     acc = {n: json.loads((tmp_path / f"{n}-zs" / "metrics.json").read_text())["accuracy"] for n in ("zs", "ft")}
     assert acc["ft"] >= 0.9 and acc["ft"] >= acc["zs"] + 0.3, acc
 
-    run("wise-ft", tiny_clip, tmp_path / "ft", "--alpha", "0,0.5,1", "--out", tmp_path / "wise")
+    run("wise-ft", tiny_clip, tmp_path / "ft", "--alphas", "0,0.5,1", "--out", tmp_path / "wise")
     w0, w1 = (load_file(tmp_path / "wise" / f"alpha-{a}" / "model.safetensors") for a in ("0.00", "1.00"))
     zs, ft = load_file(f"{tiny_clip}/model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
     assert all(torch.equal(w0[k], zs[k]) for k in zs) and all(torch.equal(w1[k], ft[k]) for k in ft)

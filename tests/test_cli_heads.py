@@ -43,7 +43,7 @@ def stores(tiny_clip, tmp_path_factory):
 
 
 def test_zero_shot_and_ablation(stores):
-    out = run("zero-shot", stores / "a.h5", "--prompts", "clip-cifar100", "--templates", "0,3", "--out", stores / "zs")
+    out = run("zero-shot", stores / "a.h5", "--prompts", "clip-cifar100", "--template-ids", "0,3", "--out", stores / "zs")
     m = json.loads((stores / "zs" / "metrics.json").read_text())
     assert "Macro Avg." in out and "Weighted Avg." in out
     # The accuracy is that of cosine to the mean of templates 0 and 3, recomputed from the store.
@@ -110,8 +110,9 @@ def test_head_refuses_a_store_of_another_model(stores, tmp_path):
         (["train-head", "mlp", "A", "--out", "O", "--param", "hidden"], 2, "key=value"),
         (["train-head", "mlp", "A", "--out", "O", "--param", "dropout=2.5"], 2, "dropout"),
         (["zero-shot", "A", "--prompts", "nope"], 2, "nope"),  # a bad value (issue 9: exit 2)
-        (["evaluate", "O", "A"], 2, "O"),
-        (["train-head", "mlp", "A", "--out", "O", "--label-map", "x.json"], 1, "eval"),
+        (["evaluate", "O", "A"], 1, "O"),  # a missing head folder is failed work (issue 9: exit 1)
+        (["train-head", "mlp", "A", "--out", "O", "--label-map", "x.json"], 2, "eval"),  # a label map without an eval store
+        (["zero-shot", "A", "--template-ids", "7"], 2, "has no template 7"),
     ],
 )
 def test_cli_errors(stores, tmp_path, argv, code, needle):

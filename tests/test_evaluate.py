@@ -9,6 +9,7 @@ from sklearn.linear_model import LogisticRegression
 
 from clip_heads.ablation import ablate_prompts
 from clip_heads.crossval import cross_validate, read_folds, stratified_folds
+from clip_heads.errors import BadValueError
 from clip_heads.evaluate import evaluate_head, run_zero_shot, train_head
 from clip_heads.label_maps import align_labels, list_label_maps, load_label_map
 from clip_heads.tables import read_confusion_csv
@@ -109,12 +110,9 @@ def test_zero_shot_planted_prompts_and_bad_template_ranks_last(tmp_path):
     alone = run_zero_shot(path, template_ids="0")
     assert alone.metrics["accuracy"] > 0.9 and alone.metrics["info"]["templates"] == ["a photo of {}."]
     assert run_zero_shot(path, template_ids=["a bad {} template"]).metrics["accuracy"] < 0.1
-    # The older keyword still works, with a warning, and means the same.
-    with pytest.warns(DeprecationWarning, match="template_ids"):
-        old = run_zero_shot(path, templates="0")
-    assert old.metrics["confusion_matrix"] == alone.metrics["confusion_matrix"]
-    with pytest.raises(TypeError, match="template_ids only"):
-        run_zero_shot(path, template_ids="0", templates="0")
+    # The deprecated keyword templates= is gone (it names template sets elsewhere): an error, not a silent default.
+    with pytest.raises(TypeError, match="templates"):
+        run_zero_shot(path, templates="0")
     abl = ablate_prompts(path, out_dir=tmp_path / "abl")
     rows = abl.rows
     assert abl.summary()["rank"] == 1 and abl.summary()["accuracy"] == max(r["accuracy"] for r in rows)
@@ -143,7 +141,7 @@ def test_zero_shot_matches_prompts_by_name(tmp_path):
     write_store(tmp_path / "t.h5", X, y, ["a", "b", "c"], prompt_sets=[ps2])
     with pytest.raises(ValueError, match=r"no prompt for store classes \['c'\]"):
         run_zero_shot(tmp_path / "t.h5")
-    with pytest.raises(ValueError, match="has no template '7'.*0: a photo of"):
+    with pytest.raises(BadValueError, match="has no template '7'.*0: a photo of"):  # a bad value: exit 2
         run_zero_shot(tmp_path / "t.h5", template_ids="7")
     # Prompts of another label set, met through a label map: classes a, b -> "low"; c -> "high".
     write_store(tmp_path / "u.h5", X, (y == 2).astype(int), ["low", "high"], prompt_sets=[ps])

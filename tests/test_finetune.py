@@ -419,13 +419,13 @@ def test_wise_ft_never_writes_over_an_input(tuned, tiny_clip, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     for out, needle in ((ft, "overlaps the input"), (ft / "blend", "overlaps the input"),
                         (tmp_path / "models", "overlaps the input"), (tmp_path / "mine", "not a WiSE-FT model")):
-        res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alpha", "0.5", "--out", str(out)])
+        res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alphas", "0.5", "--out", str(out)])
         assert res.exit_code == 1 and needle in res.output and "Traceback" not in res.output, res.output
     assert model_identity(ft)["model_hash"] == before and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert not (ft / "blend").exists()
-    res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alpha", "0.5", "--out", str(tmp_path / "w")])
+    res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alphas", "0.5", "--out", str(tmp_path / "w")])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alpha", "1", "--out", str(tmp_path / "w")])
+    res = CliRunner().invoke(main, ["wise-ft", tiny_clip, str(ft), "--alphas", "1", "--out", str(tmp_path / "w")])
     assert res.exit_code == 0, res.output  # an earlier blend is replaced whole
     assert json.loads((tmp_path / "w" / "wise_ft.json").read_text())["alpha"] == 1.0
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".lock"]
