@@ -60,7 +60,7 @@ def test_the_refined_peak_loses_less_than_the_noisy_argmax():
     for _ in range(2000):
         log_opt = rng.uniform(-1.5, 1.5)
 
-        def truth(c):
+        def truth(c, log_opt=log_opt):
             return 0.25 - 0.01 * (np.log10(c) - log_opt) ** 2
 
         noisy = {c: truth(c) + rng.normal(0, 0.006) for c in grid}
