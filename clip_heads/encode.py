@@ -34,6 +34,7 @@ from .catalog import DEFAULT_MODEL, parse_features
 from .identity import check_identity, model_identity
 from .datasets import open_source
 from .engines import ENGINES, BlockResult, EmbedJob, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
+from .errors import BadValueError
 from .fsutil import exclusive_lock
 from .loading import resolve_decode
 from .overlap import CommitThread
@@ -50,6 +51,11 @@ logger = logging.getLogger(__name__)
 _IDENTITY = ("source_fingerprint", "normalized", "dtype", "shard_index", "shard_count", "features")
 _MODEL_IDENTITY = ("model_id", "model_revision", "model_hash")
 _REMEDY = "use another --out, or --overwrite to start over"
+
+
+class ViewsMismatchError(StoreError, BadValueError):
+    """A store or journal holds views of another recipe than the run asks for (``--views``,
+    ``--views-seed``): a bad value for that store (exit 2); nothing is written."""
 
 
 @dataclass
@@ -355,7 +361,7 @@ def _check_views(found: dict, wanted: dict | None, path: Path) -> None:
         had = json.loads(had)
     if (had or None) != (wanted or None):
         more = "" if not had or not wanted or _views_flag(had) != _views_flag(wanted) else " (another crop or flip recipe)"
-        raise StoreError(f"{path} was encoded with {_views_flag(had)}, but this run has {_views_flag(wanted)}{more}; "
+        raise ViewsMismatchError(f"{path} was encoded with {_views_flag(had)}, but this run has {_views_flag(wanted)}{more}; "
                          f"rerun with {_views_flag(had)} to resume or reuse it, or use another --out, or --overwrite to "
                          "start over")
 
