@@ -263,7 +263,8 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
         ``"split-column"`` (the store's, or an error), ``"stratified"`` (ignore the column) or
         ``"fi"`` (FI's seeded 80/5/15: shots from the 80%, scored on the 15%).
     ``--param HEAD.use_views=true`` fits that head on the sampled images' augmented views too
-    (the store's ``views`` column, ``encode --views K``).
+    (the store's ``views`` column, ``encode --views K``; prolip: their pre-projection features,
+    the ``pre_views`` column of ``--views K --features projected,pre-projection``).
     """
     from sklearn.metrics import accuracy_score, f1_score
 
