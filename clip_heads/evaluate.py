@@ -201,7 +201,7 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     make = _head_factory(head_cls, head_params, seed, d.prompts, d.classes, d.scoring)
     views = None
     if (head_params or {}).get("use_views") is True:  # the store's augmented views train beside the images
-        from clip_heads.fewshot import load_views
+        from clip_heads.scoring import load_views
 
         views = load_views(d.path)  # row for row with d's labelled rows; evaluation stays on plain vectors
     out = Path(out_dir)

@@ -37,18 +37,19 @@ import numpy as np
 from clip_heads.errors import BadValueError
 from clip_heads.protocols import Split, sample_shots, store_split
 from clip_heads.results import PathLike, Report, results_dir
+# The store's per-image augmented views, (n, K, dim) (encode --views K), and their pre-projection
+# features (n, K, pre_dim), prolip's views, as the evaluations read them.
+from clip_heads.scoring import VIEWS_COLUMN, load_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_few_shot", "FewShotData", "load_few_shot_data", "load_views", "parse_shots", "fitted_choices",
+__all__ = ["run_few_shot", "FewShotData", "load_few_shot_data", "parse_shots", "fitted_choices",
            "DEFAULT_HEADS", "DEFAULT_SHOTS", "DEFAULT_SEEDS"]
 
 DEFAULT_HEADS = ("zs-lp", "clap", "lpp", "gda", "tip-adapter", "linear")
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (1, 2, 3)
 CSV_COLUMNS = ("head", "shots", "seed", "accuracy", "macro_f1", "fit_seconds")
-VIEWS_COLUMN = "views"  # the store's per-image augmented views, (n, K, dim) (encode --views K; schema.VIEWS)
-PRE_VIEWS_COLUMN = "pre_views"  # their pre-projection features (n, K, pre_dim), for prolip (schema.PRE_VIEWS)
 # At one shot per class no validation split can be carved from the shots, and the heads that
 # choose on one (linear's C, tip-adapter's alpha and beta) take fixed values instead, unless the
 # user gave them: linear's C = 1 (scikit-learn's default), Tip-Adapter's alpha = 1, beta = 5.5
@@ -66,26 +67,6 @@ class FewShotData:
         self.path, self.X, self.y, self.classes, self.keys = path, X, y, classes, keys
         self.split_column, self.prompts, self.scoring = split_column, prompts, scoring
         self.pre, self.projection, self.views, self.pre_views = pre, projection, views, pre_views
-
-
-def load_views(path: PathLike, pre_projection: bool = False, labelled_only: bool = True) -> np.ndarray:
-    """The augmented views of store ``path`` as float32 ``(n, K, dim)``, row for row with its
-    labelled rows (``labelled_only``, as the evaluations read them) or all rows; with
-    ``pre_projection`` their pre-projection features ``(n, K, pre_dim)`` (prolip's inputs). A
-    store without them is refused in one line (:data:`clip_heads.heads.views.NO_VIEWS`)."""
-    from clip_heads.heads.views import NO_VIEWS
-    from clip_heads.store import open_store
-
-    path = Path(path)
-    with open_store(path) as s:
-        column = PRE_VIEWS_COLUMN if pre_projection else VIEWS_COLUMN
-        if column not in s.extra_names():
-            why = NO_VIEWS if not pre_projection or VIEWS_COLUMN not in s.extra_names() else (
-                "use_views=true for prolip needs the views' pre-projection features, and this store has only their "
-                "embeddings (encode with --views K --features projected,pre-projection)")
-            raise BadValueError(f"store {path}: {why}")
-        V = s.extra(column).astype(np.float32, copy=False)
-        return V[s.labels >= 0] if labelled_only else V
 
 
 def load_few_shot_data(path: PathLike, prompt_set: str | None = None, pre_projection: bool = False,

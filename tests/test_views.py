@@ -298,3 +298,26 @@ def test_prolip_trains_on_the_pre_projection_views_and_stays_put_at_infinite_lam
     assert len(rows) == 2 and rows[1].startswith("prolip,2,1,")
     accuracy = float(rows[1].split(",")[3])
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_verify_checks_every_view_of_every_row(tmp_path):
+    rng = np.random.default_rng(0)
+    X = l2_normalize(rng.standard_normal((20, 8)))
+    V = l2_normalize(rng.standard_normal((20, 4, 8)))
+    V[13, 2] *= 1.5  # one view of row 13 is not unit length in a normalised store
+    store = write_store(tmp_path / "w.h5", X, np.arange(20) % 2, ["a", "b"], extras={"views": V}, normalized=True)
+    with h5py.File(store, "r") as f:  # written where encode writes them, the extra column a link
+        assert f["images/views"].shape == (20, 4, 8) and f.get("images/extras/views", getlink=True).path == "/images/views"
+    rep = verify_store(store)
+    assert not rep.ok and len(rep.problems) == 1, rep.text
+    assert rep.problems[0].dataset == "/images/views" and "first at row 13" in rep.problems[0].message, rep.text
+    V[13, 2] /= 1.5
+    V[7, 0, 3] = np.nan
+    store = write_store(tmp_path / "n.h5", X, np.arange(20) % 2, ["a", "b"], extras={"views": V}, normalized=True)
+    rep = verify_store(store)
+    assert [p.dataset for p in rep.problems] == ["/images/views"] and "first at row 7" in rep.problems[0].message
+    # A views column whose rows do not line up with the store's is refused on open.
+    with h5py.File(store, "a") as f:
+        f["images/views"].resize(19, axis=0)
+    with pytest.raises(StoreError, match="views has 19 rows but the store records 20"):
+        open_store(store)
