@@ -168,6 +168,14 @@ def test_shards_merges_and_two_workers_write_the_single_process_views(vs, tiny_c
     with h5py.File(virtual, "r") as f:  # the views stay in the shards
         assert f["images/views"].is_virtual and f["images/pre_views"].is_virtual
 
+    # A finished shard is not "done" for another recipe: the rerun is refused, not skipped.
+    from clip_heads.encode import ViewsMismatchError
+
+    mtime = shards[0].stat().st_mtime_ns
+    with pytest.raises(ViewsMismatchError, match="this run has --views 2"):
+        encode(str(vs["src"]), shards[0], shard=(0, 2), **dict(kw, views=2))
+    assert shards[0].stat().st_mtime_ns == mtime
+
     # A shard drawn with another seed is another recipe: the merge refuses it, naming both.
     other = encode(str(vs["src"]), tmp_path / "o1.h5", shard=(1, 2), **dict(kw, views_seed=7)).path
     with pytest.raises(StoreError, match="views="):
