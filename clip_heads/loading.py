@@ -19,7 +19,7 @@ from .backbones.preprocess import ImageRecipe, Preprocess, stack_batch
 from .images import DEFAULT_LIMITS, BadImage, reduced_decoding, simplejpeg_available
 from .source import Source
 
-__all__ = ["DecodedBatches", "decoded_pixels", "resolve_decode", "DEFAULT_DECODE", "DECODE_STEPS", "REDUCE_MARGIN"]
+__all__ = ["DecodedBatches", "decoded_image", "recipe_pixels", "decoded_pixels", "resolve_decode", "DEFAULT_DECODE", "DECODE_STEPS", "REDUCE_MARGIN"]
 
 # A decode path, as a store records it -> (how a JPEG is decoded: clip_heads.images.DECODERS, how
 # the decoded image is resized: clip_heads.backbones.preprocess.RESIZERS). "exact" is the reference:
@@ -88,10 +88,14 @@ class DecodedBatches(Dataset):
         resized by torch's uint8 kernel (:meth:`Preprocess.pixels`); see :func:`resolve_decode`.
     uint8 : ship the crops as uint8 ``(B, 3, H, W)`` (a :class:`Preprocess` recipe only), for
         :meth:`Preprocess.normalize` to rescale on the device.
+    views, views_seed : also ``views`` augmented views of each decoded image
+        (:func:`clip_heads.augment.view_pixels`, seeded by ``views_seed`` and the item's key):
+        the item then has ``view_pixels``, the ``len(good) * views`` views image by image, as
+        ``pixels`` is stacked (no such key when ``views`` is 0).
     """
 
     def __init__(self, source: Source, positions: np.ndarray, batch_size: int, preprocess: ImageRecipe,
-                 decode: str = "exact", uint8: bool = False) -> None:
+                 decode: str = "exact", uint8: bool = False, views: int = 0, views_seed: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if decode not in DECODE_STEPS:
@@ -104,6 +108,7 @@ class DecodedBatches(Dataset):
         self.source, self.positions = source, np.asarray(positions)
         self.batch_size, self.preprocess = batch_size, preprocess
         self.decode, self.uint8 = decode, uint8
+        self.views, self.views_seed = int(views), int(views_seed)
 
     def __len__(self) -> int:
         return (len(self.positions) + self.batch_size - 1) // self.batch_size
@@ -112,27 +117,36 @@ class DecodedBatches(Dataset):
         if not 0 <= b < len(self):
             raise IndexError(f"batch {b} out of range 0..{len(self) - 1}")
         chunk = self.positions[b * self.batch_size: (b + 1) * self.batch_size]
-        good, pixels, bad = [], [], []
+        good, pixels, bad, views = [], [], [], []
         for i in chunk:
             try:
-                pixels.append(self._decode(int(i)))
+                px, vs = self._decode(int(i))
+                pixels.append(px)
+                views += vs
                 good.append(int(i))
             except BadImage as e:  # only decoding problems are skipped; anything else is a bug
                 bad.append((int(i), str(e) or "unreadable image"))
-        return {"n": len(chunk), "good": good, "pixels": stack_batch(pixels), "bad": bad}
+        out = {"n": len(chunk), "good": good, "pixels": stack_batch(pixels), "bad": bad}
+        if self.views:
+            out["view_pixels"] = stack_batch(views)
+        return out
 
-    def _decode(self, i: int) -> Any:
-        return decoded_pixels(lambda: self.source.load(i), self.preprocess, self.decode, self.uint8,
-                              self.source.limits.max_resized_pixels)
+    def _decode(self, i: int) -> tuple[Any, list]:
+        p = self.preprocess
+        img = decoded_image(lambda: self.source.load(i), p, self.decode, self.source.limits.max_resized_pixels)
+        plain = recipe_pixels(img, p, self.decode, self.uint8)
+        if not self.views:
+            return plain, []
+        from .augment import view_pixels
+
+        return plain, view_pixels(img, str(self.source.keys[i]), self.views, self.views_seed, p, self.uint8)
 
 
-def decoded_pixels(load: Callable[[], Image.Image], preprocess: ImageRecipe, decode: str = "exact",
-                   uint8: bool = False, max_resized_pixels: int = DEFAULT_LIMITS.max_resized_pixels) -> Any:
-    """One image as ``decode``'s path makes it: ``load()`` (a source's ``load``, or
-    :func:`~clip_heads.images.open_rgb` of a path) under the path's JPEG reduction, then the
-    recipe with the path's resizer. The preprocessed array (uint8 crops when ``uint8``), or the
-    recipe's dict (NaFlex). Raises :class:`BadImage` for a resize over ``max_resized_pixels``."""
-    decoder, resizer = DECODE_STEPS[decode]
+def decoded_image(load: Callable[[], Image.Image], preprocess: ImageRecipe, decode: str = "exact",
+                  max_resized_pixels: int = DEFAULT_LIMITS.max_resized_pixels) -> Image.Image:
+    """``load()`` (a source's ``load``, or :func:`~clip_heads.images.open_rgb` of a path) under
+    ``decode``'s JPEG reduction. Raises :class:`BadImage` for a resize over ``max_resized_pixels``."""
+    decoder = DECODE_STEPS[decode][0]
     # The decoded image keeps its short side >= twice the resize target: at 1x (1/4 of a 1536 px
     # JPEG for 224) the embeddings fell to cosine 0.9998 against the reference (bench_encode.py).
     reduce = reduced_decoding(decoder, REDUCE_MARGIN * preprocess.min_side) if decoder != "exact" else nullcontext()
@@ -143,6 +157,20 @@ def decoded_pixels(load: Callable[[], Image.Image], preprocess: ImageRecipe, dec
         if w * h > max_resized_pixels:
             raise BadImage(f"extreme aspect ratio ({img.size[0]}x{img.size[1]} would be resized to "
                            f"{w}x{h}, over {max_resized_pixels} pixels)")
+    return img
+
+
+def recipe_pixels(img: Image.Image, preprocess: ImageRecipe, decode: str = "exact", uint8: bool = False) -> Any:
+    """A decoded image through the recipe with ``decode``'s resizer: the array (uint8 crops when
+    ``uint8``), or the recipe's dict (NaFlex)."""
     if isinstance(preprocess, Preprocess):
+        resizer = DECODE_STEPS[decode][1]
         return preprocess.pixels(img, resizer) if uint8 else preprocess(img, resizer)
     return preprocess(img)
+
+
+def decoded_pixels(load: Callable[[], Image.Image], preprocess: ImageRecipe, decode: str = "exact",
+                   uint8: bool = False, max_resized_pixels: int = DEFAULT_LIMITS.max_resized_pixels) -> Any:
+    """One image as ``decode``'s path makes it, what :class:`DecodedBatches` does for each item's
+    plain pixels: :func:`decoded_image`, then :func:`recipe_pixels`."""
+    return recipe_pixels(decoded_image(load, preprocess, decode, max_resized_pixels), preprocess, decode, uint8)
