@@ -173,9 +173,9 @@ def render_folder(out_dir: PathLike, digits: int = 3, plots: bool = True, title:
     soft-label figure (where its ``soft_labels`` have the per-class numbers); an ablation's
     ranked bars; a generalisation's WiSE-FT curve, with the paper's points where its datasets
     are FI and CIFAR-100. A section with a folder of its own (train-head's ``cv/``, ``eval/``,
-    ``train/``) is rendered there, with its own page, and shown on this one; a ``top_k.png``
-    and a ``comparison.png`` beside metrics.json are shown; the pages of the folders below
-    (a demo's or reproduce's steps) are linked. ``plots=False`` writes the page without figures
+    ``train/``) is rendered there, with its own page, and shown on this one; a ``top_k.png``, a
+    ``comparison.png`` and a ``few_shot.png`` beside metrics.json are shown; the pages of the
+    folders below (a demo's or reproduce's steps) are linked. ``plots=False`` writes the page without figures
     (and removes a ``plots/`` folder, whose figures would be of another run). A fine-tune CV's
     ``fold-NN/`` pages are linked. ``final`` is the folder a staging ``out_dir`` becomes: the
     pages below are looked for there. ``notes`` replace the page's default note (that figures were
@@ -222,7 +222,7 @@ def render_folder(out_dir: PathLike, digits: int = 3, plots: bool = True, title:
             shutil.rmtree(out / "plots", ignore_errors=True)
     elif (out / "plots").is_dir():
         shutil.rmtree(out / "plots")
-    figures += [out / name for name in ("comparison.png", "top_k.png") if (out / name).is_file()]
+    figures += [out / name for name in ("comparison.png", "top_k.png", "few_shot.png") if (out / name).is_file()]
     home = Path(final).absolute() if final is not None else out
     if not sections and not rows:
         links += _pages_below(home)

@@ -241,6 +241,7 @@ CAPTIONS = {
     "ablation": "Zero-shot accuracy and macro-F1 of every template alone and of every set's ensemble, ranked",
     "wise_ft": "WiSE-FT: zero-shot on held-out A and on B along the blend of the zero-shot and the fine-tuned model",
     "wise_ft_calibration": "WiSE-FT: ECE and NLL of each blend's probabilities on held-out A and on B",
+    "few_shot": "Few-shot: test accuracy against shots per class, per head (error bars: std over seeds)",
     "training": "Fine-tune: the loss of every optimiser step (diamonds: each epoch's mean) and the learning rate",
     "comparison": "Headline metrics of every row of the comparison (error bars: std over folds or seeds)",
     "top_k": "The images nearest each class prompt, best first; caption: cosine, and the image's own label "
@@ -274,8 +275,8 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
     links : ``(relative path, label)`` of pages below this one (a train-head section, a demo step).
     notes : lines shown under the heading (figures skipped, say).
     name : the folder's name as shown (default ``out_dir``'s; a staging folder passes its final one).
-    link_root : the folder ``links`` are relative to and must exist in (default ``out_dir``; a
-        staging folder passes the one it becomes, which holds the pages below).
+    link_root : a second folder ``links`` may exist in, relative to it (a staging folder passes
+        the one it becomes, which holds the pages below); each must exist in one of the two.
     blocks : ``(heading, text)`` shown after the provenance: a summary's headline (as it was
         printed) or markdown tables (``.md`` headings, tables, lists; reproduce's tables.md).
     digits : decimals shown (the exact value is in each number's ``data-value``).
@@ -311,7 +312,7 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
     if links:
         base = Path(link_root).resolve() if link_root is not None else root
         for href, _ in links:
-            if not (base / href).is_file():
+            if not ((root / href).is_file() or (base / href).is_file()):
                 raise FileNotFoundError(f"linked page {href} does not exist in {out}")
         body.append("<h2>Pages</h2><ul>" + "".join(f'<li><a href="{_e(h)}">{_e(label)}</a></li>'
                                                    for h, label in links) + "</ul>")
@@ -321,8 +322,10 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
                                                else f"<pre>{_e(text)}</pre>"))
     sections = evaluation_sections(metrics)
     rows = metrics.get("rows") if isinstance(metrics.get("rows"), list) else []
-    if sections or rows or metrics.get("kind") in ("wise-ft", "finetune"):
+    if sections or rows or metrics.get("kind") in ("wise-ft", "finetune", "few-shot"):
         body.append("<h2>Metrics</h2>")
+    if metrics.get("kind") == "few-shot" and isinstance(metrics.get("table"), dict):
+        body.append(_few_shot_html(metrics, digits))
     if metrics.get("kind") == "finetune":
         body.append(_finetune_html(metrics, digits))
     if rows and "rank" in rows[0]:
@@ -424,9 +427,29 @@ def _comparison_table(metrics: dict, digits: int) -> str:
             cells.append(f'<td class="n">{cell}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     unread = metrics.get("unreadable") or []
-    note = ('<p class="note">Mean ± std (ddof=0) over the folds of one CV run, or over the runs (seeds) of a row.</p>'
+    note = ('<p class="note">Mean ± std (ddof=0) over the folds of one CV run or the seeds of one few-shot cell, or '
+            'over the runs (seeds) of a row.</p>'
             + ("".join(f'<p class="note">not read: <code>{_e(p)}</code>: {_e(why)}</p>' for p, why in unread)))
     return f'<table class="metrics"><tr>{head}</tr>' + "".join(body) + "</table>" + note
+
+
+def _few_shot_html(metrics: dict, digits: int) -> str:
+    """A few-shot grid: test accuracy (%) mean ± std over seeds, rows heads, columns shots."""
+    table = metrics["table"]
+    shots = list(next(iter(table.values()))) if table else []
+    head = "<tr><th>head</th>" + "".join(f'<th class="n">{_e(k if k == "all" else k + " shots")}</th>'
+                                         for k in shots) + "</tr>"
+    body = []
+    for h, cells in table.items():
+        tds = "".join(f'<td class="n">{_num(cells[k]["mean"], ("table", h, k, "mean"), digits)} ± '
+                      f'{_num(cells[k]["std"], ("table", h, k, "std"), digits)}</td>' for k in shots)
+        body.append(f"<tr><td>{_e(h)}</td>{tds}</tr>")
+    n_seeds = sorted({c.get("n_seeds") for cells in table.values() for c in cells.values()})
+    return ("<h3>Few-shot test accuracy (%)</h3>" + f'<table class="metrics">{head}{"".join(body)}</table>'
+            + f'<p class="note">Mean ± std (ddof=1) over {"/".join(map(str, n_seeds))} seeds; every head at a (seed, '
+              f"shots) fitted on the same images; {_num(metrics.get('n_train'), ('n_train',), digits)} training "
+              f"images to draw from, {_num(metrics.get('n_test'), ('n_test',), digits)} test images. Per-seed scores "
+              "in few_shot.csv.</p>")
 
 
 def _finetune_html(metrics: dict, digits: int) -> str:
