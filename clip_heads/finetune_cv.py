@@ -169,6 +169,7 @@ def _write(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, fo
     summary = summarize_folds([{k: v for k, v in r.items() if k not in (*RAW_KEYS, "info")} for r in reports],
                               pooled)
     summary["folds_file"] = str(out / "folds.csv")
+    summary["seed"] = config.seed  # of the folds and of every fold's fine-tune
     summary["info"] = {"run": _run(src, files, config, cv), "data": source_record(src), "model": files.identity()}
     sigmoid = any((r.get("scoring") or {}).get("scoring") == "sigmoid" for r in reports)
     how = ("each fold model's own sigmoid(logit_scale * cos + logit_bias), renormalised to sum to 1" if sigmoid else

@@ -358,8 +358,9 @@ def training_figure(metrics: dict, title: str | None = None):
     ax_lr.set_xlabel("optimiser step")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax_lr.grid(alpha=0.3)
-    n = metrics.get("n_train")
-    ax.set_title(title or f"Fine-tune: {len(step)} steps{f' on {n} images' if n else ''}", fontsize=10)
+    n, skipped = metrics.get("n_train"), len(metrics.get("skipped") or {})
+    on = f" on {n} images" + (f" ({skipped} unreadable, skipped)" if skipped else "") if n else ""
+    ax.set_title(title or f"Fine-tune: {len(step)} steps{on}", fontsize=10)
     return fig
 
 
@@ -419,11 +420,15 @@ def reliability_figure(cal: dict, title: str | None = None):
            color=COLORS["precision"], edgecolor="white", label="accuracy in bin")
     for i, b in enumerate(full):  # the gap between what was said and what happened
         a, c = b["accuracy"], b["confidence"]
-        ax.bar(b["lower"], abs(c - a), bottom=min(a, c), width=width, align="edge", color=COLORS["b"],
-               alpha=0.35, hatch="//", edgecolor=COLORS["b"], linewidth=0, label="gap" if i == 0 else None)
+        # Hatched, unfilled: where accuracy exceeds confidence the gap lies over the accuracy bar,
+        # and a tinted fill there would read as a shorter bar.
+        ax.bar(b["lower"], abs(c - a), bottom=min(a, c), width=width, align="edge", facecolor="none",
+               hatch="///", edgecolor=COLORS["b"], linewidth=0.8, label="gap" if i == 0 else None)
+        ax.plot([b["lower"], b["lower"] + width], [c, c], color=COLORS["b"], linewidth=1.2)  # the confidence level
     ax.plot([0, 1], [0, 1], "--", color="#444444", linewidth=1, label="perfect calibration")
     ax.scatter([b["confidence"] for b in full], [b["accuracy"] for b in full], s=12, color="black", zorder=3,
                label="(mean confidence, accuracy)")
+    ax.plot([], [], color=COLORS["b"], linewidth=1.2, label="mean confidence in bin")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

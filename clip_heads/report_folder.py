@@ -213,10 +213,10 @@ def render_folder(out_dir: PathLike, digits: int = 3, plots: bool = True, title:
             for heading, key, rep in sections:
                 if key and key[0] in dict(own):
                     continue
-                title = (f"Rank-1 prompt of the ablation: {rows[0]['prompt_set']}: {rows[0]['template']}"
+                above = (f"Rank-1 prompt of the ablation: {rows[0]['prompt_set']}: {rows[0]['template']}"
                          if key == ("rank1",) and rows else heading if len(key) > 1 else None)
                 # A section's figures in a folder named by its key path (plots/cv/, plots/reports/1.00/b/).
-                written += P.write_run_plots(rep, stage.joinpath(*map(str, key)), title=title)
+                written += P.write_run_plots(rep, stage.joinpath(*map(str, key)), title=above)
         figures = _ordered([out / "plots" / p.relative_to(stage) for p in written if p.suffix == ".png"]) + figures
         if not written:
             shutil.rmtree(out / "plots", ignore_errors=True)

@@ -374,6 +374,10 @@ def test_cross_validation_uses_the_heads_folds_and_the_original_weights(tuned, t
     assert sorted(page.imgs) == sorted(f"plots/{s}.png" for s in ("confusion_matrix", "per_class", "fold_spread",
                                                                      "reliability"))
     assert {f"fold-{f:02d}/index.html" for f in range(3)} <= set(page.refs)
+    html = (tmp_path / "cv" / "index.html").read_text()
+    assert "3 (stratified, seed 1)" in html and "<h1>clip-heads finetune --cv</h1>" in html
+    assert "<h1>clip-heads finetune --cv: fold 2 of 3, zero-shot on its held-out images</h1>" in (
+        tmp_path / "cv" / "fold-01" / "index.html").read_text()
     assert ("calibration", "ece") in {tuple(n["key"]) for n in page.nums}
     fold_page, _ = check_page(tmp_path / "cv" / "fold-01")  # numbers only: the figures are the CV page's
     assert fold_page.imgs == [] and ("calibration", "brier") in {tuple(n["key"]) for n in fold_page.nums}
@@ -444,6 +448,7 @@ def test_generalisation_table_along_the_wise_ft_curve(tuned, tiny_clip, tmp_path
     ends = [f"plots/reports/{a}/{s}/{f}.png" for a in ("0.00", "1.00") for s in "ab"
             for f in ("confusion_matrix", "per_class", "reliability")]
     assert sorted(page.imgs) == sorted(["plots/wise_ft.png", "plots/wise_ft_calibration.png"] + ends)
+    assert "<h1>clip-heads generalisation</h1>" in (tmp_path / "gen" / "index.html").read_text()  # not a section's
     keys = {tuple(n["key"]) for n in page.nums}
     assert {("rows", 2, "b_accuracy"), ("rows", 0, "a_ece"), ("rows", 2, "b_nll")} <= keys
     assert {("reports", "0.00", "a", "calibration", "ece"), ("reports", "1.00", "b", "accuracy")} <= keys
