@@ -213,7 +213,7 @@ def _value_html(v: Any, depth: int = 0) -> str:
             return "–"
         if all(isinstance(x, str) and len(x) < 24 for x in v.values()) and len(v) > 3:
             return " · ".join(f"{_e(k)} {_e(x)}" for k, x in v.items())  # e.g. library versions, on one line
-        if depth >= 2:
+        if depth >= 3:
             return f"<code>{_e(json.dumps(v, default=str))}</code>"
         return '<table class="prov">' + "".join(f"<tr><th>{_e(k)}</th><td>{_value_html(x, depth + 1)}</td></tr>"
                                                 for k, x in v.items()) + "</table>"

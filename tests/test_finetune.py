@@ -448,7 +448,9 @@ def test_generalisation_table_along_the_wise_ft_curve(tuned, tiny_clip, tmp_path
     ends = [f"plots/reports/{a}/{s}/{f}.png" for a in ("0.00", "1.00") for s in "ab"
             for f in ("confusion_matrix", "per_class", "reliability")]
     assert sorted(page.imgs) == sorted(["plots/wise_ft.png", "plots/wise_ft_calibration.png"] + ends)
-    assert "<h1>clip-heads generalisation</h1>" in (tmp_path / "gen" / "index.html").read_text()  # not a section's
+    html = (tmp_path / "gen" / "index.html").read_text()
+    assert "<h1>clip-heads generalisation</h1>" in html  # not a section's
+    assert "<th>fingerprint</th>" in html and '{&quot;source_root' not in html  # A's and B's records as tables
     keys = {tuple(n["key"]) for n in page.nums}
     assert {("rows", 2, "b_accuracy"), ("rows", 0, "a_ece"), ("rows", 2, "b_nll")} <= keys
     assert {("reports", "0.00", "a", "calibration", "ece"), ("reports", "1.00", "b", "accuracy")} <= keys
