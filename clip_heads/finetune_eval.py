@@ -103,8 +103,11 @@ def evaluate_zero_shot(model: str, source: PathLike | Source, *, format: str = "
     ``templates`` is a caption template *set* (name or file; default per data kind, as the
     fine-tune's). The same rule as ``clip-heads zero-shot`` on a store encoded with ``model``;
     here images go straight through the model. Returns a
-    :func:`clip_heads.metrics.classification_report` plus ``templates``, ``skipped``
-    ({key: reason}), ``positions`` and ``y_pred``.
+    :func:`clip_heads.metrics.classification_report` (with top-k accuracy) plus ``templates``,
+    ``skipped`` ({key: reason}), ``positions``, ``y_pred``, ``proba`` (per scored image, the
+    model's own :class:`~clip_heads.zeroshot.ScoringRule` distribution: CLIP's softmax over
+    ``logit_scale * cos``, SigLIP's sigmoids renormalised), ``scoring`` and ``calibration``
+    (:func:`clip_heads.calibration.calibration_of` of those probabilities).
     """
     src = as_source(source, format, source_options)
     dev = resolve_device(device)
