@@ -64,7 +64,9 @@ class Head(ClassifierMixin, BaseEstimator):
     Subclasses set ``name`` (their registry key), ``_parameter_constraints`` (scikit-learn's
     form), implement ``_fit(X, y)`` on validated float32 rows and class indices, ``_logits(X)``
     on a float tensor on ``self.device``, and ``_get_tensors`` / ``_set_tensors`` /
-    ``_expected_tensors`` for what they learned.
+    ``_expected_tensors`` for what they learned. The defaults here save nothing, so a head that
+    builds on another (a mixin such as :class:`~clip_heads.heads.zs_lp.PromptHead`, or
+    :class:`TrainedHead`) adds its own tensors to ``super()``'s.
 
     Capabilities are declared, never guessed from a signature:
 
@@ -225,17 +227,17 @@ class Head(ClassifierMixin, BaseEstimator):
 
     # -- save / load ------------------------------------------------------------------------
     def _get_tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The learned tensors to save, by name (none here: each head adds its own)."""
+        return {}
 
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Names and shapes the saved tensors must have, given ``classes_``, ``n_features_in_``
         and the parameters; ``found`` (the shapes in the file) supplies free sizes such as a
-        cache's length."""
-        raise NotImplementedError
+        cache's length. None here: a file holding any tensor the head does not add is refused."""
+        return {}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         """Restore the learned state from checked tensors and config extras (``ValueError`` if inconsistent)."""
-        raise NotImplementedError
 
     def _extra_config(self) -> dict[str, Any]:
         """Learned scalars (e.g. a chosen C) that belong in config.json rather than the tensors."""

@@ -186,16 +186,15 @@ class GDAHead(PromptHead, Head):
         return {"alpha_": self.alpha_, "alpha_scores_": {str(a): s for a, s in self.alpha_scores_.items()}}
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds_, "coef": torch.from_numpy(self.coef_),
+        return {**super()._get_tensors(), "coef": torch.from_numpy(self.coef_),
                 "intercept": torch.from_numpy(self.intercept_)}
 
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         k, d = len(self.classes_), self.n_features_in_
-        return {"class_embeds": (k, d), "coef": (k, d), "intercept": (k,)}
+        return {**super()._expected_tensors(found), "coef": (k, d), "intercept": (k,)}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        self.class_embeds_ = tensors["class_embeds"]
-        self.prompt_embeds = self.class_embeds_.numpy()
+        super()._set_tensors(tensors, extra)  # class_embeds (PromptHead)
         self.coef_, self.intercept_ = tensors["coef"].numpy(), tensors["intercept"].numpy()
         self.alpha_ = float(extra["alpha_"])
         try:

@@ -170,16 +170,14 @@ class LPPHead(PromptHead, Head):
                 "steps_alpha_": self.steps_alpha_}
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds_, "coef": torch.from_numpy(self.coef_),
-                "alpha": torch.from_numpy(self.alpha_)}
+        return {**super()._get_tensors(), "coef": torch.from_numpy(self.coef_), "alpha": torch.from_numpy(self.alpha_)}
 
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         k, d = len(self.classes_), self.n_features_in_
-        return {"class_embeds": (k, d), "coef": (k, d), "alpha": (k,)}
+        return {**super()._expected_tensors(found), "coef": (k, d), "alpha": (k,)}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        self.class_embeds_ = tensors["class_embeds"]
-        self.prompt_embeds = self.class_embeds_.numpy()
+        super()._set_tensors(tensors, extra)  # class_embeds (PromptHead)
         self.coef_, self.alpha_ = tensors["coef"].numpy(), tensors["alpha"].numpy()
         for k in self._extra_types:
             setattr(self, k, extra[k])

@@ -81,11 +81,25 @@ class Prototypes(nn.Module):
 
 
 class PromptHead(ViewsFit):
-    """Mixin of the heads of this issue that need prompt vectors: refuse a fit without them."""
+    """Mixin of the few-shot heads that start from prompt vectors: refuse a fit without them, and
+    save the zero-shot class vectors they fitted from (``class_embeds_``, ``(n_classes, dim)``,
+    the tensor ``class_embeds``) beside what each head adds through ``super()``."""
 
     def _check_inputs(self) -> None:
         if self.prompt_embeds is None:
             raise ValueError(f"{type(self).__name__} needs prompt_embeds (class prompt vectors from the text tower)")
+
+    def _get_tensors(self) -> dict[str, torch.Tensor]:
+        return {"class_embeds": self.class_embeds_, **super()._get_tensors()}
+
+    def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return {"class_embeds": (len(self.classes_), self.n_features_in_), **super()._expected_tensors(found)}
+
+    def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        # First: a head's own state may be built from the class vectors (ZS-LP's prototypes).
+        self.class_embeds_ = tensors["class_embeds"]
+        self.prompt_embeds = self.class_embeds_.numpy()  # so that clone() + fit() of a loaded head works
+        super()._set_tensors(tensors, extra)
 
 
 class ZSLPHead(PromptHead, TrainedHead):
@@ -241,16 +255,7 @@ class ZSLPHead(PromptHead, TrainedHead):
         """The trained class prototypes ``(n_classes, dim)`` (not normalised)."""
         return self.model_.weight.detach().cpu().numpy()
 
-    # -- save / load ----------------------------------------------------------------------
-    def _get_tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds_, **super()._get_tensors()}
-
+    # -- save / load (class_embeds: PromptHead; model.*: TrainedHead) ------------------------
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        shape = (len(self.classes_), self.n_features_in_)
-        return {"class_embeds": shape, "model.weight": shape}
-
-    def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        self.class_embeds_ = tensors["class_embeds"]
-        self.prompt_embeds = self.class_embeds_.numpy()  # so that clone() + fit() of a loaded head works
-        super()._set_tensors(tensors, extra)
+        return {**super()._expected_tensors(found), "model.weight": (len(self.classes_), self.n_features_in_)}
 
