@@ -129,6 +129,7 @@ def cross_validate(
     classes: Sequence[Any] | None = None,
     folds: np.ndarray | None = None,
     progress: bool = False,
+    views: np.ndarray | None = None,
 ) -> CVResult:
     """Stratified k-fold CV of an estimator (a head or any scikit-learn classifier).
 
@@ -141,6 +142,9 @@ def cross_validate(
     classes : every label in report order (default: sorted unique ``y``).
     folds : (n_samples,) fold ids to reuse; default :func:`stratified_folds(y, k, seed)`.
     progress : show a progress bar over folds.
+    views : (n_samples, K, dim) augmented views (``encode --views K``): each fold's estimator is
+        fitted with ``views=`` its training rows' views (a head with ``use_views=True``); the test
+        fold is scored on its plain vectors only.
     """
     X, y = np.asarray(X), np.asarray(y)
     classes = list(np.unique(y)) if classes is None else list(classes)
@@ -162,7 +166,7 @@ def cross_validate(
 
     for f in tqdm(range(k), desc=f"{k}-fold CV", unit="fold", disable=not progress):
         train, test = folds != f, folds == f
-        est = make().fit(X[train], y[train])
+        est = make().fit(X[train], y[train]) if views is None else make().fit(X[train], y[train], views=views[train])
         y_pred[test] = [index[v] for v in est.predict(X[test])]
         if has_proba and hasattr(est, "predict_proba"):
             y_score[np.ix_(test, [index[c] for c in est.classes_])] = est.predict_proba(X[test])

@@ -34,11 +34,13 @@ from .catalog import DEFAULT_MODEL, parse_features
 from .identity import check_identity, model_identity
 from .datasets import open_source
 from .engines import ENGINES, BlockResult, EmbedJob, default_workers, parse_devices, plan_blocks, worker_model  # noqa: F401
+from .errors import BadValueError
 from .fsutil import exclusive_lock
 from .loading import resolve_decode
 from .overlap import CommitThread
 from .prompts import default_template_sets, encode_prompt_set, load_templates
-from .store import PRE_EMBEDS, FeatureStore, StoreError, extras_spec, library_versions, l2_normalize, validate_prompt_set_name
+from .store import (FEATURE_COLUMNS, PRE_EMBEDS, PRE_VIEWS, VIEWS, FeatureStore, StoreError, extras_spec, library_versions,
+                    l2_normalize, validate_prompt_set_name)
 from .journal import StoreWriter
 from .runner import Runner
 
@@ -49,6 +51,11 @@ logger = logging.getLogger(__name__)
 _IDENTITY = ("source_fingerprint", "normalized", "dtype", "shard_index", "shard_count", "features")
 _MODEL_IDENTITY = ("model_id", "model_revision", "model_hash")
 _REMEDY = "use another --out, or --overwrite to start over"
+
+
+class ViewsMismatchError(StoreError, BadValueError):
+    """A store or journal holds views of another recipe than the run asks for (``--views``,
+    ``--views-seed``): a bad value for that store (exit 2); nothing is written."""
 
 
 @dataclass
@@ -106,6 +113,8 @@ def encode(
     engine: str = "local",
     devices: str | Sequence[str] | None = None,
     ray_options: dict[str, Any] | None = None,
+    views: int = 0,
+    views_seed: int = 0,
 ) -> EncodeResult:
     """Encode every image of ``source`` and its prompt sets into the store ``out``.
 
@@ -140,12 +149,25 @@ def encode(
         tower's pooled output before the projection (``/images/pre_embeds``) and the projection
         itself (``/projection``; SigLIP has none: its pre-projection features are its embeddings,
         not normalised).
+    views : also store ``views`` augmented views of each image (``/images/views``, ``(N, K, dim)``,
+        normalised like the embeddings; with pre-projection features also ``/images/pre_views``):
+        a random resized crop (area 0.5-1, aspect 3/4-4/3) and a horizontal flip (p = 0.5), then
+        the family's own preprocessing (:mod:`clip_heads.augment`), through the same forward and
+        precision. Drawn per image from ``views_seed`` and the image's key, so every engine, shard
+        and resume writes the same views; the recipe is the store's ``views`` attribute, and a
+        resume must match it. Costs about ``views + 1`` times the plain encode.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
     if dtype not in ("float16", "float32"):
         raise ValueError(f"unknown dtype {dtype!r}; valid: float16, float32")
     features = parse_features(features)
+    from .augment import check_views_count, recipe
+
+    views = check_views_count(views)
+    if isinstance(views_seed, bool) or not isinstance(views_seed, (int, np.integer)):
+        raise ValueError(f"--views-seed must be an integer; got {views_seed!r}")
+    views_recipe = recipe(views, int(views_seed)) if views else None
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     devices = parse_devices(devices)
@@ -173,7 +195,8 @@ def encode(
                               "model": str(model), "templates": list(templates or []), "batch_size": batch_size,
                               "dtype": dtype, "normalize": normalize, "limit": limit, "seed": seed, "shard": list(shard),
                               # (the default's key stays as before, so earlier done-markers still count)
-                              **({"features": list(features)} if features != ("projected",) else {})})
+                              **({"features": list(features)} if features != ("projected",) else {}),
+                              **({"views": views_recipe} if views else {})})
         done = None if overwrite else is_done(out, run_key)
         if done is not None:  # a rerun of the array: this shard finished; list nothing, load nothing
             logger.info("%s is done (its marker says so); nothing to do", out)
@@ -192,9 +215,10 @@ def encode(
         for t in template_sets:  # a bad template fails now, not after the images
             validate_prompt_set_name(load_templates(t)[0])
 
-        if PRE_EMBEDS in src.extras:
-            raise ValueError(f"{source} has a column named {PRE_EMBEDS!r}, the name a store keeps pre-projection "
-                             "features under; rename that column")
+        for name in FEATURE_COLUMNS:
+            if name in src.extras:
+                raise ValueError(f"{source} has a column named {name!r}, the name a store keeps image features under "
+                                 f"({', '.join(FEATURE_COLUMNS)}); rename that column")
         wanted = {"source_fingerprint": fingerprint, "normalized": normalize, "dtype": dtype,
                   "shard_index": shard[0] if shard else None, "shard_count": shard[1] if shard else None,
                   "features": ",".join(features)}
@@ -205,6 +229,7 @@ def encode(
                 # The model as it is now (its weights hashed, not loaded), against the one that encoded the store.
                 check_identity(found, backbone.identity if backbone else model_identity(model), str(out), _REMEDY)
                 _check_matches(found, wanted, out)
+                _check_views(found, views_recipe, out)
                 _check_precision(found, precision, out)
                 _check_decode(found, decode, out)
                 missing = [t for t in template_sets if Path(t).stem not in s.prompt_sets() and t not in s.prompt_sets()]
@@ -231,6 +256,7 @@ def encode(
                     found = StoreWriter.read_partial_attrs(out)
                     check_identity(found, backbone.identity, str(part), _REMEDY)
                     _check_matches(found, wanted, part)
+                    _check_views(found, views_recipe, part)
                     _check_resume(found, used_precision, batch_size, part, used_decode)
                     writer, status = StoreWriter.resume(out), "resumed"
                 except ValueError as e:  # StoreError, or check_identity's refusal
@@ -247,6 +273,7 @@ def encode(
                     precision=used_precision,
                     decode=used_decode,
                     batch_size=batch_size,
+                    views=views_recipe,
                 )
                 if shard is not None:
                     attrs.update(shard_index=shard[0], shard_count=shard[1])
@@ -254,6 +281,10 @@ def encode(
                 spec = extras_spec(extras, getattr(src, "extras_meta", None))
                 if "pre-projection" in features:  # one more per-image column, at /images/pre_embeds
                     spec[PRE_EMBEDS] = ((backbone.pre_dim,), np.dtype(dtype), None)
+                if views:  # (K, D) per image at /images/views, and the pooled output of each view
+                    spec[VIEWS] = ((views, backbone.dim), np.dtype(dtype), None)
+                    if "pre-projection" in features:
+                        spec[PRE_VIEWS] = ((views, backbone.pre_dim), np.dtype(dtype), None)
                 writer = StoreWriter.create(out, dim=backbone.dim, classes=src.classes, dtype=dtype, extras=spec,
                                             attrs=attrs)
                 status = "encoded"
@@ -262,7 +293,8 @@ def encode(
                 job = EmbedJob(src, positions, plan_blocks(len(positions), writer.progress[0], batch_size),
                                backbone.preprocess, worker_model(model) if backbone.model_id == str(model) else backbone.model_id,
                                backbone.identity, used_precision, pre_projection="pre-projection" in features,
-                               decode=used_decode, uint8=isinstance(backbone.preprocess, Preprocess))
+                               decode=used_decode, uint8=isinstance(backbone.preprocess, Preprocess),
+                               views=views, views_seed=int(views_seed))
                 t0 = time.perf_counter()
                 batches = _stream(src, len(positions), writer, runner.blocks(job), normalize, progress, runner.stats)
                 timings = dict(runner.stats, wall_s=time.perf_counter() - t0)
@@ -312,6 +344,26 @@ def _check_resume(found: dict, precision: str, batch_size: int, part: Path, deco
             theirs, ours = _flag_value(k, found.get(k)), _flag_value(k, v)
             raise StoreError(f"{part} was encoded with {flag} {theirs} ({k}={found.get(k)}), but this run has {flag} "
                              f"{ours}; rerun with {flag} {theirs} to resume, or --overwrite to start over")
+
+
+def _views_flag(r: dict | None) -> str:
+    if not r:
+        return "no --views"
+    return f"--views {r.get('views')} --views-seed {r.get('seed')} (recipe version {r.get('version', 1)})"
+
+
+def _check_views(found: dict, wanted: dict | None, path: Path) -> None:
+    """A store or journal holds the views of one recipe (K, seed, crop, flip, version): another is refused."""
+    had = found.get("views")
+    if isinstance(had, str):  # a journal's layout keeps it as the json the store will hold
+        import json
+
+        had = json.loads(had)
+    if (had or None) != (wanted or None):
+        more = "" if not had or not wanted or _views_flag(had) != _views_flag(wanted) else " (another crop or flip recipe)"
+        raise ViewsMismatchError(f"{path} was encoded with {_views_flag(had)}, but this run has {_views_flag(wanted)}{more}; "
+                         f"rerun with {_views_flag(had)} to resume or reuse it, or use another --out, or --overwrite to "
+                         "start over")
 
 
 def _check_precision(found: dict, precision: str, path: Path) -> None:
@@ -393,6 +445,10 @@ def commit_block(writer: StoreWriter, src, r: BlockResult, normalize: bool, extr
         cols = {k: v[good] for k, v in extras.items()}
         if r.pre_embeds is not None:  # --features pre-projection: the pooled output, as it came (not normalised)
             cols[PRE_EMBEDS] = r.pre_embeds
+        if r.views is not None:  # --views K: (rows, K, dim), normalised as the embeddings are
+            cols[VIEWS] = l2_normalize(r.views) if normalize else r.views
+        if r.pre_views is not None:
+            cols[PRE_VIEWS] = r.pre_views
         writer.append(emb, [src.keys[i] for i in good], src.labels[good], cols)
     for i, reason in r.bad:
         logger.warning("skipped %s: %s", src.keys[i], reason)

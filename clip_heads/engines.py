@@ -44,7 +44,10 @@ class BlockResult:
     positions that decoded (rows of ``embeds``, raw float32 ``(len(good), dim)``, not
     normalised) and ``bad`` ``(position, reason)`` for the others. ``pre_embeds``: the image
     tower's pooled output before the projection, float32 ``(len(good), pre_dim)``, when the job
-    asked for it (``--features pre-projection``), else None.
+    asked for it (``--features pre-projection``), else None. ``views``: the raw embeddings of the
+    job's ``views`` augmented views of each good image, float32 ``(len(good), K, dim)``
+    (``encode --views K``), and ``pre_views`` their pre-projection features ``(len(good), K,
+    pre_dim)`` when both were asked for; else None.
     """
 
     index: int
@@ -53,6 +56,18 @@ class BlockResult:
     embeds: np.ndarray
     bad: list[tuple[int, str]] = field(default_factory=list)
     pre_embeds: np.ndarray | None = None
+    views: np.ndarray | None = None
+    pre_views: np.ndarray | None = None
+
+    def message(self) -> tuple:
+        """The block as plain data for a queue between processes (:meth:`from_message` inverts it)."""
+        return ("block", self.index, self.n, self.good, self.embeds, self.bad, self.pre_embeds, self.views,
+                self.pre_views)
+
+    @classmethod
+    def from_message(cls, msg: tuple) -> "BlockResult":
+        _, index, count, good, emb, bad, pre, views, pre_views = msg
+        return cls(index, count, list(good), emb, list(bad), pre, views, pre_views)
 
 
 @dataclass
@@ -60,7 +75,8 @@ class EmbedJob:
     """What every engine needs: the source, the run's positions and its remaining blocks, the
     preprocessing recipe (the family's own: :func:`clip_heads.backbones.preprocess.image_recipe`),
     the model (as named, with the identity the writer recorded), and whether the pre-projection
-    features are wanted too."""
+    features are wanted too, and how many augmented views of each image (``views``, drawn with
+    ``views_seed``: :mod:`clip_heads.augment`)."""
 
     source: Any
     positions: np.ndarray
@@ -72,7 +88,8 @@ class EmbedJob:
     pre_projection: bool = False
     decode: str = "exact"  # the JPEG decode path (clip_heads.loading.resolve_decode)
     uint8: bool = False  # ship uint8 crops, normalised on the embedding device
-
+    views: int = 0  # augmented views per image (encode --views K)
+    views_seed: int = 0
 
     def block_positions(self, k: int) -> np.ndarray:
         a, b = self.blocks[k]
@@ -131,12 +148,21 @@ def check_worker_identity(found: dict, expected: dict, where: str) -> None:
                              "or the same hub revision)")
 
 
-def decode_block(source, positions: np.ndarray, preprocess, decode: str = "exact", uint8: bool = False) -> dict:
+def decode_block(source, positions: np.ndarray, preprocess, decode: str = "exact", uint8: bool = False,
+                 views: int = 0, views_seed: int = 0) -> dict:
     """One block through :class:`~clip_heads.loading.DecodedBatches` (the one bad-image policy),
-    decoded by ``decode``'s path, its crops uint8 when ``uint8``."""
+    decoded by ``decode``'s path, its crops uint8 when ``uint8``, with ``views`` augmented views
+    of each image (``view_pixels``) when asked."""
     from .loading import DecodedBatches
 
-    return DecodedBatches(source, positions, max(1, len(positions)), preprocess, decode=decode, uint8=uint8)[0]
+    return DecodedBatches(source, positions, max(1, len(positions)), preprocess, decode=decode, uint8=uint8,
+                          views=views, views_seed=views_seed)[0]
+
+
+def job_decode_block(job: "EmbedJob", k: int) -> dict:
+    """Block ``k`` of ``job`` decoded (with its views when the job has them)."""
+    return dict(decode_block(job.source, job.block_positions(k), job.preprocess, job.decode, job.uint8, job.views,
+                             job.views_seed), index=k)
 
 
 class _Blocks:
@@ -149,9 +175,7 @@ class _Blocks:
         return len(self.indices)
 
     def __getitem__(self, j: int) -> dict:
-        k = self.indices[j]
-        job = self.job
-        return dict(decode_block(job.source, job.block_positions(k), job.preprocess, job.decode, job.uint8), index=k)
+        return job_decode_block(self.job, self.indices[j])
 
 
 def _loader(job: EmbedJob, indices: Sequence[int], workers: int, pin: bool):
@@ -177,22 +201,62 @@ def embed_pixels(backbone, pixels: Any, n_good: int, pre_projection: bool) -> tu
     return emb, (pre.cpu().numpy().astype(np.float32, copy=False) if pre is not None else None)
 
 
-def _embed(backbone, batch: dict, pre_projection: bool = False) -> BlockResult:
+def _rows(pixels: Any, a: int, b: int) -> Any:
+    return {k: v[a:b] for k, v in pixels.items()} if isinstance(pixels, dict) else pixels[a:b]
+
+
+def embed_views(backbone, view_pixels: Any, n_good: int, k: int, pre_projection: bool
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A block's ``n_good * k`` preprocessed views (image by image) -> float32 ``(n_good, k, dim)``
+    embeddings (and ``(n_good, k, pre_dim)`` pre-projection features, or None), embedded
+    ``max(1, n_good)`` views per forward: the block's own batch size, so a forward never holds
+    more than a plain one, and every engine cuts the same block into the same forwards."""
+    step, total = max(1, n_good), n_good * k
+    embs, pres = [], []
+    for a in range(0, total, step):
+        e, p = embed_pixels(backbone, _rows(view_pixels, a, min(total, a + step)), min(total, a + step) - a,
+                            pre_projection)
+        embs.append(e)
+        pres.append(p)
+    emb = (np.concatenate(embs) if embs else np.zeros((0, backbone.dim), np.float32)).reshape(n_good, k, -1)
+    if not pre_projection:
+        return emb, None
+    pre = (np.concatenate(pres) if pres else np.zeros((0, backbone.pre_dim), np.float32)).reshape(n_good, k, -1)
+    return emb, pre
+
+
+def embed_batch(backbone, batch: dict, pre_projection: bool = False, views: int = 0) -> BlockResult:
+    """One decoded block (:func:`job_decode_block`) embedded: its rows, and its views when it has them."""
     good = [int(i) for i in batch["good"]]
     emb, pre = embed_pixels(backbone, batch["pixels"], len(good), pre_projection)
-    return BlockResult(int(batch["index"]), int(batch["n"]), good, emb, [(int(i), str(r)) for i, r in batch["bad"]], pre)
+    v = pv = None
+    if views:
+        v, pv = embed_views(backbone, batch["view_pixels"], len(good), views, pre_projection)
+    return BlockResult(int(batch["index"]), int(batch["n"]), good, emb, [(int(i), str(r)) for i, r in batch["bad"]], pre,
+                       v, pv)
+
+
+def _embed(backbone, batch: dict, job: "EmbedJob") -> BlockResult:
+    return embed_batch(backbone, batch, job.pre_projection, job.views)
+
+
+def _tensors(px: Any) -> list:
+    return list(px.values()) if isinstance(px, dict) else [px]
 
 
 def _to_device(batch: dict, device: torch.device, stream) -> tuple[dict, Any]:
     """``batch``'s pixels copied to the GPU on ``stream`` (asynchronous from pinned memory), and
     the event the forward must wait for."""
-    px = batch["pixels"]
+    moved = {}
     with torch.cuda.stream(stream):
-        moved = ({k: v.to(device, non_blocking=True) for k, v in px.items()} if isinstance(px, dict)
-                 else px.to(device, non_blocking=True))
+        for name in ("pixels", "view_pixels"):
+            px = batch.get(name)
+            if px is not None:
+                moved[name] = ({k: v.to(device, non_blocking=True) for k, v in px.items()} if isinstance(px, dict)
+                               else px.to(device, non_blocking=True))
         done = torch.cuda.Event()
         done.record(stream)
-    return dict(batch, pixels=moved), done
+    return dict(batch, **moved), done
 
 
 def _on_current_stream(batch: dict, done) -> dict:
@@ -200,9 +264,9 @@ def _on_current_stream(batch: dict, done) -> dict:
     before that stream is done with it."""
     current = torch.cuda.current_stream()
     current.wait_event(done)
-    px = batch["pixels"]
-    for t in (px.values() if isinstance(px, dict) else [px]):
-        t.record_stream(current)
+    for name in ("pixels", "view_pixels"):
+        for t in _tensors(batch.get(name)) if batch.get(name) is not None else []:
+            t.record_stream(current)
     return batch
 
 
@@ -239,7 +303,7 @@ def local_blocks(job: EmbedJob, backbone, workers: int, stats: dict | None = Non
         t = time.perf_counter()
         if done is not None:
             batch = _on_current_stream(batch, done)
-        r = _embed(backbone, batch, job.pre_projection)
+        r = _embed(backbone, batch, job)
         stats["forward_s"] += time.perf_counter() - t
         yield r
         batch, done = (ahead, ahead_done) if cuda else fetch()
@@ -301,8 +365,7 @@ def _device_worker(rank: int, device: str, job: EmbedJob, indices: list[int], ou
         backbone = Backbone(job.model, device=device, precision=job.precision)
         check_worker_identity(backbone.identity, job.identity, f"worker {rank} ({device})")
         for batch in _loader(job, indices, workers, torch.device(device).type == "cuda"):
-            r = _embed(backbone, batch, job.pre_projection)
-            out.put(("block", r.index, r.n, r.good, r.embeds, r.bad, r.pre_embeds))
+            out.put(_embed(backbone, batch, job).message())
         out.put(("done",))
     except BaseException as e:  # reported to the writer, which decides; a bug keeps its traceback
         out.put(("error", type(e).__name__, str(e), traceback.format_exc(limit=12)))
@@ -339,8 +402,7 @@ def device_blocks(job: EmbedJob, devices: Sequence[str], workers: int = 0, threa
                 _raise_worker_error(devices[w], *msg[1:])
             if msg[0] != "block" or msg[1] != k:
                 raise RuntimeError(f"worker on {devices[w]} sent {msg[0]} {msg[1:2]} where block {k} was due")
-            _, index, count, good, emb, bad, pre = msg
-            yield BlockResult(index, count, list(good), emb, list(bad), pre)
+            yield BlockResult.from_message(msg)
         for w in range(n):  # each worker's last word, so that it leaves on its own
             msg = _next(queues[w], procs[w], devices[w])
             if msg[0] == "error":

@@ -177,6 +177,10 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     Without either, the report is on the training data itself (resubstitution, optimistic);
     an eval store holding the same data as the training store is labelled so too.
 
+    With ``head_params["use_views"]`` true (``--param use_views=true``) the head trains on the
+    store's augmented views too (``encode --views K``: each image's K views with its label; in CV
+    only the training folds' views), and is scored on the plain vectors.
+
     Writes to ``out_dir``: the head (``config.json``, ``model.safetensors``), ``report.txt``
     and ``metrics.json`` (all sections), and one folder per section in the results layout:
     ``cv/`` (+ ``folds.csv``; out-of-fold ``predictions.csv`` with 1-based fold numbers),
@@ -195,6 +199,11 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
     e = load_eval_data(eval_store) if eval_store is not None else None  # a bad eval store fails before training
     names = np.asarray(d.classes)[d.y]
     make = _head_factory(head_cls, head_params, seed, d.prompts, d.classes, d.scoring)
+    views = None
+    if (head_params or {}).get("use_views") is True:  # the store's augmented views train beside the images
+        from clip_heads.scoring import load_views
+
+        views = load_views(d.path)  # row for row with d's labelled rows; evaluation stays on plain vectors
     out = Path(out_dir)
     run = {"command": "train-head", "head": head_name, "store": os.path.abspath(d.path), "cv": cv, "seed": seed,
            "eval_store": os.path.abspath(e.path) if e is not None else None, "label_map": label_map_name(label_map),
@@ -203,7 +212,7 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
             "head_params": run["head_params"], "data": d.record, "run": run}
     texts, metrics, result, sections = [], {"info": info}, None, {}
     if cv:
-        result = cross_validate(make, d.X, names, k=cv, seed=seed, classes=d.classes, progress=progress)
+        result = cross_validate(make, d.X, names, k=cv, seed=seed, classes=d.classes, progress=progress, views=views)
         report = result.report
         title = f"{result.k}-fold cross-validation of the {head_name} head on {d.path.name}"
         text = format_table(report, title)
@@ -223,7 +232,7 @@ def train_head(head_name: str, store_path: PathLike, out_dir: PathLike, cv: int 
             oof[PROBA] = result.y_score
         sections["cv"] = (report, text, oof)
         metrics["cv"], texts = report, [text]
-    head = make().fit(d.X, names)
+    head = make().fit(d.X, names) if views is None else make().fit(d.X, names, views=views)
     head.set_backbone(**d.backbone)
     head.set_training_data(str(d.path), d.fingerprint)
     if e is not None:

@@ -37,17 +37,19 @@ import numpy as np
 from clip_heads.errors import BadValueError
 from clip_heads.protocols import Split, sample_shots, store_split
 from clip_heads.results import PathLike, Report, results_dir
+# The store's per-image augmented views, (n, K, dim) (encode --views K), and their pre-projection
+# features (n, K, pre_dim), prolip's views, as the evaluations read them.
+from clip_heads.scoring import VIEWS_COLUMN, load_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_few_shot", "FewShotData", "load_few_shot_data", "parse_shots", "fitted_choices", "DEFAULT_HEADS",
-           "DEFAULT_SHOTS", "DEFAULT_SEEDS"]
+__all__ = ["run_few_shot", "FewShotData", "load_few_shot_data", "parse_shots", "fitted_choices",
+           "DEFAULT_HEADS", "DEFAULT_SHOTS", "DEFAULT_SEEDS"]
 
 DEFAULT_HEADS = ("zs-lp", "clap", "lpp", "gda", "tip-adapter", "linear")
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (1, 2, 3)
 CSV_COLUMNS = ("head", "shots", "seed", "accuracy", "macro_f1", "fit_seconds")
-VIEWS_COLUMN = "views"  # the store's per-image augmented views, (n, K, dim) (encode --views K)
 # At one shot per class no validation split can be carved from the shots, and the heads that
 # choose on one (linear's C, tip-adapter's alpha and beta) take fixed values instead, unless the
 # user gave them: linear's C = 1 (scikit-learn's default), Tip-Adapter's alpha = 1, beta = 5.5
@@ -60,17 +62,19 @@ class FewShotData:
 
     def __init__(self, path: Path, X: np.ndarray, y: np.ndarray, classes: list[str], keys: list[str],
                  split_column: np.ndarray | None, prompts: Any, scoring: Any, pre: np.ndarray | None,
-                 projection: np.ndarray | None, views: np.ndarray | None = None) -> None:
+                 projection: np.ndarray | None, views: np.ndarray | None = None,
+                 pre_views: np.ndarray | None = None) -> None:
         self.path, self.X, self.y, self.classes, self.keys = path, X, y, classes, keys
         self.split_column, self.prompts, self.scoring = split_column, prompts, scoring
-        self.pre, self.projection, self.views = pre, projection, views
+        self.pre, self.projection, self.views, self.pre_views = pre, projection, views, pre_views
 
 
 def load_few_shot_data(path: PathLike, prompt_set: str | None = None, pre_projection: bool = False,
-                       views: bool = False) -> FewShotData:
+                       views: bool = False, pre_views: bool = False) -> FewShotData:
     """Read store ``path``: vectors, labels, keys, its ``split`` column, a prompt set, its scoring
     rule, (``pre_projection``) the pre-projection features and projection that ``prolip`` needs,
-    and (``views``) the augmented views ``(n, K, dim)`` of the ``views`` column."""
+    (``views``) the augmented views ``(n, K, dim)`` of the ``views`` column and (``pre_views``)
+    their pre-projection features ``(n, K, pre_dim)``, prolip's views."""
     from clip_heads import zeroshot
     from clip_heads.heads.prolip import NO_PROJECTION
     from clip_heads.heads.views import NO_VIEWS
@@ -89,18 +93,18 @@ def load_few_shot_data(path: PathLike, prompt_set: str | None = None, pre_projec
             if not getattr(s, "has_pre_embeds", False) or s.projection() is None:
                 raise BadValueError(f"store {path}: {NO_PROJECTION}")
             pre, projection = s.pre_embeddings(), s.projection()
-        V = None
-        if views:
-            if VIEWS_COLUMN not in s.extra_names():
-                raise BadValueError(f"store {path}: {NO_VIEWS}")
-            V = s.extra(VIEWS_COLUMN).astype(np.float32, copy=False)
+        if (views or pre_views) and VIEWS_COLUMN not in s.extra_names():
+            raise BadValueError(f"store {path}: {NO_VIEWS}")
+    V = load_views(path, labelled_only=False) if views else None
+    PV = load_views(path, pre_projection=True, labelled_only=False) if pre_views else None
     labelled = y >= 0
     if labelled.sum() == 0:
         raise BadValueError(f"store {path} has no labelled samples for a few-shot run")
     keep = np.flatnonzero(labelled)
     return FewShotData(path, X[keep], y[keep], classes, [keys[i] for i in keep],
                        None if split is None else np.asarray(split)[keep], prompts, scoring,
-                       None if pre is None else pre[keep], projection, None if V is None else V[keep])
+                       None if pre is None else pre[keep], projection, None if V is None else V[keep],
+                       None if PV is None else PV[keep])
 
 
 def parse_shots(spec: Any) -> list[int | str]:
@@ -240,7 +244,8 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
         ``"split-column"`` (the store's, or an error), ``"stratified"`` (ignore the column) or
         ``"fi"`` (FI's seeded 80/5/15: shots from the 80%, scored on the 15%).
     ``--param HEAD.use_views=true`` fits that head on the sampled images' augmented views too
-    (the store's ``views`` column, ``encode --views K``).
+    (the store's ``views`` column, ``encode --views K``; prolip: their pre-projection features,
+    the ``pre_views`` column of ``--views K --features projected,pre-projection``).
     """
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -261,10 +266,10 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
         raise BadValueError(f"parameters given for heads not in the run: {unknown}; heads are {heads}")
     needs_pre = any(getattr(get_head(h), "uses_pre_projection", False) for h in heads)
     with_views = {h for h in heads if params.get(h, {}).get("use_views") is True}
-    if with_views & {h for h in heads if getattr(get_head(h), "uses_pre_projection", False)}:
-        raise BadValueError("use_views with prolip needs views of the pre-projection features, which no store "
-                            "holds; drop use_views for prolip")
-    d = load_few_shot_data(store_path, prompt_set, pre_projection=needs_pre, views=bool(with_views))
+    pre_heads = {h for h in heads if getattr(get_head(h), "uses_pre_projection", False)}
+    # prolip trains on the views' pre-projection features (encode --views K --features projected,pre-projection)
+    d = load_few_shot_data(store_path, prompt_set, pre_projection=needs_pre, views=bool(with_views - pre_heads),
+                           pre_views=bool(with_views & pre_heads))
     split: Split = protocol_split(protocol, d, split_seed, test_fraction)
     names = np.asarray(d.classes, dtype=object)
     y_names = names[d.y]
@@ -284,7 +289,7 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
                 head = make_head(h, _head_params(h, d, params.get(h, {}), seed, k))
                 t0 = time.perf_counter()
                 if h in with_views:  # the views of the sampled images only; scored on plain vectors
-                    head.fit(X[idx], y_names[idx], views=d.views[idx])
+                    head.fit(X[idx], y_names[idx], views=(d.pre_views if h in pre_heads else d.views)[idx])
                 else:
                     head.fit(X[idx], y_names[idx])
                 fit_s = time.perf_counter() - t0

@@ -150,8 +150,9 @@ def structure_problems(f: h5py.File, path: Path) -> list[Problem]:
     row_sets = ["images/embeds", "images/keys", "images/labels"]
     if isinstance(f.get("images/extras"), h5py.Group):
         row_sets += [f"images/extras/{n}" for n in f["images/extras"]]
-    if "images/pre_embeds" in f:  # schema 2: checked where its rows lie, whatever /images/extras links to
-        row_sets.append("images/pre_embeds")
+    for name in ("images/pre_embeds", "images/views", "images/pre_views"):  # checked where their rows lie,
+        if name in f:  # whatever /images/extras links to (schema 2: pre-projection features; views)
+            row_sets.append(name)
     for name, want in [(n, rows) for n in row_sets] + [(n, skipped) for n in ("skipped/keys", "skipped/reasons") if n in f]:
         d = f[name]
         if not isinstance(d, h5py.Dataset) or d.ndim < 1:

@@ -46,6 +46,7 @@ MAGIC = b"clip-heads-log1\n"
 _HEAD = struct.Struct("<c3xIII")
 _MAX_RECORD = 1 << 31
 _BLOCK_ROWS = 8192
+_BUFFER_BYTES = 64 << 20
 
 
 def _jsonable(v):
@@ -403,6 +404,11 @@ def _fill(f: h5py.File, part: Path, j: _Journal, complete: bool) -> None:
     hashes = {k: hashlib.sha256() for k in ["images/keys", "skipped/keys", "skipped/reasons"] + [f"images/extras/{m}" for m in strs]}
     skipped: list[list[str]] = []
     state = {"at": 0, "buffered": 0}
+    # Rows held before a write: 8192, fewer when a row is wide (K views), so memory stays bounded
+    # by _BUFFER_BYTES whatever K is.
+    row_bytes = int(np.dtype(lay["dtype"]).itemsize) * lay["dim"] + sum(
+        int(np.prod(lay["extras"][m]["tail"], dtype=np.int64)) * np.dtype(lay["extras"][m]["dtype"]).itemsize for m in numeric)
+    limit = max(1, min(_BLOCK_ROWS, _BUFFER_BYTES // max(1, row_bytes)))
 
     def flush() -> None:
         a, b = state["at"], state["at"] + state["buffered"]
@@ -432,7 +438,7 @@ def _fill(f: h5py.File, part: Path, j: _Journal, complete: bool) -> None:
                 columns[f"images/extras/{m}"].append(meta["strs"][m])
             state["buffered"] += n
         skipped += meta["skipped"]
-        if state["buffered"] >= _BLOCK_ROWS:
+        if state["buffered"] >= limit:
             flush()
     flush()
     for i, name in enumerate(("skipped/keys", "skipped/reasons")):

@@ -68,10 +68,14 @@ class DecodedBatches(Dataset):
         (:func:`clip_heads.images.reduced_decoding`); see :func:`resolve_decode`.
     uint8 : ship the crops as uint8 ``(B, 3, H, W)`` (a :class:`Preprocess` recipe only), for
         :meth:`Preprocess.normalize` to rescale on the device.
+    views, views_seed : also ``views`` augmented views of each decoded image
+        (:func:`clip_heads.augment.view_pixels`, seeded by ``views_seed`` and the item's key):
+        the item then has ``view_pixels``, the ``len(good) * views`` views image by image, as
+        ``pixels`` is stacked (no such key when ``views`` is 0).
     """
 
     def __init__(self, source: Source, positions: np.ndarray, batch_size: int, preprocess: ImageRecipe,
-                 decode: str = "exact", uint8: bool = False) -> None:
+                 decode: str = "exact", uint8: bool = False, views: int = 0, views_seed: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if decode not in DECODERS:
@@ -84,6 +88,7 @@ class DecodedBatches(Dataset):
         self.source, self.positions = source, np.asarray(positions)
         self.batch_size, self.preprocess = batch_size, preprocess
         self.decode, self.uint8 = decode, uint8
+        self.views, self.views_seed = int(views), int(views_seed)
 
     def __len__(self) -> int:
         return (len(self.positions) + self.batch_size - 1) // self.batch_size
@@ -92,16 +97,21 @@ class DecodedBatches(Dataset):
         if not 0 <= b < len(self):
             raise IndexError(f"batch {b} out of range 0..{len(self) - 1}")
         chunk = self.positions[b * self.batch_size: (b + 1) * self.batch_size]
-        good, pixels, bad = [], [], []
+        good, pixels, bad, views = [], [], [], []
         for i in chunk:
             try:
-                pixels.append(self._decode(int(i)))
+                px, vs = self._decode(int(i))
+                pixels.append(px)
+                views += vs
                 good.append(int(i))
             except BadImage as e:  # only decoding problems are skipped; anything else is a bug
                 bad.append((int(i), str(e) or "unreadable image"))
-        return {"n": len(chunk), "good": good, "pixels": stack_batch(pixels), "bad": bad}
+        out = {"n": len(chunk), "good": good, "pixels": stack_batch(pixels), "bad": bad}
+        if self.views:
+            out["view_pixels"] = stack_batch(views)
+        return out
 
-    def _decode(self, i: int) -> Any:
+    def _decode(self, i: int) -> tuple[Any, list]:
         p = self.preprocess
         reduce = reduced_decoding(self.decode, 2 * p.min_side) if self.decode != "exact" else nullcontext()
         with reduce:
@@ -112,4 +122,9 @@ class DecodedBatches(Dataset):
             if w * h > limit:
                 raise BadImage(f"extreme aspect ratio ({img.size[0]}x{img.size[1]} would be resized to "
                                f"{w}x{h}, over {limit} pixels)")
-        return p.pixels(img) if self.uint8 else p(img)
+        plain = p.pixels(img) if self.uint8 else p(img)
+        if not self.views:
+            return plain, []
+        from .augment import view_pixels
+
+        return plain, view_pixels(img, str(self.source.keys[i]), self.views, self.views_seed, p, self.uint8)

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .engines import BlockResult, EmbedJob, check_worker_identity, decode_block, embed_pixels
+from .engines import BlockResult, EmbedJob, check_worker_identity, decode_block, embed_pixels, embed_views
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +74,24 @@ class _Decoder:
     """CPU actor: one block's images decoded and preprocessed by the family's recipe, the pixels
     (a NaFlex batch's patches, mask and grid too) as raw bytes."""
 
-    def __init__(self, source, preprocess, decode: str = "exact", uint8: bool = False) -> None:
+    def __init__(self, source, preprocess, decode: str = "exact", uint8: bool = False, views: int = 0,
+                 views_seed: int = 0) -> None:
         self.source, self.preprocess, self.decode, self.uint8 = source, preprocess, decode, uint8
+        self.views, self.views_seed = views, views_seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        metas, pixels = [], []
+        metas, pixels, views = [], [], []
         for _block, pos in zip(batch["block"], batch["positions"], strict=True):
-            d = decode_block(self.source, np.asarray(pos, np.int64), self.preprocess, self.decode, self.uint8)
+            d = decode_block(self.source, np.asarray(pos, np.int64), self.preprocess, self.decode, self.uint8,
+                             self.views, self.views_seed)
             layout, raw = pack_arrays(d["pixels"]) if d["good"] else ([], b"")
-            metas.append(json.dumps({"n": d["n"], "good": d["good"], "bad": d["bad"], "layout": layout}))
+            vlayout, vraw = pack_arrays(d["view_pixels"]) if d["good"] and self.views else ([], b"")
+            metas.append(json.dumps({"n": d["n"], "good": d["good"], "bad": d["bad"], "layout": layout,
+                                     "view_layout": vlayout}))
             pixels.append(raw)
+            views.append(vraw)
         return {"block": np.asarray(batch["block"], np.int64), "meta": np.asarray(metas, dtype=object),
-                "pixels": np.asarray(pixels, dtype=object)}
+                "pixels": np.asarray(pixels, dtype=object), "views": np.asarray(views, dtype=object)}
 
 
 class _Embedder:
@@ -93,7 +99,7 @@ class _Embedder:
     pixels, and taking the pre-projection features too when the job asks for them."""
 
     def __init__(self, model: str, identity: dict, precision: str, device: str, threads: int | None,
-                 pre_projection: bool = False) -> None:
+                 pre_projection: bool = False, views: int = 0) -> None:
         import torch
 
         from .backbones.model import Backbone
@@ -101,23 +107,39 @@ class _Embedder:
         if device == "cpu":
             torch.set_num_threads(max(1, threads or (os.cpu_count() or 1)))
         self.backbone = Backbone(model, device=device, precision=precision)
-        self.pre_projection = pre_projection
+        self.pre_projection, self.views = pre_projection, views
         import socket
 
         check_worker_identity(self.backbone.identity, identity, f"Ray worker {socket.gethostname()}:{os.getpid()}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        metas, embeds, pres = [], [], []
-        for meta, raw in zip(batch["meta"], batch["pixels"], strict=True):
+        metas, embeds, pres, views = [], [], [], []
+        for meta, raw, raw_views in zip(batch["meta"], batch["pixels"], batch["views"], strict=True):
             m = json.loads(meta)
             x = unpack_arrays(m["layout"], raw) if m["good"] else None
             e, pre = embed_pixels(self.backbone, x, len(m["good"]), self.pre_projection)
+            v = pv = None
+            if self.views:  # the views' embeddings (and pooled outputs), then the block's, as raw float32
+                vx = unpack_arrays(m["view_layout"], raw_views) if m["good"] else None
+                v, pv = embed_views(self.backbone, vx, len(m["good"]), self.views, self.pre_projection)
             metas.append(json.dumps({"n": m["n"], "good": m["good"], "bad": m["bad"], "dim": int(e.shape[1]),
-                                     "pre_dim": None if pre is None else int(pre.shape[1])}))
+                                     "pre_dim": None if pre is None else int(pre.shape[1]), "views": self.views}))
             embeds.append(np.ascontiguousarray(e).tobytes())
             pres.append(b"" if pre is None else np.ascontiguousarray(pre).tobytes())
+            views.append(b"".join(np.ascontiguousarray(a).tobytes() for a in (v, pv) if a is not None))
         return {"block": np.asarray(batch["block"], np.int64), "meta": np.asarray(metas, dtype=object),
-                "embeds": np.asarray(embeds, dtype=object), "pre": np.asarray(pres, dtype=object)}
+                "embeds": np.asarray(embeds, dtype=object), "pre": np.asarray(pres, dtype=object),
+                "views": np.asarray(views, dtype=object)}
+
+
+def _unpack_views(raw: bytes, n: int, k: int, dim: int, pre_dim: int | None) -> tuple:
+    """A block's views (and their pre-projection features) from the embedding actor's bytes."""
+    if not k:
+        return None, None
+    flat = np.frombuffer(raw, np.float32)
+    v = flat[:n * k * dim].reshape(n, k, dim)
+    pv = None if pre_dim is None else flat[n * k * dim:].reshape(n, k, pre_dim)
+    return v, pv
 
 
 class RayEngine:
@@ -188,12 +210,13 @@ class RayEngine:
             items = [{"block": k, "positions": job.block_positions(k).tolist()} for k in range(len(job.blocks))]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map_batches(_Decoder, fn_constructor_kwargs={"source": job.source, "preprocess": job.preprocess,
-                                                                   "decode": job.decode, "uint8": job.uint8},
+                                                                   "decode": job.decode, "uint8": job.uint8,
+                                                                   "views": job.views, "views_seed": job.views_seed},
                                 batch_size=1, batch_format="numpy", num_cpus=1,
                                 compute=ray.data.ActorPoolStrategy(size=self.decode_cpus))
             ds = ds.map_batches(_Embedder, fn_constructor_kwargs={
                 "model": job.model, "identity": job.identity, "precision": job.precision,
-                "device": self.device.type, "pre_projection": job.pre_projection, "threads": self.threads or (
+                "device": self.device.type, "pre_projection": job.pre_projection, "views": job.views, "threads": self.threads or (
                     None if self.num_gpus else max(1, (os.cpu_count() or 1) // self.embed_workers))},
                 batch_size=1, batch_format="numpy", num_cpus=1, num_gpus=self.num_gpus,
                 compute=ray.data.ActorPoolStrategy(size=self.embed_workers))
@@ -201,15 +224,17 @@ class RayEngine:
             it = iter(ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1))
             try:
                 for batch in it:
-                    for k, meta, raw, raw_pre in zip(batch["block"], batch["meta"], batch["embeds"], batch["pre"], strict=True):
+                    for k, meta, raw, raw_pre, raw_views in zip(batch["block"], batch["meta"], batch["embeds"], batch["pre"],
+                                                                batch["views"], strict=True):
                         if int(k) != expected:
                             raise RuntimeError(f"Ray returned block {int(k)} where block {expected} was due")
                         m = json.loads(meta)
                         emb = np.frombuffer(raw, np.float32).reshape(len(m["good"]), m["dim"])
                         pre = (None if m["pre_dim"] is None else
                                np.frombuffer(raw_pre, np.float32).reshape(len(m["good"]), m["pre_dim"]))
+                        v, pv = _unpack_views(raw_views, len(m["good"]), m["views"], m["dim"], m["pre_dim"])
                         yield BlockResult(int(k), int(m["n"]), [int(i) for i in m["good"]], emb,
-                                          [(int(i), str(r)) for i, r in m["bad"]], pre)
+                                          [(int(i), str(r)) for i, r in m["bad"]], pre, v, pv)
                         expected += 1
             finally:
                 close = getattr(it, "close", None)

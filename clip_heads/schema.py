@@ -29,8 +29,13 @@ from .integrity import DIGEST_ATTR, string_digest
 
 SCHEMA_VERSION = 2  # 2: the model family's attributes and optional pre-projection features (issue 10)
 STR = h5py.string_dtype()
-JSON_ATTRS = ("preprocess", "versions", "source")
+JSON_ATTRS = ("preprocess", "versions", "source", "views")  # views: the augmented views' recipe (clip_heads.augment)
 PRE_EMBEDS = "pre_embeds"  # the extra column of pre-projection features, stored at /images/pre_embeds
+VIEWS = "views"  # encode --views K: (N, K, D) augmented views, stored at /images/views
+PRE_VIEWS = "pre_views"  # their pre-projection features (N, K, D'), at /images/pre_views
+# The image feature columns a writer carries as extras but that live beside /images/embeds
+# (/images/<name>, with /images/extras/<name> a soft link to them), chunked like it.
+FEATURE_COLUMNS = (PRE_EMBEDS, VIEWS, PRE_VIEWS)
 # Attributes given to create_layout that are arrays, written as root datasets of that name: a
 # record {"shape", "dtype": "<f4", "data": base64} (clip_heads.backbones.model.encode_array),
 # which a journal's JSON layout can carry.
@@ -152,10 +157,13 @@ def create_layout(
     ge = g.create_group("extras")
     for name, (tail, edtype, columns) in extras.items():
         is_str = h5py.check_string_dtype(np.dtype(edtype)) is not None
-        where, chunk = (g, EMBED_CHUNK) if name == PRE_EMBEDS else (ge, ROW_CHUNK)
-        d = where.create_dataset(name, shape=(rows, *tail), maxshape=(None, *tail), chunks=(chunk, *tail), dtype=edtype,
-                                 fletcher32=not is_str)
-        if name == PRE_EMBEDS:
+        feature = name in FEATURE_COLUMNS
+        # A feature column's chunk holds about as many vectors as one of /images/embeds (a row of
+        # views is K vectors), so a reader of a few rows never decodes much more than it asked for.
+        chunk = max(1, EMBED_CHUNK // max(1, int(np.prod(tail[:-1], dtype=np.int64)))) if feature else ROW_CHUNK
+        d = (g if feature else ge).create_dataset(name, shape=(rows, *tail), maxshape=(None, *tail), chunks=(chunk, *tail),
+                                                  dtype=edtype, fletcher32=not is_str)
+        if feature:
             # Writers fill every extra column by its path under /images/extras: the link takes them there.
             ge[name] = h5py.SoftLink(d.name)
         if columns:

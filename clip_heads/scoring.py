@@ -27,12 +27,13 @@ from clip_heads.datasets import EMOTION6_DISTRIBUTION  # columns of stores writt
 from clip_heads.label_maps import LabelMapSpec, align_labels, load_label_map
 from clip_heads.metrics import classification_report, soft_label_metrics
 from clip_heads.results import PROBA, PathLike, data_record, describe_data
-from clip_heads.store import PromptSet, open_store
+from clip_heads.errors import BadValueError
+from clip_heads.store import PRE_VIEWS, VIEWS, PromptSet, open_store
 from clip_heads.tables import format_soft_labels, format_table
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SOFT_LABELS", "EvalData", "load_eval_data", "require_prompts", "score_predictions", "section",
+__all__ = ["SOFT_LABELS", "EvalData", "load_eval_data", "load_views", "VIEWS_COLUMN", "PRE_VIEWS_COLUMN", "require_prompts", "score_predictions", "section",
            "section_text", "info_text", "label_map_name"]
 
 SOFT_LABELS = "emotion_distribution"
@@ -79,6 +80,28 @@ def load_eval_data(path: PathLike, prompt_set: str | None = None) -> EvalData:
     if not len(y):
         raise ValueError(f"store {path} has no labelled samples to evaluate")
     return EvalData(path, X, y, classes, keys, backbone, soft, prompts, record, scoring)
+
+
+VIEWS_COLUMN, PRE_VIEWS_COLUMN = VIEWS, PRE_VIEWS  # the extra columns of encode --views K (clip_heads.schema)
+
+
+def load_views(path: PathLike, pre_projection: bool = False, labelled_only: bool = True) -> np.ndarray:
+    """The augmented views of store ``path`` as float32 ``(n, K, dim)``, row for row with its
+    labelled rows (``labelled_only``, as the evaluations read them) or all rows; with
+    ``pre_projection`` their pre-projection features ``(n, K, pre_dim)`` (prolip's inputs). A
+    store without them is refused in one line (:data:`clip_heads.heads.views.NO_VIEWS`)."""
+    from clip_heads.heads.views import NO_VIEWS
+
+    path = Path(path)
+    with open_store(path) as s:
+        column = PRE_VIEWS_COLUMN if pre_projection else VIEWS_COLUMN
+        if column not in s.extra_names():
+            why = NO_VIEWS if not pre_projection or VIEWS_COLUMN not in s.extra_names() else (
+                "use_views=true for prolip needs the views' pre-projection features, and this store has only their "
+                "embeddings (encode with --views K --features projected,pre-projection)")
+            raise BadValueError(f"store {path}: {why}")
+        V = s.extra(column).astype(np.float32, copy=False)
+        return V[s.labels >= 0] if labelled_only else V
 
 
 def require_prompts(d: EvalData) -> PromptSet:

@@ -7,7 +7,8 @@ Layout (schema version 2)::
                                  source_fingerprint, precision, batch_size, created, store_id, completed,
                                  complete, default_prompts, [virtual_sources (json)],
                                  family, scoring, logit_scale, [logit_bias], text_padding,
-                                 text_max_length, text_lowercase, features, [pre_dim, projection]
+                                 text_max_length, text_lowercase, features, [pre_dim, projection],
+                                 [views (json: the augmented views' recipe)]
     /classes              (C,) str
     /images/embeds        (N, D) float16|float32, chunked, maxshape (None, D)
     /images/keys          (N,) str      stable id: path relative to the source root, or the dataset's id
@@ -17,6 +18,11 @@ Layout (schema version 2)::
                                   (encode --features projected,pre-projection); writers carry it as
                                   the extra column ``pre_embeds`` (/images/extras/pre_embeds is a
                                   soft link to it)
+    /images/views         (N, K, D) optional: K augmented views of each image (encode --views K), the
+                                  store dtype, normalised like embeds; the recipe in the root attr
+                                  ``views`` (json); the extra column ``views`` (/images/extras/views links)
+    /images/pre_views     (N, K, D') optional: their pre-projection features (--views with
+                                  --features projected,pre-projection); the extra column ``pre_views``
     /projection           (D, D') float32, optional: the image projection, embeds = pre_embeds @ P.T
                                   (attr projection names it; "none" where the family has none: SigLIP)
     /skipped/keys, /skipped/reasons     images that could not be read, and why
@@ -63,12 +69,15 @@ from .schema import (  # noqa: F401
     EMBED_CHUNK,
     JSON_ATTRS,
     LIBVER,
+    FEATURE_COLUMNS,
     PRE_EMBEDS,
+    PRE_VIEWS,
     PROMPT_SET_NAME,
     RESERVED_NAMES,
     ROW_CHUNK,
     SCHEMA_VERSION,
     STR,
+    VIEWS,
     PromptSet,
     PromptSetNameError,
     StoreError,
@@ -254,6 +263,27 @@ class FeatureStore:
         x = self._read(f"images/{PRE_EMBEDS}", slice(0, len(self)) if rows is None else rows)
         return x.astype(dtype, copy=False)
 
+    @property
+    def n_views(self) -> int:
+        """Augmented views per image (``encode --views K``); 0 when the store has none."""
+        return int(self._f[f"images/{VIEWS}"].shape[1]) if f"images/{VIEWS}" in self._f else 0
+
+    @property
+    def views_recipe(self) -> dict | None:
+        """The recipe the views were drawn with (:func:`clip_heads.augment.recipe`), or None."""
+        return self.attrs.get("views") if self.n_views else None
+
+    def views(self, dtype=np.float32, rows: slice | np.ndarray | None = None, pre_projection: bool = False) -> np.ndarray:
+        """Augmented views ``(n_samples, K, dim)`` (``pre_projection``: their pre-projection
+        features ``(n_samples, K, pre_dim)``), all rows or the selected ones; only in stores
+        encoded with ``--views K`` (and ``--features projected,pre-projection``)."""
+        name = PRE_VIEWS if pre_projection else VIEWS
+        if f"images/{name}" not in self._f:
+            need = "--views K --features projected,pre-projection" if pre_projection else "--views K"
+            raise StoreError(f"store {self.path} has no {'pre-projection ' if pre_projection else ''}augmented views; "
+                             f"re-encode it with {need}")
+        return self._read(f"images/{name}", slice(0, len(self)) if rows is None else rows).astype(dtype, copy=False)
+
     def projection(self) -> np.ndarray | None:
         """The image projection ``(dim, pre_dim)`` float32 (``embeds = pre_embeds @ P.T``, before
         normalisation), or None: a family without one (SigLIP: the pooled output is the
@@ -316,9 +346,9 @@ class FeatureStore:
 
     @staticmethod
     def extra_dataset(name: str) -> str:
-        """Where an extra column's rows lie: ``images/extras/<name>``, but ``images/pre_embeds``
-        for the pre-projection features (which /images/extras/pre_embeds only links to)."""
-        return f"images/{PRE_EMBEDS}" if name == PRE_EMBEDS else f"images/extras/{name}"
+        """Where an extra column's rows lie: ``images/extras/<name>``, but ``images/<name>`` for
+        the feature columns (pre-projection features, views: /images/extras/<name> only links to them)."""
+        return f"images/{name}" if name in FEATURE_COLUMNS else f"images/extras/{name}"
 
     def extras_layout(self) -> dict[str, tuple[tuple[int, ...], Any, list[str] | None]]:
         """Shape tail, HDF5 dtype and column names of each extra, as :func:`create_layout` takes them."""
@@ -393,7 +423,9 @@ class FeatureStore:
             "n_skipped": self.progress["skipped"],
             "skipped": self.skipped()[:20],
             "classes": counts,
-            "extras": [n for n in self.extra_names() if n != PRE_EMBEDS],
+            "extras": [n for n in self.extra_names() if n not in FEATURE_COLUMNS],
+            "views": dict(self.views_recipe or {}, count=self.n_views,
+                          pre_projection=f"images/{PRE_VIEWS}" in self._f) if self.n_views else None,
             "family": self.family,
             "scoring": {k: a.get(k) for k in ("scoring", "logit_scale", "logit_bias") if a.get(k) is not None},
             "features": a.get("features") or "projected",

@@ -129,7 +129,25 @@ def _vector_problems(f: h5py.File) -> list[Problem]:
     out = _rows_problems(f["images/embeds"], bool(f.attrs.get("normalized", False)))
     if isinstance(f.get("images/pre_embeds"), h5py.Dataset):  # never normalised
         out += _rows_problems(f["images/pre_embeds"], False)
+    views, pre_views = f.get("images/views"), f.get("images/pre_views")
+    if isinstance(views, h5py.Dataset):  # (N, K, D): normalised like the embeds, every view of a row checked
+        out += _views_shape(views, f["images/embeds"].shape[1], "the store's dim")
+        out += _rows_problems(views, bool(f.attrs.get("normalized", False)))
+    if isinstance(pre_views, h5py.Dataset):
+        pre = f.get("images/pre_embeds")
+        out += _views_shape(pre_views, pre.shape[1] if isinstance(pre, h5py.Dataset) else None, "pre_embeds' width")
+        if isinstance(views, h5py.Dataset) and views.ndim == 3 and pre_views.ndim == 3 and pre_views.shape[1] != views.shape[1]:
+            out.append(Problem(pre_views.name, f"has {pre_views.shape[1]} views per image but /images/views has "
+                                               f"{views.shape[1]}"))
+        out += _rows_problems(pre_views, False)
     return out
+
+
+def _views_shape(d: h5py.Dataset, dim: int | None, what: str) -> list[Problem]:
+    if d.ndim != 3 or d.shape[1] < 1 or (dim is not None and d.shape[2] != dim):
+        return [Problem(d.name, f"has shape {d.shape}; expected (rows, K >= 1, {dim if dim is not None else 'dim'}) "
+                                f"with {what}")]
+    return []
 
 
 def _rows_problems(d: h5py.Dataset, normalized: bool) -> list[Problem]:
@@ -140,9 +158,10 @@ def _rows_problems(d: h5py.Dataset, normalized: bool) -> list[Problem]:
             x = d[a:a + step].astype(np.float32)
         except OSError:
             continue  # reported as unreadable already
-        bad = ~np.isfinite(x).all(axis=1)
+        x = x.reshape(len(x), -1, x.shape[-1])  # (rows, vectors per row, dim): embeds have one, views K
+        bad = ~np.isfinite(x).all(axis=(1, 2))
         if normalized:
-            bad |= np.abs(np.linalg.norm(np.nan_to_num(x), axis=1) - 1.0) > 1e-2
+            bad |= (np.abs(np.linalg.norm(np.nan_to_num(x), axis=2) - 1.0) > 1e-2).any(axis=1)
         if bad.any():
             i = np.flatnonzero(bad)
             out.append(Problem(d.name, f"has {len(i)} vectors that are {'not finite or not unit length' if normalized else 'not finite'} "

@@ -192,7 +192,7 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
                 raise StoreError(f"need every shard 0..N-1 of one encode exactly once; got shard indices {found} of {n_total}")
             for s in stores[1:]:
                 for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count",
-                          "features"):
+                          "features", "views"):
                     if str(s.attrs.get(k)) != str(first.get(k)):
                         raise StoreError(f"{s.path} has {k}={s.attrs.get(k)!r} but {stores[0].path} has {first.get(k)!r}")
             stores.sort(key=lambda s: int(s.attrs["shard_index"]))
@@ -204,6 +204,13 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
         build = _merge_into if copy else _merge_virtual
         write_isolated(build, out, paths, out, what=f"merging into {out}")
         return out
+
+
+def block_rows(f: h5py.File, names: list[str], budget: int = 64 << 20) -> int:
+    """Rows copied per block: up to 8192, fewer when a row is wide (a row of K views), so a
+    block of every column stays within ``budget`` bytes."""
+    row = sum(int(np.prod(f[n].shape[1:], dtype=np.int64)) * max(1, f[n].dtype.itemsize) for n in names)
+    return max(1, min(_BLOCK_ROWS, budget // max(1, row)))
 
 
 def _merged_attrs(s0: FeatureStore) -> dict:
@@ -295,11 +302,11 @@ def _merge_into(tmp: Path, paths: list[Path], out: Path) -> None:
                           attrs=attrs, rows=rows, skipped=skipped)
             names = ["images/embeds", "images/keys", "images/labels"] + [f"images/extras/{e}" for e in extras]
             hashes = {n: hashlib.sha256() for n in names if h5py.check_string_dtype(f[n].dtype)}
-            at = 0
+            at, step = 0, block_rows(f, names)
             for s in stores:
                 n = len(s)
-                for a in range(0, n, _BLOCK_ROWS):
-                    b = min(n, a + _BLOCK_ROWS)
+                for a in range(0, n, step):
+                    b = min(n, a + step)
                     for name in names:
                         values = s.rows(name, a, b)
                         f[name][at + a:at + b] = values

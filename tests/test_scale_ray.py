@@ -70,3 +70,25 @@ def test_ray_carries_naflex_batches_and_pre_projection_features_into_the_single_
     with open_store(ref) as a, open_store(out) as b:
         assert a.family == b.family == "siglip2" and b.pre_embeddings().shape == (9, a.pre_embeddings().shape[1])
         np.testing.assert_allclose(b.pre_embeddings(), a.pre_embeddings(), rtol=0, atol=1e-5)
+
+
+def test_ray_writes_the_single_process_views_of_a_naflex_family(local_ray, tiny_families, tmp_path):
+    # encode --views K on Ray: each block's views (SigLIP 2: crops its own processor sizes, as
+    # patches, mask and grid) cross the stages beside the plain pixels, and come back as the
+    # local engine computes them, with their pooled outputs.
+    from clip_heads.store import open_store
+
+    root = jpeg_folder(tmp_path / "imgs", n_per_class=3)
+    (root / "joy" / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
+    common = [str(root), "--model", tiny_families["siglip2"], "--batch-size", "4", "--dtype", "float32",
+              "-t", "bp-emotion", "--features", "projected,pre-projection", "--views", "2", "--views-seed", "5"]
+    ref, out = tmp_path / "one.h5", tmp_path / "ray.h5"
+    assert CliRunner().invoke(main, ["-q", "encode", *common, "--workers", "0", "--out", str(ref)]).exit_code == 0
+    res = CliRunner().invoke(main, ["-q", "encode", *common, "--engine", "ray", "--decode-cpus", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert_same(content(ref), content(out), atol=1e-5)  # the views' recipe attribute included
+    with open_store(ref) as a, open_store(out) as b:
+        assert a.views().shape == (9, 2, a.dim) and b.views_recipe["seed"] == 5
+        np.testing.assert_allclose(b.views(), a.views(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b.views(pre_projection=True), a.views(pre_projection=True), rtol=0, atol=1e-5)
+        assert np.abs(a.views()[:, 0] - a.views()[:, 1]).max() > 1e-3  # two different views of each image

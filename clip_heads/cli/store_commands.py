@@ -20,6 +20,8 @@ from .options import (ALLOW_OUTSIDE, Existing, LABEL_LEVEL, SPLIT, WORKERS, feat
 @click.option("--templates", "-t", multiple=True, help="Template set name or file (repeatable). Default: the dataset kind's sets.")
 @click.option("--features", default="projected", metavar="LIST", callback=lambda ctx, param, value: features_option(value),
               help=f"Image features to store: projected, or projected,pre-projection (also the image tower's pooled output before its projection, and the projection). Names: {', '.join(FEATURES)}.")
+@click.option("--views", default=0, type=click.IntRange(min=0), metavar="K", help="Also store K augmented views of each image (/images/views, N x K x dim): random resized crop (area 0.5-1, aspect 3/4-4/3) + horizontal flip (p 0.5), then the model's own preprocessing; seeded per image, so resumes, shards and engines write the same views. Costs about (K+1)x the encode. Heads train on them with --param use_views=true. [default: 0, none]")
+@click.option("--views-seed", default=0, type=int, help="Seed of the --views draws (recorded in the store).")
 @click.option("--batch-size", "-b", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
 @WORKERS
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
@@ -45,7 +47,7 @@ from .options import (ALLOW_OUTSIDE, Existing, LABEL_LEVEL, SPLIT, WORKERS, feat
 @ALLOW_OUTSIDE
 @click.pass_context
 @friendly
-def encode(ctx, source, out, model, fmt, templates, features, batch_size, workers, device, precision, decode, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
+def encode(ctx, source, out, model, fmt, templates, features, views, views_seed, batch_size, workers, device, precision, decode, dtype, no_normalize, limit, seed, split, label_level, source_opts, shard, devices, engine, address, num_gpus_per_worker, embed_workers, decode_cpus, overwrite, allow_outside_root):
     """Encode every image of SOURCE and its prompts with a frozen vision-language model into the store --out.
 
     An interrupted run resumes when rerun with the same arguments (with any engine); a complete
@@ -58,7 +60,8 @@ def encode(ctx, source, out, model, fmt, templates, features, batch_size, worker
             device=device, precision=precision, decode=decode, dtype=dtype, normalize=not no_normalize,
             overwrite=overwrite, limit=limit, seed=seed, source_options=options, shard=parse_shard(shard),
             progress=ctx.obj["progress"], features=features, devices=parse_devices_option(devices, engine),
-            engine=engine, ray_options=ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus))
+            engine=engine, ray_options=ray_options(engine, address, num_gpus_per_worker, embed_workers, decode_cpus),
+            views=views, views_seed=views_seed)
     click.echo(f"{r.status}: {r.path} ({r.n_images} images, {r.n_skipped} skipped"
                + (f"; {r.batches} batches encoded by this run" if r.status == "resumed" else "") + ")")
 
@@ -179,6 +182,11 @@ def info(store, as_json):
         click.echo(f"  {c:<{width}}  {n}")
     if d["extras"]:
         click.echo(f"extras     {', '.join(d['extras'])}")
+    v = d.get("views")
+    if v:
+        click.echo(f"views      {v['count']} per image{' (+ pre-projection)' if v.get('pre_projection') else ''}: "
+                   f"{v.get('crop', '?')} crop, scale {v.get('scale')}, ratio {[round(r, 4) for r in v.get('ratio', [])]}, "
+                   f"flip p {v.get('flip')}, seed {v.get('seed')}, recipe version {v.get('version', 1)}")
     click.echo(f"prompts    {len(d['prompt_sets'])} sets")
     for n, p in d["prompt_sets"].items():
         click.echo(f"  {n}: {p['templates']} templates x {p['classes']} classes = {p['prompts']} prompts")

@@ -28,7 +28,10 @@ Hyper-parameters and where they come from:
 Inputs are pre-projection features: a store encoded with ``encode --features
 projected,pre-projection`` holds them (``/images/pre_embeds``) and the projection (``/projection``,
 ``(dim, pre_dim)``, ``embeds = pre_embeds @ P.T`` before normalisation), which the commands pass
-as ``projection``.
+as ``projection``. With ``use_views=True`` the head trains on augmented views as the other heads
+do, here the views' pre-projection features ``(n, K, pre_dim)`` (``encode --views K --features
+projected,pre-projection`` stores them at ``/images/pre_views``; ``few-shot`` passes them); ``lambda
+= 1/N`` still counts images, not views, and evaluation uses the plain features.
 """
 from __future__ import annotations
 
