@@ -3,8 +3,8 @@
     python benchmarks/bench_heads.py [--n 23308] [--dim 512] [--hidden 512] [--seeds 3] [--threads 2] [--skip-cv]
                                      [--memory-n 200000] [--cache 100000] [--queries 4096]
 
-Data: the planted problem of tests/test_plateau.py (same construction, copied here so that a
-benchmark needs no test module): FI's 8 class priors, each class a mixture of two Gaussians
+Data: the planted problem of tests/test_plateau.py (one construction for both, in
+tests/planted.py): FI's 8 class priors, each class a mixture of two Gaussians
 under one anisotropic covariance, so the Bayes classifier - and its accuracy - is known. An
 80/20 split as in the issue that found the MLP under-trained. Printed: accuracy and macro-F1
 of the ``mlp`` head at its defaults (which train to a validation plateau), of scikit-learn's
@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,30 +44,8 @@ from sklearn.neural_network import MLPClassifier
 
 from clip_heads.heads import ContrastiveHead, LinearHead, MLPHead, TipAdapterHead
 
-FI_COUNTS = np.array([4942, 1266, 3151, 5374, 1658, 2963, 1032, 2922])
-
-
-def fi_planted(n: int, dim: int, clusters: int = 2, sep: float = 3.0, seed: int = 0):
-    """X, y, class means (for prompts) and the Bayes classifier; see tests/test_plateau.py."""
-    rng = np.random.default_rng(seed)
-    prior = FI_COUNTS / FI_COUNTS.sum()
-    scale = (1 + np.arange(dim) / 8.0) ** -0.5
-    rotation = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
-    mu = rng.normal(size=(len(prior) * clusters, dim)) * scale
-    mu *= sep / np.linalg.norm(mu / scale, axis=1, keepdims=True)
-    y = rng.choice(len(prior), size=n, p=prior)
-    z = rng.normal(size=(n, dim)) * scale + mu[y * clusters + rng.integers(0, clusters, size=n)]
-    X = (z @ rotation.T).astype(np.float32)
-
-    def bayes(X: np.ndarray) -> np.ndarray:
-        s = (X.astype(np.float64) @ rotation) @ (mu / scale**2).T - 0.5 * ((mu / scale) ** 2).sum(1)
-        s = s.reshape(len(X), len(prior), clusters)
-        top = s.max(2)
-        return np.argmax(top + np.log(np.exp(s - top[..., None]).mean(2)) + np.log(prior), axis=1)
-
-    class_means = mu.reshape(len(prior), clusters, dim).mean(1) @ rotation.T  # in the space of X
-    return X, y, class_means, bayes
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from planted import fi_planted  # noqa: E402  (the tests' planted problem: one construction)
 
 MEMORY_PROBE = r"""
 import json, resource, sys

@@ -1,7 +1,8 @@
 """``clip-heads compare``: one table across many runs.
 
-:func:`read_run` turns a results folder (train-head, zero-shot, evaluate, ablate-prompts,
-fine-tune CV, generalisation: one entry per alpha and side) into *entries*, one per evaluation it
+:func:`read_run` turns a results folder (train-head, zero-shot, evaluate, few-shot: one entry
+per head and shot count, ablate-prompts, fine-tune CV, generalisation: one entry per alpha and
+side) into *entries*, one per evaluation it
 holds, each with the attributes runs are
 grouped by (head, model, prompt set, store) and its headline metrics (per fold where it has
 folds). :func:`compare_runs` groups the entries and writes ``comparison.csv``,
@@ -11,8 +12,9 @@ Rules:
 
 * An evaluation's protocol (``cv``, ``held-out``, ``resubstitution``, ``test``) is always part
   of the group: a CV mean is never averaged with a score on training data.
-* A group's value is the mean ± std (``ddof=0``) over its folds when it is one CV run, and over
-  its runs (seeds) when it holds several, each run counting with its own (fold-mean) value.
+* A group's value is the mean ± std (``ddof=0``) over its folds when it is one CV run (over its
+  seeds for one few-shot cell), and over its runs (seeds) when it holds several, each run
+  counting with its own (fold- or seed-mean) value.
 * Runs measured on different data (store fingerprints) are never merged into one row unless
   ``allow_mixed_data``; the row's ``data`` column then lists every fingerprint. Group by
   ``store`` (the default) to give each data set its own row.
@@ -42,7 +44,7 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_pr
            "weighted_precision", "weighted_recall")
 CHART_METRICS = ("accuracy", "macro_f1", "weighted_f1")
 UNKNOWN = "unknown"
-READABLE = "train-head, zero-shot, evaluate, ablate-prompts, fine-tune CV and generalisation"
+READABLE = "train-head, zero-shot, evaluate, few-shot, ablate-prompts, fine-tune CV and generalisation"
 
 
 class MixedDataError(BadValueError):
@@ -60,6 +62,7 @@ class Entry:
     data_name: str = ""
     seed: Any = None
     notes: list[str] = field(default_factory=list)
+    over: str = "folds"  # what a run's several values are of: its CV folds, or (few-shot) its seeds
 
 
 def _headline(r: dict) -> dict[str, float]:
@@ -165,6 +168,8 @@ def _read_run(folder: Path) -> list[Entry]:
         return [e]
     if command == "generalisation":
         return _generalisation_entries(name, m, info, run)
+    if command == "few-shot":
+        return _few_shot_entries(folder, info, run)
     if m.get("kind") == "cv" and "folds" in m:  # fine-tune CV: summarize_folds written as is
         ident = _finetune_identity(folder)
         src = ident.get("source")
@@ -184,6 +189,38 @@ def _read_run(folder: Path) -> list[Entry]:
                          f"(`clip-heads generalisation`) or the zero-shot of a store each blend encoded")
     raise ValueError(f"{path} is not a results record compare can read (no info.run.command; "
                      f"readable: {READABLE})")
+
+
+def _few_shot_entries(folder: Path, info: dict, run: dict) -> list[Entry]:
+    """A few-shot grid: one entry per head and shot count, its values one per seed (from
+    few_shot.csv, as fractions like every other run's)."""
+    path = folder / "few_shot.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ValueError(f"{folder} is a few-shot run without a readable few_shot.csv ({e})") from e
+    fp, dname = _fingerprint(info)
+    model = str(info.get("model_id") or UNKNOWN)
+    prompt = str(run.get("prompt_set") or "(none)")
+    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        cell = cells.setdefault((r["head"], r["shots"]), {"accuracy": [], "macro_f1": [], "seed": []})
+        cell["accuracy"].append(float(r["accuracy"]))
+        cell["macro_f1"].append(float(r["macro_f1"]))
+        cell["seed"].append(r["seed"])
+    if not cells:
+        raise ValueError(f"{path} holds no scored head")
+    split = run.get("split") or run.get("protocol") or "test split"
+    out = []
+    for (head, shots), v in cells.items():
+        protocol = f"few-shot {shots}-shot" if shots != "all" else "few-shot all training images"
+        e = Entry(str(folder), {"head": head, "model": model, "prompt_set": prompt, "protocol": protocol,
+                                "store": fp[:12]}, {"accuracy": v["accuracy"], "macro_f1": v["macro_f1"]}, fp, dname,
+                  ",".join(v["seed"]), notes=[f"few-shot: shots drawn from the training part, scored on the test "
+                                                f"part ({split})"], over="seeds")
+        out.append(e)
+    return out
 
 
 def _generalisation_entries(name: str, m: dict, info: dict, run: dict) -> list[Entry]:
@@ -230,7 +267,8 @@ class Comparison:
                 cells.append("–" if mean is None else f"{mean:.{digits}f}" if r["n"] == 1
                              else f"{mean:.{digits}f} ± {std:.{digits}f}")
             lines.append("| " + " | ".join(cells) + " |")
-        notes = ["", "mean ± std (ddof=0) over the folds of one CV run, or over the runs (seeds) of a row; "
+        notes = ["", "mean ± std (ddof=0) over the folds of one CV run or the seeds of one few-shot cell, or over "
+                 "the runs (seeds) of a row; "
                  "`data` is the fingerprint of the data scored (store content, or `source:` for a fine-tune's "
                  "dataset), `unknown` where the run did not record it."]
         for r in self.rows:
@@ -296,7 +334,7 @@ def _group_rows(entries: Sequence[Entry], by: Sequence[str], allow_mixed_data: b
         if len(members) == 1:
             vals = {m: np.asarray(members[0].values[m]) for m in metrics}
             n = len(next(iter(vals.values()))) if vals else 1
-            row["over"] = "folds" if n > 1 else ""
+            row["over"] = members[0].over if n > 1 else ""
         else:
             vals = {m: np.array([np.mean(e.values[m]) for e in members]) for m in metrics}
             n = len(members)

@@ -18,7 +18,8 @@ Writes, through :func:`clip_heads.results.results_dir` (a folder swapped in whol
 ``report.txt`` (mean ± std of accuracy over seeds, rows heads, columns shots: the layout of
 CoOp's and Tip-Adapter's tables), ``few_shot.png``/``.svg`` (accuracy against shots per head,
 error bars over seeds), ``samples.json`` (the keys drawn per seed and shot count),
-``split.csv``, ``choices.json`` and ``metrics.json`` (the run and the table's numbers).
+``split.csv``, ``choices.json``, ``metrics.json`` (the run and the table's numbers) and
+``index.html`` (:func:`clip_heads.results.render`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from clip_heads.errors import BadValueError
 from clip_heads.protocols import Split, sample_shots, store_split
-from clip_heads.results import PathLike, Report, results_dir
+from clip_heads.results import PathLike, Report, data_record, render, results_dir
 # The store's per-image augmented views, (n, K, dim) (encode --views K), and their pre-projection
 # features (n, K, pre_dim), prolip's views, as the evaluations read them.
 from clip_heads.scoring import VIEWS_COLUMN, load_views
@@ -312,8 +313,13 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
            "protocol": protocol,
            "seeds": seeds, "params": params, "prompt_set": None if d.prompts is None else d.prompts.name,
            "split": split.source}
-    metrics = {"kind": "few-shot", "info": {"run": run, "store": str(d.path)}, "table": numbers, "n_train": int(len(split.train)),
-               "n_test": int(len(split.test))}
+    from clip_heads.store import open_store
+
+    with open_store(d.path) as s:  # what compare groups by: the model, and the data's fingerprint
+        model_id = s.model_id
+    metrics = {"kind": "few-shot", "info": {"run": run, "store": str(d.path), "model_id": model_id,
+                                            "data": data_record(d.path)},
+               "table": numbers, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
     out = Path(out_dir)
     with results_dir(out, run, overwrite) as stage:
         buf = io.StringIO()
@@ -336,6 +342,7 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
         if plots:
             _plot(numbers, heads, shots, stage, f"{d.path.stem}: few-shot accuracy")
+        render(stage, False, out)  # the page: provenance, the table, few_shot.png
     return Report("few-shot", text, metrics, out)
 
 

@@ -58,7 +58,7 @@ from .heads.contrastive import multi_positive_clip_loss
 from .identity import ModelFiles
 from .loading import DecodedBatches
 from .prompts import class_phrase
-from .results import REPORT, source_record, results_files, write_json
+from .results import REPORT, render, results_files, source_record, write_json
 from .source import Source
 from .train import Trainer
 
@@ -255,7 +255,7 @@ class FinetuneResult:
 def finetune(source: PathLike | Source, out_dir: PathLike, model: str | os.PathLike | ModelFiles = DEFAULT_MODEL,
              config: FinetuneConfig | None = None, *, format: str = "auto", source_options: dict | None = None,
              train_indices: Sequence[int] | None = None, overwrite: bool = False, progress: bool = True,
-             **options: Any) -> FinetuneResult:
+             plots: bool | None = None, **options: Any) -> FinetuneResult:
     """Fine-tune both CLIP towers on ``source`` paired with class captions; save to ``out_dir``.
 
     Parameters
@@ -266,6 +266,8 @@ def finetune(source: PathLike | Source, out_dir: PathLike, model: str | os.PathL
         ``options`` replace its fields by name (``epochs=3``, ``lr=1e-5``, ``templates="clip-e"``...).
     train_indices : positions of the source to train on (default all), e.g. a CV fold's complement.
     overwrite : start over instead of resuming a run in ``out_dir``.
+    plots : draw the training curve into ``out_dir/plots/`` (:func:`clip_heads.results.render`;
+        default on, ``CLIP_HEADS_PLOTS=0`` turns it off); ``index.html`` is written either way.
 
     Rerunning an interrupted call resumes from its last checkpoint; rerunning a finished one
     returns ``"up-to-date"``; either is refused, naming what differs, unless the model, data and
@@ -274,18 +276,19 @@ def finetune(source: PathLike | Source, out_dir: PathLike, model: str | os.PathL
     Returns
     -------
     FinetuneResult; ``out_dir`` holds the model, tokenizer and image processor
-    (``save_pretrained``), ``report.txt``, ``metrics.json`` and ``train_log.json``.
+    (``save_pretrained``), ``report.txt``, ``metrics.json``, ``train_log.json`` and the run's
+    page (``index.html``: provenance, loss per epoch, the training curve).
     """
     config = FinetuneConfig.from_options(options, base=config)
     result, _ = finetune_loaded(source, out_dir, model, config, format=format, source_options=source_options,
-                                train_indices=train_indices, overwrite=overwrite, progress=progress)
+                                train_indices=train_indices, overwrite=overwrite, progress=progress, plots=plots)
     return result
 
 
 def finetune_loaded(source: PathLike | Source, out_dir: PathLike, model: str | os.PathLike | ModelFiles,
                     config: FinetuneConfig, *, format: str = "auto", source_options: dict | None = None,
                     train_indices: Sequence[int] | None = None, overwrite: bool = False,
-                    progress: bool = True) -> tuple[FinetuneResult, tuple | None]:
+                    progress: bool = True, plots: bool | None = None) -> tuple[FinetuneResult, tuple | None]:
     """:func:`finetune`, also returning the trained ``(model, tokenizer, processor)`` so a caller
     can score it without reloading; ``None`` in their place when the out dir already held the
     finished run."""
@@ -295,11 +298,11 @@ def finetune_loaded(source: PathLike | Source, out_dir: PathLike, model: str | o
     dev = resolve_device(config.device)
     amp = _resolve_amp(dev, config.precision)
     with exclusive_lock(out, "clip-heads fine-tune"):
-        return _train(src, out, plan, dev, amp, overwrite=overwrite, progress=progress)
+        return _train(src, out, plan, dev, amp, overwrite=overwrite, progress=progress, plots=plots)
 
 
 def _train(src: Source, out: Path, plan: FinetunePlan, dev: torch.device, amp: bool | str, *, overwrite: bool,
-           progress: bool) -> tuple[FinetuneResult, tuple | None]:
+           progress: bool, plots: bool | None = None) -> tuple[FinetuneResult, tuple | None]:
     config, identity, files, positions, micro = plan.config, plan.identity, plan.files, plan.positions, plan.micro
     epochs, tpls = identity.epochs, list(identity.templates)
     ckpt = out / "checkpoint"
@@ -393,7 +396,7 @@ def _train(src: Source, out: Path, plan: FinetunePlan, dev: torch.device, amp: b
     processor.save_pretrained(out)
     log["skipped"] = data.skipped
     result = FinetuneResult(out, status, trainer.step, len(positions), dict(data.skipped), log)
-    _write_report(out, src, plan, result)
+    _write_report(out, src, plan, result, plots)
     atomic_write_text(out / TRAIN_LOG, json.dumps(log, indent=1))  # last: marks the model complete
     if not config.keep_checkpoint:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -402,8 +405,10 @@ def _train(src: Source, out: Path, plan: FinetunePlan, dev: torch.device, amp: b
     return result, (clip, tokenizer, processor)
 
 
-def _write_report(out: Path, src: Source, plan: FinetunePlan, result: FinetuneResult) -> None:
-    """``report.txt`` and ``metrics.json`` beside the model (the results layout): what was trained."""
+def _write_report(out: Path, src: Source, plan: FinetunePlan, result: FinetuneResult,
+                  plots: bool | None = None) -> None:
+    """``report.txt``, ``metrics.json`` and ``index.html`` beside the model (the results layout):
+    what was trained, and how its loss went (``loss_curve``: per optimiser step)."""
     log, ident = result.log, plan.identity
     run = {"command": "finetune", "source": str(src.root), "format": src.format, "model": plan.files.model_id,
            "config": plan.config.to_dict()}
@@ -419,7 +424,9 @@ def _write_report(out: Path, src: Source, plan: FinetunePlan, result: FinetuneRe
              f"encode with: clip-heads encode SOURCE --model {out}"]
     metrics = {"info": info, "kind": "finetune", "status": result.status, "n_steps": result.steps,
                "n_train": result.n_train, "identity": log["identity"], "epochs": log["epochs"],
-               "skipped": result.skipped}
+               "skipped": result.skipped,
+               "loss_curve": {k: [s.get(k) for s in log["steps"]] for k in ("step", "epoch", "loss", "lr")}}
     with results_files(out) as stage:
         (stage / REPORT).write_text("\n".join(lines) + "\n")
         write_json(stage / "metrics.json", metrics)
+        render(stage, plots, out)

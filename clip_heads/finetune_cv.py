@@ -22,16 +22,17 @@ import torch
 
 from .backbones.model import load_backbone, resolve_device
 from .backbones.preprocess import image_recipe
+from .calibration import calibration_of, format_calibration
 from .catalog import DEFAULT_MODEL
 from .crossval import stratified_folds, write_folds
 from .encode import default_workers
 from .finetune import TRAIN_LOG, finetune_loaded
 from .finetune_config import FinetuneConfig, as_source, plan_finetune
-from .finetune_eval import zero_shot_report
+from .finetune_eval import RAW_KEYS, zero_shot_report
 from .fsutil import PathLike, exclusive_lock
 from .identity import ModelFiles, resolve_model
 from .metrics import classification_report, summarize_folds
-from .results import METRICS, REPORT, Report, render, results_files, source_record, write_json, write_section
+from .results import METRICS, PROBA, REPORT, Report, render, results_files, source_record, write_json, write_section
 from .source import Source
 from .tables import format_table
 
@@ -58,9 +59,13 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
     and each fine-tune. Each fold lives in ``out_dir/fold-NN/`` (NN the fold id of ``folds.csv``;
     its weights are deleted after scoring unless ``keep_models``). A rerun reuses a scored fold
     only if it was fine-tuned from the same weights with the same settings (anything else is
-    refused); ``overwrite=True`` discards the scored folds and starts over. The folder's figures
-    (confusion matrix, per-class bars, fold spread; ``plots=False`` skips them) and its
-    ``index.html`` are drawn from the out-of-fold evaluation.
+    refused); ``overwrite=True`` discards the scored folds and starts over. Each fold model's
+    zero-shot probabilities (its own scoring rule: CLIP's softmax over its ``logit_scale * cos``)
+    are calibrated per fold and, out of fold, for the whole run (ECE 15 bins, Brier, NLL in
+    metrics.json and report.txt; ``proba_<class>`` columns in predictions.csv). The folder's
+    figures (confusion matrix, per-class bars, fold spread, reliability diagram; ``plots=False``
+    skips them) and its ``index.html`` are drawn from the out-of-fold evaluation; each
+    ``fold-NN/`` has a page of its numbers, linked from it.
 
     Returns a :class:`~clip_heads.results.Report` whose ``metrics`` are the
     :func:`clip_heads.metrics.summarize_folds` dict (per fold, mean, std, pooled) with ``info``.
@@ -96,6 +101,12 @@ def cross_validate_finetune(source: PathLike | Source, out_dir: PathLike, model:
     return report
 
 
+def _run(src: Source, files: ModelFiles, config: FinetuneConfig, cv: int) -> dict:
+    """The ``info.run`` record of a fine-tune CV."""
+    return {"command": "finetune --cv", "source": str(src.root), "format": src.format, "model": files.model_id, "cv": cv,
+            "config": config.to_dict()}
+
+
 def _fold(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, folds: np.ndarray, f: int, cv: int,
           dev: torch.device, workers: int, keep_models: bool, eval_batch_size: int, progress: bool) -> dict:
     """The held-out report of fold ``f``: reused when scored before by this same fine-tune, else trained and scored."""
@@ -108,7 +119,9 @@ def _fold(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, fol
         logger.info("fold %d/%d already scored", f + 1, cv)
         return scored
     logger.info("fold %d/%d: fine-tuning on %d images", f + 1, cv, len(train))
-    res, loaded = finetune_loaded(src, here, files, config, train_indices=train, overwrite=False, progress=progress)
+    # No training figure: the fold's page is its held-out evaluation, drawn below.
+    res, loaded = finetune_loaded(src, here, files, config, train_indices=train, overwrite=False, progress=progress,
+                                  plots=False)
     if loaded is None:
         reloaded = load_backbone(here, dev, precision="fp32", dtype=torch.float32)
         loaded = reloaded.model, reloaded.tokenizer, reloaded.processor
@@ -116,10 +129,19 @@ def _fold(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, fol
     rep = zero_shot_report(clip, tokenizer, image_recipe(processor), src, np.flatnonzero(folds == f),
                            res.log["identity"]["templates"], dev, config.precision, eval_batch_size, workers, progress)
     rep["fold"] = f  # the fold id of folds.csv; messages count folds from 1
-    # The fine-tune's own report.txt / metrics.json give way to the fold's held-out evaluation.
+    rep["info"] = {"run": dict(_run(src, files, config, cv), fold=f + 1), "data": source_record(src, rep["positions"]),
+                   "model": files.identity(), "trained_on": f"the other {cv - 1} folds ({len(train)} images)"}
+    # The fine-tune's own report.txt / metrics.json (and page) give way to the fold's held-out evaluation.
     with results_files(here) as stage:
-        (stage / REPORT).write_text(format_table(rep, f"Fold {f + 1} of {cv}: zero-shot on its held-out images"))
+        text = format_table(rep, f"Fold {f + 1} of {cv}: zero-shot on its held-out images")
+        if "calibration" in rep:
+            text += "\n" + format_calibration(rep["calibration"])
+        (stage / REPORT).write_text(text)
         write_json(stage / METRICS, rep)
+        # Its numbers only: the figures (pooled out of fold, and the spread over folds) are the CV page's.
+        render(stage, False, here, title=f"clip-heads finetune --cv: fold {f + 1} of {cv}, zero-shot on its held-out "
+               f"images", notes=["One fold of a cross-validation: its figures are drawn for all folds together on "
+                                 "the page of the folder above (../index.html)."])
     if not keep_models:
         for w in here.glob("*.safetensors"):
             w.unlink()
@@ -140,19 +162,32 @@ def _write(src: Source, out: Path, files: ModelFiles, config: FinetuneConfig, fo
            cv: int, plots: bool | None = None) -> Report:
     pos = np.concatenate([r["positions"] for r in reports]).astype(np.int64)
     y_pred = np.concatenate([r["y_pred"] for r in reports]).astype(np.int64)
-    pooled = classification_report(src.labels[pos], y_pred, src.classes)
-    summary = summarize_folds([{k: v for k, v in r.items() if k not in ("positions", "y_pred")} for r in reports],
+    # Out-of-fold probabilities: each image's from the fold model that did not see it (a fold
+    # scored by an earlier version has none; then there is no pooled calibration).
+    P = np.concatenate([r["proba"] for r in reports]) if all(r.get("proba") for r in reports) else None
+    pooled = classification_report(src.labels[pos], y_pred, src.classes, P)
+    summary = summarize_folds([{k: v for k, v in r.items() if k not in (*RAW_KEYS, "info")} for r in reports],
                               pooled)
     summary["folds_file"] = str(out / "folds.csv")
-    run = {"command": "finetune --cv", "source": str(src.root), "format": src.format, "model": files.model_id, "cv": cv,
-           "config": config.to_dict()}
-    summary["info"] = {"run": run, "data": source_record(src), "model": files.identity()}
+    summary["seed"] = config.seed  # of the folds and of every fold's fine-tune
+    summary["info"] = {"run": _run(src, files, config, cv), "data": source_record(src), "model": files.identity()}
+    sigmoid = any((r.get("scoring") or {}).get("scoring") == "sigmoid" for r in reports)
+    how = ("each fold model's own sigmoid(logit_scale * cos + logit_bias), renormalised to sum to 1" if sigmoid else
+           "each fold model's own softmax over logit_scale * cos")  # each fold's scale: folds[i].scoring
+    cal = calibration_of(src.labels[pos], P, src.classes, probabilities=how, computed="out of fold") \
+        if P is not None else None
+    if cal is not None:
+        summary["calibration"] = cal
     title = f"Fine-tuned CLIP, {cv}-fold cross-validation (zero-shot on each held-out fold)"
     text = format_table(summary, title)
+    if cal is not None:
+        text += "\n" + format_calibration(cal)
     names = np.asarray(src.classes, dtype=object)
     order = np.argsort(pos, kind="stable")  # predictions in source order, like train-head --cv's
     predictions = {"key": [src.keys[i] for i in pos[order]], "label": names[src.labels[pos[order]]].tolist(),
                    "prediction": names[y_pred[order]].tolist(), "fold": (folds[pos[order]] + 1).tolist()}
+    if P is not None:
+        predictions[PROBA] = P[order]
     with results_files(out) as stage:
         write_section(stage, summary, text, predictions)
         render(stage, plots, out)

@@ -27,7 +27,11 @@ from .loading import DecodedBatches
 from .prompts import build_texts, load_templates
 from .source import Source
 
-__all__ = ["caption_vectors", "zero_shot_report", "evaluate_zero_shot"]
+__all__ = ["caption_vectors", "zero_shot_report", "evaluate_zero_shot", "probabilities_text", "RAW_KEYS"]
+
+# The per-image columns of a zero-shot report (positions scored, predictions, probabilities): kept
+# where its images are needed (a fold's reuse, the pooled CV), dropped where only its scores are.
+RAW_KEYS = ("positions", "y_pred", "proba")
 
 
 @torch.inference_mode()
@@ -52,28 +56,43 @@ def zero_shot_report(clip: Any, tokenizer: Any, preprocess: ImageRecipe, src: So
     ``preprocess`` is its image recipe (:func:`clip_heads.backbones.preprocess.image_recipe`)."""
     from tqdm.auto import tqdm
 
+    from .calibration import calibration_of
     from .metrics import classification_report
 
     clip.eval()
+    rule = zeroshot.ScoringRule.from_model(clip)  # the model's own scale (and bias), as it stands
     V = caption_vectors(clip, tokenizer, templates, src.classes, device, precision)
     loader = DataLoader(DecodedBatches(src, np.asarray(positions), batch_size, preprocess), batch_size=None,
                         num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
-    good, preds, skipped = [], [], {}
+    good, preds, probas, skipped = [], [], [], {}
     for item in tqdm(loader, unit="batch", desc=f"zero-shot {Path(src.root).name}", disable=not progress):
         for i, reason in item["bad"]:
             skipped[src.keys[i]] = reason
         if item["good"]:
             with autocast_for(device, precision):
                 img = towers.image_embeds(clip, towers.image_inputs(item["pixels"], device)).float()
-            preds.append(zeroshot.predict(img, V).cpu())
+            cos = zeroshot.cosine(img, V).float()
+            preds.append(cos.argmax(1).cpu())
+            probas.append(rule.distribution(cos).double().cpu())
             good += item["good"]
     if not good:
         raise ValueError(f"no readable image among the {len(positions)} to evaluate in {src.root}")
     y_pred = torch.cat(preds).numpy()
-    report = classification_report(src.labels[good], y_pred, src.classes)
+    P = torch.cat(probas).numpy()
+    y_true = src.labels[good]
+    report = classification_report(y_true, y_pred, src.classes, P)
     report.update(templates=list(templates), skipped=skipped, positions=[int(i) for i in good], y_pred=y_pred.tolist(),
-                  scoring=zeroshot.ScoringRule.from_model(clip).to_dict())  # the model's own scale, as it stands
+                  proba=P.tolist(), scoring=rule.to_dict())
+    cal = calibration_of(y_true, P, src.classes, probabilities=probabilities_text(rule))
+    if cal is not None:
+        report["calibration"] = cal
     return report
+
+
+def probabilities_text(rule: zeroshot.ScoringRule) -> str:
+    """What a zero-shot report's probabilities are: the rule's softmax, or its sigmoids renormalised
+    (as ``clip-heads zero-shot`` says of a store's)."""
+    return rule.describe() + ("" if rule.scoring == "softmax" else ", renormalised to sum to 1")
 
 
 def evaluate_zero_shot(model: str, source: PathLike | Source, *, format: str = "auto", source_options: dict | None = None,
@@ -84,8 +103,11 @@ def evaluate_zero_shot(model: str, source: PathLike | Source, *, format: str = "
     ``templates`` is a caption template *set* (name or file; default per data kind, as the
     fine-tune's). The same rule as ``clip-heads zero-shot`` on a store encoded with ``model``;
     here images go straight through the model. Returns a
-    :func:`clip_heads.metrics.classification_report` plus ``templates``, ``skipped``
-    ({key: reason}), ``positions`` and ``y_pred``.
+    :func:`clip_heads.metrics.classification_report` (with top-k accuracy) plus ``templates``,
+    ``skipped`` ({key: reason}), ``positions``, ``y_pred``, ``proba`` (per scored image, the
+    model's own :class:`~clip_heads.zeroshot.ScoringRule` distribution: CLIP's softmax over
+    ``logit_scale * cos``, SigLIP's sigmoids renormalised), ``scoring`` and ``calibration``
+    (:func:`clip_heads.calibration.calibration_of` of those probabilities).
     """
     src = as_source(source, format, source_options)
     dev = resolve_device(device)

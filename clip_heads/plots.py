@@ -1,5 +1,5 @@
 """Figures of results: confusion matrix, per-class bars, fold spread, ablation, WiSE-FT curve,
-soft labels, reliability diagram.
+a fine-tune's training curve, soft labels, reliability diagram.
 
 Each ``*_figure`` function takes the dicts the rest of clip-heads already writes to
 ``metrics.json`` (:func:`clip_heads.metrics.classification_report`,
@@ -303,6 +303,67 @@ def wise_ft_figure(result: dict, points: Sequence[dict] | None = None, title: st
     return fig
 
 
+def wise_ft_calibration_figure(result: dict, title: str | None = None, names: tuple[str, str] = ("A", "B")):
+    """ECE (left) and NLL (right) of every blend's probabilities on A and on B versus alpha, from
+    a generalisation's rows (``a_ece``, ``a_nll``, ``b_ece``, ``b_nll``)."""
+    rows = sorted(result["rows"], key=lambda r: r["alpha"])
+    if not any(r.get("b_ece") is not None or r.get("a_ece") is not None for r in rows):
+        raise ValueError("the WiSE-FT rows have no calibration to draw")
+    fig = _figure(9.0, 4.0)
+    axes = fig.subplots(1, 2)
+    alpha = [r["alpha"] for r in rows]
+    for ax, (metric, label) in zip(axes, (("ece", "ECE (15 bins)"), ("nll", "NLL (natural log)")), strict=True):
+        for side, name in zip(("a", "b"), names, strict=True):
+            vals = [r.get(f"{side}_{metric}") for r in rows]
+            if all(v is None for v in vals):
+                continue
+            ax.plot(alpha, [np.nan if v is None else v for v in vals], "-o", color=COLORS[side], label=name)
+        ax.set_xlabel("alpha  (0 = zero-shot, 1 = fine-tuned)")
+        ax.set_ylabel(label)
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "Calibration along the WiSE-FT curve (lower is better)", fontsize=10)
+    return fig
+
+
+def training_figure(metrics: dict, title: str | None = None):
+    """A fine-tune's training curve from its metrics.json (:func:`clip_heads.finetune.finetune`):
+    the loss of every optimiser step with each epoch's mean marked, and the learning rate below."""
+    curve = metrics.get("loss_curve") or {}
+    steps = [s for s, v in zip(curve.get("step", []), curve.get("loss", []), strict=True) if v is not None]
+    if not steps:
+        raise ValueError("the fine-tune recorded no training step to draw")
+    step = np.asarray(curve["step"], np.float64)
+    loss = np.array([np.nan if v is None else v for v in curve["loss"]], np.float64)
+    fig = _figure(7.5, 5.5)
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot(step, loss, "-", color=COLORS["precision"], linewidth=1, alpha=0.8, label="loss per step")
+    epochs = [e for e in metrics.get("epochs") or [] if e.get("loss") is not None]
+    ep = np.asarray(curve.get("epoch") or [], np.int64)
+    for i, e in enumerate(epochs):  # each epoch's mean, drawn at its last step
+        last = step[ep == e["epoch"]]
+        if len(last):
+            ax.scatter([last.max()], [e["loss"]], marker="D", s=36, color=COLORS["b"], zorder=3,
+                       label="epoch mean" if i == 0 else None)
+            ax.annotate(f"epoch {e['epoch']}: {e['loss']:.3f}", (last.max(), e["loss"]), textcoords="offset points",
+                        xytext=(-6, 8), ha="right", fontsize=7)
+    ax.set_ylabel("contrastive loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    lr = np.array([np.nan if v is None else v for v in curve.get("lr") or [None] * len(step)], np.float64)
+    ax_lr.plot(step, lr, "-", color=COLORS["f1"], linewidth=1.2)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimiser step")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax_lr.grid(alpha=0.3)
+    n, skipped = metrics.get("n_train"), len(metrics.get("skipped") or {})
+    on = f" on {n} images" + (f" ({skipped} unreadable, skipped)" if skipped else "") if n else ""
+    ax.set_title(title or f"Fine-tune: {len(step)} steps{on}", fontsize=10)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------
 # Soft labels and calibration
 # ---------------------------------------------------------------------------------------
@@ -359,11 +420,15 @@ def reliability_figure(cal: dict, title: str | None = None):
            color=COLORS["precision"], edgecolor="white", label="accuracy in bin")
     for i, b in enumerate(full):  # the gap between what was said and what happened
         a, c = b["accuracy"], b["confidence"]
-        ax.bar(b["lower"], abs(c - a), bottom=min(a, c), width=width, align="edge", color=COLORS["b"],
-               alpha=0.35, hatch="//", edgecolor=COLORS["b"], linewidth=0, label="gap" if i == 0 else None)
+        # Hatched, unfilled: where accuracy exceeds confidence the gap lies over the accuracy bar,
+        # and a tinted fill there would read as a shorter bar.
+        ax.bar(b["lower"], abs(c - a), bottom=min(a, c), width=width, align="edge", facecolor="none",
+               hatch="///", edgecolor=COLORS["b"], linewidth=0.8, label="gap" if i == 0 else None)
+        ax.plot([b["lower"], b["lower"] + width], [c, c], color=COLORS["b"], linewidth=1.2)  # the confidence level
     ax.plot([0, 1], [0, 1], "--", color="#444444", linewidth=1, label="perfect calibration")
     ax.scatter([b["confidence"] for b in full], [b["accuracy"] for b in full], s=12, color="black", zorder=3,
                label="(mean confidence, accuracy)")
+    ax.plot([], [], color=COLORS["b"], linewidth=1.2, label="mean confidence in bin")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

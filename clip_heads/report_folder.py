@@ -11,14 +11,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Sequence, Union
 
 from clip_heads.report_page import INDEX, evaluation_sections, write_index
 
 __all__ = ["FIGURE_ORDER", "provenance_from_metrics", "render_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-FIGURE_ORDER = ("wise_ft", "ablation", "comparison", "confusion_matrix", "per_class", "fold_spread", "reliability",
+FIGURE_ORDER = ("training", "wise_ft", "wise_ft_calibration", "ablation", "comparison", "confusion_matrix", "per_class", "fold_spread", "reliability",
                 "soft_labels", "top_k")
 
 
@@ -132,11 +132,12 @@ def _ordered(paths: Iterable[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: (len(p.parts), rank.get(p.stem, len(rank)), str(p)))
 
 
-def _pages_below(out: Path, depth: int = 2) -> list[tuple[str, str]]:
+def _pages_below(out: Path, depth: int = 2, pattern: str = "*") -> list[tuple[str, str]]:
     """``(relative path, label)`` of the results pages in the folders below ``out`` (a demo's
-    or reproduce's steps), with each one's command and headline accuracy."""
+    or reproduce's steps, a fine-tune CV's folds: ``pattern`` names the first level), with each
+    one's command and headline accuracy."""
     found = []
-    for page in [p for d in range(1, depth + 1) for p in sorted(out.glob("*/" * d + INDEX))]:
+    for page in [p for d in range(1, depth + 1) for p in sorted(out.glob(pattern + "/" + "*/" * (d - 1) + INDEX))]:
         if page.parent.name == "plots":
             continue
         label = page.parent.relative_to(out).as_posix()
@@ -147,6 +148,7 @@ def _pages_below(out: Path, depth: int = 2) -> list[tuple[str, str]]:
         run = ((m.get("info") or {}).get("run") or {}) if isinstance(m, dict) else {}
         acc = _headline_accuracy(m) if isinstance(m, dict) else None
         label += f": {run['command']}" if run.get("command") else ""
+        label += f", fold {run['fold']} of {run.get('cv')}" if run.get("fold") else ""
         label += f", accuracy {acc:.3f}" if acc is not None else ""
         found.append((page.relative_to(out).as_posix(), label))
     return found
@@ -162,7 +164,7 @@ def _headline_accuracy(m: dict) -> float | None:
 
 
 def render_folder(out_dir: PathLike, digits: int = 3, plots: bool = True, title: str | None = None,
-                  name: str | None = None) -> Path:
+                  name: str | None = None, final: PathLike | None = None, notes: Sequence[str] | None = None) -> Path:
     """Draw the plots of a results folder and write its ``index.html``; returns the page's path.
 
     Reads ``metrics.json`` (or an older generalisation's ``generalisation.json``) and draws what
@@ -171,10 +173,13 @@ def render_folder(out_dir: PathLike, digits: int = 3, plots: bool = True, title:
     soft-label figure (where its ``soft_labels`` have the per-class numbers); an ablation's
     ranked bars; a generalisation's WiSE-FT curve, with the paper's points where its datasets
     are FI and CIFAR-100. A section with a folder of its own (train-head's ``cv/``, ``eval/``,
-    ``train/``) is rendered there, with its own page, and shown on this one; a ``top_k.png``
-    and a ``comparison.png`` beside metrics.json are shown; the pages of the folders below
-    (a demo's or reproduce's steps) are linked. ``plots=False`` writes the page without figures
-    (and removes a ``plots/`` folder, whose figures would be of another run).
+    ``train/``) is rendered there, with its own page, and shown on this one; a ``top_k.png``, a
+    ``comparison.png`` and a ``few_shot.png`` beside metrics.json are shown; the pages of the
+    folders below (a demo's or reproduce's steps) are linked. ``plots=False`` writes the page without figures
+    (and removes a ``plots/`` folder, whose figures would be of another run). A fine-tune CV's
+    ``fold-NN/`` pages are linked. ``final`` is the folder a staging ``out_dir`` becomes: the
+    pages below are looked for there. ``notes`` replace the page's default note (that figures were
+    not drawn, with ``plots=False``).
     """
     from clip_heads import plots as P
     from clip_heads.fsutil import staged_dir
@@ -197,22 +202,32 @@ def render_folder(out_dir: PathLike, digits: int = 3, plots: bool = True, title:
             if rows and "alpha" in rows[0]:
                 points, names = _curve_points(out, metrics)
                 written += P.save_figure(P.wise_ft_figure(metrics, points, names=names), stage, "wise_ft")
+                if any(r.get("b_ece") is not None for r in rows):
+                    written += P.save_figure(P.wise_ft_calibration_figure(metrics, names=names), stage,
+                                             "wise_ft_calibration")
             if rows and "rank" in rows[0]:
                 written += P.save_figure(P.ablation_figure(rows), stage, "ablation")
-            for _, key, rep in sections:
+            if metrics.get("kind") == "finetune" and any(v is not None for v in
+                                                         (metrics.get("loss_curve") or {}).get("loss", [])):
+                written += P.save_figure(P.training_figure(metrics), stage, "training")
+            for heading, key, rep in sections:
                 if key and key[0] in dict(own):
                     continue
-                title = (f"Rank-1 prompt of the ablation: {rows[0]['prompt_set']}: {rows[0]['template']}"
-                         if key == ("rank1",) and rows else None)
-                written += P.write_run_plots(rep, stage / key[0] if key else stage, title=title)
+                above = (f"Rank-1 prompt of the ablation: {rows[0]['prompt_set']}: {rows[0]['template']}"
+                         if key == ("rank1",) and rows else heading if len(key) > 1 else None)
+                # A section's figures in a folder named by its key path (plots/cv/, plots/reports/1.00/b/).
+                written += P.write_run_plots(rep, stage.joinpath(*map(str, key)), title=above)
         figures = _ordered([out / "plots" / p.relative_to(stage) for p in written if p.suffix == ".png"]) + figures
         if not written:
             shutil.rmtree(out / "plots", ignore_errors=True)
     elif (out / "plots").is_dir():
         shutil.rmtree(out / "plots")
-    figures += [out / name for name in ("comparison.png", "top_k.png") if (out / name).is_file()]
+    figures += [out / name for name in ("comparison.png", "top_k.png", "few_shot.png") if (out / name).is_file()]
+    home = Path(final).absolute() if final is not None else out
     if not sections and not rows:
-        links += _pages_below(out)
+        links += _pages_below(home)
+    elif metrics.get("kind") == "cv":  # a fine-tune CV: each fold's held-out evaluation has its page
+        links += _pages_below(home, depth=1, pattern="fold-[0-9]*")
     if source.name == "metrics.json":
         prov = provenance_from_metrics(metrics)
     else:
@@ -223,9 +238,11 @@ def render_folder(out_dir: PathLike, digits: int = 3, plots: bool = True, title:
         blocks.append(("Tables", (out / "tables.md").read_text()))
     elif isinstance(metrics.get("headline"), str):  # demo: what it printed
         blocks.append(("Headline", metrics["headline"]))
-    drawable = bool(sections) or bool(rows and ("rank" in rows[0] or "alpha" in rows[0]))
-    notes = [] if plots or not drawable else [
-        "Figures were not drawn for this run (--no-plots); clip_heads.report_folder.render_folder(FOLDER) draws them "
-        "from its metrics.json."]
+    drawable = bool(sections) or bool(rows and ("rank" in rows[0] or "alpha" in rows[0])) \
+        or metrics.get("kind") == "finetune"
+    if notes is None:
+        notes = [] if plots or not drawable else [
+            "Figures were not drawn for this run (--no-plots); clip_heads.report_folder.render_folder(FOLDER) draws "
+            "them from its metrics.json."]
     return write_index(out, prov, metrics, figures, title=title, digits=digits, links=links, notes=notes,
-                       blocks=blocks, name=name)
+                       blocks=blocks, name=name, link_root=home)

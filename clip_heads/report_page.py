@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
-__all__ = ["INDEX", "CAPTIONS", "metrics_table", "evaluation_sections", "write_index"]
+__all__ = ["INDEX", "CAPTIONS", "metrics_table", "evaluation_sections", "generalisation_sections", "write_index"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 INDEX = "index.html"
@@ -160,11 +160,29 @@ def evaluation_sections(metrics: dict) -> list[tuple[str, tuple, dict]]:
     if "confusion_matrix" in metrics or metrics.get("kind") == "cv":
         return [("", (), metrics)]
     out = []
+    if metrics.get("kind") == "generalisation" and isinstance(metrics.get("reports"), dict):
+        return generalisation_sections(metrics)
     titles = {"cv": "Cross-validation", "eval": "Held-out store", "train": "Training data (resubstitution)",
               "rank1": "Rank-1 prompt of the ablation"}
     for sec in ("cv", "eval", "train", "rank1"):
         if isinstance(metrics.get(sec), dict) and ("per_class" in metrics[sec] or metrics[sec].get("kind") == "cv"):
             out.append((titles[sec], (sec,), metrics[sec]))
+    return out
+
+
+def generalisation_sections(metrics: dict) -> list[tuple[str, tuple, dict]]:
+    """The endpoints of a generalisation's WiSE-FT curve (its lowest and highest alpha: the
+    zero-shot and the fine-tuned model when 0 and 1 were scored), on held-out A and on B."""
+    reports = metrics["reports"]
+    alphas = sorted(reports, key=float)
+    names = {0.0: "the zero-shot model", 1.0: "the fine-tuned model"}
+    out = []
+    for alpha in dict.fromkeys([alphas[0], alphas[-1]]) if alphas else ():
+        for side, where in (("a", "held-out A"), ("b", "B")):
+            rep = (reports[alpha] or {}).get(side)
+            if isinstance(rep, dict) and "per_class" in rep:
+                who = names.get(float(alpha), "the blend")
+                out.append((f"alpha {alpha} ({who}), zero-shot on {where}", ("reports", alpha, side), rep))
     return out
 
 
@@ -195,7 +213,7 @@ def _value_html(v: Any, depth: int = 0) -> str:
             return "–"
         if all(isinstance(x, str) and len(x) < 24 for x in v.values()) and len(v) > 3:
             return " · ".join(f"{_e(k)} {_e(x)}" for k, x in v.items())  # e.g. library versions, on one line
-        if depth >= 2:
+        if depth >= 3:
             return f"<code>{_e(json.dumps(v, default=str))}</code>"
         return '<table class="prov">' + "".join(f"<tr><th>{_e(k)}</th><td>{_value_html(x, depth + 1)}</td></tr>"
                                                 for k, x in v.items()) + "</table>"
@@ -222,6 +240,9 @@ CAPTIONS = {
     "soft_labels": "Predicted versus voted emotion distributions, by each image's top vote",
     "ablation": "Zero-shot accuracy and macro-F1 of every template alone and of every set's ensemble, ranked",
     "wise_ft": "WiSE-FT: zero-shot on held-out A and on B along the blend of the zero-shot and the fine-tuned model",
+    "wise_ft_calibration": "WiSE-FT: ECE and NLL of each blend's probabilities on held-out A and on B",
+    "few_shot": "Few-shot: test accuracy against shots per class, per head (error bars: std over seeds)",
+    "training": "Fine-tune: the loss of every optimiser step (diamonds: each epoch's mean) and the learning rate",
     "comparison": "Headline metrics of every row of the comparison (error bars: std over folds or seeds)",
     "top_k": "The images nearest each class prompt, best first; caption: cosine, and the image's own label "
              "(green: the prompt's class)",
@@ -239,7 +260,8 @@ def _figure_html(full: Path, root: Path) -> str:
 
 def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict, plots: Sequence[PathLike] = (),
                 title: str | None = None, digits: int = 3, links: Sequence[tuple[str, str]] = (),
-                notes: Sequence[str] = (), blocks: Sequence[tuple[str, str]] = (), name: str | None = None) -> Path:
+                notes: Sequence[str] = (), blocks: Sequence[tuple[str, str]] = (), name: str | None = None,
+                link_root: PathLike | None = None) -> Path:
     """Write ``out_dir/index.html`` (atomically) and return its path.
 
     Parameters
@@ -253,6 +275,8 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
     links : ``(relative path, label)`` of pages below this one (a train-head section, a demo step).
     notes : lines shown under the heading (figures skipped, say).
     name : the folder's name as shown (default ``out_dir``'s; a staging folder passes its final one).
+    link_root : a second folder ``links`` may exist in, relative to it (a staging folder passes
+        the one it becomes, which holds the pages below); each must exist in one of the two.
     blocks : ``(heading, text)`` shown after the provenance: a summary's headline (as it was
         printed) or markdown tables (``.md`` headings, tables, lists; reproduce's tables.md).
     digits : decimals shown (the exact value is in each number's ``data-value``).
@@ -286,8 +310,9 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
             f"{_e(__version__)}</p>"]
     body += [f'<p class="note">{_e(n)}</p>' for n in notes]
     if links:
+        base = Path(link_root).resolve() if link_root is not None else root
         for href, _ in links:
-            if not (root / href).is_file():
+            if not ((root / href).is_file() or (base / href).is_file()):
                 raise FileNotFoundError(f"linked page {href} does not exist in {out}")
         body.append("<h2>Pages</h2><ul>" + "".join(f'<li><a href="{_e(h)}">{_e(label)}</a></li>'
                                                    for h, label in links) + "</ul>")
@@ -297,8 +322,12 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
                                                else f"<pre>{_e(text)}</pre>"))
     sections = evaluation_sections(metrics)
     rows = metrics.get("rows") if isinstance(metrics.get("rows"), list) else []
-    if sections or rows or metrics.get("kind") == "wise-ft":
+    if sections or rows or metrics.get("kind") in ("wise-ft", "finetune", "few-shot"):
         body.append("<h2>Metrics</h2>")
+    if metrics.get("kind") == "few-shot" and isinstance(metrics.get("table"), dict):
+        body.append(_few_shot_html(metrics, digits))
+    if metrics.get("kind") == "finetune":
+        body.append(_finetune_html(metrics, digits))
     if rows and "rank" in rows[0]:
         body.append("<h3>Prompt ablation, ranked by accuracy</h3>" + _rows_table(
             rows, (("rank", "Rank"), ("prompt_set", "Prompt set"), ("template", "Template"),
@@ -310,6 +339,13 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
                    ("b_accuracy", "B accuracy"), ("b_macro_f1", "B macro-F1")), ("rows",), digits))
         body.append('<p class="note">A: held-out part of the fine-tuning data (empty when nothing was held out); '
                     "B: the other dataset, zero-shot. alpha 0 is the zero-shot model, 1 the fine-tuned one.</p>")
+        if any(r.get("b_ece") is not None for r in rows):
+            body.append("<h3>Calibration along the curve</h3>" + _rows_table(
+                rows, (("alpha", "alpha"), ("a_ece", "A ECE"), ("a_brier", "A Brier"), ("a_nll", "A NLL"),
+                       ("b_ece", "B ECE"), ("b_brier", "B Brier"), ("b_nll", "B NLL")), ("rows",), digits))
+            body.append('<p class="note">Each blend\'s probabilities by its own scoring rule (CLIP: softmax over '
+                        "logit_scale * cos). ECE: top-label confidence in 15 equal-width bins; Brier: sum over "
+                        "classes of the squared error, range [0, 2]; NLL: natural log.</p>")
     elif rows and "protocol" in rows[0]:
         body.append("<h3>Comparison</h3>" + _comparison_table(metrics, digits))
     if metrics.get("kind") == "wise-ft":
@@ -391,9 +427,45 @@ def _comparison_table(metrics: dict, digits: int) -> str:
             cells.append(f'<td class="n">{cell}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     unread = metrics.get("unreadable") or []
-    note = ('<p class="note">Mean ± std (ddof=0) over the folds of one CV run, or over the runs (seeds) of a row.</p>'
+    note = ('<p class="note">Mean ± std (ddof=0) over the folds of one CV run or the seeds of one few-shot cell, or '
+            'over the runs (seeds) of a row.</p>'
             + ("".join(f'<p class="note">not read: <code>{_e(p)}</code>: {_e(why)}</p>' for p, why in unread)))
     return f'<table class="metrics"><tr>{head}</tr>' + "".join(body) + "</table>" + note
+
+
+def _few_shot_html(metrics: dict, digits: int) -> str:
+    """A few-shot grid: test accuracy (%) mean ± std over seeds, rows heads, columns shots."""
+    table = metrics["table"]
+    shots = list(next(iter(table.values()))) if table else []
+    head = "<tr><th>head</th>" + "".join(f'<th class="n">{_e(k if k == "all" else k + " shots")}</th>'
+                                         for k in shots) + "</tr>"
+    body = []
+    for h, cells in table.items():
+        tds = "".join(f'<td class="n">{_num(cells[k]["mean"], ("table", h, k, "mean"), digits)} ± '
+                      f'{_num(cells[k]["std"], ("table", h, k, "std"), digits)}</td>' for k in shots)
+        body.append(f"<tr><td>{_e(h)}</td>{tds}</tr>")
+    n_seeds = sorted({c.get("n_seeds") for cells in table.values() for c in cells.values()})
+    return ("<h3>Few-shot test accuracy (%)</h3>" + f'<table class="metrics">{head}{"".join(body)}</table>'
+            + f'<p class="note">Mean ± std (ddof=1) over {"/".join(map(str, n_seeds))} seeds; every head at a (seed, '
+              f"shots) fitted on the same images; {_num(metrics.get('n_train'), ('n_train',), digits)} training "
+              f"images to draw from, {_num(metrics.get('n_test'), ('n_test',), digits)} test images. Per-seed scores "
+              "in few_shot.csv.</p>")
+
+
+def _finetune_html(metrics: dict, digits: int) -> str:
+    """A fine-tune's training: steps, images, skipped, and each epoch's mean loss and time."""
+    epochs = metrics.get("epochs") or []
+    summary = _small_table(metrics, (("n_steps", "optimiser steps"), ("n_train", "training images")), (), digits)
+    status = f'<p class="note">status: {_e(metrics["status"])}</p>' if metrics.get("status") else ""
+    skipped = metrics.get("skipped") or {}
+    note = (f'<p class="note">{len(skipped)} unreadable images skipped: '
+            + _e(", ".join(list(skipped)[:10]) + (" …" if len(skipped) > 10 else "")) + "</p>") if skipped else ""
+    table = _rows_table(epochs, (("epoch", "Epoch"), ("loss", "Mean loss"), ("seconds", "Seconds"),
+                                 ("data_wait_fraction", "Data wait (fraction)")), ("epochs",), digits) if epochs else ""
+    return ("<h3>Training</h3>" + status + summary + note + table
+            + '<p class="note">Loss: the family\'s contrastive loss on (image, class caption) batches. The model is '
+              "scored by <code>clip-heads finetune --cv</code> or <code>generalisation</code>, or encode a store with "
+              "<code>clip-heads encode --model</code> this folder.</p>")
 
 
 def _wise_ft_html(metrics: dict) -> str:

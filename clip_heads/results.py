@@ -339,16 +339,18 @@ def plots_enabled(plots: bool | None = None) -> bool:
     return os.environ.get(PLOTS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def render(out: PathLike, plots: bool | None = None, final: PathLike | None = None, title: str | None = None) -> Path:
+def render(out: PathLike, plots: bool | None = None, final: PathLike | None = None, title: str | None = None,
+           notes: Sequence[str] | None = None) -> Path:
     """Draw the figures of the results folder ``out`` into ``out/plots/`` and write
     ``out/index.html`` (:func:`clip_heads.report_folder.render_folder`), from what its
     ``metrics.json`` holds. Every command calls it on the folder it writes, last, inside its
     staging folder where it has one (``final`` is the folder the staging folder becomes, whose
-    name the page shows). ``plots=False`` writes the page without figures."""
+    name the page shows). ``plots=False`` writes the page without figures; ``notes`` replace the
+    page's note saying so."""
     from clip_heads.report_folder import render_folder
 
     return render_folder(out, plots=plots_enabled(plots), title=title,
-                         name=Path(final).name if final is not None else None)
+                         name=Path(final).name if final is not None else None, final=final, notes=notes)
 
 
 def slug(value: Any, limit: int = 40) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import h5py
 import numpy as np
 
+from .ensembling import class_vectors, l2_normalize  # noqa: F401  (l2_normalize: the store's readers import it from here)
 from .errors import BadValueError
 from .fsutil import DiskFullError, durable_replace, fsync_file, run_isolated, temp_sibling
 from .integrity import DIGEST_ATTR, string_digest
@@ -94,11 +95,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
-
-
 @dataclass
 class PromptSet:
     """Prompt texts of one named set and their embeddings, by the store's own model."""
@@ -114,9 +110,7 @@ class PromptSet:
 
     def class_vectors(self, templates: Sequence[int] | None = None) -> np.ndarray:
         """Per-class prompt vectors ``(C, D)`` over the chosen templates (all of them by default):
-        the zero-shot kernel's ensemble (:func:`clip_heads.zeroshot.class_vectors`)."""
-        from .zeroshot import class_vectors  # the kernel; see KNOWN_EXCEPTIONS in tests/test_architecture.py
-
+        the prompt ensemble (:func:`clip_heads.ensembling.class_vectors`, the zero-shot kernel's)."""
         try:
             return class_vectors(self, templates)
         except ValueError as e:  # a class without a prompt among those templates

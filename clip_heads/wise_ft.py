@@ -24,7 +24,7 @@ from .catalog import DEFAULT_MODEL
 from .encode import default_workers
 from .finetune import finetune_loaded, model_lineage
 from .finetune_config import FinetuneConfig, as_source, default_caption_templates
-from .finetune_eval import zero_shot_report
+from .finetune_eval import RAW_KEYS, zero_shot_report
 from .fsutil import PathLike, atomic_write_text, exclusive_lock, staged_dir
 from .identity import ModelFiles, resolve_model
 from .prompts import load_templates
@@ -33,7 +33,9 @@ from .source import Source
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["interpolate", "interpolate_sweep", "generalisation", "check_alpha"]
+__all__ = ["interpolate", "interpolate_sweep", "generalisation", "check_alpha", "CALIBRATION"]
+
+CALIBRATION = ("ece", "brier", "nll")  # a generalisation row's calibration columns, per side
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,7 +261,11 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     ``alpha-X.XX.json`` per alpha (reused by a rerun); with ``save_models``, every blend as
     ``alpha-X.XX/`` model directory; ``plots/wise_ft.png`` (the curve, with the paper's Table 1,
     3/4 and 5 numbers as stars when A and B are FI and CIFAR-100; ``plots=False`` skips it) and
-    ``index.html``. Returns a :class:`~clip_heads.results.Report` whose
+    ``index.html``. Every blend's probabilities (its own scoring rule,
+    :meth:`clip_heads.zeroshot.ScoringRule.from_model`) are calibrated: ECE, Brier and NLL per
+    alpha and side in the rows and report.txt, each report's ``calibration``; the page shows the
+    endpoints (the zero-shot and the fine-tuned model) with their tables, confusion matrices,
+    per-class bars and reliability diagrams. Returns a :class:`~clip_heads.results.Report` whose
     ``metrics`` hold ``settings``, ``rows``, ``reports`` and ``text``.
     """
     from .crossval import stratified_folds
@@ -278,7 +284,7 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
         train_a, test_a = np.arange(len(src_a)), None
     if finetuned is None:
         finetuned = str(out / "finetuned")
-        finetune_loaded(src_a, finetuned, model, config, train_indices=train_a, progress=progress)
+        finetune_loaded(src_a, finetuned, model, config, train_indices=train_a, progress=progress, plots=plots)
     _, tpl_a = load_templates(a_templates or default_caption_templates(src_a))
     _, tpl_b = load_templates(b_templates or default_caption_templates(src_b))
     pair = _Pair(model, finetuned, dev)
@@ -290,7 +296,8 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     for alpha in alphas:
         cache = out / f"alpha-{alpha:.2f}.json"
         found = json.loads(cache.read_text()) if cache.is_file() else None
-        if found is None or found["settings"] != settings:
+        # A cache from before the probabilities were kept has no calibration: scored again.
+        if found is None or found["settings"] != settings or "calibration" not in (found.get("b") or {}):
             clip = pair.blend(alpha)
             args = (dev, config.precision, eval_batch_size, workers, progress)
             a = zero_shot_report(clip, pair.tokenizer, preprocess, src_a, test_a, tpl_a, *args) if test_a is not None else None
@@ -304,8 +311,11 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
             r = found[side]
             row.update({f"{side}_accuracy": r and r["accuracy"], f"{side}_macro_f1": r and r["macro"]["f1"],
                         f"{side}_weighted_f1": r and r["weighted"]["f1"]})
+        for side in ("a", "b"):  # how well each blend's probabilities are calibrated (ECE 15 bins, Brier, NLL)
+            cal = (found[side] or {}).get("calibration") or {}
+            row.update({f"{side}_{m}": cal.get(m) for m in CALIBRATION})
         rows.append(row)
-        reports[f"{alpha:.2f}"] = {s: found[s] and {k: v for k, v in found[s].items() if k not in ("positions", "y_pred")}
+        reports[f"{alpha:.2f}"] = {s: found[s] and {k: v for k, v in found[s].items() if k not in RAW_KEYS}
                                    for s in ("a", "b")}
         logger.info("alpha %.2f: %s", alpha, row)
     text = _table(rows, _name(src_a), _name(src_b), holdout)
@@ -337,4 +347,13 @@ def _table(rows: list[dict], a: str, b: str, holdout: int | None) -> str:
     for r in rows:
         keys = ("a_accuracy", "a_macro_f1", "b_accuracy", "b_macro_f1")
         lines.append(f"{r['alpha']:6.2f}  " + "  ".join(cell(r[k]) for k in keys))
+    if any(r.get("b_ece") is not None for r in rows):
+        lines += ["", "Calibration of each blend's probabilities (the blend's own scoring rule at its logit_scale; "
+                  "ECE: top-label confidence in 15 equal-width bins; Brier: sum over classes, range [0, 2]; "
+                  "NLL: natural log)",
+                  f"{'alpha':>6}  {'A ECE':>6}  {'A Brier':>7}  {'A NLL':>6}  {'B ECE':>6}  {'B Brier':>7}  {'B NLL':>6}"]
+        for r in rows:
+            cells = [f"{r[f'{s}_{m}']:{7 if m == 'brier' else 6}.3f}" if r.get(f"{s}_{m}") is not None
+                     else f"{'-':>{7 if m == 'brier' else 6}}" for s in ("a", "b") for m in CALIBRATION]
+            lines.append(f"{r['alpha']:6.2f}  " + "  ".join(cells))
     return "\n".join(lines)

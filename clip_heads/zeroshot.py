@@ -4,7 +4,9 @@ Every zero-shot path of the package goes through here, so each rule is written o
 
 * **Ensembling** (:func:`ensemble`, :func:`class_vectors`): every prompt vector is
   L2-normalised, the prompts of a class are summed, and the sum is normalised again (CLIP's
-  prompt ensembling; a sum and a mean give the same unit vector).
+  prompt ensembling; a sum and a mean give the same unit vector). It needs numpy alone and
+  lives below the store, in :mod:`clip_heads.ensembling` (so that the store's
+  ``PromptSet.class_vectors`` is it too); its names are re-exported here.
 * **Similarity** (:func:`cosine`): L2-normalised image vectors against the unit class vectors.
 * **Scoring** (:class:`ScoringRule`): CLIP's softmax over ``logit_scale * cos``, or SigLIP's
   independent ``sigmoid(logit_scale * cos + logit_bias)``. The scale and bias are the model's
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from clip_heads.backbones.families import CLIP_LOGIT_SCALE, SIGMOID_FAMILIES, get_family
+from clip_heads.ensembling import (class_vectors, ensemble, is_torch, l2_normalize, prompt_columns, template_mask,
+                                   template_vectors)
 from clip_heads.errors import BadValueError
-from clip_heads.label_maps import norm
 
 __all__ = ["CLIP_LOGIT_SCALE", "SIGMOID_FAMILIES", "SCORINGS", "ScoringRule", "l2_normalize", "ensemble",
            "template_mask", "class_vectors", "template_vectors", "resolve_template_ids",
@@ -41,91 +44,9 @@ __all__ = ["CLIP_LOGIT_SCALE", "SIGMOID_FAMILIES", "SCORINGS", "ScoringRule", "l
 SCORINGS = ("softmax", "sigmoid")
 
 
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
-def l2_normalize(x: Any, axis: int = -1) -> Any:
-    """Rows scaled to unit length (``x / max(|x|, 1e-12)``); numpy results are float32."""
-    if _is_torch(x):
-        import torch.nn.functional as F
-
-        return F.normalize(x, dim=axis)
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
-
-
 # ---------------------------------------------------------------------------------------
-# Ensembling: prompt vectors -> one unit vector per class
+# Choosing templates (the ensembling itself: clip_heads.ensembling, re-exported above)
 # ---------------------------------------------------------------------------------------
-def ensemble(embeds: Any, class_id: Any, n_classes: int, class_names: Sequence[str] | None = None,
-             what: str = "the prompts") -> Any:
-    """One unit vector per class: the renormalised sum of its normalised prompt vectors.
-
-    Parameters
-    ----------
-    embeds : (n_prompts, dim) prompt vectors, numpy or torch.
-    class_id : (n_prompts,) class index of each prompt, ``0 <= id < n_classes``.
-    class_names, what : name the classes and the prompts in the error for a class without any prompt.
-
-    Returns
-    -------
-    (n_classes, dim), float32 numpy or a tensor like ``embeds``.
-    """
-    if _is_torch(embeds):
-        import torch
-
-        cid = torch.as_tensor(class_id if _is_torch(class_id) else np.asarray(class_id), device=embeds.device).long()
-        present = torch.bincount(cid, minlength=n_classes).cpu().numpy() > 0
-        _require(present, class_names, what)
-        E = l2_normalize(embeds)
-        return l2_normalize(E.new_zeros(n_classes, E.shape[1]).index_add_(0, cid, E))
-    cid = np.asarray(class_id, np.int64)
-    _require(np.bincount(cid, minlength=n_classes)[:n_classes] > 0, class_names, what)
-    E = l2_normalize(embeds)
-    out = np.zeros((n_classes, E.shape[1]), np.float32)
-    np.add.at(out, cid, E)
-    return l2_normalize(out)
-
-
-def _require(present: np.ndarray, class_names: Sequence[str] | None, what: str) -> None:
-    if not present.all():
-        missing = [class_names[c] if class_names is not None else c for c in np.flatnonzero(~present).tolist()]
-        raise ValueError(f"{what}: no prompt for classes {missing}")
-
-
-def template_mask(ps: Any, template_ids: Sequence[int] | None = None) -> np.ndarray:
-    """Which prompts of prompt set ``ps`` belong to the chosen templates (all by default)."""
-    if template_ids is None:
-        return np.ones(len(ps.template_id), bool)
-    return np.isin(ps.template_id, list(template_ids))
-
-
-def class_vectors(ps: Any, template_ids: Sequence[int] | None = None, classes: Sequence[str] | None = None) -> np.ndarray:
-    """Class vectors ``(C, dim)`` of a prompt set (:class:`clip_heads.store.PromptSet` or alike:
-    ``embeds``, ``class_id``, ``template_id``, ``classes``, ``templates``, ``name``) over the
-    chosen templates, in the set's class order, or in the order of ``classes`` (matched by name,
-    :func:`prompt_columns`). Every class of the set needs a prompt among those templates."""
-    keep = template_mask(ps, template_ids)
-    V = ensemble(np.asarray(ps.embeds)[keep], np.asarray(ps.class_id)[keep], len(ps.classes), ps.classes,
-                 f"prompt set {ps.name!r} (templates {'all' if template_ids is None else list(template_ids)})")
-    return V if classes is None else V[prompt_columns(ps, classes)]
-
-
-def template_vectors(ps: Any, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Every template of ``ps`` on its own: ``(vectors (T, C, dim), complete (T,))`` with the
-    classes in the order of ``classes``; ``complete[t]`` is False where template ``t`` lacks a
-    prompt for some class (its rows are then not meaningful)."""
-    cols = prompt_columns(ps, classes)
-    tid, cid = np.asarray(ps.template_id, np.int64), np.asarray(ps.class_id, np.int64)
-    T, C = len(ps.templates), len(ps.classes)
-    E = l2_normalize(ps.embeds).astype(np.float64)
-    sums = np.zeros((T, C, E.shape[1]))
-    np.add.at(sums, (tid, cid), E)
-    counts = np.bincount(tid * C + cid, minlength=T * C).reshape(T, C)
-    return l2_normalize(sums[:, cols]), (counts[:, cols] > 0).all(1)
-
-
 def resolve_template_ids(ps: Any, spec: Any) -> list[int] | None:
     """Template ids of ``ps`` from ids, an id string (``"0,3"``) or exact template texts; None = all."""
     if spec is None or (isinstance(spec, (list, tuple)) and not spec):
@@ -142,16 +63,6 @@ def resolve_template_ids(ps: Any, spec: Any) -> list[int] | None:
             raise BadValueError(f"prompt set {ps.name!r} has no template {t!r}; its templates are {listing}")
         ids.append(i)
     return ids
-
-
-def prompt_columns(ps: Any, classes: Sequence[str]) -> list[int]:
-    """Index in ``ps.classes`` of every class, matched by name; names any class without a prompt."""
-    idx = {norm(c): i for i, c in enumerate(ps.classes)}
-    missing = [c for c in classes if norm(c) not in idx]
-    if missing:
-        raise ValueError(f"prompt set {ps.name!r} has no prompt for store classes {missing}; its classes are "
-                         f"{ps.classes} (add prompts for them, or pass a label map)")
-    return [idx[norm(c)] for c in classes]
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,7 +133,7 @@ class ScoringRule:
     def scores(self, cos: Any) -> Any:
         """The family's own class scores: softmax rows (sum 1), or per-class sigmoids."""
         z = self.logits(cos)
-        if _is_torch(z):
+        if is_torch(z):
             import torch
 
             return torch.softmax(z, dim=-1) if self.scoring == "softmax" else torch.sigmoid(z)

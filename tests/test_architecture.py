@@ -16,13 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "clip_heads"
-# Imports that break a rule knowingly, each with the reason and what lifts it. Keep this short.
-KNOWN_EXCEPTIONS = {
-    ("clip_heads.schema", "clip_heads.zeroshot"):
-        "PromptSet.class_vectors is the zero-shot kernel's ensemble (one home for it), imported at call "
-        "time. The ensembling half of zeroshot.py needs numpy alone and belongs below the store; its scoring "
-        "half (which reads the family registry) stays in layer 4. Issue 10 has landed: nothing waits for the move.",
-}
 
 
 def layers() -> dict[str, int]:
@@ -97,7 +90,7 @@ def test_imports_point_down_the_layers_and_take_no_private_names():
         if target == importer:
             continue
         where = f"{mods[importer].relative_to(ROOT)}:{line}"
-        if table[room(target)] > table[room(importer)] and (importer, target) not in KNOWN_EXCEPTIONS:
+        if table[room(target)] > table[room(importer)]:
             problems.append(f"{where}: {importer} (layer {table[room(importer)]}) imports {target} "
                             f"(layer {table[room(target)]}), a layer above it")
         if name is None or name.startswith("__"):
@@ -106,11 +99,6 @@ def test_imports_point_down_the_layers_and_take_no_private_names():
         if name.startswith("_") or (public is not None and name not in public):
             problems.append(f"{where}: {importer} imports {name} from {target}, not in its public interface")
     assert problems == []
-
-
-def test_the_known_exceptions_are_still_needed():
-    found = {(i, t) for i, t, _, _ in imports(modules())}
-    assert set(KNOWN_EXCEPTIONS) <= found, "an exception no longer happens: remove it from KNOWN_EXCEPTIONS"
 
 
 def module_aliases(tree: ast.AST, mod: str, is_pkg: bool, mods: dict[str, Path]) -> dict[str, str]:

@@ -32,8 +32,9 @@ def test_finetune_encode_wise_ft_and_generalisation(tiny_clip, tmp_path):
     a = colour_folder(tmp_path / "a", 12)
     b = colour_folder(tmp_path / "b", 4, names=("red", "green", "blue"), seed=3)
     recipe = ["--templates", "bp-photo", "--epochs", "6", "--batch-size", "16", "--lr", "1e-3", "--workers", "0"]
-    out = run("-q", "finetune", a, "--out", tmp_path / "ft", "--model", tiny_clip, *recipe)
-    assert "trained" in out and "36 images" in out
+    out = run("-q", "finetune", a, "--out", tmp_path / "ft", "--model", tiny_clip, *recipe, "--no-plots")
+    assert "trained" in out and "36 images" in out and f"report page: {tmp_path / 'ft' / 'index.html'}" in out
+    assert (tmp_path / "ft" / "index.html").is_file() and not (tmp_path / "ft" / "plots").exists()
     log = json.loads((tmp_path / "ft" / "train_log.json").read_text())
     assert log["epochs"][-1]["loss"] < log["epochs"][0]["loss"]
 

@@ -181,3 +181,52 @@ def test_a_generalisation_folder_gives_one_row_per_alpha_and_side(tmp_path):
     (tmp_path / "old" / "generalisation.json").write_text("{}")
     with pytest.raises(ValueError, match="rerun `clip-heads generalisation`"):
         read_run(tmp_path / "old")
+
+
+def test_a_mix_of_run_kinds_with_few_shot_and_a_finetune_cv(runs, tmp_path):
+    """train-head CV, zero-shot, evaluate, few-shot and a fine-tune CV in one table, each on its data."""
+    from clip_heads.evaluate import evaluate_head
+    from clip_heads.fewshot import run_few_shot
+
+    evaluate_head(runs / "lin-fit", runs / "t.h5", out_dir=tmp_path / "ev")  # the head on other data
+    fs = run_few_shot(runs / "s.h5", tmp_path / "fs", heads=["linear", "gda"], shots="2,4", seeds=[1, 2, 3],
+                      params={"linear": {"C": 1.0}, "gda": {"cv": 2}}, plots=False)
+    page, _ = check_page(tmp_path / "fs")  # its page: the mean ± std table is metrics.json's
+    assert {("table", "gda", "4", "mean"), ("table", "linear", "2", "std")} <= {tuple(n["key"]) for n in page.nums}
+    folds = [classification_report(np.arange(9) % 3, (np.arange(9) + k) % 3 * (k < 2) + np.arange(9) % 3 * (k >= 2),
+                                   ["a", "b", "c"]) for k in range(3)]
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "metrics.json").write_text(json.dumps(summarize_folds(folds)))
+    (tmp_path / "ft" / "fold-00").mkdir()
+    (tmp_path / "ft" / "fold-00" / "train_log.json").write_text(json.dumps(
+        {"identity": {"model_id": "tiny", "source": "feedbeef", "seed": 0, "templates": ["a photo of a {}"]}}))
+    comp = compare_runs([runs / "lin-s0", runs / "zs", tmp_path / "ev", tmp_path / "fs", tmp_path / "ft"],
+                        out_dir=tmp_path / "cmp")
+    got = {(r["head"], r["protocol"]): r for r in comp.rows}
+    s_fp = json.loads((runs / "zs" / "metrics.json").read_text())["info"]["data"]["fingerprint"]
+    t_fp = json.loads((tmp_path / "ev" / "metrics.json").read_text())["info"]["data"]["fingerprint"]
+    assert got[("zero-shot", "test")]["data"] == s_fp and got[("linear", "test")]["data"] == t_fp != s_fp
+    assert got[("finetune", "3-fold cv")]["data"] == "source:feedbeef"
+    # A few-shot cell: mean ± std (ddof=0) over its seeds, from few_shot.csv, on the store's fingerprint.
+    csv_rows = list(csv.DictReader(open(tmp_path / "fs" / "few_shot.csv")))
+    for head in ("linear", "gda"):
+        for k in ("2", "4"):
+            acc = [float(r["accuracy"]) for r in csv_rows if r["head"] == head and r["shots"] == k]
+            row = got[(head, f"few-shot {k}-shot")]
+            assert len(acc) == 3 and row["n"] == 3 and row["over"] == "seeds" and row["data"] == s_fp
+            assert row["accuracy_mean"] == pytest.approx(np.mean(acc), abs=1e-6)
+            assert row["accuracy_std"] == pytest.approx(np.std(acc), abs=1e-6)
+            assert fs.metrics["table"][head][k]["mean"] == pytest.approx(100 * np.mean(acc), abs=1e-4)
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "few-shot 4-shot" in md and "3 seeds" in md and s_fp[:12] in md and t_fp[:12] in md
+    check_page(tmp_path / "cmp")
+    # Few-shot cells on two stores are never merged into one row unasked.
+    other = json.loads((tmp_path / "fs" / "metrics.json").read_text())
+    other["info"]["data"]["fingerprint"] = t_fp
+    (tmp_path / "fs-t").mkdir()
+    (tmp_path / "fs-t" / "metrics.json").write_text(json.dumps(other))
+    (tmp_path / "fs-t" / "few_shot.csv").write_text((tmp_path / "fs" / "few_shot.csv").read_text())
+    with pytest.raises(MixedDataError, match="different"):
+        compare_runs([tmp_path / "fs", tmp_path / "fs-t"], by="head")
+    merged = compare_runs([tmp_path / "fs", tmp_path / "fs-t"], by="head", allow_mixed_data=True)
+    assert all(r["mixed_data"] and r["n"] == 2 and r["over"] == "runs" for r in merged.rows)

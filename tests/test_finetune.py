@@ -170,6 +170,67 @@ def test_saved_model_loads_and_encodes_like_a_hub_id(tuned, tiny_clip, tmp_path)
     assert (pred == y[rows]).mean() == pytest.approx(tuned["after"]["accuracy"])
 
 
+def hand_calibration(y, P, n_bins=15) -> dict:
+    """ECE (top-label, equal-width bins (b/B, (b+1)/B]), multiclass Brier and NLL, written out."""
+    y, P = np.asarray(y), np.asarray(P, np.float64)
+    conf, ok = P.max(1), (P.argmax(1) == y).astype(float)
+    ece = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        inside = (conf > lo) & (conf <= hi) if b else (conf <= hi)
+        if inside.any():
+            ece += inside.sum() / len(y) * abs(ok[inside].mean() - conf[inside].mean())
+    onehot = np.eye(P.shape[1])[y]
+    return {"ece": ece, "brier": float(((P - onehot) ** 2).sum(1).mean()),
+            "nll": float(-np.log(P[np.arange(len(y)), y]).mean()), "accuracy": float(ok.mean())}
+
+
+def check_hand_calibration(cal: dict, y, P) -> None:
+    want = hand_calibration(y, P)
+    for k, v in want.items():
+        assert cal[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k  # NLL: rows renormalised (float32 softmax)
+
+
+def test_zero_shot_probabilities_are_the_models_softmax_and_calibrated_by_hand(tuned):
+    from transformers import AutoProcessor, CLIPModel
+
+    src, after = tuned["src"], tuned["after"]
+    model, proc = CLIPModel.from_pretrained(tuned["out"]).eval(), AutoProcessor.from_pretrained(tuned["out"])
+    images = [Image.open(Path(src.root) / src.keys[i]).convert("RGB") for i in after["positions"]]
+    inputs = proc(text=[f"a photo of a {c}" for c in src.classes], images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**inputs).logits_per_image.softmax(-1).numpy()  # transformers' own CLIP forward
+    P = np.asarray(after["proba"])
+    np.testing.assert_allclose(P, ref, atol=2e-5)
+    assert after["scoring"]["scoring"] == "softmax"
+    assert after["calibration"]["probabilities"] == after["scoring"]["text"]
+    check_hand_calibration(after["calibration"], src.labels[after["positions"]], P)
+    assert after["calibration"]["n_bins"] == 15
+
+
+def test_a_single_finetune_writes_its_page_with_the_training_curve(tuned, tmp_path):
+    from clip_heads.report_folder import render_folder
+    from test_report_page import check_page
+    from test_report_wiring import check_figure
+
+    out = tuned["out"]
+    page, metrics = check_page(out)  # written by finetune itself
+    assert metrics["kind"] == "finetune" and page.imgs in ([], ["plots/training.png"])  # the module fixture's env
+    assert metrics["loss_curve"]["step"] == list(range(1, 19))
+    assert metrics["loss_curve"]["loss"] == [s["loss"] for s in tuned["res"].log["steps"]]
+    keys = {tuple(n["key"]) for n in page.nums}
+    assert {("n_steps",), ("n_train",)} | {("epochs", i, "loss") for i in range(6)} <= keys
+    text = (out / "index.html").read_text()
+    assert metrics["info"]["model"]["model_hash"] in text and str(tuned["src"].root) in text  # provenance
+    assert metrics["info"]["data"]["fingerprint"] in text and "clip-heads finetune" in text
+    copy = tmp_path / "copy"  # figures on, drawn from its metrics.json alone
+    copy.mkdir()
+    shutil.copy(out / "metrics.json", copy / "metrics.json")
+    render_folder(copy, plots=True)
+    page, _ = check_page(copy)
+    assert page.imgs == ["plots/training.png"] and check_figure(copy / "plots" / "training.png") == (1125, 825)
+
+
 def test_rerun_is_up_to_date_and_other_settings_are_refused(tuned, tiny_clip):
     kw = dict(RECIPE, train_indices=tuned["train"])
     again = finetune(tuned["src"], tuned["out"], tiny_clip, **kw)
@@ -254,7 +315,7 @@ def test_cross_validation_uses_the_heads_folds_and_the_original_weights(tuned, t
     src = tuned["src"]
     summary = cross_validate_finetune(src, tmp_path / "cv", tiny_clip, cv=3, seed=1, templates="bp-photo", epochs=1,
                                       batch_size=16, micro_batch=8, lr=1e-3, workers=0, gradient_checkpointing=True,
-                                      progress=False)
+                                      progress=False, plots=True)
     folds = stratified_folds(src.labels, 3, 1)
     with open(tmp_path / "cv" / "folds.csv") as f:
         saved = [int(line.rsplit(",", 1)[1]) for line in f.read().splitlines()[1:]]
@@ -286,12 +347,41 @@ def test_cross_validation_uses_the_heads_folds_and_the_original_weights(tuned, t
     assert (tmp_path / "cv" / "report.txt").read_text() == summary.text
     for name in ("per_class.csv", "confusion_matrix.csv", "folds.csv"):
         assert (tmp_path / "cv" / name).is_file()
-    from test_report_page import check_page  # its page: the paper's table, mean ± std over the folds
+    from test_report_page import check_page, parse as parse_page  # its page: the paper's table, mean ± std
 
     page, _ = check_page(tmp_path / "cv")
     assert {("mean", "accuracy"), ("std", "accuracy"), ("pooled", "accuracy")} <= {tuple(n["key"]) for n in page.nums}
     fold0 = json.loads((tmp_path / "cv" / "fold-00" / "metrics.json").read_text())
     assert fold0["accuracy"] == accs[0] and "Fold 1 of 3" in (tmp_path / "cv" / "fold-00" / "report.txt").read_text()
+    # Calibration, out of fold: the probabilities in predictions.csv are each fold model's, and
+    # ECE / Brier / NLL in metrics.json and report.txt are theirs, by hand.
+    by_key = {}
+    for f in range(3):
+        rep = json.loads((tmp_path / "cv" / f"fold-{f:02d}" / "metrics.json").read_text())
+        by_key.update({src.keys[i]: p for i, p in zip(rep["positions"], rep["proba"], strict=True)})
+        check_hand_calibration(rep["calibration"], src.labels[rep["positions"]], rep["proba"])
+    cols = [f"proba_{c}" for c in src.classes]
+    P = np.array([[float(r[c]) for c in cols] for r in rows])
+    np.testing.assert_allclose(P, [by_key[r["key"]] for r in rows], rtol=1e-8)
+    y = [src.classes.index(r["label"]) for r in rows]
+    cal = written["calibration"]
+    check_hand_calibration(cal, y, P)
+    assert cal["computed"] == "out of fold" and "softmax" in cal["probabilities"]
+    assert f"ECE              {cal['ece']:.4f}" in summary.text and f"NLL              {cal['nll']:.4f}" in summary.text
+    # Figures: confusion matrix, per-class bars, fold spread and the reliability diagram; each
+    # fold's held-out evaluation has its own page, linked.
+    page = parse_page(tmp_path / "cv" / "index.html")
+    assert sorted(page.imgs) == sorted(f"plots/{s}.png" for s in ("confusion_matrix", "per_class", "fold_spread",
+                                                                     "reliability"))
+    assert {f"fold-{f:02d}/index.html" for f in range(3)} <= set(page.refs)
+    html = (tmp_path / "cv" / "index.html").read_text()
+    assert "3 (stratified, seed 1)" in html and "<h1>clip-heads finetune --cv</h1>" in html
+    assert "<h1>clip-heads finetune --cv: fold 2 of 3, zero-shot on its held-out images</h1>" in (
+        tmp_path / "cv" / "fold-01" / "index.html").read_text()
+    assert ("calibration", "ece") in {tuple(n["key"]) for n in page.nums}
+    fold_page, _ = check_page(tmp_path / "cv" / "fold-01")  # numbers only: the figures are the CV page's
+    assert fold_page.imgs == [] and ("calibration", "brier") in {tuple(n["key"]) for n in fold_page.nums}
+    assert not (tmp_path / "cv" / "fold-01" / "plots").exists()
 
 
 # -- WiSE-FT ---------------------------------------------------------------------------------
@@ -355,7 +445,27 @@ def test_generalisation_table_along_the_wise_ft_curve(tuned, tiny_clip, tmp_path
     from test_report_page import check_page
 
     page, _ = check_page(tmp_path / "gen")
-    assert page.imgs == ["plots/wise_ft.png"] and {("rows", 2, "b_accuracy")} <= {tuple(n["key"]) for n in page.nums}
+    ends = [f"plots/reports/{a}/{s}/{f}.png" for a in ("0.00", "1.00") for s in "ab"
+            for f in ("confusion_matrix", "per_class", "reliability")]
+    assert sorted(page.imgs) == sorted(["plots/wise_ft.png", "plots/wise_ft_calibration.png"] + ends)
+    html = (tmp_path / "gen" / "index.html").read_text()
+    assert "<h1>clip-heads generalisation</h1>" in html  # not a section's
+    assert "<th>fingerprint</th>" in html and '{&quot;source_root' not in html  # A's and B's records as tables
+    keys = {tuple(n["key"]) for n in page.nums}
+    assert {("rows", 2, "b_accuracy"), ("rows", 0, "a_ece"), ("rows", 2, "b_nll")} <= keys
+    assert {("reports", "0.00", "a", "calibration", "ece"), ("reports", "1.00", "b", "accuracy")} <= keys
+    # Calibration of every blend's probabilities on both sides, by hand, in the rows and report.txt.
+    for row in rows:
+        cached = json.loads((tmp_path / "gen" / f"alpha-{row['alpha']:.2f}.json").read_text())
+        for side, src in (("a", tuned["src"]), ("b", b)):
+            rep = cached[side]
+            check_hand_calibration(rep["calibration"], src.labels[rep["positions"]], rep["proba"])
+            want = hand_calibration(src.labels[rep["positions"]], rep["proba"])
+            assert (row[f"{side}_ece"], row[f"{side}_brier"], row[f"{side}_nll"]) == pytest.approx(
+                (want["ece"], want["brier"], want["nll"]), rel=1e-6)
+            assert written["reports"][f"{row['alpha']:.2f}"][side]["calibration"]["ece"] == row[f"{side}_ece"]
+            assert "proba" not in written["reports"][f"{row['alpha']:.2f}"][side]  # the images' columns stay cached
+    assert "Calibration of each blend" in result.text and f"{rows[-1]['b_ece']:6.3f}" in result.text
     # compare reads it: one row per alpha and side, alpha 1 on B the fine-tuned model's zero-shot of B.
     from clip_heads.compare import compare_runs
 

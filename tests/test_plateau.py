@@ -8,36 +8,7 @@ from sklearn.metrics import f1_score
 
 from clip_heads.heads import ContrastiveHead, LinearHead, MLPHead, TipAdapterHead
 from conftest import make_blobs
-
-FI_COUNTS = np.array([4942, 1266, 3151, 5374, 1658, 2963, 1032, 2922])  # FI's 8 emotions, 23,308 images
-
-
-def fi_planted(n: int = 23308, dim: int = 512, clusters: int = 2, sep: float = 3.0, seed: int = 0):
-    """An FI-shaped problem with a known Bayes classifier.
-
-    8 classes with FI's priors; each class a mixture of ``clusters`` Gaussians (so the boundary
-    is not linear), all sharing one anisotropic covariance (a decaying spectrum, as CLIP vectors
-    have, which slows plain gradient descent), every cluster mean at Mahalanobis distance
-    ``sep`` from the origin. Returns X, y and the Bayes classifier ``bayes(X) -> labels``.
-    """
-    rng = np.random.default_rng(seed)
-    prior = FI_COUNTS / FI_COUNTS.sum()
-    scale = (1 + np.arange(dim) / 8.0) ** -0.5
-    rotation = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
-    mu = rng.normal(size=(len(prior) * clusters, dim)) * scale
-    mu *= sep / np.linalg.norm(mu / scale, axis=1, keepdims=True)
-    y = rng.choice(len(prior), size=n, p=prior)
-    z = rng.normal(size=(n, dim)) * scale + mu[y * clusters + rng.integers(0, clusters, size=n)]
-    X = (z @ rotation.T).astype(np.float32)
-
-    def bayes(X: np.ndarray) -> np.ndarray:
-        # log p(x | cluster) up to a constant shared by all clusters; a class's is the mean of its clusters'.
-        s = (X.astype(np.float64) @ rotation) @ (mu / scale**2).T - 0.5 * ((mu / scale) ** 2).sum(1)
-        s = s.reshape(len(X), len(prior), clusters)
-        top = s.max(2)
-        return np.argmax(top + np.log(np.exp(s - top[..., None]).mean(2)) + np.log(prior), axis=1)
-
-    return X, y, bayes
+from planted import fi_planted
 
 
 def test_mlp_defaults_train_an_fi_shaped_problem_to_its_plateau():
@@ -50,7 +21,7 @@ def test_mlp_defaults_train_an_fi_shaped_problem_to_its_plateau():
     benchmarks/bench_heads.py makes that comparison at full FI size, 23,308 x 512). The broken
     schedule is trained beside the default, so the margin is measured, not assumed.
     """
-    X, y, bayes = fi_planted(n=6000, dim=256)
+    X, y, _, bayes = fi_planted(n=6000, dim=256)
     cut = int(0.8 * len(X))
     Xtr, ytr, Xte, yte = X[:cut], y[:cut], X[cut:], y[cut:]
     head = MLPHead(hidden=64).fit(Xtr, ytr)

@@ -207,3 +207,22 @@ def test_import_clip_heads_does_not_import_matplotlib():
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_reliability_gap_is_hatched_not_filled_so_an_underconfident_bar_reads_at_its_height():
+    from clip_heads.calibration import calibration_report
+
+    rng = np.random.default_rng(0)
+    P = rng.dirichlet(np.ones(4) * 3, 400)  # flat probabilities: confidence ~0.5
+    y = P.argmax(1)  # ...and always right: underconfident, the gap lies over the accuracy bars
+    cal = calibration_report(y, P)
+    fig = plots.reliability_figure(cal)
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if not p.get_hatch()]
+    gaps = [p for p in ax.patches if p.get_hatch()]
+    full = [b for b in cal["bins"] if b["count"]]
+    assert len(bars) == len(gaps) == len(full)
+    assert [round(p.get_height(), 9) for p in bars] == [round(b["accuracy"], 9) for b in full] == [1.0] * len(full)
+    assert all(p.get_facecolor()[3] == 0 for p in gaps)  # no tint over the accuracy bar
+    for p, b in zip(gaps, full, strict=True):
+        assert (p.get_y(), p.get_y() + p.get_height()) == pytest.approx((b["confidence"], b["accuracy"]))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_heads import zeroshot
+from clip_heads import ensembling, zeroshot
 from clip_heads.ablation import ablate_prompts
 from clip_heads.evaluate import run_zero_shot, train_head
 from clip_heads.heads import class_prompt_vectors
@@ -148,14 +148,20 @@ def planted_store(path, C=4, n=25, soft=False):
 @pytest.fixture
 def roll_kernel(monkeypatch):
     """Call it to make the kernel's ensembling hand class c the vector of class c + 1: a
-    consumer that uses the kernel then predicts (c - 1) mod C wherever it predicted c."""
-    real = zeroshot.ensemble
+    consumer that uses the kernel then predicts (c - 1) mod C wherever it predicted c. The
+    ensemble lives in clip_heads.ensembling (class_vectors, PromptSet.class_vectors call it
+    there) and is re-exported by the kernel (the heads call zeroshot.ensemble): both names."""
+    real = ensembling.ensemble
 
     def rolled(*args, **kw):
         V = real(*args, **kw)
         return V.roll(-1, 0) if isinstance(V, torch.Tensor) else np.roll(V, -1, axis=0)
 
-    return lambda: monkeypatch.setattr(zeroshot, "ensemble", rolled)
+    def roll() -> None:
+        monkeypatch.setattr(ensembling, "ensemble", rolled)
+        monkeypatch.setattr(zeroshot, "ensemble", rolled)
+
+    return roll
 
 
 def test_store_consumers_follow_the_kernels_ensembling(tmp_path, roll_kernel):

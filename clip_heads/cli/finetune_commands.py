@@ -31,10 +31,12 @@ from .options import (ALLOW_OUTSIDE, Existing, LABEL_LEVEL, NO_PLOTS, Renamed, S
 @click.option("--seed", default=0, help="Seed of training and of the folds (the heads' folds for the same seed).")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming a run in --out (with --cv: discard the scored folds).")
 @ALLOW_OUTSIDE
+@NO_PLOTS
 @click.pass_context
 @friendly
 def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv, epochs, batch_size, micro_batch, lr,
-             weight_decay, warmup, precision, device, gradient_checkpointing, workers, seed, overwrite, allow_outside_root):
+             weight_decay, warmup, precision, device, gradient_checkpointing, workers, seed, overwrite, allow_outside_root,
+             no_plots):
     """Fine-tune both CLIP towers on SOURCE paired with class captions (the papers' Emotion-CLIP recipe).
 
     An interrupted run resumes from its last checkpoint when rerun with the same arguments.
@@ -45,15 +47,15 @@ def finetune(ctx, source, out_dir, model, fmt, split, label_level, templates, cv
     opts = dict(format=fmt, source_options=source_options(fmt, split, label_level, allow_outside_root), templates=templates, epochs=epochs,
                 batch_size=batch_size, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay, warmup=warmup,
                 precision=precision, device=device, gradient_checkpointing=gradient_checkpointing, workers=workers,
-                progress=ctx.obj["progress"])
+                progress=ctx.obj["progress"], plots=False if no_plots else None)
     if cv:
         rep = cross_validate_finetune(source, out_dir, model, cv=cv, seed=seed, overwrite=overwrite, **opts)
         click.echo(rep.text)
-        click.echo(f"{cv}-fold results written to {out_dir}")
+        click.echo(f"{cv}-fold results written to {out_dir}; {page(out_dir)}")
         return
     r = run(source, out_dir, model, seed=seed, overwrite=overwrite, **opts)
     click.echo(f"{r.status}: {r.out_dir} ({r.n_train} images, {r.steps} steps, {len(r.skipped)} skipped); "
-               f"encode with `clip-heads encode SOURCE --model {r.out_dir}`")
+               f"encode with `clip-heads encode SOURCE --model {r.out_dir}`; {page(r.out_dir)}")
 
 
 @main.command("wise-ft")

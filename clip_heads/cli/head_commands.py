@@ -145,7 +145,7 @@ def ablate_prompts_cmd(store, prompt_sets, out_dir, overwrite, no_plots):
 @NO_PLOTS
 @friendly
 def compare(run_dirs, by, out_dir, allow_mixed_data, overwrite, no_plots):
-    """One table across the results folders RUN_DIRS (train-head, zero-shot, evaluate, ablate-prompts, finetune --cv, generalisation)."""
+    """One table across the results folders RUN_DIRS (train-head, zero-shot, evaluate, few-shot, ablate-prompts, finetune --cv, generalisation)."""
     from ..compare import compare_runs, parse_by
 
     try:

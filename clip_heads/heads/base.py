@@ -64,7 +64,9 @@ class Head(ClassifierMixin, BaseEstimator):
     Subclasses set ``name`` (their registry key), ``_parameter_constraints`` (scikit-learn's
     form), implement ``_fit(X, y)`` on validated float32 rows and class indices, ``_logits(X)``
     on a float tensor on ``self.device``, and ``_get_tensors`` / ``_set_tensors`` /
-    ``_expected_tensors`` for what they learned.
+    ``_expected_tensors`` for what they learned. The defaults here save nothing, so a head that
+    builds on another (a mixin such as :class:`~clip_heads.heads.zs_lp.PromptHead`, or
+    :class:`TrainedHead`) adds its own tensors to ``super()``'s.
 
     Capabilities are declared, never guessed from a signature:
 
@@ -225,17 +227,17 @@ class Head(ClassifierMixin, BaseEstimator):
 
     # -- save / load ------------------------------------------------------------------------
     def _get_tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The learned tensors to save, by name (none here: each head adds its own)."""
+        return {}
 
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Names and shapes the saved tensors must have, given ``classes_``, ``n_features_in_``
         and the parameters; ``found`` (the shapes in the file) supplies free sizes such as a
-        cache's length."""
-        raise NotImplementedError
+        cache's length. None here: a file holding any tensor the head does not add is refused."""
+        return {}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         """Restore the learned state from checked tensors and config extras (``ValueError`` if inconsistent)."""
-        raise NotImplementedError
 
     def _extra_config(self) -> dict[str, Any]:
         """Learned scalars (e.g. a chosen C) that belong in config.json rather than the tensors."""
@@ -359,7 +361,7 @@ class TrainedHead(Head):
         ``val_scores_``, ``best_epoch_``, ``n_epochs_`` and ``stop_reason_`` ("plateau", or
         "epochs" when the cap ended it).
         """
-        from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
+        from clip_heads.train import TensorBatches  # train.py knows nothing of heads
 
         prepare = prepare if prepare is not None else (lambda t: t)
         eval_fn, train_rows = None, None
@@ -376,19 +378,34 @@ class TrainedHead(Head):
         with seeded(seed, self.device):
             self.model_ = model = self._build().to(self.device)
         batches = TensorBatches(rows, batch_size=auto_batch_size(self.batch_size, len(rows)), seed=seed)
-        # On a small training set an epoch is a step or two: count patience and the cap in rounds
-        # of at least ROUND_STEPS optimiser steps, so that both keep their meaning at any size.
-        stretch = max(1, -(-ROUND_STEPS // len(batches)))
-        plateau = self.patience is not None
 
         def batch_loss(b: tuple[torch.Tensor]) -> torch.Tensor:
             return loss_fn(model(prepare(X.index_select(0, b[0]))), y.index_select(0, b[0]))
 
+        self._run_loop(model, batch_loss, batches, seed, eval_fn)
+
+    def _run_loop(self, model: torch.nn.Module, batch_loss: Callable[[Any], torch.Tensor], batches: Any, seed: int,
+                  eval_fn: Callable[[], float] | None, **trainer_kw: Any) -> None:
+        """The trained heads' stopping rule on the package's loop, then the record of the run.
+
+        AdamW at ``lr`` after a warm-up of one epoch (at most ROUND_STEPS steps), to the plateau
+        of ``eval_fn`` (or of the training loss without one) or ``epochs`` exactly when
+        ``patience`` is None; ``trainer_kw`` goes to :class:`~clip_heads.train.Trainer` as it is
+        (``min_delta``, ``on_epoch_end``). Sets ``loss_curve_``, ``val_scores_``, ``best_epoch_``,
+        ``n_epochs_``, ``stop_reason_`` and leaves ``model`` in eval mode.
+        """
+        from clip_heads.train import Trainer  # train.py knows nothing of heads
+
+        # On a small training set an epoch is a step or two: count patience and the cap in rounds
+        # of at least ROUND_STEPS optimiser steps, so that both keep their meaning at any size.
+        stretch = max(1, -(-ROUND_STEPS // len(batches)))
+        plateau = self.patience is not None
         trainer = Trainer(model, batch_loss, batches, epochs=self.epochs * stretch,
                           lr=self.lr, weight_decay=self.weight_decay, eval_fn=eval_fn,
                           schedule="plateau" if plateau else "constant",
                           patience=self.patience * stretch if plateau else None,
-                          warmup_steps=min(len(batches), ROUND_STEPS), device=self.device, seed=seed).fit()
+                          warmup_steps=min(len(batches), ROUND_STEPS), device=self.device, seed=seed,
+                          **trainer_kw).fit()
         model.eval()
         self.loss_curve_, self.val_scores_ = trainer.loss_curve, trainer.val_scores
         self.best_epoch_ = trainer.best_epoch if eval_fn is not None else trainer.epoch

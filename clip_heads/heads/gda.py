@@ -41,7 +41,8 @@ from clip_heads import zeroshot
 from clip_heads.heads.base import DEVICE, SCORING_CONSTRAINTS, Head, l2_normalize, seed_from
 from clip_heads.heads.params import NON_NEGATIVE, POSITIVE_INT, PROMPTS, StrOptions, check_grid
 from clip_heads.heads.zero_shot import PromptEmbeds
-from clip_heads.heads.zs_lp import PromptHead, text_vectors
+from clip_heads.heads.views import rows_of
+from clip_heads.heads.zs_lp import PromptHead
 
 __all__ = ["GDAHead", "gda_classifier", "DEFAULT_ALPHAS"]
 
@@ -138,7 +139,7 @@ class GDAHead(PromptHead, Head):
         return self.scoring_rule().logits(zeroshot.cosine(X, self.class_embeds_.to(X)))
 
     def _fit_rows(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None) -> None:
-        self.class_embeds_ = text_vectors(type(self).__name__, self.prompt_embeds, self.classes_.tolist(), X_np.shape[1])
+        self._fit_class_embeds(X_np.shape[1])
         k = len(self.classes_)
         X = torch.from_numpy(X_np).to(self.device, torch.float64)
         y = torch.from_numpy(y_np).to(self.device)
@@ -152,9 +153,8 @@ class GDAHead(PromptHead, Head):
         self.coef_, self.intercept_ = W.float().cpu().numpy(), b.float().cpu().numpy()
 
     def _rows(self, X: torch.Tensor, y: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training rows: the plain vectors, then the views (as :func:`~clip_heads.heads.views.with_views`)."""
-        if V is not None:
-            X, y = torch.cat([X, V.reshape(-1, X.shape[1])]), torch.cat([y, y.repeat_interleave(V.shape[1])])
+        """Prepared training rows: the plain vectors, then the views (:func:`~clip_heads.heads.views.rows_of`)."""
+        X, y = rows_of(X, y, V)
         return self._prepare(X), y
 
     def _search(self, X: torch.Tensor, y: torch.Tensor, V: torch.Tensor | None, k: int) -> float:
@@ -186,16 +186,15 @@ class GDAHead(PromptHead, Head):
         return {"alpha_": self.alpha_, "alpha_scores_": {str(a): s for a, s in self.alpha_scores_.items()}}
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds_, "coef": torch.from_numpy(self.coef_),
+        return {**super()._get_tensors(), "coef": torch.from_numpy(self.coef_),
                 "intercept": torch.from_numpy(self.intercept_)}
 
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         k, d = len(self.classes_), self.n_features_in_
-        return {"class_embeds": (k, d), "coef": (k, d), "intercept": (k,)}
+        return {**super()._expected_tensors(found), "coef": (k, d), "intercept": (k,)}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        self.class_embeds_ = tensors["class_embeds"]
-        self.prompt_embeds = self.class_embeds_.numpy()
+        super()._set_tensors(tensors, extra)  # class_embeds (PromptHead)
         self.coef_, self.intercept_ = tensors["coef"].numpy(), tensors["intercept"].numpy()
         self.alpha_ = float(extra["alpha_"])
         try:

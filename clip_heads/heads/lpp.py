@@ -46,7 +46,7 @@ from clip_heads.heads.base import DEVICE, SCORING_CONSTRAINTS, Head, l2_normaliz
 from clip_heads.heads.params import NON_NEGATIVE, PROMPTS, Integral, Interval, Real
 from clip_heads.heads.views import with_views
 from clip_heads.heads.zero_shot import PromptEmbeds
-from clip_heads.heads.zs_lp import PromptHead, text_vectors
+from clip_heads.heads.zs_lp import PromptHead
 
 __all__ = ["LPPHead", "lipschitz_steps"]
 
@@ -120,8 +120,7 @@ class LPPHead(PromptHead, Head):
         return torch.softmax(torch.from_numpy(self._all_logits(X)).double(), dim=1).numpy()
 
     def _fit_rows(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None) -> None:
-        T = text_vectors(type(self).__name__, self.prompt_embeds, self.classes_.tolist(), X_np.shape[1])
-        self.class_embeds_ = T
+        T = self._fit_class_embeds(X_np.shape[1])
         X_np, y_np = with_views(X_np, y_np, views)
         # Full batch in float64: the MM steps are exact minimisers only in exact arithmetic.
         Fm = l2_normalize(torch.from_numpy(X_np).to(self.device, torch.float64))
@@ -170,16 +169,14 @@ class LPPHead(PromptHead, Head):
                 "steps_alpha_": self.steps_alpha_}
 
     def _get_tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds_, "coef": torch.from_numpy(self.coef_),
-                "alpha": torch.from_numpy(self.alpha_)}
+        return {**super()._get_tensors(), "coef": torch.from_numpy(self.coef_), "alpha": torch.from_numpy(self.alpha_)}
 
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         k, d = len(self.classes_), self.n_features_in_
-        return {"class_embeds": (k, d), "coef": (k, d), "alpha": (k,)}
+        return {**super()._expected_tensors(found), "coef": (k, d), "alpha": (k,)}
 
     def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        self.class_embeds_ = tensors["class_embeds"]
-        self.prompt_embeds = self.class_embeds_.numpy()
+        super()._set_tensors(tensors, extra)  # class_embeds (PromptHead)
         self.coef_, self.alpha_ = tensors["coef"].numpy(), tensors["alpha"].numpy()
         for k in self._extra_types:
             setattr(self, k, extra[k])

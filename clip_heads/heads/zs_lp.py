@@ -38,13 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_heads import zeroshot
-from clip_heads.heads.base import (DEVICE, ROUND_STEPS, SCORING_CONSTRAINTS, TrainedHead, accuracy, auto_batch_size, l2_normalize,
+from clip_heads.heads.base import (DEVICE, SCORING_CONSTRAINTS, TrainedHead, accuracy, auto_batch_size, l2_normalize,
                                    seed_from, validation_split)
 from clip_heads.heads.params import (FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROMPTS, Interval, StrOptions)
 from clip_heads.heads.views import ViewsFit, rows_of
 from clip_heads.heads.zero_shot import PromptEmbeds, class_prompt_vectors
 
-__all__ = ["ZSLPHead", "Prototypes", "PromptHead", "rule_loss", "text_vectors"]
+__all__ = ["ZSLPHead", "Prototypes", "PromptHead", "rule_loss"]
 
 NON_NEGATIVE_INT = Interval(Integral, 0, None, closed="left")
 
@@ -56,17 +56,6 @@ def rule_loss(logits: torch.Tensor, y: torch.Tensor, scoring: str) -> torch.Tens
         return F.cross_entropy(logits, y)
     target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(y)
-
-
-def text_vectors(owner: str, prompt_embeds: PromptEmbeds | None, classes: list, dim: int) -> torch.Tensor:
-    """Unit class vectors ``(n_classes, dim)`` of the prompts, rows in ``classes`` order."""
-    if prompt_embeds is None:
-        raise ValueError(f"{owner} needs prompt_embeds (class prompt vectors from the text tower)")
-    T = torch.from_numpy(class_prompt_vectors(prompt_embeds, classes))
-    if T.shape[1] != dim:
-        raise ValueError(f"{owner}: prompt vectors have dim {T.shape[1]} but the vectors it scores have {dim}: image "
-                         f"and text vectors must come from the same model")
-    return T
 
 
 class Prototypes(nn.Module):
@@ -81,11 +70,36 @@ class Prototypes(nn.Module):
 
 
 class PromptHead(ViewsFit):
-    """Mixin of the heads of this issue that need prompt vectors: refuse a fit without them."""
+    """Mixin of the few-shot heads that start from prompt vectors: refuse a fit without them, and
+    save the zero-shot class vectors they fitted from (``class_embeds_``, ``(n_classes, dim)``,
+    the tensor ``class_embeds``) beside what each head adds through ``super()``."""
 
     def _check_inputs(self) -> None:
         if self.prompt_embeds is None:
             raise ValueError(f"{type(self).__name__} needs prompt_embeds (class prompt vectors from the text tower)")
+
+    def _fit_class_embeds(self, dim: int) -> torch.Tensor:
+        """Set and return ``class_embeds_``: the unit class vectors ``(n_classes, dim)`` of the
+        prompts, rows in ``classes_`` order; ``ValueError`` if they do not have the dimension
+        ``dim`` of the vectors they are compared with."""
+        T = torch.from_numpy(class_prompt_vectors(self.prompt_embeds, self.classes_.tolist()))
+        if T.shape[1] != dim:
+            raise ValueError(f"{type(self).__name__}: prompt vectors have dim {T.shape[1]} but the vectors it scores have "
+                             f"{dim}: image and text vectors must come from the same model")
+        self.class_embeds_ = T
+        return T
+
+    def _get_tensors(self) -> dict[str, torch.Tensor]:
+        return {"class_embeds": self.class_embeds_, **super()._get_tensors()}
+
+    def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return {"class_embeds": (len(self.classes_), self.n_features_in_), **super()._expected_tensors(found)}
+
+    def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        # First: a head's own state may be built from the class vectors (ZS-LP's prototypes).
+        self.class_embeds_ = tensors["class_embeds"]
+        self.prompt_embeds = self.class_embeds_.numpy()  # so that clone() + fit() of a loaded head works
+        super()._set_tensors(tensors, extra)
 
 
 class ZSLPHead(PromptHead, TrainedHead):
@@ -153,8 +167,7 @@ class ZSLPHead(PromptHead, TrainedHead):
         return l2_normalize(X.to(self.device))
 
     def _fit_rows(self, X_np: np.ndarray, y_np: np.ndarray, views: np.ndarray | None) -> None:
-        self.class_embeds_ = text_vectors(type(self).__name__, self.prompt_embeds, self.classes_.tolist(),
-                                          self._text_dim(X_np))
+        self._fit_class_embeds(self._text_dim(X_np))
         self._shots = len(X_np) / len(self.classes_)  # images (not views) per class, on average
         X, y = self._prepare(torch.from_numpy(X_np)), torch.from_numpy(y_np).to(self.device)
         V = None if views is None else self._prepare(torch.from_numpy(views))
@@ -193,7 +206,7 @@ class ZSLPHead(PromptHead, TrainedHead):
                        loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """The package's loop, to the plateau of the training loss (or of a validation split carved
         by image: the views of a validation image never train, and it is scored on its plain vector)."""
-        from clip_heads.train import TensorBatches, Trainer  # train.py knows nothing of heads
+        from clip_heads.train import TensorBatches  # train.py knows nothing of heads
 
         self.model_ = model = self._build().to(self.device)
         self.loss_curve_, self.val_scores_ = [], []
@@ -212,18 +225,8 @@ class ZSLPHead(PromptHead, TrainedHead):
         else:
             X, y = rows_of(X, y, V)
         batches = TensorBatches(X, y, batch_size=auto_batch_size(self.batch_size, len(X)), seed=seed)
-        stretch = max(1, -(-ROUND_STEPS // len(batches)))
-        plateau = self.patience is not None
-        trainer = Trainer(model, lambda b: loss_fn(model, b[0], b[1]), batches, epochs=self.epochs * stretch,
-                          lr=self.lr, weight_decay=self.weight_decay, eval_fn=eval_fn,
-                          schedule="plateau" if plateau else "constant",
-                          patience=self.patience * stretch if plateau else None, min_delta=self.tol,
-                          warmup_steps=min(len(batches), ROUND_STEPS), device=self.device, seed=seed,
-                          on_epoch_end=self._on_epoch_end).fit()
-        model.eval()
-        self.loss_curve_, self.val_scores_ = trainer.loss_curve, trainer.val_scores
-        self.best_epoch_ = trainer.best_epoch if eval_fn is not None else trainer.epoch
-        self.n_epochs_, self.stop_reason_ = trainer.epoch, trainer.stop_reason
+        self._run_loop(model, lambda b: loss_fn(model, b[0], b[1]), batches, seed, eval_fn, min_delta=self.tol,
+                       on_epoch_end=self._on_epoch_end)
 
     # -- scoring ------------------------------------------------------------------------
     def _module_logits(self, X: torch.Tensor) -> torch.Tensor:
@@ -241,16 +244,7 @@ class ZSLPHead(PromptHead, TrainedHead):
         """The trained class prototypes ``(n_classes, dim)`` (not normalised)."""
         return self.model_.weight.detach().cpu().numpy()
 
-    # -- save / load ----------------------------------------------------------------------
-    def _get_tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds_, **super()._get_tensors()}
-
+    # -- save / load (class_embeds: PromptHead; model.*: TrainedHead) ------------------------
     def _expected_tensors(self, found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        shape = (len(self.classes_), self.n_features_in_)
-        return {"class_embeds": shape, "model.weight": shape}
-
-    def _set_tensors(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        self.class_embeds_ = tensors["class_embeds"]
-        self.prompt_embeds = self.class_embeds_.numpy()  # so that clone() + fit() of a loaded head works
-        super()._set_tensors(tensors, extra)
+        return {**super()._expected_tensors(found), "model.weight": (len(self.classes_), self.n_features_in_)}
 
