@@ -10,6 +10,7 @@ of one core, which other processes' load changes far less than wall time.
 from __future__ import annotations
 
 import copy
+import functools
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from clip_heads.backbones.precision import apply_precision, cpu_bf16_unit, resolve_precision
-from clip_heads.images import open_rgb, reduced_decoding, simplejpeg_available
+from clip_heads.images import open_rgb, simplejpeg_available
 
 
 def worst_cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,29 +139,44 @@ def large_jpegs(images: list, root: Path, short_side: int = 1536) -> list[Path]:
     return out
 
 
+def _box_resize_pixels(recipe, img):
+    """PIL's resize of only the centre-crop region (``resize(crop, box=...)``): a measured
+    alternative, not a decode path (its pass order differs from the full resize: up to 4/255)."""
+    from PIL import Image
+
+    w, h = img.size
+    rw, rh = recipe.resized_size(w, h)
+    sx, sy = w / rw, h / rh
+    top, left = int((rh - recipe.crop_height) / 2.0), int((rw - recipe.crop_width) / 2.0)
+    box = (left * sx, top * sy, (left + recipe.crop_width) * sx, (top + recipe.crop_height) * sy)
+    out = img.resize((recipe.crop_width, recipe.crop_height), Image.BICUBIC, box=box)
+    return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
+
+
 def decode_paths(recipe, processor) -> dict:
-    """name -> function(path) -> float32 array (3, H, W), or uint8 for the "uint8 crops" rows."""
+    """name -> function(path) -> float32 array (3, H, W), or uint8 for the "uint8 crops" rows.
+    The decode path ``--decode auto`` resolves to is marked "(default)"."""
+    from clip_heads.loading import DECODE_STEPS, decoded_pixels, resolve_decode
+
     def reference(p):
         return processor(images=[open_rgb(p)], return_tensors="np")["pixel_values"][0]
 
-    def via(decoder, uint8=False):
-        def run(p):
-            with reduced_decoding(decoder, 2 * recipe.min_side):
-                img = open_rgb(p)
-            return recipe.pixels(img) if uint8 else recipe(img)
-        return run
+    def via(path, uint8=True, pixels=None):
+        if pixels is not None:
+            return lambda p: pixels(recipe, open_rgb(p))
+        return lambda p: decoded_pixels(functools.partial(open_rgb, p), recipe, path, uint8)  # what the loader runs
 
-    paths = {"processor (reference)": reference, "PIL, float crops (before this change)": via("exact"),
-             "PIL + JPEG draft": via("draft")}
-    if simplejpeg_available():
-        paths["simplejpeg (scaled)"] = via("simplejpeg")
-        paths["simplejpeg, uint8 crops (default)"] = via("simplejpeg", uint8=True)
-    else:
-        paths["PIL + draft, uint8 crops (default)"] = via("draft", uint8=True)
+    default = resolve_decode("auto", recipe)
+    paths = {"processor (reference)": reference, "exact, float crops": via("exact", uint8=False),
+             "exact, uint8 crops": via("exact"), "exact + PIL crop-region resize": via("exact", pixels=_box_resize_pixels)}
+    for path in ("draft", "simplejpeg", "draft-torch", "simplejpeg-torch"):
+        if DECODE_STEPS[path][0] == "simplejpeg" and not simplejpeg_available():
+            continue
+        paths[f"{path}, uint8 crops" + (" (default)" if path == default else "")] = via(path)
     return paths
 
 
-def decode_matrix(recipe, processor, files: list, embed, rounds: int = 2) -> list[dict]:
+def decode_matrix(recipe, processor, files: list, embed, rounds: int = 3) -> list[dict]:
     """Rows ``name, per_core (img/s of one core), max_diff (0-255 units vs the processor), cos``.
 
     ``embed`` maps a float batch ``(B, 3, H, W)`` to embeddings; uint8 rows are normalised with
@@ -168,11 +184,18 @@ def decode_matrix(recipe, processor, files: list, embed, rounds: int = 2) -> lis
     paths = decode_paths(recipe, processor)
     cpu = {k: [] for k in paths}
     outs = {}
-    for _ in range(rounds):
-        for k, fn in paths.items():
-            t = time.process_time()
-            outs[k] = [fn(p) for p in files]
-            cpu[k].append((time.process_time() - t) / len(files))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core: what a decode worker (torch threads 1 there) gets
+    try:
+        for fn in paths.values():
+            fn(files[0])  # warm-up: first calls pay imports and kernel dispatch
+        for _ in range(rounds):
+            for k, fn in paths.items():
+                t = time.process_time()
+                outs[k] = [fn(p) for p in files]
+                cpu[k].append((time.process_time() - t) / len(files))
+    finally:
+        torch.set_num_threads(threads)
     std = np.asarray(recipe.image_std, np.float32)[:, None, None] * 255
     ref = np.stack(outs["processor (reference)"])
     ref_e = embed(torch.from_numpy(ref))

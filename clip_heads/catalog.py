@@ -15,9 +15,9 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # encode (a frozen forward) may also run with bf16 weights or int8 linears on a CPU; see
 # clip_heads.backbones.precision for what each computes and the names a store records.
 ENCODE_PRECISIONS = PRECISIONS + ("bf16-weights", "int8")
-# How encode decodes JPEGs (clip_heads.images.DECODERS): auto = the fastest path within the
-# tolerance; exact = the full decode, equal to the model's own processor.
-DECODE_PATHS = ("auto", "exact", "draft", "simplejpeg")
+# How encode decodes and resizes images (clip_heads.loading.DECODE_STEPS): auto = the fastest path
+# within the tolerance; exact = the full decode and PIL resize, equal to the model's own processor.
+DECODE_PATHS = ("auto", "exact", "draft", "simplejpeg", "draft-torch", "simplejpeg-torch")
 # What encode stores per image: the embeddings, and optionally the image tower's pooled output
 # before the projection (encode --features projected,pre-projection).
 FEATURES = ("projected", "pre-projection")

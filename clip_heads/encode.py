@@ -141,10 +141,10 @@ def encode(
     precision : "auto" (fp16 autocast on a GPU; on a CPU bf16 autocast where it has bf16 matrix
         units, else fp32), "fp32" (exact), "fp16", "bf16", "bf16-weights", "int8" (CPU); the store
         records what ran (:mod:`clip_heads.backbones.precision`), and a resume must match it.
-    decode : "auto" (the fastest JPEG decode within cosine 0.9999 of the reference: simplejpeg
-        with the fast-decode extra, else PIL's draft), "exact" (the full decode, equal to the
-        model's processor), "draft", "simplejpeg"; recorded as the store's ``decode`` attribute,
-        and a resume must match it.
+    decode : "auto" (the fastest decode + resize within cosine 0.9999 of the reference: PIL's
+        draft then torch's uint8 resize, "draft-torch"), "exact" (the full decode, equal to the
+        model's processor), or a :data:`clip_heads.loading.DECODE_STEPS` name; recorded as the
+        store's ``decode`` attribute, and a resume must match it.
     features : "projected" (default), or "projected,pre-projection" to also store the image
         tower's pooled output before the projection (``/images/pre_embeds``) and the projection
         itself (``/projection``; SigLIP has none: its pre-projection features are its embeddings,

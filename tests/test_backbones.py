@@ -236,8 +236,9 @@ def test_pre_projection_features_are_the_pooled_output_and_project_to_the_embedd
 
     path = tiny_families[kind]
     imgs = colours(tmp_path / "imgs")
+    # decode="exact": compared with the processor's own pixels at 1e-5 (auto resizes within 2/255 of them)
     r = encode(imgs, tmp_path / "s.h5", model=path, workers=0, progress=False, dtype="float32",
-               templates=["bp-photo"], features="projected,pre-projection")
+               templates=["bp-photo"], features="projected,pre-projection", decode="exact")
     with open_store(r.path) as s:
         X, pre, P, keys, attrs = s.embeddings(), s.pre_embeddings(), s.projection(), s.keys, s.attrs
         assert s.summary()["extras"] == [] and s.summary()["features"] == "projected,pre-projection"

@@ -7,6 +7,7 @@ decoding is exercised at the sizes a real run uses.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 from pathlib import Path
@@ -21,7 +22,7 @@ from clip_heads.backbones.model import Backbone
 from clip_heads.backbones.preprocess import stack_batch
 from clip_heads.datasets import open_source
 from clip_heads.images import BadImage, open_rgb, reduced_decoding
-from clip_heads.loading import DEFAULT_DECODE, resolve_decode
+from clip_heads.loading import DECODE_STEPS, DEFAULT_DECODE, decoded_pixels, resolve_decode
 from conftest import SHARED_DATASETS, requires_shared, write_tiny_tokenizer
 
 EMOTION6 = SHARED_DATASETS / "emotion6"
@@ -131,21 +132,14 @@ def test_frozen_only_precisions_refuse_a_trainable_model(tiny_clip):
 
 # -- decode ----------------------------------------------------------------------------------
 def _embed(bb, paths, decode, uint8):
-    batches = []
-    for p in paths:
-        with reduced_decoding(decode, 2 * bb.preprocess.min_side):
-            img = open_rgb(p)
-        batches.append(bb.preprocess.pixels(img) if uint8 else bb.preprocess(img))
-    x = stack_batch(batches)
+    # decoded_pixels: what DecodedBatches runs for each image of a source (the JPEG reduction, its margin, the resize).
+    x = stack_batch([decoded_pixels(functools.partial(open_rgb, p), bb.preprocess, decode, uint8) for p in paths])
     return x, bb.encode_pixels(x)
 
 
-@requires_shared
-@pytest.mark.parametrize("decode", ["draft", "simplejpeg"])
-def test_reduced_decodes_keep_cosine_09999_against_the_processor(clip224, e6_paths, large_jpegs, decode):
-    if decode == "simplejpeg":
-        pytest.importorskip("simplejpeg")
-    bb = Backbone(clip224, device="cpu", precision="fp32")
+def _check_within_bound(bb, decode, e6_paths, large_jpegs) -> None:
+    """``decode``'s embeddings at cosine >= 0.9999 against the model's own processor on the full
+    decode, on Emotion6 and camera-sized JPEGs; its pixels within 2/255 of the reference's."""
     for paths in (e6_paths, large_jpegs):
         ref = torch.from_numpy(bb.processor(images=[open_rgb(p) for p in paths], return_tensors="np")["pixel_values"])
         want = bb.encode_pixels(ref)
@@ -153,12 +147,69 @@ def test_reduced_decodes_keep_cosine_09999_against_the_processor(clip224, e6_pat
         assert x.dtype == torch.uint8
         cos = torch.nn.functional.cosine_similarity(got, want)
         assert float(cos.min()) >= 0.9999, (decode, float(cos.min()))
-    # Emotion6's ~341x256 photos are too small to reduce: the same pixels as the full decode.
+        std = torch.tensor(bb.preprocess.image_std)[:, None, None] * 255
+        assert float(((bb.preprocess.normalize(x) - ref) * std).abs().max()) <= 2.0 + 1e-3, decode  # max pixel diff
+
+
+@requires_shared
+@pytest.mark.parametrize("decode", ["draft", "simplejpeg", "draft-torch", "simplejpeg-torch"])
+def test_reduced_decodes_keep_cosine_09999_against_the_processor(clip224, e6_paths, large_jpegs, decode):
+    if DECODE_STEPS[decode][0] == "simplejpeg":
+        pytest.importorskip("simplejpeg")
+    bb = Backbone(clip224, device="cpu", precision="fp32")
+    _check_within_bound(bb, decode, e6_paths, large_jpegs)
     exact = stack_batch([bb.preprocess.pixels(open_rgb(p)) for p in e6_paths])
-    assert torch.equal(_embed(bb, e6_paths, decode, uint8=True)[0], exact)
+    got = _embed(bb, e6_paths, decode, uint8=True)[0]
+    if DECODE_STEPS[decode][1] == "pil":
+        # Emotion6's ~341x256 photos are too small to reduce: the same pixels as the full decode.
+        assert torch.equal(got, exact)
+    else:  # torch's resize: the same filter, its own rounding (not identical, else this tests nothing)
+        assert not torch.equal(got, exact) and int((got.int() - exact.int()).abs().max()) <= 2
     # Large ones are decoded reduced, and not identical (else this test would test nothing).
     full = stack_batch([bb.preprocess.pixels(open_rgb(p)) for p in large_jpegs])
     assert not torch.equal(_embed(bb, large_jpegs, decode, uint8=True)[0], full)
+
+
+@requires_shared
+@pytest.mark.parametrize("has_simplejpeg", [True, False])
+def test_the_path_auto_picks_keeps_the_bound(clip224, e6_paths, large_jpegs, monkeypatch, has_simplejpeg):
+    """Whatever --decode auto resolves to (with and without the fast-decode extra) is held to the
+    bound: changing DEFAULT_DECODE to a path that breaks it fails here."""
+    import clip_heads.loading as loading
+
+    if has_simplejpeg:
+        pytest.importorskip("simplejpeg")
+    monkeypatch.setattr(loading, "simplejpeg_available", lambda: has_simplejpeg)
+    bb = Backbone(clip224, device="cpu", precision="fp32")
+    auto = resolve_decode("auto", bb.preprocess)
+    assert auto != "exact" and (has_simplejpeg or DECODE_STEPS[auto][0] != "simplejpeg")
+    _check_within_bound(bb, auto, e6_paths, large_jpegs)
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(),  # CLIP's: shortest edge 224, centre crop 224, bicubic
+    dict(resample=2),  # bilinear
+    dict(shortest_edge=32, crop_height=40, crop_width=24),  # a crop taller than the resize: padded
+    dict(shortest_edge=48, crop_height=48, crop_width=48, resize_height=48, resize_width=48, do_center_crop=False),
+])
+def test_torch_resize_is_pils_filter_within_2_of_255(recipe):
+    from clip_heads.backbones.preprocess import Preprocess
+
+    p = Preprocess(**recipe)
+    rng = np.random.default_rng(0)
+    for h, w in ((256, 341), (500, 300), (20, 30), (224, 224), (1000, 999)):
+        base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)  # smooth content with edges
+        img = Image.fromarray(base).resize((w, h), Image.NEAREST)
+        ref, got = p.pixels(img), p.pixels(img, "torch")
+        assert got.shape == ref.shape == (3, p.out_height, p.out_width) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - ref.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.05, (recipe, (h, w), diff.max(), diff.mean())
+        assert np.array_equal(p(img, "torch"), p.normalize(torch.from_numpy(got)[None])[0].numpy())
+    # A filter torch has no antialiased uint8 kernel for resizes with PIL: the same pixels.
+    lanczos = Preprocess(resample=1)
+    assert np.array_equal(lanczos.pixels(img, "torch"), lanczos.pixels(img))
+    with pytest.raises(ValueError, match=r"unknown resizer 'cv2'; valid: pil, torch"):
+        p.pixels(img, "cv2")
 
 
 def test_reduced_decode_keeps_orientation_and_size(tmp_path):
@@ -204,16 +255,22 @@ def test_uint8_crops_normalised_on_the_device_equal_the_float_path(tiny_clip, tm
 
 def test_decode_resolution(tiny_clip, monkeypatch):
     import clip_heads.loading as loading
+    from clip_heads.catalog import DECODE_PATHS
 
+    assert set(DECODE_PATHS) == {"auto", *DECODE_STEPS}  # every name the CLI offers is a path, and back
     bb = Backbone(tiny_clip, device="cpu")
     assert resolve_decode("exact", bb.preprocess) == "exact"
     monkeypatch.setattr(loading, "simplejpeg_available", lambda: True)
-    assert resolve_decode("auto", bb.preprocess) == DEFAULT_DECODE == "simplejpeg"
+    assert resolve_decode("auto", bb.preprocess) == DEFAULT_DECODE == "draft-torch"
+    monkeypatch.setattr(loading, "DEFAULT_DECODE", "simplejpeg-torch")
+    assert resolve_decode("auto", bb.preprocess) == "simplejpeg-torch"
     monkeypatch.setattr(loading, "simplejpeg_available", lambda: False)
-    assert resolve_decode("auto", bb.preprocess) == "draft"  # without the fast-decode extra
-    with pytest.raises(ValueError, match=r"fast-decode"):
-        resolve_decode("simplejpeg", bb.preprocess)
-    with pytest.raises(ValueError, match=r"unknown --decode 'turbo'; valid: auto, exact, draft, simplejpeg"):
+    assert resolve_decode("auto", bb.preprocess) == "draft-torch"  # without the fast-decode extra
+    for path, twin in (("simplejpeg", "draft"), ("simplejpeg-torch", "draft-torch")):
+        with pytest.raises(ValueError, match=rf"--decode {path} needs the simplejpeg package.*--decode {twin}\b"):
+            resolve_decode(path, bb.preprocess)
+    with pytest.raises(ValueError, match=r"unknown --decode 'turbo'; valid: auto, exact, draft, simplejpeg, "
+                                         r"draft-torch, simplejpeg-torch"):
         resolve_decode("turbo", bb.preprocess)
 
 

@@ -159,7 +159,7 @@ def test_a_preprocessing_bug_stops_the_encode(tiny_clip, tmp_path, monkeypatch):
     for i in range(3):
         _img(tmp_path / "data" / "cat" / f"{i}.png")
 
-    def broken(self, img):
+    def broken(self, img, *args):  # (img, resizer)
         raise TypeError("preprocessing bug")
 
     monkeypatch.setattr(Preprocess, "pixels", broken)  # the uint8 crop both the float and the uint8 paths make

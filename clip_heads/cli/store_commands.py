@@ -26,7 +26,7 @@ from .options import (ALLOW_OUTSIDE, Existing, LABEL_LEVEL, SPLIT, WORKERS, feat
 @WORKERS
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--precision", default="auto", type=click.Choice(ENCODE_PRECISIONS), help="auto = fp16 autocast on GPU; bf16 autocast on a CPU with bf16 units (AMX, AVX-512 BF16), else fp32. fp32 is exact.")
-@click.option("--decode", default="auto", type=click.Choice(DECODE_PATHS), help="JPEG decoding: auto = DCT-domain reduced decode (simplejpeg, else PIL draft) within cosine 0.9999 of exact; exact = the full decode.")
+@click.option("--decode", default="auto", type=click.Choice(DECODE_PATHS), help="JPEG decode and resize: auto = DCT-domain reduced decode (PIL draft) and torch's uint8 resize, within cosine 0.9999 of exact; exact = the full decode and PIL resize (the processor's).")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Stored image vector type.")
 @click.option("--no-normalize", is_flag=True, help="Store raw projections instead of L2-normalised vectors.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Encode a seeded sample of this many images.")

@@ -56,6 +56,31 @@ def search_grid(Cs: Sequence[float], score: Callable[[float], float],
     return min(c for c, v in scores.items() if v == top), dict(sorted(scores.items()))
 
 
+def refine_peak(scores: dict[float, float], best: float) -> float:
+    """The C where validation accuracy peaks, read from the parabola (in log C) through ``best``
+    and its two neighbours in ``scores``; ``best`` itself at the grid's edge or on a flat top.
+
+    On 100 classes of 50-100 held-out images each, accuracy's standard error (0.4-0.6 point) is
+    as large as its differences between neighbouring Cs, so the grid's argmax is often a factor
+    3 from the optimum. The parabola uses all three points and lands between them: on simulated
+    curves with that noise it loses ~25% less accuracy to the choice than the argmax
+    (tests/test_linear_selection.py). The middle point is the highest, so the parabola is concave
+    and its vertex lies within ``best``'s neighbours. (The validation log-likelihood, smoother,
+    was tried as the criterion: it prefers weaker regularisation than accuracy does, C=4.2 on the
+    CIFAR-shaped problem against accuracy's optimum near 1.3, -0.4 point.)"""
+    cs = sorted(scores)
+    i = cs.index(best)
+    if i == 0 or i == len(cs) - 1:
+        return best
+    (x0, x1, x2), (y0, y1, y2) = np.log([cs[i - 1], best, cs[i + 1]]), (scores[cs[i - 1]], scores[best], scores[cs[i + 1]])
+    # Vertex of the parabola through three points (x0 < x1 < x2, y1 >= y0, y2).
+    den = (x1 - x0) * (y1 - y2) + (x2 - x1) * (y1 - y0)
+    if den <= 0:  # flat: no curvature to read
+        return best
+    vertex = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x2 - x1) ** 2 * (y1 - y0)) / den
+    return float(np.exp(np.clip(vertex, x0, x2)))
+
+
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, init: tuple | None = None,
                  max_iter: int = 500, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Minimise ``sum_i logloss_i + ||W||^2 / (2C)`` (bias unpenalised), sklearn's objective.
@@ -150,8 +175,9 @@ class LinearHead(ViewsFit, Head):
     Without a fixed ``C``, every other value of ``Cs`` is fitted in increasing order on a
     stratified split of the training data (each warm-started from the previous one) and scored
     on the held-out part, stopping at the first one past the best that scores below it; then the
-    best one's two neighbours in ``Cs`` are fitted too (:func:`search_grid`), and the best C is
-    refitted on all of the training data. Fits are full-batch L-BFGS in float32 on one working
+    best one's two neighbours in ``Cs`` are fitted too (:func:`search_grid`), the peak is read
+    from the parabola through the three (:func:`refine_peak`), and that C is refitted on all of
+    the training data. Fits are full-batch L-BFGS in float32 on one working
     copy of ``X`` (unit rows, the split's training rows first), the loss taken a block at a time.
 
     Parameters
@@ -252,9 +278,12 @@ class LinearHead(ViewsFit, Head):
                              "" if fit[3] else f", stopped at max_iter={self.max_iter}")
                 return acc
 
-            self.C_, self.val_scores_ = search_grid(self.Cs, score)
-            init = fits[self.C_][:2]
-            logger.info("linear head: C=%g chosen, val accuracy %.4f", self.C_, self.val_scores_[self.C_])
+            best, self.val_scores_ = search_grid(self.Cs, score)
+            self.C_ = refine_peak(self.val_scores_, best)
+            # Warm start: the fitted C nearest the chosen one (in log C).
+            init = fits[min(fits, key=lambda c: abs(np.log(c / self.C_)))][:2]
+            logger.info("linear head: C=%g chosen (grid best %g, val accuracy %.4f)", self.C_, best,
+                        self.val_scores_[best])
         W, b, self.n_iter_, self.converged_ = fit_logistic(*rows_of(X, y, V), k, self.C_, init, self.max_iter,
                                                            self.tol)
         if not self.converged_:
