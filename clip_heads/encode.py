@@ -257,6 +257,10 @@ def encode(
                     check_identity(found, backbone.identity, str(part), _REMEDY)
                     _check_matches(found, wanted, part)
                     _check_views(found, views_recipe, part)
+                    if decode == "auto" and found.get("decode"):
+                        # "auto" picks the path this journal was started with, even when an
+                        # upgrade changed what auto means: the rows must all come from one path.
+                        used_decode = resolve_decode(str(found["decode"]), backbone.preprocess)
                     _check_resume(found, used_precision, batch_size, part, used_decode)
                     writer, status = StoreWriter.resume(out), "resumed"
                 except ValueError as e:  # StoreError, or check_identity's refusal

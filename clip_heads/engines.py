@@ -218,10 +218,10 @@ def embed_views(backbone, view_pixels: Any, n_good: int, k: int, pre_projection:
                             pre_projection)
         embs.append(e)
         pres.append(p)
-    emb = (np.concatenate(embs) if embs else np.zeros((0, backbone.dim), np.float32)).reshape(n_good, k, -1)
+    emb = (np.concatenate(embs) if embs else np.zeros((0, backbone.dim), np.float32)).reshape(n_good, k, backbone.dim)
     if not pre_projection:
         return emb, None
-    pre = (np.concatenate(pres) if pres else np.zeros((0, backbone.pre_dim), np.float32)).reshape(n_good, k, -1)
+    pre = (np.concatenate(pres) if pres else np.zeros((0, backbone.pre_dim), np.float32)).reshape(n_good, k, backbone.pre_dim)
     return emb, pre
 
 

@@ -296,8 +296,8 @@ def generalisation(a_source: PathLike | Source, b_source: PathLike | Source, out
     for alpha in alphas:
         cache = out / f"alpha-{alpha:.2f}.json"
         found = json.loads(cache.read_text()) if cache.is_file() else None
-        # A cache from before the probabilities were kept has no calibration: scored again.
-        if found is None or found["settings"] != settings or "calibration" not in (found.get("b") or {}):
+        # A cache from before the probabilities were kept has none: scored again.
+        if found is None or found["settings"] != settings or "proba" not in (found.get("b") or {}):
             clip = pair.blend(alpha)
             args = (dev, config.precision, eval_batch_size, workers, progress)
             a = zero_shot_report(clip, pair.tokenizer, preprocess, src_a, test_a, tpl_a, *args) if test_a is not None else None

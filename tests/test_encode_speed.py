@@ -390,6 +390,35 @@ def test_store_records_precision_and_decode_and_a_resume_must_match(e6small, tmp
     assert code == 0, output
 
 
+
+def test_auto_resumes_a_journal_on_the_path_it_was_started_with(e6small, tmp_path, monkeypatch):
+    """A journal begun under another meaning of auto (an older release's "draft") is resumed by a
+    plain rerun on that path, to the store an uninterrupted --decode draft run writes."""
+    from faultkit import assert_same_store, invoke
+
+    encode_mod = importlib.import_module("clip_heads.encode")
+    from clip_heads.store import open_store
+
+    assert DEFAULT_DECODE != "draft"
+    whole = tmp_path / "whole.h5"
+    assert invoke(["-q", "encode", *e6small["args"], "--out", str(whole), "--decode", "draft"])[0] == 0
+    out, real, calls = tmp_path / "s.h5", encode_mod.commit_block, {"n": 0}
+
+    def stop_after_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(encode_mod, "commit_block", stop_after_two)
+    assert invoke(["-q", "encode", *e6small["args"], "--out", str(out), "--decode", "draft"])[0] == 130
+    monkeypatch.undo()
+    code, output = invoke(["-q", "encode", *e6small["args"], "--out", str(out)])  # --decode auto
+    assert code == 0 and "resumed" in output, output
+    with open_store(out) as s:
+        assert s.attrs["decode"] == "draft"
+    assert_same_store(out, whole)
+
 def test_sigkill_while_the_writer_thread_holds_uncommitted_blocks_resumes_to_the_same_store(e6small, tmp_path):
     """The forward runs ahead of the disk: the kill lands with one block being committed and two
     more embedded and queued; none of them is in the journal, and the rerun embeds them again."""

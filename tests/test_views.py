@@ -329,3 +329,14 @@ def test_verify_checks_every_view_of_every_row(tmp_path):
         f["images/views"].resize(19, axis=0)
     with pytest.raises(StoreError, match="views has 19 rows but the store records 20"):
         open_store(store)
+
+
+def test_a_block_with_no_readable_image_has_no_views_and_the_encode_goes_on(vs, tiny_clip, tmp_path):
+    # batch_size 1: the broken image is a block of its own, nothing in it to embed (a crash once).
+    kw = dict(KW, batch_size=1)
+    store = encode(str(vs["src"]), tmp_path / "b1.h5", model=tiny_clip, views=K, features="projected,pre-projection",
+                   **kw).path
+    with open_store(store) as one, open_store(vs["store"]) as four:
+        assert one.keys == four.keys and [k for k, _ in one.skipped()] == ["joy/broken.jpg"]
+        np.testing.assert_allclose(one.views(), four.views(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(one.views(pre_projection=True), four.views(pre_projection=True), rtol=0, atol=1e-4)
