@@ -13,13 +13,25 @@ can be carved, linear and tip-adapter take fixed values (:data:`ONE_SHOT_FIXED`)
 written to ``choices.json``; the test suite checks it is unchanged when every test vector is
 replaced by noise.
 
+**Calibration and figures.** Every fit's test probabilities (its ``predict_proba``, columns in
+the store's class order) are scored by :func:`clip_heads.calibration.calibration_of`: ECE (15
+bins), Brier and NLL per (head, shots, seed) in few_shot.csv, their mean ± std over seeds in
+metrics.json (``calibration_table``) and report.txt. At the largest shot count (the column a
+reader compares; ``all`` is the largest) each head's test predictions are kept for every seed
+(nothing else is) and pooled: metrics.json's ``pooled.heads.<head>`` is the
+:func:`clip_heads.metrics.classification_report` of the concatenated seeds' predictions with its
+``calibration``, and the page draws that head's confusion matrix, per-class bars and
+reliability diagram from it (one section per head, :func:`clip_heads.results.render`).
+
 Writes, through :func:`clip_heads.results.results_dir` (a folder swapped in whole):
-``few_shot.csv`` (head, shots, seed, accuracy, macro_f1, fit_seconds), ``few_shot.md`` and
+``few_shot.csv`` (head, shots, seed, accuracy, macro_f1, fit_seconds, ece, brier, nll; the last
+three empty for a head without probabilities), ``few_shot.md`` and
 ``report.txt`` (mean ± std of accuracy over seeds, rows heads, columns shots: the layout of
-CoOp's and Tip-Adapter's tables), ``few_shot.png``/``.svg`` (accuracy against shots per head,
+CoOp's and Tip-Adapter's tables; then ECE, Brier and NLL in the same layout and the pooled
+largest-shot numbers), ``few_shot.png``/``.svg`` (accuracy against shots per head,
 error bars over seeds), ``samples.json`` (the keys drawn per seed and shot count),
-``split.csv``, ``choices.json``, ``metrics.json`` (the run and the table's numbers) and
-``index.html`` (:func:`clip_heads.results.render`).
+``split.csv``, ``choices.json``, ``metrics.json`` (the run and the tables' numbers, the pooled
+reports), ``plots/`` and ``index.html`` (:func:`clip_heads.results.render`).
 """
 from __future__ import annotations
 
@@ -36,21 +48,24 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from clip_heads.errors import BadValueError
+from clip_heads.metrics import json_default
 from clip_heads.protocols import Split, sample_shots, store_split
-from clip_heads.results import PathLike, Report, data_record, render, results_dir
+from clip_heads.results import PathLike, Report, data_record, plots_enabled, render, results_dir
 # The store's per-image augmented views, (n, K, dim) (encode --views K), and their pre-projection
 # features (n, K, pre_dim), prolip's views, as the evaluations read them.
 from clip_heads.scoring import VIEWS_COLUMN, load_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_few_shot", "FewShotData", "load_few_shot_data", "parse_shots", "fitted_choices",
-           "DEFAULT_HEADS", "DEFAULT_SHOTS", "DEFAULT_SEEDS"]
+__all__ = ["run_few_shot", "FewShotData", "load_few_shot_data", "parse_shots", "fitted_choices", "aligned_proba",
+           "largest_shots", "DEFAULT_HEADS", "DEFAULT_SHOTS", "DEFAULT_SEEDS"]
 
 DEFAULT_HEADS = ("zs-lp", "clap", "lpp", "gda", "tip-adapter", "linear")
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_SEEDS = (1, 2, 3)
-CSV_COLUMNS = ("head", "shots", "seed", "accuracy", "macro_f1", "fit_seconds")
+CSV_COLUMNS = ("head", "shots", "seed", "accuracy", "macro_f1", "fit_seconds", "ece", "brier", "nll")
+CALIBRATION = ("ece", "brier", "nll")  # per fit, from calibration_of; None where a head has no probabilities
+PROBABILITIES = "each head's predict_proba, columns in the store's class order"
 # At one shot per class no validation split can be carved from the shots, and the heads that
 # choose on one (linear's C, tip-adapter's alpha and beta) take fixed values instead, unless the
 # user gave them: linear's C = 1 (scikit-learn's default), Tip-Adapter's alpha = 1, beta = 5.5
@@ -205,6 +220,66 @@ def _table(rows: list[dict], heads: Sequence[str], shots: Sequence[Any]) -> tupl
     return "\n".join(lines) + "\n", numbers
 
 
+def largest_shots(shots: Sequence[int | str]) -> int | str:
+    """The largest of parsed shot counts (``"all"`` above every integer): the column pooled and drawn."""
+    return max(shots, key=lambda k: (k == "all", k if k != "all" else 0))
+
+
+def _calibration_tables(rows: list[dict], heads: Sequence[str], shots: Sequence[Any]) -> tuple[str, dict]:
+    """Markdown mean ± std (over seeds) of ECE, Brier and NLL, rows heads, columns shots; and the
+    numbers (``{head: {shots: {metric: {mean, std, n_seeds}}}}``; None for a head without
+    probabilities). std with ddof=1, as the accuracy table."""
+    numbers: dict[str, dict[str, dict[str, Any]]] = {}
+    blocks = []
+    titles = {"ece": "ECE (15 bins)", "brier": "Brier score (range [0, 2])", "nll": "NLL (natural log)"}
+    for m in CALIBRATION:
+        lines = [f"{titles[m]}, mean ± std over seeds", "",
+                 "| head | " + " | ".join(f"{k} shots" if k != "all" else "all" for k in shots) + " |",
+                 "|---|" + "---|" * len(shots)]
+        for h in heads:
+            cells = []
+            for k in shots:
+                v = [r[m] for r in rows if r["head"] == h and r["shots"] == k]
+                cell = numbers.setdefault(h, {}).setdefault(str(k), {})
+                if any(x is None for x in v) or not v:
+                    cell[m] = None
+                    cells.append("–")
+                    continue
+                a = np.asarray(v, np.float64)
+                mean, std = float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+                cell[m] = {"mean": mean, "std": std, "n_seeds": int(len(a))}
+                cells.append(f"{mean:.4f} ± {std:.4f}")
+            lines.append(f"| {h} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks), numbers
+
+
+def _pooled_reports(kept: Mapping[str, list[tuple[np.ndarray, np.ndarray | None]]], truth: np.ndarray,
+                    classes: Sequence[str], seeds: Sequence[int], k: int | str) -> tuple[str, dict]:
+    """Each head's test predictions at ``k`` shots over every seed, concatenated and scored as one
+    set: ``{head: classification_report + calibration}`` and its report.txt table."""
+    from clip_heads.calibration import calibration_of
+    from clip_heads.metrics import classification_report
+
+    reports: dict[str, dict] = {}
+    lines = [f"At {k} shots{' per class' if k != 'all' else ''}, test predictions pooled over seeds {list(seeds)} "
+             f"({len(truth)} test images x {len(seeds)} seeds)", "",
+             "| head | accuracy | macro-F1 | ECE | Brier | NLL |", "|---|---|---|---|---|---|"]
+    y = np.tile(truth, len(seeds))
+    for h, runs in kept.items():
+        pred = np.concatenate([p for p, _ in runs])
+        P = None if any(q is None for _, q in runs) else np.concatenate([q for _, q in runs])
+        rep = classification_report(y, pred, classes)
+        rep["info"] = {"shots": str(k), "seeds": list(seeds), "pooled": "test predictions concatenated over seeds"}
+        cal = calibration_of(y, P, classes, probabilities=PROBABILITIES, computed=f"pooled over seeds {list(seeds)}")
+        if cal is not None:
+            rep["calibration"] = cal
+        reports[h] = rep
+        c = [f"{cal[m]:.4f}" if cal is not None else "–" for m in CALIBRATION]
+        lines.append(f"| {h} | {rep['accuracy']:.4f} | {rep['macro']['f1']:.4f} | " + " | ".join(c) + " |")
+    return "\n".join(lines) + "\n", reports
+
+
 def _plot(numbers: dict, heads: Sequence[str], shots: Sequence[Any], out: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -231,7 +306,7 @@ def _plot(numbers: dict, heads: Sequence[str], shots: Sequence[Any], out: Path, 
 def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] = DEFAULT_HEADS,
                  shots: Any = DEFAULT_SHOTS, seeds: Sequence[int] = DEFAULT_SEEDS,
                  params: Mapping[str, Mapping[str, Any]] | None = None, prompt_set: str | None = None,
-                 test_fraction: float = 0.3, split_seed: int = 0, plots: bool = True,
+                 test_fraction: float = 0.3, split_seed: int = 0, plots: bool | None = None,
                  overwrite: bool = False, protocol: str = "auto") -> Report:
     """Run the few-shot grid on a store and write its results folder (see the module docstring).
 
@@ -244,12 +319,15 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
     protocol : ``"auto"`` (the store's split column, else the seeded stratified split),
         ``"split-column"`` (the store's, or an error), ``"stratified"`` (ignore the column) or
         ``"fi"`` (FI's seeded 80/5/15: shots from the 80%, scored on the 15%).
+    plots : draw few_shot.png and each head's pooled figures (None: the ``CLIP_HEADS_PLOTS``
+        environment, on by default; :func:`clip_heads.results.plots_enabled`).
     ``--param HEAD.use_views=true`` fits that head on the sampled images' augmented views too
     (the store's ``views`` column, ``encode --views K``; prolip: their pre-projection features,
     the ``pre_views`` column of ``--views K --features projected,pre-projection``).
     """
     from sklearn.metrics import accuracy_score, f1_score
 
+    from clip_heads.calibration import calibration_of
     from clip_heads.heads import get_head, make_head
 
     shots = parse_shots(shots)
@@ -280,6 +358,12 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
 
     rows: list[dict] = []
     choices: list[dict] = []
+    top = largest_shots(shots)
+    index = {c: i for i, c in enumerate(d.classes)}
+    truth_idx = d.y[split.test]
+    # Only the largest shot count's test predictions are kept (class indices; probabilities as
+    # float32), per head, one entry per seed: what the pooled figures need, not every run's.
+    kept: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {h: [] for h in heads}
     samples: dict[str, dict[str, list[str]]] = {}
     for seed in seeds:
         for k in shots:
@@ -296,19 +380,29 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
                 fit_s = time.perf_counter() - t0
                 pred = head.predict(X[split.test])
                 truth = y_names[split.test]
+                P = aligned_proba(head, X[split.test], index)
+                cal = calibration_of(truth_idx, P, d.classes)
                 rows.append({"head": h, "shots": k, "seed": seed, "accuracy": float(accuracy_score(truth, pred)),
                              "macro_f1": float(f1_score(truth, pred, labels=names[test_classes].tolist(),
                                                         average="macro", zero_division=0)),
-                             "fit_seconds": fit_s})
+                             "fit_seconds": fit_s,
+                             **{m: None if cal is None else float(cal[m]) for m in CALIBRATION}})
+                if k == top:
+                    kept[h].append((np.asarray([index[str(v)] for v in pred], np.int64),
+                                    None if P is None else P.astype(np.float32)))
                 choices.append({"head": h, "shots": k, "seed": seed, "chosen": fitted_choices(head)})
                 logger.info("few-shot %s, %s shots, seed %d: accuracy %.4f (%.2f s)", h, k, seed,
                             rows[-1]["accuracy"], fit_s)
 
     table, numbers = _table(rows, heads, shots)
+    cal_text, cal_numbers = _calibration_tables(rows, heads, shots)
+    pooled_text, pooled = _pooled_reports(kept, truth_idx, d.classes, seeds, top)
+    del kept
     header = (f"Few-shot: {len(heads)} heads x {len(shots)} shot counts x {len(seeds)} seeds on {d.path.name}\n"
               f"split: {split.source}; {len(split.train)} training images, {len(split.test)} test images\n"
               f"test accuracy (%), mean ± std over seeds {seeds}\n\n")
-    text = header + table
+    text = (header + table + f"\nCalibration of the test probabilities ({PROBABILITIES}; ECE: top-label "
+            f"confidence in 15 equal-width bins)\n\n" + cal_text + "\n" + pooled_text)
     run = {"command": "few-shot", "store": os.path.abspath(d.path), "heads": heads, "shots": [str(k) for k in shots],
            "protocol": protocol,
            "seeds": seeds, "params": params, "prompt_set": None if d.prompts is None else d.prompts.name,
@@ -319,7 +413,9 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
         model_id = s.model_id
     metrics = {"kind": "few-shot", "info": {"run": run, "store": str(d.path), "model_id": model_id,
                                             "data": data_record(d.path)},
-               "table": numbers, "n_train": int(len(split.train)), "n_test": int(len(split.test))}
+               "table": numbers, "n_train": int(len(split.train)), "n_test": int(len(split.test)),
+               "calibration_table": cal_numbers,
+               "pooled": {"shots": str(top), "seeds": seeds, "heads": pooled}}
     out = Path(out_dir)
     with results_dir(out, run, overwrite) as stage:
         buf = io.StringIO()
@@ -327,7 +423,8 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "accuracy": f"{r['accuracy']:.6f}", "macro_f1": f"{r['macro_f1']:.6f}",
-                             "fit_seconds": f"{r['fit_seconds']:.4f}"})
+                             "fit_seconds": f"{r['fit_seconds']:.4f}",
+                             **{m: "" if r[m] is None else f"{r[m]:.6f}" for m in CALIBRATION}})
         (stage / "few_shot.csv").write_text(buf.getvalue(), encoding="utf-8")
         (stage / "few_shot.md").write_text(table, encoding="utf-8")
         (stage / "report.txt").write_text(text, encoding="utf-8")
@@ -339,11 +436,21 @@ def run_few_shot(store_path: PathLike, out_dir: PathLike, heads: Sequence[str] =
         (stage / "split.csv").write_text(buf.getvalue(), encoding="utf-8")
         (stage / "samples.json").write_text(json.dumps(samples, indent=1), encoding="utf-8")
         (stage / "choices.json").write_text(json.dumps(choices, indent=1, default=_json_default), encoding="utf-8")
-        (stage / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-        if plots:
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=1, default=json_default), encoding="utf-8")
+        if plots_enabled(plots):
             _plot(numbers, heads, shots, stage, f"{d.path.stem}: few-shot accuracy")
-        render(stage, False, out)  # the page: provenance, the table, few_shot.png
+        render(stage, plots, out)  # the page: provenance, the tables, few_shot.png, each head's pooled figures
     return Report("few-shot", text, metrics, out)
+
+
+def aligned_proba(head: Any, X: np.ndarray, index: Mapping[str, int]) -> np.ndarray | None:
+    """``head.predict_proba(X)`` with one column per class of ``index`` (name -> column), in
+    that order; a class the head never saw gets 0. None for a head without ``predict_proba``."""
+    if not hasattr(head, "predict_proba"):
+        return None
+    P = np.zeros((len(X), len(index)))
+    P[:, [index[str(c)] for c in head.classes_]] = head.predict_proba(X)
+    return P
 
 
 def _json_default(o: Any) -> Any:

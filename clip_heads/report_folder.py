@@ -222,7 +222,13 @@ def render_folder(out_dir: PathLike, digits: int = 3, plots: bool = True, title:
             shutil.rmtree(out / "plots", ignore_errors=True)
     elif (out / "plots").is_dir():
         shutil.rmtree(out / "plots")
-    figures += [out / name for name in ("comparison.png", "top_k.png", "few_shot.png") if (out / name).is_file()]
+    if metrics.get("kind") == "few-shot":  # the curve first, then each head's figures together
+        order = [str(h) for h in (metrics.get("pooled") or {}).get("heads") or {}]
+        figures = [out / "few_shot.png"] * (out / "few_shot.png").is_file() + sorted(figures, key=lambda p: (
+            order.index(p.parent.name) if p.parent.name in order else len(order),
+            FIGURE_ORDER.index(p.stem) if p.stem in FIGURE_ORDER else len(FIGURE_ORDER), str(p)))
+    else:
+        figures += [out / name for name in ("comparison.png", "top_k.png", "few_shot.png") if (out / name).is_file()]
     home = Path(final).absolute() if final is not None else out
     if not sections and not rows:
         links += _pages_below(home)

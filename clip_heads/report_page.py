@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
-__all__ = ["INDEX", "CAPTIONS", "metrics_table", "evaluation_sections", "generalisation_sections", "write_index"]
+__all__ = ["INDEX", "CAPTIONS", "metrics_table", "evaluation_sections", "generalisation_sections", "few_shot_sections", "write_index"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 INDEX = "index.html"
@@ -162,12 +162,24 @@ def evaluation_sections(metrics: dict) -> list[tuple[str, tuple, dict]]:
     out = []
     if metrics.get("kind") == "generalisation" and isinstance(metrics.get("reports"), dict):
         return generalisation_sections(metrics)
+    if metrics.get("kind") == "few-shot" and isinstance((metrics.get("pooled") or {}).get("heads"), dict):
+        return few_shot_sections(metrics)
     titles = {"cv": "Cross-validation", "eval": "Held-out store", "train": "Training data (resubstitution)",
               "rank1": "Rank-1 prompt of the ablation"}
     for sec in ("cv", "eval", "train", "rank1"):
         if isinstance(metrics.get(sec), dict) and ("per_class" in metrics[sec] or metrics[sec].get("kind") == "cv"):
             out.append((titles[sec], (sec,), metrics[sec]))
     return out
+
+
+def few_shot_sections(metrics: dict) -> list[tuple[str, tuple, dict]]:
+    """A few-shot grid's heads at its largest shot count, each head's test predictions pooled
+    over the seeds (:func:`clip_heads.fewshot.run_few_shot`): one section per head."""
+    pooled = metrics["pooled"]
+    k, seeds = pooled.get("shots"), pooled.get("seeds") or []
+    at = "all training images" if k == "all" else f"{k} shots per class"
+    return [(f"{h} at {at}, test predictions pooled over seeds {', '.join(map(str, seeds))}",
+             ("pooled", "heads", h), rep) for h, rep in pooled["heads"].items() if isinstance(rep, dict)]
 
 
 def generalisation_sections(metrics: dict) -> list[tuple[str, tuple, dict]]:
@@ -326,6 +338,8 @@ def write_index(out_dir: PathLike, provenance: Mapping[str, Any], metrics: dict,
         body.append("<h2>Metrics</h2>")
     if metrics.get("kind") == "few-shot" and isinstance(metrics.get("table"), dict):
         body.append(_few_shot_html(metrics, digits))
+    if metrics.get("kind") == "few-shot" and isinstance(metrics.get("calibration_table"), dict):
+        body.append(_few_shot_calibration_html(metrics, digits))
     if metrics.get("kind") == "finetune":
         body.append(_finetune_html(metrics, digits))
     if rows and "rank" in rows[0]:
@@ -449,6 +463,28 @@ def _few_shot_html(metrics: dict, digits: int) -> str:
             + f'<p class="note">Mean ± std (ddof=1) over {"/".join(map(str, n_seeds))} seeds; every head at a (seed, '
               f"shots) fitted on the same images; {_num(metrics.get('n_train'), ('n_train',), digits)} training "
               f"images to draw from, {_num(metrics.get('n_test'), ('n_test',), digits)} test images. Per-seed scores "
+              "in few_shot.csv.</p>")
+
+
+def _few_shot_calibration_html(metrics: dict, digits: int) -> str:
+    """A few-shot grid's ECE, Brier and NLL: mean ± std over seeds, rows heads, columns shots."""
+    table = metrics["calibration_table"]
+    shots = list(next(iter(table.values()))) if table else []
+    out = []
+    for m, title in (("ece", "ECE (15 bins)"), ("brier", "Brier score"), ("nll", "NLL")):
+        head = f"<tr><th>{_e(title)}</th>" + "".join(f'<th class="n">{_e(k if k == "all" else k + " shots")}</th>'
+                                                     for k in shots) + "</tr>"
+        body = []
+        for h, cells in table.items():
+            tds = "".join(f'<td class="n">{_num(c["mean"], ("calibration_table", h, k, m, "mean"), digits)} ± '
+                          f'{_num(c["std"], ("calibration_table", h, k, m, "std"), digits)}</td>'
+                          if isinstance(c := cells[k].get(m), dict) else '<td class="n">–</td>' for k in shots)
+            body.append(f"<tr><td>{_e(h)}</td>{tds}</tr>")
+        out.append(f'<table class="metrics">{head}{"".join(body)}</table>')
+    return ("<h3>Few-shot calibration of the test probabilities</h3>" + "".join(out)
+            + '<p class="note">Mean ± std (ddof=1) over seeds of each fit\'s ECE (top-label confidence, 15 '
+              "equal-width bins), Brier score (sum over classes of the squared error, range [0, 2]) and NLL "
+              "(natural log), from the head's predict_proba; '–': the head has no probabilities. Per-seed values "
               "in few_shot.csv.</p>")
 
 

@@ -83,7 +83,7 @@ FAST = {"zs-lp": {"epochs": 20}, "clap": {"epochs": 20}, "linear": {"Cs": [1.0, 
 def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("fewshot")
     X, y = planted_store(root / "s.h5")
-    rep = run_few_shot(root / "s.h5", root / "out", heads=HEADS, shots="1,4", seeds=[1, 2], params=FAST)
+    rep = run_few_shot(root / "s.h5", root / "out", heads=HEADS, shots="1,4", seeds=[1, 2], params=FAST, plots=False)
     return root, X, y, rep
 
 
@@ -91,7 +91,7 @@ def test_grid_writes_every_row_and_shares_samples_across_heads(grid):
     root, X, y, rep = grid
     out = root / "out"
     rows = list(csv.DictReader((out / "few_shot.csv").open()))
-    assert list(rows[0]) == ["head", "shots", "seed", "accuracy", "macro_f1", "fit_seconds"]
+    assert list(rows[0]) == ["head", "shots", "seed", "accuracy", "macro_f1", "fit_seconds", "ece", "brier", "nll"]
     assert len(rows) == len(HEADS) * 2 * 2
     assert {(r["head"], r["shots"], r["seed"]) for r in rows} == {(h, k, s) for h in HEADS for k in ("1", "4")
                                                                      for s in ("1", "2")}
@@ -111,7 +111,7 @@ def test_grid_writes_every_row_and_shares_samples_across_heads(grid):
     assert len(choices) == len(rows)
     text = (out / "report.txt").read_text()
     assert "| head | 1 shots | 4 shots |" in text and all(f"| {h} |" in text for h in HEADS)
-    assert (out / "few_shot.png").stat().st_size > 1000
+    assert not (out / "few_shot.png").exists()  # plots=False; test_fewshot_figures draws the figures
     acc = {(r["head"], r["shots"]): float(r["accuracy"]) for r in rows if r["seed"] == "1"}
     assert acc[("lpp", "4")] > 0.5 and acc[("gda", "4")] > 0.5  # learnable: chance is 0.25
 
