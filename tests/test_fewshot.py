@@ -186,6 +186,25 @@ def test_cli_few_shot_and_its_refusals(tmp_path):
         assert not (tmp_path / "x").exists()  # nothing written
 
 
+
+def test_cli_few_shot_no_plots_keeps_the_numbers_and_draws_nothing(tmp_path, monkeypatch):
+    planted_store(tmp_path / "s.h5")
+    monkeypatch.setenv("CLIP_HEADS_PLOTS", "1")
+    args = ["few-shot", str(tmp_path / "s.h5"), "--heads", "gda", "--shots", "1,2", "--seeds", "1", "--param", "gda.cv=3"]
+    drawn = CliRunner().invoke(main, args + ["--out", str(tmp_path / "d")])
+    bare = CliRunner().invoke(main, args + ["--out", str(tmp_path / "n"), "--no-plots"])
+    assert drawn.exit_code == 0 and bare.exit_code == 0, (drawn.output, bare.output)
+    assert (tmp_path / "d" / "few_shot.png").is_file() and not list((tmp_path / "n").rglob("*.png"))
+    assert _same_numbers(tmp_path / "d" / "few_shot.csv", tmp_path / "n" / "few_shot.csv")
+
+
+def _same_numbers(a, b) -> bool:
+    """The two grids' CSVs equal but for fit_seconds."""
+    import csv
+
+    rows = [[{k: v for k, v in r.items() if k != "fit_seconds"} for r in csv.DictReader(open(p))] for p in (a, b)]
+    return rows[0] == rows[1]
+
 def test_views_column_trains_the_heads_that_ask_for_it(tmp_path, monkeypatch):
     X, y = planted_store(tmp_path / "plain.h5")
     V = (X[:, None, :] + 0.2 * np.random.default_rng(4).normal(size=(len(X), 3, X.shape[1]))).astype(np.float32)

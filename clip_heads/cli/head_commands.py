@@ -69,8 +69,9 @@ def train_head_cmd(ctx, head, store, out_dir, cv, eval_store, label_map, prompt_
 @click.option("--protocol", default="auto", show_default=True, type=click.Choice(["auto", "split-column", "stratified", "fi"]), help="Which rows train and test: the store's split column if it has one (auto), only that, a seeded stratified split, or FI's seeded 80/5/15.")
 @click.option("--test-fraction", default=0.3, show_default=True, type=float, help="Test share of the seeded stratified split.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out folder that holds the results of another run.")
+@NO_PLOTS
 @friendly
-def few_shot(store, out_dir, heads, shots, seeds, prompt_set, params, protocol, test_fraction, overwrite):
+def few_shot(store, out_dir, heads, shots, seeds, prompt_set, params, protocol, test_fraction, overwrite, no_plots):
     """Few-shot grid on STORE: K images per class from the training split, every head on the same samples, scored on the test split."""
     from ..fewshot import run_few_shot
 
@@ -86,7 +87,7 @@ def few_shot(store, out_dir, heads, shots, seeds, prompt_set, params, protocol, 
         raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds") from None
     rep = run_few_shot(store, out_dir, heads=[h.strip() for h in heads.split(",") if h.strip()], shots=shots,
                        seeds=seed_list, params=per_head, prompt_set=prompt_set, test_fraction=test_fraction,
-                       overwrite=overwrite, protocol=protocol)
+                       overwrite=overwrite, protocol=protocol, plots=False if no_plots else None)
     click.echo(rep.text)
     click.echo(f"written to {out_dir}")
 
