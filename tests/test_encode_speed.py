@@ -342,6 +342,19 @@ def e6small(tiny_clip, tmp_path_factory):
     return {"args": args, "ref": ref}
 
 
+
+def _interrupt_after_two_commits(monkeypatch, encode_mod) -> None:
+    """The encode stops (as on Ctrl-C) when it comes to commit its third block."""
+    real, calls = encode_mod.commit_block, {"n": 0}
+
+    def stop_after_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(encode_mod, "commit_block", stop_after_two)
+
 def test_store_records_precision_and_decode_and_a_resume_must_match(e6small, tmp_path, monkeypatch):
     from faultkit import invoke, one_line_error
 
@@ -353,16 +366,7 @@ def test_store_records_precision_and_decode_and_a_resume_must_match(e6small, tmp
         assert (s.attrs["precision"], s.attrs["decode"]) == ("fp32", DEFAULT_DECODE)  # this CPU has no bf16 unit
     # A run stopped after its first batches leaves a journal recording both.
     out = tmp_path / "s.h5"
-    real = encode_mod.commit_block
-    calls = {"n": 0}
-
-    def stop_after_two(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(encode_mod, "commit_block", stop_after_two)
+    _interrupt_after_two_commits(monkeypatch, encode_mod)
     _flags(monkeypatch, {"amx_bf16"})  # as on a CPU with bf16 units: auto is bf16 autocast
     code, _ = invoke(["-q", "encode", *e6small["args"], "--out", str(out)])
     monkeypatch.undo()
@@ -402,15 +406,8 @@ def test_auto_resumes_a_journal_on_the_path_it_was_started_with(e6small, tmp_pat
     assert DEFAULT_DECODE != "draft"
     whole = tmp_path / "whole.h5"
     assert invoke(["-q", "encode", *e6small["args"], "--out", str(whole), "--decode", "draft"])[0] == 0
-    out, real, calls = tmp_path / "s.h5", encode_mod.commit_block, {"n": 0}
-
-    def stop_after_two(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(encode_mod, "commit_block", stop_after_two)
+    out = tmp_path / "s.h5"
+    _interrupt_after_two_commits(monkeypatch, encode_mod)
     assert invoke(["-q", "encode", *e6small["args"], "--out", str(out), "--decode", "draft"])[0] == 130
     monkeypatch.undo()
     code, output = invoke(["-q", "encode", *e6small["args"], "--out", str(out)])  # --decode auto
