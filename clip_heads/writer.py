@@ -190,11 +190,15 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike], ov
             found = sorted(int(s.attrs.get("shard_index", -1)) for s in stores)
             if not stores or n_total is None or found != list(range(int(n_total))):
                 raise StoreError(f"need every shard 0..N-1 of one encode exactly once; got shard indices {found} of {n_total}")
+            # How the vectors were computed must be one thing for the whole store: a store from
+            # before the decode paths decoded exact.
+            how = {"decode": "exact"}
             for s in stores[1:]:
                 for k in ("model_id", "model_hash", "source_fingerprint", "normalized", "dtype", "dim", "shard_count",
-                          "features", "views"):
-                    if str(s.attrs.get(k)) != str(first.get(k)):
-                        raise StoreError(f"{s.path} has {k}={s.attrs.get(k)!r} but {stores[0].path} has {first.get(k)!r}")
+                          "features", "views", "precision", "decode"):
+                    mine, theirs = s.attrs.get(k) or how.get(k), first.get(k) or how.get(k)
+                    if str(mine) != str(theirs):
+                        raise StoreError(f"{s.path} has {k}={mine!r} but {stores[0].path} has {theirs!r}")
             stores.sort(key=lambda s: int(s.attrs["shard_index"]))
             paths = [s.path for s in stores]
         finally:

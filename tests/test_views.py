@@ -340,3 +340,15 @@ def test_a_block_with_no_readable_image_has_no_views_and_the_encode_goes_on(vs, 
         assert one.keys == four.keys and [k for k, _ in one.skipped()] == ["joy/broken.jpg"]
         np.testing.assert_allclose(one.views(), four.views(), rtol=0, atol=1e-5)
         np.testing.assert_allclose(one.views(pre_projection=True), four.views(pre_projection=True), rtol=0, atol=1e-4)
+
+
+def test_merge_refuses_shards_decoded_by_different_paths(vs, tiny_clip, tmp_path):
+    kw = dict(KW, model=tiny_clip)
+    exact = encode(str(vs["src"]), tmp_path / "s0.h5", shard=(0, 2), **kw).path
+    draft = encode(str(vs["src"]), tmp_path / "s1.h5", shard=(1, 2), **dict(kw, decode="draft")).path
+    with pytest.raises(StoreError, match="decode='draft' but .*s0.h5 has 'exact'"):
+        merge_stores(tmp_path / "m.h5", [exact, draft])
+    assert not (tmp_path / "m.h5").exists()
+    same = encode(str(vs["src"]), tmp_path / "e1.h5", shard=(1, 2), **kw).path
+    with open_store(merge_stores(tmp_path / "ok.h5", [exact, same])) as s:
+        assert s.attrs["decode"] == "exact" and len(s) == 12
