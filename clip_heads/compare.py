@@ -35,6 +35,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from .errors import BadValueError
+from .report_folder import read_record
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +119,7 @@ def _read_run(folder: Path) -> list[Entry]:
             raise ValueError(f"{folder} is a generalisation run written before its metrics.json was: rerun "
                              f"`clip-heads generalisation` with the same arguments (its scores are cached) to add it")
         raise FileNotFoundError(f"{folder} has no metrics.json: not a clip-heads results folder")
-    try:
-        m = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(m, dict):
-        raise ValueError(f"{path} holds a {type(m).__name__}, not a results record")
+    m = read_record(path)
     info = m.get("info") or {}
     run = info.get("run") or {}
     command = run.get("command")

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence, Union
 
 from clip_heads.report_page import INDEX, evaluation_sections, write_index
 
-__all__ = ["FIGURE_ORDER", "provenance_from_metrics", "render_folder"]
+__all__ = ["FIGURE_ORDER", "provenance_from_metrics", "read_record", "render_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 FIGURE_ORDER = ("training", "wise_ft", "wise_ft_calibration", "ablation", "comparison", "confusion_matrix", "per_class", "fold_spread", "reliability",
@@ -103,13 +103,19 @@ def _read_metrics(out: Path) -> tuple[dict, Path]:
     source = metrics_path if metrics_path.is_file() else gen if gen.is_file() else None
     if source is None:
         raise FileNotFoundError(f"{out} has no metrics.json (nor generalisation.json): not a clip-heads results folder")
+    return read_record(source), source
+
+
+def read_record(path: Path) -> dict:
+    """A results folder's JSON record (metrics.json and the like) as a mapping, or a one-line
+    ValueError naming the file: not JSON, or JSON that is not an object."""
     try:
-        metrics = json.loads(source.read_text())
-    except ValueError as e:
-        raise ValueError(f"{source} is not valid JSON: {e}") from e
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{source} holds a {type(metrics).__name__}, not a results record")
-    return metrics, source
+        record = json.loads(path.read_text())
+    except ValueError as e:  # UnicodeDecodeError too
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a {type(record).__name__}, not a results record")
+    return record
 
 
 def _curve_points(out: Path, metrics: dict) -> tuple[list[dict] | None, tuple[str, str]]:
